@@ -1,0 +1,101 @@
+//! Errors of query parsing: every malformed or unsupported query is rejected here, naming
+//! the operator and the path, instead of panicking or silently matching nothing.
+
+/// Why a filter, sort or projection was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    /// An operator MongoDB has but livegrid does not evaluate (yet).
+    #[error("unsupported operator {op} at {path}")]
+    Unsupported {
+        /// The operator, such as `$where`.
+        op: String,
+        /// The path it was used on (`(top level)` for top-level operators).
+        path: String,
+    },
+    /// An operator that does not exist in MongoDB's query language.
+    #[error("unknown operator {op} at {path}")]
+    UnknownOperator {
+        /// The operator as written.
+        op: String,
+        /// The path it was used on.
+        path: String,
+    },
+    /// An operator with an argument of the wrong shape.
+    #[error("bad argument to {op} at {path}: {reason}")]
+    BadArgument {
+        /// The operator.
+        op: String,
+        /// The path it was used on.
+        path: String,
+        /// What is wrong with the argument.
+        reason: String,
+    },
+    /// A regular expression that cannot be compiled or run in linear time.
+    #[error("bad regex at {path}: {reason}")]
+    Regex {
+        /// The path the regex was used on.
+        path: String,
+        /// Why the regex was rejected.
+        reason: String,
+    },
+    /// A malformed field path such as `a..b`.
+    #[error("bad field path {path:?}: {reason}")]
+    BadPath {
+        /// The path as written.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A malformed sort specification.
+    #[error("bad sort at {path}: {reason}")]
+    Sort {
+        /// The sort field.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A malformed projection.
+    #[error("bad projection at {path}: {reason}")]
+    Projection {
+        /// The projected field.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The query is not valid (Extended) JSON, or a part of it has the wrong JSON type.
+    #[error("bad query json: {0}")]
+    Json(String),
+}
+
+impl QueryError {
+    pub(crate) fn bad_argument(op: &str, path: &str, reason: impl Into<String>) -> Self {
+        QueryError::BadArgument {
+            op: op.to_string(),
+            path: display_path(path),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn unsupported(op: &str, path: &str) -> Self {
+        QueryError::Unsupported {
+            op: op.to_string(),
+            path: display_path(path),
+        }
+    }
+
+    pub(crate) fn unknown(op: &str, path: &str) -> Self {
+        QueryError::UnknownOperator {
+            op: op.to_string(),
+            path: display_path(path),
+        }
+    }
+}
+
+/// Paths in messages: the dotted path, or `(top level)` for the query root.
+pub(crate) fn display_path(path: &str) -> String {
+    if path.is_empty() {
+        "(top level)".to_string()
+    } else {
+        path.to_string()
+    }
+}

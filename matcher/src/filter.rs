@@ -1,0 +1,110 @@
+//! Compiled filters: the tree a query's filter document parses into, and its evaluation.
+
+use bson::Document;
+
+use crate::error::QueryError;
+use crate::index_plan::IndexPlan;
+use crate::operator::OpTree;
+use crate::path::FieldPath;
+
+/// A node of a compiled filter.
+#[derive(Debug, Clone)]
+pub enum Expr {
+    /// Always this answer (the empty filter is `Const(true)`).
+    Const(bool),
+    /// Every child matches (`$and`, and the fields of one filter document).
+    And(Vec<Expr>),
+    /// Some child matches.
+    Or(Vec<Expr>),
+    /// No child matches.
+    Nor(Vec<Expr>),
+    /// Operators on one field path.
+    Path {
+        /// The field path.
+        path: FieldPath,
+        /// The operators applied to its candidates.
+        ops: OpTree,
+    },
+}
+
+impl Expr {
+    /// Whether `doc` satisfies this expression.
+    pub fn matches(&self, doc: &Document) -> bool {
+        match self {
+            Expr::Const(answer) => *answer,
+            Expr::And(children) => children.iter().all(|c| c.matches(doc)),
+            Expr::Or(children) => children.iter().any(|c| c.matches(doc)),
+            Expr::Nor(children) => !children.iter().any(|c| c.matches(doc)),
+            Expr::Path { path, ops } => ops.matches_path(path, doc),
+        }
+    }
+}
+
+/// A compiled MongoDB filter.
+///
+/// ```
+/// use livegrid_matcher::Filter;
+/// use bson::doc;
+///
+/// let filter = Filter::parse(&doc! {"status": "open", "tags": {"$in": ["x", "y"]}}).unwrap();
+/// assert!(filter.matches(&doc! {"_id": 1, "status": "open", "tags": ["y", "z"]}));
+/// assert!(!filter.matches(&doc! {"_id": 2, "status": "closed", "tags": ["x"]}));
+/// ```
+#[derive(Debug, Clone)]
+pub struct Filter {
+    source: Document,
+    root: Expr,
+}
+
+impl Filter {
+    /// Parses and compiles a filter document.
+    pub fn parse(source: &Document) -> Result<Self, QueryError> {
+        let root = crate::parse::parse_filter(source, "")?;
+        Ok(Filter {
+            source: source.clone(),
+            root,
+        })
+    }
+
+    /// Parses a filter from (canonical or relaxed Extended) JSON text.
+    pub fn from_json(text: &str) -> Result<Self, QueryError> {
+        let doc = livegrid_protocol::extjson::parse_document(text)
+            .map_err(|e| QueryError::Json(e.to_string()))?;
+        Self::parse(&doc)
+    }
+
+    /// The filter that matches every document.
+    pub fn all() -> Self {
+        Filter {
+            source: Document::new(),
+            root: Expr::Const(true),
+        }
+    }
+
+    /// Whether `doc` matches the filter.
+    #[inline]
+    pub fn matches(&self, doc: &Document) -> bool {
+        self.root.matches(doc)
+    }
+
+    /// The filter document this was compiled from.
+    pub fn source(&self) -> &Document {
+        &self.source
+    }
+
+    /// The compiled tree.
+    pub fn expr(&self) -> &Expr {
+        &self.root
+    }
+
+    /// A key that is equal for filters written identically, so that they can share state.
+    pub fn canonical_key(&self) -> String {
+        livegrid_protocol::extjson::to_canonical_string(&self.source)
+    }
+
+    /// What an index of queries needs to find this filter from a document: predicates that
+    /// every matching document satisfies.
+    pub fn index_plan(&self) -> IndexPlan {
+        IndexPlan::of(&self.root)
+    }
+}

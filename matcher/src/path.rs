@@ -1,0 +1,275 @@
+//! Dotted field paths and MongoDB's implicit array traversal.
+//!
+//! A path such as `a.b` names every value reachable by descending through documents, where an
+//! array met on the way is traversed element by element (its documents are searched for the
+//! rest of the path). A numeric component (`a.1`) also indexes into an array. Each value the
+//! path reaches is a *candidate*; a predicate on the path matches when some candidate does.
+//!
+//! # Missing values
+//! Where the path does not exist (or a document inside an array lacks the rest of it) the
+//! traversal yields [`None`], a missing candidate: `{a: null}` matches it, `$exists: true`
+//! does not. Scalars inside an array that the path must descend through yield nothing, so
+//! `{"a.b": null}` matches `{a: [{c: 1}]}` and `{a: 5}` but not `{a: []}` or `{a: [5]}`.
+//!
+//! # Leaf arrays
+//! An array at the end of the path is a candidate itself and, for most operators, so is each
+//! of its elements (one level only): `{tags: "x"}` matches `{tags: ["x", "y"]}` and
+//! `{tags: ["x", "y"]}` matches it too. `$size` and `$elemMatch` see the whole array only.
+
+use bson::{Bson, Document};
+
+use crate::error::QueryError;
+
+/// A parsed dotted field path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FieldPath {
+    dotted: String,
+    parts: Vec<PathPart>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PathPart {
+    name: String,
+    /// The component as an array index, when it is a plain non-negative integer.
+    index: Option<usize>,
+}
+
+/// Whether an array at the end of the path contributes its elements as candidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeafArrays {
+    /// The array and each of its elements are candidates.
+    Expand,
+    /// Only the array itself is a candidate.
+    Whole,
+}
+
+impl FieldPath {
+    /// Parses a dotted path; empty components (`a..b`, `.a`, `a.`) are rejected.
+    pub fn parse(dotted: &str) -> Result<Self, QueryError> {
+        if dotted.is_empty() {
+            return Err(QueryError::BadPath {
+                path: dotted.to_string(),
+                reason: "empty field path".into(),
+            });
+        }
+        let mut parts = Vec::new();
+        for name in dotted.split('.') {
+            if name.is_empty() {
+                return Err(QueryError::BadPath {
+                    path: dotted.to_string(),
+                    reason: "empty path component".into(),
+                });
+            }
+            if name.starts_with('$') {
+                return Err(QueryError::BadPath {
+                    path: dotted.to_string(),
+                    reason: format!("unknown operator or field name starting with $: {name}"),
+                });
+            }
+            let index = if name.bytes().all(|b| b.is_ascii_digit())
+                && (name == "0" || !name.starts_with('0'))
+            {
+                name.parse().ok()
+            } else {
+                None
+            };
+            parts.push(PathPart {
+                name: name.to_string(),
+                index,
+            });
+        }
+        Ok(FieldPath {
+            dotted: dotted.to_string(),
+            parts,
+        })
+    }
+
+    /// The path as written.
+    pub fn as_str(&self) -> &str {
+        &self.dotted
+    }
+
+    /// The path `self.rest`.
+    pub fn join(&self, rest: &FieldPath) -> FieldPath {
+        FieldPath {
+            dotted: format!("{}.{}", self.dotted, rest.dotted),
+            parts: self.parts.iter().chain(&rest.parts).cloned().collect(),
+        }
+    }
+
+    /// The components of the path.
+    pub fn components(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().map(|p| p.name.as_str())
+    }
+
+    /// Calls `visit` with every candidate of the path in `doc` until it returns `true`;
+    /// returns whether it did.
+    pub fn any<'a>(
+        &self,
+        doc: &'a Document,
+        leaf: LeafArrays,
+        visit: &mut dyn FnMut(Option<&'a Bson>) -> bool,
+    ) -> bool {
+        walk_document(doc, &self.parts, leaf, visit)
+    }
+
+    /// Collects every candidate of the path in `doc`.
+    pub fn candidates<'a>(&self, doc: &'a Document, leaf: LeafArrays) -> Vec<Option<&'a Bson>> {
+        let mut out = Vec::new();
+        self.any(doc, leaf, &mut |v| {
+            out.push(v);
+            false
+        });
+        out
+    }
+
+    /// The single value at this path without array traversal (as used by `_id` lookups and
+    /// projections), or `None`.
+    pub fn get_direct<'a>(&self, doc: &'a Document) -> Option<&'a Bson> {
+        let (first, rest) = self.parts.split_first()?;
+        let mut current = doc.get(&first.name)?;
+        for part in rest {
+            current = match current {
+                Bson::Document(d) => d.get(&part.name)?,
+                Bson::Array(a) => a.get(part.index?)?,
+                _ => return None,
+            };
+        }
+        Some(current)
+    }
+}
+
+impl std::fmt::Display for FieldPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.dotted)
+    }
+}
+
+fn walk_document<'a>(
+    doc: &'a Document,
+    parts: &[PathPart],
+    leaf: LeafArrays,
+    visit: &mut dyn FnMut(Option<&'a Bson>) -> bool,
+) -> bool {
+    let (first, rest) = parts.split_first().expect("paths are never empty");
+    match doc.get(&first.name) {
+        None => visit(None),
+        Some(value) => walk_value(value, rest, leaf, visit),
+    }
+}
+
+fn walk_value<'a>(
+    value: &'a Bson,
+    rest: &[PathPart],
+    leaf: LeafArrays,
+    visit: &mut dyn FnMut(Option<&'a Bson>) -> bool,
+) -> bool {
+    let Some(next) = rest.first() else {
+        if visit(Some(value)) {
+            return true;
+        }
+        if let (LeafArrays::Expand, Bson::Array(items)) = (leaf, value) {
+            return items.iter().any(|item| visit(Some(item)));
+        }
+        return false;
+    };
+    match value {
+        Bson::Document(d) => walk_document(d, rest, leaf, visit),
+        Bson::Array(items) => {
+            // The element at a numeric component's offset continues with the rest of the path
+            // after that component; every other document element is searched for the whole
+            // rest. Scalars inside the array are skipped, so `{a: []}` yields no candidate.
+            for (i, item) in items.iter().enumerate() {
+                let found = if next.index == Some(i) {
+                    walk_value(item, &rest[1..], leaf, visit)
+                } else if let Bson::Document(d) = item {
+                    walk_document(d, rest, leaf, visit)
+                } else {
+                    false
+                };
+                if found {
+                    return true;
+                }
+            }
+            false
+        }
+        _ => visit(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::{bson, doc};
+
+    fn values(path: &str, doc: &Document, leaf: LeafArrays) -> Vec<Option<Bson>> {
+        FieldPath::parse(path)
+            .unwrap()
+            .candidates(doc, leaf)
+            .into_iter()
+            .map(|v| v.cloned())
+            .collect()
+    }
+
+    #[test]
+    fn traverses_arrays_of_documents() {
+        let d = doc! {"a": [{"b": 1}, {"c": 2}, {"b": [3, 4]}, 5]};
+        assert_eq!(
+            values("a.b", &d, LeafArrays::Expand),
+            vec![
+                Some(bson!(1)),
+                None,
+                Some(bson!([3, 4])),
+                Some(bson!(3)),
+                Some(bson!(4))
+            ]
+        );
+        assert_eq!(
+            values("a.b", &d, LeafArrays::Whole),
+            vec![Some(bson!(1)), None, Some(bson!([3, 4]))]
+        );
+    }
+
+    #[test]
+    fn numeric_components_index_arrays() {
+        let d = doc! {"a": [10, {"0": 7}], "b": {"1": "x"}};
+        assert_eq!(
+            values("a.0", &d, LeafArrays::Expand),
+            vec![Some(bson!(10)), Some(bson!(7))]
+        );
+        assert_eq!(
+            values("b.1", &d, LeafArrays::Expand),
+            vec![Some(bson!("x"))]
+        );
+        // The document element lacks field "5": a missing candidate.
+        assert_eq!(values("a.5", &d, LeafArrays::Expand), vec![None]);
+    }
+
+    #[test]
+    fn nested_leaf_arrays_expand_one_level() {
+        let d = doc! {"a": [[1, 2], 3]};
+        assert_eq!(
+            values("a", &d, LeafArrays::Expand),
+            vec![
+                Some(bson!([[1, 2], 3])),
+                Some(bson!([1, 2])),
+                Some(bson!(3))
+            ]
+        );
+    }
+
+    #[test]
+    fn missing_and_scalars() {
+        let d = doc! {"a": 1, "e": []};
+        assert_eq!(values("a.b", &d, LeafArrays::Expand), vec![None]);
+        assert_eq!(values("z", &d, LeafArrays::Expand), vec![None]);
+        assert_eq!(values("e.b", &d, LeafArrays::Expand), vec![]);
+    }
+
+    #[test]
+    fn bad_paths() {
+        assert!(FieldPath::parse("a..b").is_err());
+        assert!(FieldPath::parse("").is_err());
+        assert!(FieldPath::parse("a.$b").is_err());
+    }
+}
