@@ -115,9 +115,7 @@ fn compare_int_float(i: i64, f: f64) -> Ordering {
     let truncated = f.trunc();
     // In range, so the cast is exact.
     match i.cmp(&(truncated as i64)) {
-        Ordering::Equal => 0.0f64
-            .partial_cmp(&(f - truncated))
-            .unwrap_or(Ordering::Equal),
+        Ordering::Equal => 0.0f64.partial_cmp(&(f - truncated)).unwrap_or(Ordering::Equal),
         other => other,
     }
 }
@@ -129,9 +127,7 @@ pub fn compare_values(a: &Bson, b: &Bson) -> Ordering {
         return ra.cmp(&rb);
     }
     match (a, b) {
-        (Bson::String(x) | Bson::Symbol(x), Bson::String(y) | Bson::Symbol(y)) => {
-            x.as_bytes().cmp(y.as_bytes())
-        }
+        (Bson::String(x) | Bson::Symbol(x), Bson::String(y) | Bson::Symbol(y)) => x.as_bytes().cmp(y.as_bytes()),
         (Bson::Document(x), Bson::Document(y)) => compare_documents(x, y),
         (Bson::Array(x), Bson::Array(y)) => compare_arrays(x, y),
         (Bson::Binary(x), Bson::Binary(y)) => x
@@ -143,19 +139,14 @@ pub fn compare_values(a: &Bson, b: &Bson) -> Ordering {
         (Bson::ObjectId(x), Bson::ObjectId(y)) => x.bytes().cmp(&y.bytes()),
         (Bson::Boolean(x), Bson::Boolean(y)) => x.cmp(y),
         (Bson::DateTime(x), Bson::DateTime(y)) => x.timestamp_millis().cmp(&y.timestamp_millis()),
-        (Bson::Timestamp(x), Bson::Timestamp(y)) => {
-            (x.time, x.increment).cmp(&(y.time, y.increment))
+        (Bson::Timestamp(x), Bson::Timestamp(y)) => (x.time, x.increment).cmp(&(y.time, y.increment)),
+        (Bson::RegularExpression(x), Bson::RegularExpression(y)) => {
+            x.pattern.as_str().cmp(y.pattern.as_str()).then_with(|| x.options.as_str().cmp(y.options.as_str()))
         }
-        (Bson::RegularExpression(x), Bson::RegularExpression(y)) => x
-            .pattern
-            .as_str()
-            .cmp(y.pattern.as_str())
-            .then_with(|| x.options.as_str().cmp(y.options.as_str())),
         (Bson::JavaScriptCode(x), Bson::JavaScriptCode(y)) => x.cmp(y),
-        (Bson::JavaScriptCodeWithScope(x), Bson::JavaScriptCodeWithScope(y)) => x
-            .code
-            .cmp(&y.code)
-            .then_with(|| compare_documents(&x.scope, &y.scope)),
+        (Bson::JavaScriptCodeWithScope(x), Bson::JavaScriptCodeWithScope(y)) => {
+            x.code.cmp(&y.code).then_with(|| compare_documents(&x.scope, &y.scope))
+        }
         (Bson::DbPointer(x), Bson::DbPointer(y)) => format!("{x:?}").cmp(&format!("{y:?}")),
         _ => match (Number::of(a), Number::of(b)) {
             (Some(x), Some(y)) => compare_numbers(x, y),
@@ -194,9 +185,7 @@ pub fn compare_documents(a: &Document, b: &Document) -> Ordering {
 
 fn compare_arrays(a: &[Bson], b: &[Bson]) -> Ordering {
     for (va, vb) in a.iter().zip(b) {
-        let ord = canonical_rank(va)
-            .cmp(&canonical_rank(vb))
-            .then_with(|| compare_values(va, vb));
+        let ord = canonical_rank(va).cmp(&canonical_rank(vb)).then_with(|| compare_values(va, vb));
         if ord != Ordering::Equal {
             return ord;
         }
@@ -251,9 +240,7 @@ fn hash_number<H: Hasher>(n: Number, state: &mut H) {
         Number::Int(i) => i.hash(state),
         Number::Float(f) if f.is_nan() => u64::MAX.hash(state),
         // Integral doubles hash as the integer they equal, so 1.0 and 1 meet.
-        Number::Float(f) if f.fract() == 0.0 && (-TWO_63..TWO_63).contains(&f) => {
-            (f as i64).hash(state)
-        }
+        Number::Float(f) if f.fract() == 0.0 && (-TWO_63..TWO_63).contains(&f) => (f as i64).hash(state),
         Number::Float(f) => f.to_bits().hash(state),
     }
 }
@@ -273,37 +260,16 @@ mod tests {
     #[test]
     fn numbers_compare_across_widths() {
         assert!(values_equal(&Bson::Int32(1), &Bson::Double(1.0)));
-        assert!(values_equal(
-            &Bson::Int64(1),
-            &Bson::Decimal128("1.0".parse().unwrap())
-        ));
+        assert!(values_equal(&Bson::Int64(1), &Bson::Decimal128("1.0".parse().unwrap())));
         assert_eq!(
-            compare_values(
-                &Bson::Int64(9007199254740993),
-                &Bson::Double(9007199254740992.0)
-            ),
+            compare_values(&Bson::Int64(9007199254740993), &Bson::Double(9007199254740992.0)),
             Ordering::Greater
         );
-        assert_eq!(
-            compare_values(&Bson::Double(f64::NAN), &Bson::Int32(i32::MIN)),
-            Ordering::Less
-        );
-        assert_eq!(
-            compare_values(&Bson::Double(-0.0), &Bson::Int32(0)),
-            Ordering::Equal
-        );
-        assert_eq!(
-            compare_values(&Bson::Int64(i64::MAX), &Bson::Double(9.3e18)),
-            Ordering::Less
-        );
-        assert_eq!(
-            compare_values(&Bson::Int64(-5), &Bson::Double(-4.5)),
-            Ordering::Less
-        );
-        assert_eq!(
-            compare_values(&Bson::Int64(5), &Bson::Double(4.5)),
-            Ordering::Greater
-        );
+        assert_eq!(compare_values(&Bson::Double(f64::NAN), &Bson::Int32(i32::MIN)), Ordering::Less);
+        assert_eq!(compare_values(&Bson::Double(-0.0), &Bson::Int32(0)), Ordering::Equal);
+        assert_eq!(compare_values(&Bson::Int64(i64::MAX), &Bson::Double(9.3e18)), Ordering::Less);
+        assert_eq!(compare_values(&Bson::Int64(-5), &Bson::Double(-4.5)), Ordering::Less);
+        assert_eq!(compare_values(&Bson::Int64(5), &Bson::Double(4.5)), Ordering::Greater);
     }
 
     #[test]
@@ -321,13 +287,7 @@ mod tests {
             Bson::MaxKey,
         ];
         for w in ordered.windows(2) {
-            assert_eq!(
-                compare_values(&w[0], &w[1]),
-                Ordering::Less,
-                "{:?} < {:?}",
-                w[0],
-                w[1]
-            );
+            assert_eq!(compare_values(&w[0], &w[1]), Ordering::Less, "{:?} < {:?}", w[0], w[1]);
         }
     }
 

@@ -17,11 +17,7 @@ impl TypeSet {
         match arg {
             Bson::Array(items) => {
                 if items.is_empty() {
-                    return Err(QueryError::bad_argument(
-                        "$type",
-                        path,
-                        "must name at least one type",
-                    ));
+                    return Err(QueryError::bad_argument("$type", path, "must name at least one type"));
                 }
                 for item in items {
                     set.add(item, path)?;
@@ -40,19 +36,12 @@ impl TypeSet {
                 }
                 return Ok(());
             }
-            Bson::String(alias) => alias_code(alias).ok_or_else(|| {
-                QueryError::bad_argument("$type", path, format!("unknown type name {alias:?}"))
-            })?,
+            Bson::String(alias) => alias_code(alias)
+                .ok_or_else(|| QueryError::bad_argument("$type", path, format!("unknown type name {alias:?}")))?,
             Bson::Int32(_) | Bson::Int64(_) | Bson::Double(_) | Bson::Decimal128(_) => {
-                let n = crate::bson_order::Number::of(selector)
-                    .expect("numeric")
-                    .as_f64();
+                let n = crate::bson_order::Number::of(selector).expect("numeric").as_f64();
                 if n.fract() != 0.0 || !is_type_code(n as i32) {
-                    return Err(QueryError::bad_argument(
-                        "$type",
-                        path,
-                        format!("invalid type number {n}"),
-                    ));
+                    return Err(QueryError::bad_argument("$type", path, format!("invalid type number {n}")));
                 }
                 n as i32
             }
@@ -60,10 +49,7 @@ impl TypeSet {
                 return Err(QueryError::bad_argument(
                     "$type",
                     path,
-                    format!(
-                        "expected a type name or number, found {}",
-                        crate::parse::type_label(other)
-                    ),
+                    format!("expected a type name or number, found {}", crate::parse::type_label(other)),
                 ));
             }
         };

@@ -69,33 +69,19 @@ pub enum QueryError {
 
 impl QueryError {
     pub(crate) fn bad_argument(op: &str, path: &str, reason: impl Into<String>) -> Self {
-        QueryError::BadArgument {
-            op: op.to_string(),
-            path: display_path(path),
-            reason: reason.into(),
-        }
+        QueryError::BadArgument { op: op.to_string(), path: display_path(path), reason: reason.into() }
     }
 
     pub(crate) fn unsupported(op: &str, path: &str) -> Self {
-        QueryError::Unsupported {
-            op: op.to_string(),
-            path: display_path(path),
-        }
+        QueryError::Unsupported { op: op.to_string(), path: display_path(path) }
     }
 
     pub(crate) fn unknown(op: &str, path: &str) -> Self {
-        QueryError::UnknownOperator {
-            op: op.to_string(),
-            path: display_path(path),
-        }
+        QueryError::UnknownOperator { op: op.to_string(), path: display_path(path) }
     }
 }
 
 /// Paths in messages: the dotted path, or `(top level)` for the query root.
 pub(crate) fn display_path(path: &str) -> String {
-    if path.is_empty() {
-        "(top level)".to_string()
-    } else {
-        path.to_string()
-    }
+    if path.is_empty() { "(top level)".to_string() } else { path.to_string() }
 }

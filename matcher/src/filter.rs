@@ -60,25 +60,18 @@ impl Filter {
     /// Parses and compiles a filter document.
     pub fn parse(source: &Document) -> Result<Self, QueryError> {
         let root = crate::parse::parse_filter(source, "")?;
-        Ok(Filter {
-            source: source.clone(),
-            root,
-        })
+        Ok(Filter { source: source.clone(), root })
     }
 
     /// Parses a filter from (canonical or relaxed Extended) JSON text.
     pub fn from_json(text: &str) -> Result<Self, QueryError> {
-        let doc = livegrid_protocol::extjson::parse_document(text)
-            .map_err(|e| QueryError::Json(e.to_string()))?;
+        let doc = livegrid_protocol::extjson::parse_document(text).map_err(|e| QueryError::Json(e.to_string()))?;
         Self::parse(&doc)
     }
 
     /// The filter that matches every document.
     pub fn all() -> Self {
-        Filter {
-            source: Document::new(),
-            root: Expr::Const(true),
-        }
+        Filter { source: Document::new(), root: Expr::Const(true) }
     }
 
     /// Whether `doc` matches the filter.

@@ -63,24 +63,15 @@ impl IndexPlan {
         let mut conjuncts = Vec::new();
         collect(expr, &mut conjuncts);
         merge_ranges(&mut conjuncts);
-        conjuncts
-            .into_iter()
-            .max_by_key(IndexPlan::score)
-            .unwrap_or(IndexPlan::Scan)
+        conjuncts.into_iter().max_by_key(IndexPlan::score).unwrap_or(IndexPlan::Scan)
     }
 
     /// How selective the plan is likely to be; higher is better.
     fn score(&self) -> u32 {
         match self {
             IndexPlan::Equality { values, .. } => 1000 - values.len().min(900) as u32,
-            IndexPlan::Union(plans) => {
-                50 + plans.iter().map(IndexPlan::score).min().unwrap_or(0) / 100
-            }
-            IndexPlan::Range {
-                lower: Some(_),
-                upper: Some(_),
-                ..
-            } => 40,
+            IndexPlan::Union(plans) => 50 + plans.iter().map(IndexPlan::score).min().unwrap_or(0) / 100,
+            IndexPlan::Range { lower: Some(_), upper: Some(_), .. } => 40,
             IndexPlan::Range { .. } => 20,
             IndexPlan::Scan => 0,
         }
@@ -89,18 +80,9 @@ impl IndexPlan {
     /// The same plan on paths below `prefix` (for `$elemMatch` on `prefix`).
     fn under(self, prefix: &FieldPath) -> IndexPlan {
         match self {
-            IndexPlan::Equality { path, values } => IndexPlan::Equality {
-                path: prefix.join(&path),
-                values,
-            },
-            IndexPlan::Range { path, lower, upper } => IndexPlan::Range {
-                path: prefix.join(&path),
-                lower,
-                upper,
-            },
-            IndexPlan::Union(plans) => {
-                IndexPlan::Union(plans.into_iter().map(|p| p.under(prefix)).collect())
-            }
+            IndexPlan::Equality { path, values } => IndexPlan::Equality { path: prefix.join(&path), values },
+            IndexPlan::Range { path, lower, upper } => IndexPlan::Range { path: prefix.join(&path), lower, upper },
+            IndexPlan::Union(plans) => IndexPlan::Union(plans.into_iter().map(|p| p.under(prefix)).collect()),
             IndexPlan::Scan => IndexPlan::Scan,
         }
     }
@@ -124,35 +106,20 @@ fn collect_ops(path: &FieldPath, ops: &OpTree, out: &mut Vec<IndexPlan>) {
     match ops {
         OpTree::And(children) => children.iter().for_each(|c| collect_ops(path, c, out)),
         OpTree::Leaf(Pred::Eq(value)) if equality_indexable(value) => {
-            out.push(IndexPlan::Equality {
-                path: path.clone(),
-                values: vec![value.clone()],
-            })
+            out.push(IndexPlan::Equality { path: path.clone(), values: vec![value.clone()] })
         }
         OpTree::Leaf(Pred::In(list))
-            if !list.has_regexes()
-                && !list.values().is_empty()
-                && list.values().iter().all(equality_indexable) =>
+            if !list.has_regexes() && !list.values().is_empty() && list.values().iter().all(equality_indexable) =>
         {
-            out.push(IndexPlan::Equality {
-                path: path.clone(),
-                values: list.values().to_vec(),
-            })
+            out.push(IndexPlan::Equality { path: path.clone(), values: list.values().to_vec() })
         }
         OpTree::Leaf(Pred::Cmp(op, value)) if range_indexable(value) => {
-            let bound = Some(Bound {
-                value: value.clone(),
-                inclusive: matches!(op, CmpOp::Gte | CmpOp::Lte),
-            });
+            let bound = Some(Bound { value: value.clone(), inclusive: matches!(op, CmpOp::Gte | CmpOp::Lte) });
             let (lower, upper) = match op {
                 CmpOp::Gt | CmpOp::Gte => (bound, None),
                 CmpOp::Lt | CmpOp::Lte => (None, bound),
             };
-            out.push(IndexPlan::Range {
-                path: path.clone(),
-                lower,
-                upper,
-            });
+            out.push(IndexPlan::Range { path: path.clone(), lower, upper });
         }
         OpTree::Leaf(Pred::ElemMatchValue(inner)) => collect_ops(path, inner, out),
         OpTree::Leaf(Pred::ElemMatchDocument(expr)) => {
@@ -172,15 +139,8 @@ fn equality_indexable(value: &Bson) -> bool {
 
 /// Scalars other than null, NaN, MinKey and MaxKey (which compare across types).
 fn range_indexable(value: &Bson) -> bool {
-    !matches!(
-        value,
-        Bson::Null
-            | Bson::Undefined
-            | Bson::MinKey
-            | Bson::MaxKey
-            | Bson::Array(_)
-            | Bson::Document(_)
-    ) && !Number::of(value).is_some_and(Number::is_nan)
+    !matches!(value, Bson::Null | Bson::Undefined | Bson::MinKey | Bson::MaxKey | Bson::Array(_) | Bson::Document(_))
+        && !Number::of(value).is_some_and(Number::is_nan)
 }
 
 /// Intersects the ranges on one path into one plan with both bounds where their types agree.
@@ -191,18 +151,13 @@ fn merge_ranges(plans: &mut Vec<IndexPlan>) {
             merged.push(plan);
             continue;
         };
-        let rank = lower
-            .as_ref()
-            .or(upper.as_ref())
-            .map(|b| canonical_rank(&b.value));
+        let rank = lower.as_ref().or(upper.as_ref()).map(|b| canonical_rank(&b.value));
         let existing = merged.iter_mut().find(|p| {
             matches!(p, IndexPlan::Range { path: q, lower: l, upper: u }
                 if *q == path && l.as_ref().or(u.as_ref()).map(|b| canonical_rank(&b.value)) == rank)
         });
         match existing {
-            Some(IndexPlan::Range {
-                lower: l, upper: u, ..
-            }) => {
+            Some(IndexPlan::Range { lower: l, upper: u, .. }) => {
                 *l = tighter(l.take(), lower, Ordering::Greater);
                 *u = tighter(u.take(), upper, Ordering::Less);
             }
@@ -219,10 +174,7 @@ fn tighter(a: Option<Bound>, b: Option<Bound>, prefer: Ordering) -> Option<Bound
         (None, b) => b,
         (a, None) => a,
         (Some(a), Some(b)) => match compare_values(&a.value, &b.value) {
-            Ordering::Equal => Some(Bound {
-                value: a.value,
-                inclusive: a.inclusive && b.inclusive,
-            }),
+            Ordering::Equal => Some(Bound { value: a.value, inclusive: a.inclusive && b.inclusive }),
             ord if ord == prefer => Some(a),
             _ => Some(b),
         },
@@ -247,17 +199,11 @@ mod tests {
     fn picks_equality_over_ranges() {
         assert_eq!(
             plan(doc! {"age": {"$gt": 5}, "city": "Paris"}),
-            IndexPlan::Equality {
-                path: path("city"),
-                values: vec![bson!("Paris")]
-            }
+            IndexPlan::Equality { path: path("city"), values: vec![bson!("Paris")] }
         );
         assert_eq!(
             plan(doc! {"tag": {"$in": ["a", "b"]}}),
-            IndexPlan::Equality {
-                path: path("tag"),
-                values: vec![bson!("a"), bson!("b")]
-            }
+            IndexPlan::Equality { path: path("tag"), values: vec![bson!("a"), bson!("b")] }
         );
     }
 
@@ -267,14 +213,8 @@ mod tests {
             plan(doc! {"age": {"$gt": 5, "$lte": 10}, "x": {"$ne": 1}}),
             IndexPlan::Range {
                 path: path("age"),
-                lower: Some(Bound {
-                    value: bson!(5),
-                    inclusive: false
-                }),
-                upper: Some(Bound {
-                    value: bson!(10),
-                    inclusive: true
-                }),
+                lower: Some(Bound { value: bson!(5), inclusive: false }),
+                upper: Some(Bound { value: bson!(10), inclusive: true }),
             }
         );
     }
@@ -284,24 +224,15 @@ mod tests {
         assert_eq!(
             plan(doc! {"$or": [{"a": 1}, {"b": {"$lt": 3}}]}),
             IndexPlan::Union(vec![
-                IndexPlan::Equality {
-                    path: path("a"),
-                    values: vec![bson!(1)]
-                },
+                IndexPlan::Equality { path: path("a"), values: vec![bson!(1)] },
                 IndexPlan::Range {
                     path: path("b"),
                     lower: None,
-                    upper: Some(Bound {
-                        value: bson!(3),
-                        inclusive: false
-                    })
+                    upper: Some(Bound { value: bson!(3), inclusive: false })
                 },
             ])
         );
-        assert_eq!(
-            plan(doc! {"$or": [{"a": 1}, {"b": {"$exists": true}}]}),
-            IndexPlan::Scan
-        );
+        assert_eq!(plan(doc! {"$or": [{"a": 1}, {"b": {"$exists": true}}]}), IndexPlan::Scan);
     }
 
     #[test]
@@ -316,10 +247,7 @@ mod tests {
     fn elem_match_documents_index_below_their_path() {
         assert_eq!(
             plan(doc! {"items": {"$elemMatch": {"sku": "x", "qty": {"$gt": 1}}}}),
-            IndexPlan::Equality {
-                path: path("items.sku"),
-                values: vec![bson!("x")]
-            }
+            IndexPlan::Equality { path: path("items.sku"), values: vec![bson!("x")] }
         );
     }
 }

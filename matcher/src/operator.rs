@@ -89,14 +89,8 @@ const IN_HASH_THRESHOLD: usize = 8;
 impl InList {
     pub(crate) fn new(values: Vec<Bson>, regexes: Vec<MongoRegex>) -> Self {
         let has_null = values.iter().any(|v| matches!(v, Bson::Null));
-        let hashes =
-            (values.len() > IN_HASH_THRESHOLD).then(|| values.iter().map(value_hash).collect());
-        InList {
-            values,
-            regexes,
-            hashes,
-            has_null,
-        }
+        let hashes = (values.len() > IN_HASH_THRESHOLD).then(|| values.iter().map(value_hash).collect());
+        InList { values, regexes, hashes, has_null }
     }
 
     /// The literal values of the list.
@@ -114,10 +108,7 @@ impl InList {
             return self.has_null;
         };
         let found = match &self.hashes {
-            Some(hashes) => {
-                hashes.contains(&value_hash(value))
-                    && self.values.iter().any(|v| values_equal(v, value))
-            }
+            Some(hashes) => hashes.contains(&value_hash(value)) && self.values.iter().any(|v| values_equal(v, value)),
             None => self.values.iter().any(|v| values_equal(v, value)),
         };
         found || self.regexes.iter().any(|r| regex_matches(r, value))
@@ -129,9 +120,7 @@ impl Pred {
     /// predicate.
     pub fn leaf_arrays(&self) -> LeafArrays {
         match self {
-            Pred::Size(_) | Pred::ElemMatchValue(_) | Pred::ElemMatchDocument(_) => {
-                LeafArrays::Whole
-            }
+            Pred::Size(_) | Pred::ElemMatchValue(_) | Pred::ElemMatchDocument(_) => LeafArrays::Whole,
             _ => LeafArrays::Expand,
         }
     }
@@ -163,9 +152,9 @@ impl Pred {
                 _ => false,
             },
             Pred::ElemMatchDocument(expr) => match candidate {
-                Some(Bson::Array(items)) => items
-                    .iter()
-                    .any(|item| matches!(item, Bson::Document(d) if expr.matches(d))),
+                Some(Bson::Array(items)) => {
+                    items.iter().any(|item| matches!(item, Bson::Document(d) if expr.matches(d)))
+                }
                 _ => false,
             },
         }
@@ -177,9 +166,7 @@ impl OpTree {
     pub fn matches_path(&self, path: &FieldPath, doc: &Document) -> bool {
         match self {
             OpTree::Const(answer) => *answer,
-            OpTree::Leaf(pred) => path.any(doc, pred.leaf_arrays(), &mut |candidate| {
-                pred.matches(candidate)
-            }),
+            OpTree::Leaf(pred) => path.any(doc, pred.leaf_arrays(), &mut |candidate| pred.matches(candidate)),
             OpTree::And(children) => children.iter().all(|child| child.matches_path(path, doc)),
             OpTree::Not(child) => !child.matches_path(path, doc),
         }
@@ -217,10 +204,8 @@ fn compare_matches(op: CmpOp, candidate: Option<&Bson>, rhs: &Bson) -> bool {
             _ => false,
         };
     }
-    let (lhs_nan, rhs_nan) = (
-        Number::of(value).is_some_and(Number::is_nan),
-        Number::of(rhs).is_some_and(Number::is_nan),
-    );
+    let (lhs_nan, rhs_nan) =
+        (Number::of(value).is_some_and(Number::is_nan), Number::of(rhs).is_some_and(Number::is_nan));
     if lhs_nan || rhs_nan {
         return lhs_nan && rhs_nan && matches!(op, CmpOp::Gte | CmpOp::Lte);
     }

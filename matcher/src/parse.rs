@@ -12,15 +12,8 @@ use crate::path::FieldPath;
 use crate::regex::MongoRegex;
 
 /// Top-level operators MongoDB has and livegrid does not evaluate.
-const UNSUPPORTED_TOP_LEVEL: &[&str] = &[
-    "$where",
-    "$expr",
-    "$text",
-    "$jsonSchema",
-    "$sampleRate",
-    "$alwaysTrue",
-    "$alwaysFalse",
-];
+const UNSUPPORTED_TOP_LEVEL: &[&str] =
+    &["$where", "$expr", "$text", "$jsonSchema", "$sampleRate", "$alwaysTrue", "$alwaysFalse"];
 
 /// Field operators MongoDB has and livegrid does not evaluate.
 const UNSUPPORTED_FIELD: &[&str] = &[
@@ -70,10 +63,7 @@ pub(crate) fn parse_filter(filter: &Document, prefix: &str) -> Result<Expr, Quer
         }
         let full = join(prefix, key);
         let path = FieldPath::parse(key).map_err(|e| match e {
-            QueryError::BadPath { reason, .. } => QueryError::BadPath {
-                path: full.clone(),
-                reason,
-            },
+            QueryError::BadPath { reason, .. } => QueryError::BadPath { path: full.clone(), reason },
             other => other,
         })?;
         let ops = parse_field_value(value, &full)?;
@@ -87,27 +77,15 @@ pub(crate) fn parse_filter(filter: &Document, prefix: &str) -> Result<Expr, Quer
 }
 
 fn join(prefix: &str, key: &str) -> String {
-    if prefix.is_empty() {
-        key.to_string()
-    } else {
-        format!("{prefix}.{key}")
-    }
+    if prefix.is_empty() { key.to_string() } else { format!("{prefix}.{key}") }
 }
 
 fn parse_logical_list(op: &str, value: &Bson, prefix: &str) -> Result<Vec<Expr>, QueryError> {
     let Bson::Array(items) = value else {
-        return Err(QueryError::bad_argument(
-            op,
-            prefix,
-            format!("must be an array, found {}", type_label(value)),
-        ));
+        return Err(QueryError::bad_argument(op, prefix, format!("must be an array, found {}", type_label(value))));
     };
     if items.is_empty() {
-        return Err(QueryError::bad_argument(
-            op,
-            prefix,
-            "must be a non-empty array",
-        ));
+        return Err(QueryError::bad_argument(op, prefix, "must be a non-empty array"));
     }
     items
         .iter()
@@ -130,11 +108,9 @@ fn is_operator_document(doc: &Document) -> bool {
 /// Parses the value written for a field: a literal (implicit `$eq`), a regex, or operators.
 fn parse_field_value(value: &Bson, path: &str) -> Result<OpTree, QueryError> {
     match value {
-        Bson::RegularExpression(r) => Ok(OpTree::Leaf(Pred::Regex(MongoRegex::new(
-            r.pattern.as_str(),
-            r.options.as_str(),
-            path,
-        )?))),
+        Bson::RegularExpression(r) => {
+            Ok(OpTree::Leaf(Pred::Regex(MongoRegex::new(r.pattern.as_str(), r.options.as_str(), path)?)))
+        }
         Bson::Document(d) if is_operator_document(d) => parse_operators(d, path),
         literal => Ok(OpTree::Leaf(Pred::Eq(literal.clone()))),
     }
@@ -150,11 +126,7 @@ fn parse_operators(ops: &Document, path: &str) -> Result<OpTree, QueryError> {
             "$eq" => OpTree::Leaf(Pred::Eq(arg.clone())),
             "$ne" => {
                 if matches!(arg, Bson::RegularExpression(_)) {
-                    return Err(QueryError::bad_argument(
-                        op,
-                        path,
-                        "cannot be a regex (use $not)",
-                    ));
+                    return Err(QueryError::bad_argument(op, path, "cannot be a regex (use $not)"));
                 }
                 OpTree::Not(Box::new(OpTree::Leaf(Pred::Eq(arg.clone()))))
             }
@@ -171,16 +143,10 @@ fn parse_operators(ops: &Document, path: &str) -> Result<OpTree, QueryError> {
                 OpTree::Leaf(Pred::Cmp(cmp, arg.clone()))
             }
             "$in" => OpTree::Leaf(Pred::In(parse_in_list(op, arg, path)?)),
-            "$nin" => OpTree::Not(Box::new(OpTree::Leaf(Pred::In(parse_in_list(
-                op, arg, path,
-            )?)))),
+            "$nin" => OpTree::Not(Box::new(OpTree::Leaf(Pred::In(parse_in_list(op, arg, path)?)))),
             "$exists" => {
                 let leaf = OpTree::Leaf(Pred::Exists);
-                if is_truthy(arg) {
-                    leaf
-                } else {
-                    OpTree::Not(Box::new(leaf))
-                }
+                if is_truthy(arg) { leaf } else { OpTree::Not(Box::new(leaf)) }
             }
             "$type" => OpTree::Leaf(Pred::Type(TypeSet::parse(arg, path)?)),
             "$mod" => parse_mod(arg, path)?,
@@ -237,18 +203,10 @@ fn parse_regex_pair(ops: &Document, path: &str) -> Result<Option<MongoRegex>, Qu
         }
     };
     if !literal_options.is_empty() && options.is_some() {
-        return Err(QueryError::bad_argument(
-            "$options",
-            path,
-            "options set in both $regex and $options",
-        ));
+        return Err(QueryError::bad_argument("$options", path, "options set in both $regex and $options"));
     }
     if pattern.contains('\0') {
-        return Err(QueryError::bad_argument(
-            "$regex",
-            path,
-            "pattern contains a null byte",
-        ));
+        return Err(QueryError::bad_argument("$regex", path, "pattern contains a null byte"));
     }
     let flags = options.unwrap_or(literal_options);
     MongoRegex::new(pattern, flags, path).map(Some)
@@ -256,27 +214,15 @@ fn parse_regex_pair(ops: &Document, path: &str) -> Result<Option<MongoRegex>, Qu
 
 fn parse_in_list(op: &str, arg: &Bson, path: &str) -> Result<InList, QueryError> {
     let Bson::Array(items) = arg else {
-        return Err(QueryError::bad_argument(
-            op,
-            path,
-            format!("needs an array, found {}", type_label(arg)),
-        ));
+        return Err(QueryError::bad_argument(op, path, format!("needs an array, found {}", type_label(arg))));
     };
     let mut values = Vec::with_capacity(items.len());
     let mut regexes = Vec::new();
     for item in items {
         match item {
-            Bson::RegularExpression(r) => regexes.push(MongoRegex::new(
-                r.pattern.as_str(),
-                r.options.as_str(),
-                path,
-            )?),
+            Bson::RegularExpression(r) => regexes.push(MongoRegex::new(r.pattern.as_str(), r.options.as_str(), path)?),
             Bson::Document(d) if is_operator_document(d) => {
-                return Err(QueryError::bad_argument(
-                    op,
-                    path,
-                    "cannot nest operators ($-documents) inside",
-                ));
+                return Err(QueryError::bad_argument(op, path, "cannot nest operators ($-documents) inside"));
             }
             value => values.push(value.clone()),
         }
@@ -289,82 +235,46 @@ fn parse_mod(arg: &Bson, path: &str) -> Result<OpTree, QueryError> {
         return Err(QueryError::bad_argument(
             "$mod",
             path,
-            format!(
-                "needs an array [divisor, remainder], found {}",
-                type_label(arg)
-            ),
+            format!("needs an array [divisor, remainder], found {}", type_label(arg)),
         ));
     };
     if items.len() != 2 {
-        return Err(QueryError::bad_argument(
-            "$mod",
-            path,
-            format!("needs exactly 2 elements, found {}", items.len()),
-        ));
+        return Err(QueryError::bad_argument("$mod", path, format!("needs exactly 2 elements, found {}", items.len())));
     }
     let as_int = |v: &Bson, what: &str| -> Result<i64, QueryError> {
         let n = Number::of(v).ok_or_else(|| {
-            QueryError::bad_argument(
-                "$mod",
-                path,
-                format!("{what} must be a number, found {}", type_label(v)),
-            )
+            QueryError::bad_argument("$mod", path, format!("{what} must be a number, found {}", type_label(v)))
         })?;
         match n {
             Number::Int(i) => Ok(i),
             Number::Float(f) if f.is_finite() && f.abs() < 9.2e18 => Ok(f.trunc() as i64),
-            Number::Float(_) => Err(QueryError::bad_argument(
-                "$mod",
-                path,
-                format!("{what} must be a finite number"),
-            )),
+            Number::Float(_) => Err(QueryError::bad_argument("$mod", path, format!("{what} must be a finite number"))),
         }
     };
     let divisor = as_int(&items[0], "divisor")?;
     let remainder = as_int(&items[1], "remainder")?;
     if divisor == 0 {
-        return Err(QueryError::bad_argument(
-            "$mod",
-            path,
-            "divisor cannot be 0",
-        ));
+        return Err(QueryError::bad_argument("$mod", path, "divisor cannot be 0"));
     }
     Ok(OpTree::Leaf(Pred::Mod { divisor, remainder }))
 }
 
 fn parse_size(arg: &Bson, path: &str) -> Result<usize, QueryError> {
-    let n = Number::of(arg).ok_or_else(|| {
-        QueryError::bad_argument(
-            "$size",
-            path,
-            format!("needs a number, found {}", type_label(arg)),
-        )
-    })?;
+    let n = Number::of(arg)
+        .ok_or_else(|| QueryError::bad_argument("$size", path, format!("needs a number, found {}", type_label(arg))))?;
     let f = n.as_f64();
     if f.fract() != 0.0 || f.is_nan() {
-        return Err(QueryError::bad_argument(
-            "$size",
-            path,
-            "must be a whole number",
-        ));
+        return Err(QueryError::bad_argument("$size", path, "must be a whole number"));
     }
     if f < 0.0 {
-        return Err(QueryError::bad_argument(
-            "$size",
-            path,
-            "may not be negative",
-        ));
+        return Err(QueryError::bad_argument("$size", path, "may not be negative"));
     }
     Ok(f as usize)
 }
 
 fn parse_all(arg: &Bson, path: &str) -> Result<OpTree, QueryError> {
     let Bson::Array(items) = arg else {
-        return Err(QueryError::bad_argument(
-            "$all",
-            path,
-            format!("needs an array, found {}", type_label(arg)),
-        ));
+        return Err(QueryError::bad_argument("$all", path, format!("needs an array, found {}", type_label(arg))));
     };
     if items.is_empty() {
         return Ok(OpTree::Const(false));
@@ -372,11 +282,7 @@ fn parse_all(arg: &Bson, path: &str) -> Result<OpTree, QueryError> {
     let is_elem_match = |v: &Bson| matches!(v, Bson::Document(d) if d.keys().next().is_some_and(|k| k == "$elemMatch"));
     let elem_matches = items.iter().filter(|v| is_elem_match(v)).count();
     if elem_matches != 0 && elem_matches != items.len() {
-        return Err(QueryError::bad_argument(
-            "$all",
-            path,
-            "cannot mix $elemMatch and values",
-        ));
+        return Err(QueryError::bad_argument("$all", path, "cannot mix $elemMatch and values"));
     }
     let mut leaves = Vec::with_capacity(items.len());
     for item in items {
@@ -392,17 +298,9 @@ fn parse_all(arg: &Bson, path: &str) -> Result<OpTree, QueryError> {
                 parse_elem_match(d.get("$elemMatch").expect("checked"), path)?
             }
             Bson::Document(d) if is_operator_document(d) => {
-                return Err(QueryError::bad_argument(
-                    "$all",
-                    path,
-                    "cannot nest operators other than $elemMatch",
-                ));
+                return Err(QueryError::bad_argument("$all", path, "cannot nest operators other than $elemMatch"));
             }
-            Bson::RegularExpression(r) => Pred::Regex(MongoRegex::new(
-                r.pattern.as_str(),
-                r.options.as_str(),
-                path,
-            )?),
+            Bson::RegularExpression(r) => Pred::Regex(MongoRegex::new(r.pattern.as_str(), r.options.as_str(), path)?),
             value => Pred::Eq(value.clone()),
         };
         leaves.push(OpTree::Leaf(pred));
@@ -421,11 +319,7 @@ fn parse_elem_match(arg: &Bson, path: &str) -> Result<Pred, QueryError> {
         ));
     };
     let value_form = d.keys().next().is_some_and(|k| {
-        k.starts_with('$')
-            && !matches!(
-                k.as_str(),
-                "$and" | "$or" | "$nor" | "$where" | "$expr" | "$text" | "$comment"
-            )
+        k.starts_with('$') && !matches!(k.as_str(), "$and" | "$or" | "$nor" | "$where" | "$expr" | "$text" | "$comment")
     });
     if value_form {
         Ok(Pred::ElemMatchValue(Box::new(parse_operators(d, path)?)))
@@ -437,20 +331,14 @@ fn parse_elem_match(arg: &Bson, path: &str) -> Result<Pred, QueryError> {
 /// `$not`: a regex, or an operator document to negate.
 fn parse_not(arg: &Bson, path: &str) -> Result<OpTree, QueryError> {
     match arg {
-        Bson::RegularExpression(r) => Ok(OpTree::Leaf(Pred::Regex(MongoRegex::new(
-            r.pattern.as_str(),
-            r.options.as_str(),
-            path,
-        )?))),
-        Bson::Document(d) if d.is_empty() => {
-            Err(QueryError::bad_argument("$not", path, "cannot be empty"))
+        Bson::RegularExpression(r) => {
+            Ok(OpTree::Leaf(Pred::Regex(MongoRegex::new(r.pattern.as_str(), r.options.as_str(), path)?)))
         }
+        Bson::Document(d) if d.is_empty() => Err(QueryError::bad_argument("$not", path, "cannot be empty")),
         Bson::Document(d) if is_operator_document(d) => parse_operators(d, path),
-        Bson::Document(_) => Err(QueryError::bad_argument(
-            "$not",
-            path,
-            "needs operators ($-keys) or a regex, not a literal document",
-        )),
+        Bson::Document(_) => {
+            Err(QueryError::bad_argument("$not", path, "needs operators ($-keys) or a regex, not a literal document"))
+        }
         other => Err(QueryError::bad_argument(
             "$not",
             path,

@@ -47,18 +47,12 @@ impl FieldPath {
     /// Parses a dotted path; empty components (`a..b`, `.a`, `a.`) are rejected.
     pub fn parse(dotted: &str) -> Result<Self, QueryError> {
         if dotted.is_empty() {
-            return Err(QueryError::BadPath {
-                path: dotted.to_string(),
-                reason: "empty field path".into(),
-            });
+            return Err(QueryError::BadPath { path: dotted.to_string(), reason: "empty field path".into() });
         }
         let mut parts = Vec::new();
         for name in dotted.split('.') {
             if name.is_empty() {
-                return Err(QueryError::BadPath {
-                    path: dotted.to_string(),
-                    reason: "empty path component".into(),
-                });
+                return Err(QueryError::BadPath { path: dotted.to_string(), reason: "empty path component".into() });
             }
             if name.starts_with('$') {
                 return Err(QueryError::BadPath {
@@ -66,22 +60,14 @@ impl FieldPath {
                     reason: format!("unknown operator or field name starting with $: {name}"),
                 });
             }
-            let index = if name.bytes().all(|b| b.is_ascii_digit())
-                && (name == "0" || !name.starts_with('0'))
-            {
+            let index = if name.bytes().all(|b| b.is_ascii_digit()) && (name == "0" || !name.starts_with('0')) {
                 name.parse().ok()
             } else {
                 None
             };
-            parts.push(PathPart {
-                name: name.to_string(),
-                index,
-            });
+            parts.push(PathPart { name: name.to_string(), index });
         }
-        Ok(FieldPath {
-            dotted: dotted.to_string(),
-            parts,
-        })
+        Ok(FieldPath { dotted: dotted.to_string(), parts })
     }
 
     /// The path as written.
@@ -203,12 +189,7 @@ mod tests {
     use bson::{bson, doc};
 
     fn values(path: &str, doc: &Document, leaf: LeafArrays) -> Vec<Option<Bson>> {
-        FieldPath::parse(path)
-            .unwrap()
-            .candidates(doc, leaf)
-            .into_iter()
-            .map(|v| v.cloned())
-            .collect()
+        FieldPath::parse(path).unwrap().candidates(doc, leaf).into_iter().map(|v| v.cloned()).collect()
     }
 
     #[test]
@@ -216,31 +197,16 @@ mod tests {
         let d = doc! {"a": [{"b": 1}, {"c": 2}, {"b": [3, 4]}, 5]};
         assert_eq!(
             values("a.b", &d, LeafArrays::Expand),
-            vec![
-                Some(bson!(1)),
-                None,
-                Some(bson!([3, 4])),
-                Some(bson!(3)),
-                Some(bson!(4))
-            ]
+            vec![Some(bson!(1)), None, Some(bson!([3, 4])), Some(bson!(3)), Some(bson!(4))]
         );
-        assert_eq!(
-            values("a.b", &d, LeafArrays::Whole),
-            vec![Some(bson!(1)), None, Some(bson!([3, 4]))]
-        );
+        assert_eq!(values("a.b", &d, LeafArrays::Whole), vec![Some(bson!(1)), None, Some(bson!([3, 4]))]);
     }
 
     #[test]
     fn numeric_components_index_arrays() {
         let d = doc! {"a": [10, {"0": 7}], "b": {"1": "x"}};
-        assert_eq!(
-            values("a.0", &d, LeafArrays::Expand),
-            vec![Some(bson!(10)), Some(bson!(7))]
-        );
-        assert_eq!(
-            values("b.1", &d, LeafArrays::Expand),
-            vec![Some(bson!("x"))]
-        );
+        assert_eq!(values("a.0", &d, LeafArrays::Expand), vec![Some(bson!(10)), Some(bson!(7))]);
+        assert_eq!(values("b.1", &d, LeafArrays::Expand), vec![Some(bson!("x"))]);
         // The document element lacks field "5": a missing candidate.
         assert_eq!(values("a.5", &d, LeafArrays::Expand), vec![None]);
     }
@@ -250,11 +216,7 @@ mod tests {
         let d = doc! {"a": [[1, 2], 3]};
         assert_eq!(
             values("a", &d, LeafArrays::Expand),
-            vec![
-                Some(bson!([[1, 2], 3])),
-                Some(bson!([1, 2])),
-                Some(bson!(3))
-            ]
+            vec![Some(bson!([[1, 2], 3])), Some(bson!([1, 2])), Some(bson!(3))]
         );
     }
 

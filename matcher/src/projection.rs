@@ -45,16 +45,10 @@ impl Projection {
             let include = match value {
                 Bson::Boolean(b) => *b,
                 Bson::Int32(_) | Bson::Int64(_) | Bson::Double(_) | Bson::Decimal128(_) => {
-                    crate::bson_order::Number::of(value)
-                        .expect("numeric")
-                        .as_f64()
-                        != 0.0
+                    crate::bson_order::Number::of(value).expect("numeric").as_f64() != 0.0
                 }
                 Bson::Document(d) if d.keys().next().is_some_and(|k| k.starts_with('$')) => {
-                    return Err(QueryError::unsupported(
-                        d.keys().next().expect("checked"),
-                        key,
-                    ));
+                    return Err(QueryError::unsupported(d.keys().next().expect("checked"), key));
                 }
                 _ => {
                     return Err(QueryError::Projection {
@@ -66,24 +60,14 @@ impl Projection {
             if key.split('.').any(|part| part == "$") || key.ends_with(".$") {
                 return Err(QueryError::unsupported("$ (positional projection)", key));
             }
-            if key
-                .split('.')
-                .any(|part| part.is_empty() || part.starts_with('$'))
-            {
-                return Err(QueryError::Projection {
-                    path: key.clone(),
-                    reason: "invalid field path".into(),
-                });
+            if key.split('.').any(|part| part.is_empty() || part.starts_with('$')) {
+                return Err(QueryError::Projection { path: key.clone(), reason: "invalid field path".into() });
             }
             if key == "_id" {
                 include_id = include;
                 continue;
             }
-            let wanted = if include {
-                Mode::Include
-            } else {
-                Mode::Exclude
-            };
+            let wanted = if include { Mode::Include } else { Mode::Exclude };
             if mode != Mode::Identity && mode != wanted {
                 return Err(QueryError::Projection {
                     path: key.clone(),
@@ -94,11 +78,7 @@ impl Projection {
             tree.insert(key)?;
         }
         if mode == Mode::Identity && spec.contains_key("_id") {
-            mode = if include_id {
-                Mode::Include
-            } else {
-                Mode::Exclude
-            };
+            mode = if include_id { Mode::Include } else { Mode::Exclude };
         }
         // `_id` follows the mode: kept by an inclusion unless `_id: 0`, dropped by an
         // exclusion only when `_id: 0`.
@@ -163,12 +143,7 @@ fn include(doc: &Document, node: &Node) -> Document {
 fn include_value(value: &Bson, node: &Node) -> Option<Bson> {
     match value {
         Bson::Document(d) => Some(Bson::Document(include(d, node))),
-        Bson::Array(items) => Some(Bson::Array(
-            items
-                .iter()
-                .filter_map(|item| include_value(item, node))
-                .collect(),
-        )),
+        Bson::Array(items) => Some(Bson::Array(items.iter().filter_map(|item| include_value(item, node)).collect())),
         _ => None,
     }
 }
@@ -192,9 +167,7 @@ fn exclude(doc: &Document, node: &Node) -> Document {
 fn exclude_value(value: &Bson, node: &Node) -> Bson {
     match value {
         Bson::Document(d) => Bson::Document(exclude(d, node)),
-        Bson::Array(items) => {
-            Bson::Array(items.iter().map(|item| exclude_value(item, node)).collect())
-        }
+        Bson::Array(items) => Bson::Array(items.iter().map(|item| exclude_value(item, node)).collect()),
         other => other.clone(),
     }
 }
@@ -212,14 +185,8 @@ mod tests {
     fn inclusion() {
         let d = doc! {"_id": 1, "a": 1, "b": {"c": 2, "d": 3}, "e": [{"c": 1, "x": 2}, 5]};
         assert_eq!(project(doc! {"a": 1}, d.clone()), doc! {"_id": 1, "a": 1});
-        assert_eq!(
-            project(doc! {"b.c": 1, "_id": 0}, d.clone()),
-            doc! {"b": {"c": 2}}
-        );
-        assert_eq!(
-            project(doc! {"e.c": 1}, d.clone()),
-            doc! {"_id": 1, "e": [{"c": 1}]}
-        );
+        assert_eq!(project(doc! {"b.c": 1, "_id": 0}, d.clone()), doc! {"b": {"c": 2}});
+        assert_eq!(project(doc! {"e.c": 1}, d.clone()), doc! {"_id": 1, "e": [{"c": 1}]});
         assert_eq!(project(doc! {"_id": 1}, d), doc! {"_id": 1});
     }
 
@@ -234,10 +201,7 @@ mod tests {
             project(doc! {"b.c": 0, "e.c": 0, "_id": 0}, d.clone()),
             doc! {"a": 1, "b": {"d": 3}, "e": [{"x": 2}, 5]}
         );
-        assert_eq!(
-            project(doc! {"_id": 0}, d),
-            doc! {"a": 1, "b": {"c": 2, "d": 3}, "e": [{"c": 1, "x": 2}, 5]}
-        );
+        assert_eq!(project(doc! {"_id": 0}, d), doc! {"a": 1, "b": {"c": 2, "d": 3}, "e": [{"c": 1, "x": 2}, 5]});
     }
 
     #[test]
@@ -245,10 +209,7 @@ mod tests {
         assert!(Projection::parse(&doc! {"a": 1, "b": 0}).is_err());
         assert!(Projection::parse(&doc! {"a": 1, "a.b": 1}).is_err());
         assert!(Projection::parse(&doc! {"a.b": 1, "a": 1}).is_err());
-        assert!(matches!(
-            Projection::parse(&doc! {"a": {"$slice": 1}}),
-            Err(QueryError::Unsupported { .. })
-        ));
+        assert!(matches!(Projection::parse(&doc! {"a": {"$slice": 1}}), Err(QueryError::Unsupported { .. })));
         assert!(Projection::parse(&doc! {"a.$": 1}).is_err());
         assert!(Projection::parse(&doc! {"a": "x"}).is_err());
         assert!(Projection::parse(&doc! {"a": 1, "b.c": 1, "b.d": 1}).is_ok());

@@ -43,20 +43,10 @@ impl Query {
     pub fn compile(spec: &QuerySpec) -> Result<Self, QueryError> {
         Ok(Query {
             filter: Filter::parse(&spec.filter)?,
-            sort: spec
-                .sort
-                .as_ref()
-                .map(SortSpec::parse)
-                .transpose()?
-                .unwrap_or_default(),
+            sort: spec.sort.as_ref().map(SortSpec::parse).transpose()?.unwrap_or_default(),
             skip: spec.skip,
             limit: spec.limit.filter(|l| *l > 0),
-            projection: spec
-                .projection
-                .as_ref()
-                .map(Projection::parse)
-                .transpose()?
-                .unwrap_or_default(),
+            projection: spec.projection.as_ref().map(Projection::parse).transpose()?.unwrap_or_default(),
         })
     }
 
@@ -69,19 +59,11 @@ impl Query {
     /// The query's result over `docs`: matching documents in result order, skipped, limited
     /// and projected. Without a sort the order is `_id` ascending.
     pub fn evaluate<'a>(&self, docs: impl IntoIterator<Item = &'a Document>) -> Vec<Document> {
-        let mut keyed: Vec<_> = docs
-            .into_iter()
-            .filter(|d| self.filter.matches(d))
-            .map(|d| (self.sort.key(d), d))
-            .collect();
+        let mut keyed: Vec<_> =
+            docs.into_iter().filter(|d| self.filter.matches(d)).map(|d| (self.sort.key(d), d)).collect();
         keyed.sort_by(|a, b| a.0.cmp(&b.0));
         let limit = self.limit.map_or(usize::MAX, |l| l as usize);
-        keyed
-            .into_iter()
-            .skip(self.skip as usize)
-            .take(limit)
-            .map(|(_, d)| self.projection.apply(d))
-            .collect()
+        keyed.into_iter().skip(self.skip as usize).take(limit).map(|(_, d)| self.projection.apply(d)).collect()
     }
 }
 
@@ -89,8 +71,6 @@ impl Query {
 pub fn parse_count(value: &Bson, name: &str) -> Result<u64, QueryError> {
     match crate::bson_order::Number::of(value) {
         Some(n) if n.as_f64() >= 0.0 && n.as_f64().fract() == 0.0 => Ok(n.as_f64() as u64),
-        _ => Err(QueryError::Json(format!(
-            "{name} must be a non-negative integer, found {value}"
-        ))),
+        _ => Err(QueryError::Json(format!("{name} must be a non-negative integer, found {value}"))),
     }
 }

@@ -25,10 +25,7 @@ impl MongoRegex {
     /// implied). `path` names the field in errors.
     pub fn new(pattern: &str, options: &str, path: &str) -> Result<Self, QueryError> {
         let mut builder = regex::RegexBuilder::new(pattern);
-        builder
-            .size_limit(SIZE_LIMIT)
-            .dfa_size_limit(SIZE_LIMIT)
-            .nest_limit(NEST_LIMIT);
+        builder.size_limit(SIZE_LIMIT).dfa_size_limit(SIZE_LIMIT).nest_limit(NEST_LIMIT);
         for flag in options.chars() {
             match flag {
                 'i' => builder.case_insensitive(true),
@@ -51,11 +48,7 @@ impl MongoRegex {
         let mut sorted: Vec<char> = options.chars().collect();
         sorted.sort_unstable();
         sorted.dedup();
-        Ok(MongoRegex {
-            pattern: pattern.to_string(),
-            options: sorted.into_iter().collect(),
-            compiled,
-        })
+        Ok(MongoRegex { pattern: pattern.to_string(), options: sorted.into_iter().collect(), compiled })
     }
 
     /// Whether the regex matches somewhere in `text`.
@@ -81,11 +74,7 @@ impl MongoRegex {
 
 fn first_line(message: &str) -> String {
     // regex errors span several lines (the pattern with a caret); keep the summary.
-    let lines: Vec<&str> = message
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
+    let lines: Vec<&str> = message.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     match lines.iter().find(|l| l.starts_with("error:")) {
         Some(l) => l.trim_start_matches("error:").trim().to_string(),
         None => lines.last().map(|s| s.to_string()).unwrap_or_default(),
@@ -102,11 +91,7 @@ mod tests {
         assert!(MongoRegex::new("^b", "m", "a").unwrap().is_match("a\nb"));
         assert!(!MongoRegex::new("^b", "", "a").unwrap().is_match("a\nb"));
         assert!(MongoRegex::new("a.b", "s", "a").unwrap().is_match("a\nb"));
-        assert!(
-            MongoRegex::new("a b # comment", "x", "a")
-                .unwrap()
-                .is_match("ab")
-        );
+        assert!(MongoRegex::new("a b # comment", "x", "a").unwrap().is_match("ab"));
         assert!(MongoRegex::new("a", "q", "f").is_err());
     }
 

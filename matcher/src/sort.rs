@@ -56,18 +56,10 @@ impl SortSpec {
                     });
                 }
             };
-            let path = FieldPath::parse(key).map_err(|e| QueryError::Sort {
-                path: key.clone(),
-                reason: e.to_string(),
-            })?;
-            if fields
-                .iter()
-                .any(|(p, _): &(FieldPath, Direction)| p == &path)
-            {
-                return Err(QueryError::Sort {
-                    path: key.clone(),
-                    reason: "field appears twice".into(),
-                });
+            let path =
+                FieldPath::parse(key).map_err(|e| QueryError::Sort { path: key.clone(), reason: e.to_string() })?;
+            if fields.iter().any(|(p, _): &(FieldPath, Direction)| p == &path) {
+                return Err(QueryError::Sort { path: key.clone(), reason: "field appears twice".into() });
             }
             fields.push((path, direction));
         }
@@ -86,15 +78,9 @@ impl SortSpec {
 
     /// The key `doc` sorts by.
     pub fn key(&self, doc: &Document) -> SortKey {
-        let parts = self
-            .fields
-            .iter()
-            .map(|(path, direction)| (field_key(path, *direction, doc), *direction))
-            .collect();
-        SortKey {
-            parts,
-            id: doc.get("_id").cloned().unwrap_or(Bson::Null),
-        }
+        let parts =
+            self.fields.iter().map(|(path, direction)| (field_key(path, *direction, doc), *direction)).collect();
+        SortKey { parts, id: doc.get("_id").cloned().unwrap_or(Bson::Null) }
     }
 
     /// Compares two documents in result order.
@@ -153,11 +139,7 @@ impl Ord for SortKey {
     fn cmp(&self, other: &Self) -> Ordering {
         for ((a, direction), (b, _)) in self.parts.iter().zip(&other.parts) {
             let ord = compare_values(a, b);
-            let ord = if *direction == Direction::Descending {
-                ord.reverse()
-            } else {
-                ord
-            };
+            let ord = if *direction == Direction::Descending { ord.reverse() } else { ord };
             if ord != Ordering::Equal {
                 return ord;
             }
@@ -180,23 +162,15 @@ mod tests {
 
     #[test]
     fn arrays_sort_by_min_ascending_and_max_descending() {
-        let docs = vec![
-            doc! {"_id": 1, "a": [1, 10]},
-            doc! {"_id": 2, "a": 5},
-            doc! {"_id": 3, "a": []},
-            doc! {"_id": 4},
-        ];
+        let docs =
+            vec![doc! {"_id": 1, "a": [1, 10]}, doc! {"_id": 2, "a": 5}, doc! {"_id": 3, "a": []}, doc! {"_id": 4}];
         assert_eq!(order(doc! {"a": 1}, docs.clone()), vec![3, 4, 1, 2]);
         assert_eq!(order(doc! {"a": -1}, docs), vec![1, 2, 4, 3]);
     }
 
     #[test]
     fn ties_break_by_id() {
-        let docs = vec![
-            doc! {"_id": 3, "a": 1},
-            doc! {"_id": 1, "a": 1},
-            doc! {"_id": 2, "a": 0},
-        ];
+        let docs = vec![doc! {"_id": 3, "a": 1}, doc! {"_id": 1, "a": 1}, doc! {"_id": 2, "a": 0}];
         assert_eq!(order(doc! {"a": -1}, docs.clone()), vec![1, 3, 2]);
         assert_eq!(order(doc! {}, docs), vec![1, 2, 3]);
     }
@@ -205,9 +179,6 @@ mod tests {
     fn bad_specs() {
         assert!(SortSpec::parse(&doc! {"a": 2}).is_err());
         assert!(SortSpec::parse(&doc! {"a": "asc"}).is_err());
-        assert!(matches!(
-            SortSpec::parse(&doc! {"a": {"$meta": "textScore"}}),
-            Err(QueryError::Unsupported { .. })
-        ));
+        assert!(matches!(SortSpec::parse(&doc! {"a": {"$meta": "textScore"}}), Err(QueryError::Unsupported { .. })));
     }
 }

@@ -71,9 +71,7 @@ pub fn to_relaxed_string(doc: &Document) -> String {
 /// Serialises a document as canonical Extended JSON: every type explicit, so two documents
 /// give the same text exactly when their types and values are identical.
 pub fn to_canonical_string(doc: &Document) -> String {
-    Bson::Document(doc.clone())
-        .into_canonical_extjson()
-        .to_string()
+    Bson::Document(doc.clone()).into_canonical_extjson().to_string()
 }
 
 fn json_type_name(json: &Value) -> &'static str {
@@ -119,31 +117,21 @@ mod tests {
         assert!(matches!(doc.get("f"), Some(Bson::Decimal128(_))));
         assert!(matches!(doc.get("g"), Some(Bson::DateTime(_))));
         assert!(matches!(doc.get("h"), Some(Bson::DateTime(d)) if d.timestamp_millis() == 0));
-        assert!(
-            matches!(doc.get("i"), Some(Bson::RegularExpression(r)) if r.pattern.as_str() == "^a")
-        );
+        assert!(matches!(doc.get("i"), Some(Bson::RegularExpression(r)) if r.pattern.as_str() == "^a"));
     }
 
     #[test]
     fn operators_stay_documents() {
-        let doc =
-            parse_document(r#"{"a": {"$regex": "x", "$options": "i"}, "b": {"$type": "string"}}"#)
-                .unwrap();
+        let doc = parse_document(r#"{"a": {"$regex": "x", "$options": "i"}, "b": {"$type": "string"}}"#).unwrap();
         assert!(matches!(doc.get("a"), Some(Bson::Document(_))));
         assert!(matches!(doc.get("b"), Some(Bson::Document(_))));
     }
 
     #[test]
     fn errors_are_clear() {
-        assert!(matches!(
-            parse_document("[1]"),
-            Err(ExtJsonError::NotADocument("an array"))
-        ));
+        assert!(matches!(parse_document("[1]"), Err(ExtJsonError::NotADocument("an array"))));
         assert!(matches!(parse_document("{"), Err(ExtJsonError::Json(_))));
-        assert!(matches!(
-            parse_document(r#"{"$oid": "zz"}"#),
-            Err(ExtJsonError::ExtJson(_))
-        ));
+        assert!(matches!(parse_document(r#"{"$oid": "zz"}"#), Err(ExtJsonError::ExtJson(_))));
         assert!(matches!(
             parse_document(r#"{"$oid": "507f1f77bcf86cd799439011"}"#),
             Err(ExtJsonError::NotADocument("an objectId"))
