@@ -21,7 +21,7 @@ use bson::Bson;
 use crate::bson_order::{Number, canonical_rank, compare_values};
 use crate::filter::Expr;
 use crate::operator::{CmpOp, OpTree, Pred};
-use crate::path::FieldPath;
+use crate::path::{FieldPath, LeafArrays};
 
 /// One end of a range.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,6 +64,45 @@ impl IndexPlan {
         collect(expr, &mut conjuncts);
         merge_ranges(&mut conjuncts);
         conjuncts.into_iter().max_by_key(IndexPlan::score).unwrap_or(IndexPlan::Scan)
+    }
+
+    /// Whether `doc` satisfies the plan, by the document-side rules in the module docs. Every
+    /// document the filter matches is admitted; an index must find at least these.
+    pub fn admits(&self, doc: &bson::Document) -> bool {
+        match self {
+            IndexPlan::Equality { path, values } => path.any(doc, LeafArrays::Expand, &mut |candidate| {
+                candidate.is_some_and(|v| values.iter().any(|x| crate::values_equal(x, v)))
+            }),
+            IndexPlan::Range { path, lower, upper } => {
+                let rank = lower.as_ref().or(upper.as_ref()).map(|b| canonical_rank(&b.value));
+                let (mut min, mut max): (Option<&Bson>, Option<&Bson>) = (None, None);
+                path.any(doc, LeafArrays::Expand, &mut |candidate| {
+                    if let Some(v) = candidate.filter(|v| Some(canonical_rank(v)) == rank) {
+                        if min.is_none_or(|m| compare_values(v, m) == Ordering::Less) {
+                            min = Some(v);
+                        }
+                        if max.is_none_or(|m| compare_values(v, m) == Ordering::Greater) {
+                            max = Some(v);
+                        }
+                    }
+                    false
+                });
+                let (Some(min), Some(max)) = (min, max) else { return false };
+                let above = |b: &Bound, v: &Bson| match compare_values(v, &b.value) {
+                    Ordering::Greater => true,
+                    Ordering::Equal => b.inclusive,
+                    Ordering::Less => false,
+                };
+                let below = |b: &Bound, v: &Bson| match compare_values(v, &b.value) {
+                    Ordering::Less => true,
+                    Ordering::Equal => b.inclusive,
+                    Ordering::Greater => false,
+                };
+                lower.as_ref().is_none_or(|b| above(b, max)) && upper.as_ref().is_none_or(|b| below(b, min))
+            }
+            IndexPlan::Union(plans) => plans.iter().any(|p| p.admits(doc)),
+            IndexPlan::Scan => true,
+        }
     }
 
     /// How selective the plan is likely to be; higher is better.
