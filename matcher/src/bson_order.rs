@@ -157,8 +157,17 @@ pub fn compare_values(a: &Bson, b: &Bson) -> Ordering {
 }
 
 /// Whether two values are equal in MongoDB's sense (`1 == 1.0`, field order matters).
+#[inline]
 pub fn values_equal(a: &Bson, b: &Bson) -> bool {
-    canonical_rank(a) == canonical_rank(b) && compare_values(a, b) == Ordering::Equal
+    // Same-type fast paths: the common case in filters, and exact.
+    match (a, b) {
+        (Bson::String(x), Bson::String(y)) => x == y,
+        (Bson::Int32(x), Bson::Int32(y)) => x == y,
+        (Bson::Int64(x), Bson::Int64(y)) => x == y,
+        (Bson::Boolean(x), Bson::Boolean(y)) => x == y,
+        (Bson::ObjectId(x), Bson::ObjectId(y)) => x == y,
+        _ => canonical_rank(a) == canonical_rank(b) && compare_values(a, b) == Ordering::Equal,
+    }
 }
 
 /// Compares documents element by element: canonical type, then field name, then value.

@@ -197,6 +197,17 @@ fn regex_matches(regex: &MongoRegex, value: &Bson) -> bool {
 /// neither above nor below any other number. A missing value counts as null.
 fn compare_matches(op: CmpOp, candidate: Option<&Bson>, rhs: &Bson) -> bool {
     let value = candidate.unwrap_or(&Bson::Null);
+    // Same-type fast paths for the common integer and string ranges; exact.
+    let fast = match (value, rhs) {
+        (Bson::Int32(x), Bson::Int32(y)) => Some(x.cmp(y)),
+        (Bson::Int64(x), Bson::Int64(y)) => Some(x.cmp(y)),
+        (Bson::String(x), Bson::String(y)) => Some(x.as_bytes().cmp(y.as_bytes())),
+        (Bson::DateTime(x), Bson::DateTime(y)) => Some(x.timestamp_millis().cmp(&y.timestamp_millis())),
+        _ => None,
+    };
+    if let Some(ord) = fast {
+        return ordering_satisfies(op, ord);
+    }
     if canonical_rank(value) != canonical_rank(rhs) {
         return match rhs {
             Bson::MinKey => matches!(op, CmpOp::Gt | CmpOp::Gte),
@@ -209,7 +220,10 @@ fn compare_matches(op: CmpOp, candidate: Option<&Bson>, rhs: &Bson) -> bool {
     if lhs_nan || rhs_nan {
         return lhs_nan && rhs_nan && matches!(op, CmpOp::Gte | CmpOp::Lte);
     }
-    let ord = compare_values(value, rhs);
+    ordering_satisfies(op, compare_values(value, rhs))
+}
+
+fn ordering_satisfies(op: CmpOp, ord: Ordering) -> bool {
     match op {
         CmpOp::Gt => ord == Ordering::Greater,
         CmpOp::Gte => ord != Ordering::Less,
