@@ -1,1 +1,13 @@
-fn main() {}
+//! The `livegrid` binary: parses the command line and runs one command.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use livegrid::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Match(args) => livegrid::commands::match_docs::run(&args),
+    }
+}

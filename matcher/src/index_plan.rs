@@ -34,6 +34,7 @@ pub struct Bound {
 
 /// Predicates every match of a filter satisfies; see the module docs.
 #[derive(Debug, Clone, PartialEq)]
+#[expect(clippy::large_enum_variant, reason = "built once per registered query, never stored in bulk")]
 pub enum IndexPlan {
     /// Some candidate at `path` equals one of `values`.
     Equality {

@@ -1,0 +1,3 @@
+//! The commands of the `livegrid` binary, one module each.
+
+pub mod match_docs;

@@ -1,0 +1,7 @@
+//! livegrid: the service around the pure core. Everything that touches the outside world
+//! lives here: the command line, sources of change events (embedded store, MongoDB, replay
+//! files), the HTTP/WebSocket server and its hub, cache invalidation and configuration.
+//! Matching logic does not: it belongs to `livegrid-matcher` and `livegrid-engine`.
+
+pub mod cli;
+pub mod commands;
