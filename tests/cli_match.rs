@@ -26,15 +26,29 @@ const DOCS: &str = r#"{"_id": 1, "name": "a", "score": 10, "tags": ["x"]}
 
 #[test]
 fn filters_in_input_order_without_sort() {
-    let (code, out, err) = run(&["--filter", r#"{"score": {"$gte": 20}}"#, "--projection", r#"{"name": 1, "_id": 0}"#], DOCS);
+    let (code, out, err) =
+        run(&["--filter", r#"{"score": {"$gte": 20}}"#, "--projection", r#"{"name": 1, "_id": 0}"#], DOCS);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, "{\"name\":\"b\"}\n{\"name\":\"c\"}\n{\"name\":\"d\"}\n");
 }
 
 #[test]
 fn sorts_skips_and_limits() {
-    let (code, out, err) =
-        run(&["--filter", "{}", "--sort", r#"{"score": -1}"#, "--skip", "1", "--limit", "2", "--projection", r#"{"score": 1}"#], DOCS);
+    let (code, out, err) = run(
+        &[
+            "--filter",
+            "{}",
+            "--sort",
+            r#"{"score": -1}"#,
+            "--skip",
+            "1",
+            "--limit",
+            "2",
+            "--projection",
+            r#"{"score": 1}"#,
+        ],
+        DOCS,
+    );
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, "{\"_id\":{\"$oid\":\"507f1f77bcf86cd799439011\"},\"score\":25.5}\n{\"_id\":3,\"score\":20}\n");
 }

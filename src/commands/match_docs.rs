@@ -44,9 +44,8 @@ pub fn run(args: &MatchArgs) -> ExitCode {
 
 /// Compiles the query given on the command line.
 pub fn compile(args: &MatchArgs) -> Result<Query, QueryError> {
-    let parse = |name: &str, text: &str| {
-        extjson::parse_document(text).map_err(|e| QueryError::Json(format!("--{name}: {e}")))
-    };
+    let parse =
+        |name: &str, text: &str| extjson::parse_document(text).map_err(|e| QueryError::Json(format!("--{name}: {e}")));
     Query::compile(&QuerySpec {
         filter: parse("filter", &args.filter)?,
         sort: args.sort.as_deref().map(|s| parse("sort", s)).transpose()?,
