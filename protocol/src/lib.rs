@@ -13,3 +13,8 @@
 #![forbid(missing_docs)]
 
 pub mod extjson;
+pub mod message;
+
+pub use message::{
+    Cause, DeltaMessage, DeltaOp, ErrorCode, ErrorMessage, Position, ResultMessage, ServerMessage, SubscriptionId,
+};

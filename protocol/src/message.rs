@@ -1,0 +1,250 @@
+//! Live-query messages: what clients send (`subscribe`, `unsubscribe`, `ping`) and what the
+//! server and engine send back (`result`, `delta`, `error`, `pong`). JSON text, one message
+//! per WebSocket frame (or per line in `livegrid replay` output), documents as relaxed
+//! Extended JSON.
+
+use bson::{Bson, Document};
+use serde::{Deserialize, Serialize};
+
+/// A subscription's id, chosen by the client and unique within its connection.
+pub type SubscriptionId = String;
+
+/// A position in the change stream; it only grows.
+pub type Position = u64;
+
+/// Messages from the server to a client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum ServerMessage {
+    /// A subscription's full result.
+    Result(ResultMessage),
+    /// One change to a subscription's result.
+    Delta(DeltaMessage),
+    /// A failed request; with `id` it concerns one subscription only.
+    Error(ErrorMessage),
+    /// The answer to a `ping`.
+    Pong,
+}
+
+/// A subscription's result, in result order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResultMessage {
+    /// The subscription.
+    pub id: SubscriptionId,
+    /// 1 for the first message of a subscription, one more per message after.
+    pub seq: u64,
+    /// The visible documents, projected, in result order.
+    #[serde(with = "relaxed_docs")]
+    pub docs: Vec<Document>,
+    /// The position the result reflects.
+    pub position: Position,
+    /// An opaque token for resuming the subscription after a dropped connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// What a delta does to the visible result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum DeltaOp {
+    /// A document enters the result at `index`.
+    Add,
+    /// A document leaves the result (from `oldIndex` in a sorted query).
+    Remove,
+    /// A document in the result changed and kept its place.
+    Change,
+    /// A document in the result changed and moved from `oldIndex` to `index`.
+    ChangeIndex,
+}
+
+/// The write that caused a delta.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Cause {
+    /// An insert.
+    Insert,
+    /// An update.
+    Update,
+    /// A replacement.
+    Replace,
+    /// A delete.
+    Delete,
+    /// No write of this document: it moved because others entered or left a sorted window.
+    None,
+}
+
+/// One change to a subscription's result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeltaMessage {
+    /// The subscription.
+    pub id: SubscriptionId,
+    /// One more than the previous message of the subscription.
+    pub seq: u64,
+    /// What happens to the document.
+    pub op: DeltaOp,
+    /// The document's `_id`.
+    #[serde(with = "relaxed_value")]
+    pub doc_id: Bson,
+    /// The document as the client sees it (projected); absent on `remove`.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "relaxed_opt_doc")]
+    pub doc: Option<Document>,
+    /// The document's position in the visible window after the delta (sorted queries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<u64>,
+    /// The document's position in the visible window before the delta (sorted queries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_index: Option<u64>,
+    /// The write that caused it.
+    pub cause: Cause,
+    /// The position of that write.
+    pub position: Position,
+}
+
+/// Error codes, stable for clients to act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The query does not parse or uses an unsupported operator.
+    BadQuery,
+    /// The message is not a valid client message.
+    BadMessage,
+    /// The connection holds as many subscriptions as it may.
+    TooManySubscriptions,
+    /// The message exceeds the size limit.
+    MessageTooLarge,
+    /// The client may not do this.
+    Unauthorized,
+    /// The subscription id is already in use on this connection.
+    DuplicateSubscription,
+    /// The snapshot a registration was read at is older than the engine's retention buffer;
+    /// read again and retry.
+    StaleSnapshot,
+    /// Something failed inside livegrid.
+    Internal,
+}
+
+/// A failed request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorMessage {
+    /// The subscription concerned, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<SubscriptionId>,
+    /// What kind of failure.
+    pub code: ErrorCode,
+    /// A human-readable description.
+    pub message: String,
+}
+
+impl ServerMessage {
+    /// The message as one line of JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("server messages always serialise")
+    }
+}
+
+mod relaxed_docs {
+    use bson::Document;
+    use serde::{Deserialize, Deserializer, Serializer, ser::SerializeSeq};
+
+    pub fn serialize<S: Serializer>(docs: &[Document], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(docs.len()))?;
+        for doc in docs {
+            seq.serialize_element(&crate::extjson::document_to_relaxed_json(doc))?;
+        }
+        seq.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Document>, D::Error> {
+        let values = Vec::<serde_json::Value>::deserialize(d)?;
+        values.into_iter().map(|v| crate::extjson::document_from_json(v).map_err(serde::de::Error::custom)).collect()
+    }
+}
+
+mod relaxed_opt_doc {
+    use bson::Document;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(doc: &Option<Document>, s: S) -> Result<S::Ok, S::Error> {
+        doc.as_ref().map(crate::extjson::document_to_relaxed_json).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Document>, D::Error> {
+        Option::<serde_json::Value>::deserialize(d)?
+            .map(|v| crate::extjson::document_from_json(v).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+pub(crate) mod relaxed_value {
+    use bson::Bson;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Bson, s: S) -> Result<S::Ok, S::Error> {
+        crate::extjson::to_relaxed_json(value).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bson, D::Error> {
+        crate::extjson::value_from_json(serde_json::Value::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::doc;
+
+    #[test]
+    fn delta_json_shape() {
+        let delta = ServerMessage::Delta(DeltaMessage {
+            id: "s1".into(),
+            seq: 2,
+            op: DeltaOp::ChangeIndex,
+            doc_id: Bson::Int32(7),
+            doc: Some(doc! {"_id": 7, "s": "x"}),
+            index: Some(0),
+            old_index: Some(3),
+            cause: Cause::Update,
+            position: 42,
+        });
+        let json = delta.to_json();
+        assert_eq!(
+            json,
+            r#"{"type":"delta","id":"s1","seq":2,"op":"changeIndex","docId":7,"doc":{"_id":7,"s":"x"},"index":0,"oldIndex":3,"cause":"update","position":42}"#
+        );
+        assert_eq!(serde_json::from_str::<ServerMessage>(&json).unwrap(), delta);
+    }
+
+    #[test]
+    fn remove_has_no_doc() {
+        let json = ServerMessage::Delta(DeltaMessage {
+            id: "s".into(),
+            seq: 3,
+            op: DeltaOp::Remove,
+            doc_id: Bson::String("a".into()),
+            doc: None,
+            index: None,
+            old_index: None,
+            cause: Cause::Delete,
+            position: 9,
+        })
+        .to_json();
+        assert_eq!(json, r#"{"type":"delta","id":"s","seq":3,"op":"remove","docId":"a","cause":"delete","position":9}"#);
+    }
+
+    #[test]
+    fn result_and_error_shapes() {
+        let result = ServerMessage::Result(ResultMessage {
+            id: "q".into(),
+            seq: 1,
+            docs: vec![doc! {"_id": 1}],
+            position: 5,
+            token: None,
+        });
+        assert_eq!(result.to_json(), r#"{"type":"result","id":"q","seq":1,"docs":[{"_id":1}],"position":5}"#);
+        let error = ServerMessage::Error(ErrorMessage { id: None, code: ErrorCode::BadMessage, message: "x".into() });
+        assert_eq!(error.to_json(), r#"{"type":"error","code":"bad_message","message":"x"}"#);
+        assert_eq!(ServerMessage::Pong.to_json(), r#"{"type":"pong"}"#);
+    }
+}
