@@ -230,7 +230,10 @@ mod tests {
             position: 9,
         })
         .to_json();
-        assert_eq!(json, r#"{"type":"delta","id":"s","seq":3,"op":"remove","docId":"a","cause":"delete","position":9}"#);
+        assert_eq!(
+            json,
+            r#"{"type":"delta","id":"s","seq":3,"op":"remove","docId":"a","cause":"delete","position":9}"#
+        );
     }
 
     #[test]
