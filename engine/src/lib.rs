@@ -1,7 +1,22 @@
-//! The matching grid of livegrid (see the crate README and `DESIGN.md`).
+//! The matching grid of livegrid (see `DESIGN.md`).
 #![forbid(missing_docs)]
 
 pub mod doc_id;
+pub mod engine;
 pub mod event;
+pub mod grid;
+pub mod matching;
+pub mod memory;
+pub mod query_index;
+pub mod records;
+pub mod retention;
+pub mod snapshot;
+pub mod subscription;
 pub mod window;
 pub mod wire;
+
+pub use engine::{ClusterConfig, Engine, EngineConfig, EngineError, EngineEvent};
+pub use event::{ChangeEvent, ChangeOp};
+pub use grid::GridShape;
+pub use query_index::QueryKey;
+pub use snapshot::{Snapshot, SnapshotError, SnapshotSource};

@@ -1,0 +1,591 @@
+//! The engine handle: starts the grid, feeds it writes and subscriptions, and turns what it
+//! emits into protocol messages.
+//!
+//! # Threads
+//! Timely workers run on their own threads. The handle's methods may be called from any
+//! thread; they hand records to worker 0 through a channel and wake it. A router thread
+//! receives what the workers deliver, names each message with its subscription's id, serves
+//! window re-reads (through the [`SnapshotSource`]) and passes everything on to
+//! [`Engine::messages`].
+//!
+//! # Consistency
+//! [`Engine::register_with_snapshot`] takes the subscription's initial result as read at
+//! position P. Writes at or below P are not applied to it again; writes after P that the grid
+//! already passed are replayed to it alone from the retention buffer; if some of them were
+//! already evicted, registration fails with [`EngineError::StaleSnapshot`] and the caller
+//! reads again ([`Engine::register`] does this itself).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use livegrid_matcher::{Query, QueryError, QuerySpec};
+use livegrid_protocol::{DeltaMessage, Position, ResultMessage, ServerMessage};
+
+use crate::doc_id::DocId;
+use crate::event::ChangeEvent;
+use crate::grid::{Command, Delivery, GridShape, WorkerSetup, run_worker};
+use crate::query_index::QueryKey;
+use crate::records::{GridInput, Registration, StageInit, StageOutput, WireQuery};
+use crate::retention::Retention;
+use crate::snapshot::{Snapshot, SnapshotError, SnapshotSource};
+use crate::wire::{WireDoc, WireEvent, WireValue};
+
+/// How the engine runs.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The grid's shape.
+    pub shape: GridShape,
+    /// This process's place in a multi-process grid; `None` for one process.
+    pub cluster: Option<ClusterConfig>,
+    /// How many recent writes the retention buffer keeps.
+    pub retention: usize,
+    /// Documents a window keeps beyond its visible end (fewer re-reads, more memory).
+    pub slack: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            shape: GridShape { query_partitions: 1, write_partitions: 1 },
+            cluster: None,
+            retention: 100_000,
+            slack: 16,
+        }
+    }
+}
+
+/// One process of a multi-process grid (timely's cluster mode).
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// This process's index, from 0.
+    pub process: usize,
+    /// `host:port` of every process, in index order.
+    pub addresses: Vec<String>,
+}
+
+/// Why the engine refused a request.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The query does not compile.
+    #[error("bad query: {0}")]
+    BadQuery(#[from] QueryError),
+    /// The snapshot is older than the retention buffer: read again.
+    #[error("snapshot at position {position} is older than the retention buffer")]
+    StaleSnapshot {
+        /// The snapshot's position.
+        position: Position,
+    },
+    /// The snapshot source failed.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// The grid could not start.
+    #[error("grid failed to start: {0}")]
+    Start(String),
+    /// The engine has shut down, or this process does not feed the grid.
+    #[error("engine is not accepting input")]
+    Closed,
+}
+
+/// What the engine tells its user.
+#[derive(Debug, Clone)]
+pub enum EngineEvent {
+    /// A message for a subscription's client.
+    Message {
+        /// The subscription.
+        key: QueryKey,
+        /// The message (`result` or `delta`).
+        message: ServerMessage,
+        /// For deltas: the time from the write entering the engine to here.
+        latency: Option<Duration>,
+    },
+    /// Every write at or below this position has been processed; all their messages came
+    /// before this event.
+    Processed(Position),
+}
+
+struct Subscribed {
+    id: Arc<str>,
+    ns: String,
+    spec: QuerySpec,
+}
+
+/// State behind the ingest lock: what was fed, in order.
+struct Ingest {
+    retention: Retention,
+    subscriptions: HashMap<QueryKey, Subscribed>,
+    next_key: QueryKey,
+    commands: Option<Sender<Command>>,
+}
+
+struct Shared {
+    shape: GridShape,
+    slack: usize,
+    ingest: Mutex<Ingest>,
+    snapshot: Arc<dyn SnapshotSource>,
+    worker0: Mutex<Option<std::thread::Thread>>,
+    processed: AtomicU64,
+    /// Feed commands sent to worker 0 (under the ingest lock).
+    sent: AtomicU64,
+    /// Feed commands fully processed, with a signal for waiters.
+    progress: (Mutex<u64>, Condvar),
+    /// Window re-reads fed so far.
+    rereads: AtomicU64,
+}
+
+impl Shared {
+    /// Sends a command to worker 0; callers hold the ingest lock, so commands keep the order
+    /// in which writes and registrations were decided.
+    fn send(&self, ingest: &Ingest, command: Command) -> Result<(), EngineError> {
+        let commands = ingest.commands.as_ref().ok_or(EngineError::Closed)?;
+        commands.send(command).map_err(|_| EngineError::Closed)?;
+        self.sent.fetch_add(1, Ordering::AcqRel);
+        self.wake();
+        Ok(())
+    }
+
+    fn wake(&self) {
+        if let Some(thread) = self.worker0.lock().expect("worker0 lock").as_ref() {
+            thread.unpark();
+        }
+    }
+}
+
+/// A running engine.
+pub struct Engine {
+    shared: Arc<Shared>,
+    events: Receiver<EngineEvent>,
+    guards: Option<timely::communication::WorkerGuards<()>>,
+    router: Option<JoinHandle<()>>,
+    feeds: bool,
+}
+
+impl Engine {
+    /// Starts the grid's workers (this process's share of them) and the router.
+    pub fn start(config: EngineConfig, snapshot: Arc<dyn SnapshotSource>) -> Result<Engine, EngineError> {
+        let workers = config.shape.workers();
+        let (communication, feeds) = match &config.cluster {
+            None => (timely::CommunicationConfig::Process(workers), true),
+            Some(cluster) => {
+                let processes = cluster.addresses.len();
+                if processes == 0 || workers % processes != 0 || cluster.process >= processes {
+                    return Err(EngineError::Start(format!(
+                        "{workers} workers cannot be split evenly over {processes} processes"
+                    )));
+                }
+                (
+                    timely::CommunicationConfig::Cluster {
+                        threads: workers / processes,
+                        process: cluster.process,
+                        addresses: cluster.addresses.clone(),
+                        report: false,
+                        zerocopy: false,
+                    },
+                    cluster.process == 0,
+                )
+            }
+        };
+        let (command_tx, command_rx) = crossbeam_channel::unbounded();
+        let (delivery_tx, delivery_rx) = crossbeam_channel::unbounded();
+        let (worker0_tx, worker0_rx) = crossbeam_channel::bounded(1);
+        let setup = Arc::new(WorkerSetup {
+            slack: config.slack,
+            clustered: config.cluster.is_some(),
+            commands: command_rx,
+            deliveries: delivery_tx,
+            worker0: worker0_tx,
+        });
+        let timely_config = timely::Config { communication, worker: timely::WorkerConfig::default() };
+        let guards =
+            timely::execute(timely_config, move |worker| run_worker(worker, &setup)).map_err(EngineError::Start)?;
+
+        let shared = Arc::new(Shared {
+            shape: config.shape,
+            slack: config.slack,
+            ingest: Mutex::new(Ingest {
+                retention: Retention::new(config.retention),
+                subscriptions: HashMap::new(),
+                next_key: 1,
+                commands: feeds.then_some(command_tx),
+            }),
+            snapshot,
+            worker0: Mutex::new(None),
+            processed: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            progress: (Mutex::new(0), Condvar::new()),
+            rereads: AtomicU64::new(0),
+        });
+        if feeds {
+            let thread = worker0_rx
+                .recv_timeout(Duration::from_secs(60))
+                .map_err(|_| EngineError::Start("worker 0 did not start".into()))?;
+            *shared.worker0.lock().expect("worker0 lock") = Some(thread);
+        }
+        let (event_tx, event_rx) = crossbeam_channel::unbounded();
+        let router_shared = shared.clone();
+        let router = std::thread::Builder::new()
+            .name("livegrid-router".into())
+            .spawn(move || route(&router_shared, &delivery_rx, &event_tx))
+            .map_err(|e| EngineError::Start(e.to_string()))?;
+        Ok(Engine { shared, events: event_rx, guards: Some(guards), router: Some(router), feeds })
+    }
+
+    /// What the engine emits, in order.
+    pub fn messages(&self) -> &Receiver<EngineEvent> {
+        &self.events
+    }
+
+    /// Whether this process feeds the grid (process 0, or the only process).
+    pub fn feeds(&self) -> bool {
+        self.feeds
+    }
+
+    /// Feeds writes, in position order. Writes at or below the last position fed are
+    /// ignored (a source may repeat itself after a restart); their count is returned.
+    pub fn submit(&self, events: impl IntoIterator<Item = ChangeEvent>) -> Result<usize, EngineError> {
+        let now = Instant::now();
+        let shape = self.shared.shape;
+        let mut ingest = self.shared.ingest.lock().expect("ingest lock");
+        let mut records = Vec::new();
+        let mut ignored = 0;
+        for event in events {
+            if event.position <= ingest.retention.last_position() && ingest.retention.last_position() != 0 {
+                ignored += 1;
+                continue;
+            }
+            let event = Arc::new(event);
+            let w = DocId(event.id.clone()).partition(shape.write_partitions);
+            let wire = WireEvent::from(event.as_ref());
+            for q in 0..shape.query_partitions {
+                records.push(GridInput::Event { target: shape.worker(q, w), event: wire.clone() });
+            }
+            ingest.retention.push(event, now);
+        }
+        let position = ingest.retention.last_position();
+        self.send(&ingest, Command::Feed(records, position))?;
+        Ok(ignored)
+    }
+
+    /// Registers a subscription, reading its initial result from the snapshot source (and
+    /// reading again if the grid has moved on past the retention buffer meanwhile).
+    pub fn register(&self, id: &str, ns: &str, spec: &QuerySpec) -> Result<QueryKey, EngineError> {
+        let query = Query::compile(spec)?;
+        let k = self.window_capacity(&query);
+        let mut attempts = 0;
+        loop {
+            let snapshot = self.shared.snapshot.read(ns, &query, k)?;
+            match self.register_compiled(id, ns, spec, &query, snapshot) {
+                Err(EngineError::StaleSnapshot { .. }) if attempts < 3 => attempts += 1,
+                other => return other,
+            }
+        }
+    }
+
+    /// How many documents a subscription's snapshot must hold: its window's capacity, or all.
+    pub fn window_capacity(&self, query: &Query) -> Option<usize> {
+        window_capacity(query, self.shared.slack)
+    }
+
+    /// Registers a subscription whose initial result the caller read (see the module docs).
+    /// For a windowed query, `snapshot` holds the first [`Engine::window_capacity`] documents
+    /// in sort order.
+    pub fn register_with_snapshot(
+        &self,
+        id: &str,
+        ns: &str,
+        spec: &QuerySpec,
+        snapshot: Snapshot,
+    ) -> Result<QueryKey, EngineError> {
+        let query = Query::compile(spec)?;
+        self.register_compiled(id, ns, spec, &query, snapshot)
+    }
+
+    fn register_compiled(
+        &self,
+        id: &str,
+        ns: &str,
+        spec: &QuerySpec,
+        query: &Query,
+        snapshot: Snapshot,
+    ) -> Result<QueryKey, EngineError> {
+        let mut ingest = self.shared.ingest.lock().expect("ingest lock");
+        let replay = ingest
+            .retention
+            .since(snapshot.position)
+            .ok_or(EngineError::StaleSnapshot { position: snapshot.position })?;
+        let key = ingest.next_key;
+        ingest.next_key += 1;
+        let records = self.registration(key, ns, spec, query, snapshot, &replay, false);
+        ingest.subscriptions.insert(key, Subscribed { id: Arc::from(id), ns: ns.to_string(), spec: spec.clone() });
+        let position = ingest.retention.last_position();
+        self.send(&ingest, Command::Feed(records, position))?;
+        Ok(key)
+    }
+
+    /// Ends a subscription; messages already under way may still arrive.
+    pub fn unregister(&self, key: QueryKey) -> Result<(), EngineError> {
+        let mut ingest = self.shared.ingest.lock().expect("ingest lock");
+        let Some(sub) = ingest.subscriptions.remove(&key) else { return Ok(()) };
+        let shape = self.shared.shape;
+        let q = query_partition(&sub.ns, &sub.spec, shape);
+        let records = (0..shape.write_partitions)
+            .map(|w| GridInput::Unregister { target: shape.worker(q, w), key, head: w == 0 })
+            .collect();
+        let position = ingest.retention.last_position();
+        self.send(&ingest, Command::Feed(records, position))
+    }
+
+    /// The last position all of whose messages have been emitted.
+    pub fn processed(&self) -> Position {
+        self.shared.processed.load(Ordering::Acquire)
+    }
+
+    /// Waits until everything fed so far (writes, registrations, re-reads) has been
+    /// processed and its messages emitted, or `timeout` passes; returns whether it was.
+    pub fn wait_processed(&self, timeout: Duration) -> bool {
+        let target = self.shared.sent.load(Ordering::Acquire);
+        let (lock, signal) = &self.shared.progress;
+        let deadline = Instant::now() + timeout;
+        let mut done = lock.lock().expect("progress lock");
+        while *done < target {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            done = signal.wait_timeout(done, left).expect("progress lock").0;
+        }
+        true
+    }
+
+    /// Like [`Engine::wait_processed`], and also waits for the window re-reads that
+    /// processing asked for: afterwards every subscription's messages are exact up to the
+    /// last position fed.
+    pub fn settle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let rereads = self.shared.rereads.load(Ordering::Acquire);
+            if !self.wait_processed(deadline.saturating_duration_since(Instant::now())) {
+                return false;
+            }
+            if self.shared.rereads.load(Ordering::Acquire) == rereads {
+                return true;
+            }
+        }
+    }
+
+    /// Stops feeding, lets the grid drain, and waits for the workers and the router.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        {
+            let mut ingest = self.shared.ingest.lock().expect("ingest lock");
+            if let Some(commands) = ingest.commands.take() {
+                let _ = commands.send(Command::Shutdown);
+            }
+        }
+        self.wake();
+        if let Some(guards) = self.guards.take() {
+            drop(guards.join());
+        }
+        if let Some(router) = self.router.take() {
+            let _ = router.join();
+        }
+    }
+
+    fn send(&self, ingest: &Ingest, command: Command) -> Result<(), EngineError> {
+        self.shared.send(ingest, command)
+    }
+
+    fn wake(&self) {
+        self.shared.wake();
+    }
+
+    /// Builds a subscription's registration records for the workers of its column.
+    #[allow(clippy::too_many_arguments)]
+    fn registration(
+        &self,
+        key: QueryKey,
+        ns: &str,
+        spec: &QuerySpec,
+        query: &Query,
+        snapshot: Snapshot,
+        replay: &[Arc<ChangeEvent>],
+        reload: bool,
+    ) -> Vec<GridInput> {
+        build_registration(self.shared.shape, key, ns, spec, query, snapshot, replay, reload)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn window_capacity(query: &Query, slack: usize) -> Option<usize> {
+    if query.sort.is_empty() && !query.is_windowed() {
+        return None;
+    }
+    query.limit.map(|l| (query.skip + l) as usize + slack)
+}
+
+/// The query partition of a subscription: identical filters share one, so that they share
+/// compiled state.
+fn query_partition(ns: &str, spec: &QuerySpec, shape: GridShape) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    ns.hash(&mut hasher);
+    livegrid_protocol::extjson::to_canonical_string(&spec.filter).hash(&mut hasher);
+    (hasher.finish() % shape.query_partitions as u64) as usize
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_registration(
+    shape: GridShape,
+    key: QueryKey,
+    ns: &str,
+    spec: &QuerySpec,
+    query: &Query,
+    snapshot: Snapshot,
+    replay: &[Arc<ChangeEvent>],
+    reload: bool,
+) -> Vec<GridInput> {
+    let q = query_partition(ns, spec, shape);
+    let wire_query = WireQuery::from_spec(spec);
+    let w_of = |id: &bson::Bson| DocId(id.clone()).partition(shape.write_partitions);
+    let mut member_ids: Vec<Vec<WireValue>> = vec![Vec::new(); shape.write_partitions];
+    let docs: Vec<WireDoc> = snapshot
+        .docs
+        .into_iter()
+        .filter(|d| query.filter.matches(d))
+        .map(|d| {
+            let id = d.get("_id").cloned().unwrap_or(bson::Bson::Null);
+            member_ids[w_of(&id)].push(WireValue(id));
+            WireDoc(Arc::new(d))
+        })
+        .collect();
+    let mut replays: Vec<Vec<WireEvent>> = vec![Vec::new(); shape.write_partitions];
+    for event in replay.iter().filter(|e| e.ns == ns) {
+        replays[w_of(&event.id)].push(WireEvent::from(event.as_ref()));
+    }
+    let mut init = Some(StageInit { position: snapshot.position, docs, complete: snapshot.complete });
+    member_ids
+        .into_iter()
+        .zip(replays)
+        .enumerate()
+        .map(|(w, (member_ids, replay))| {
+            GridInput::Register(Box::new(Registration {
+                target: shape.worker(q, w),
+                key,
+                ns: ns.to_string(),
+                query: wire_query.clone(),
+                member_ids,
+                replay,
+                init: if w == 0 { init.take() } else { None },
+                reload,
+            }))
+        })
+        .collect()
+}
+
+/// The router thread: names messages, serves window re-reads, reports progress.
+fn route(shared: &Shared, deliveries: &Receiver<Delivery>, events: &Sender<EngineEvent>) {
+    let mut names: HashMap<QueryKey, Arc<str>> = HashMap::new();
+    for delivery in deliveries {
+        match delivery {
+            Delivery::Processed { position, commands } => {
+                shared.processed.fetch_max(position, Ordering::AcqRel);
+                let (lock, signal) = &shared.progress;
+                *lock.lock().expect("progress lock") = commands;
+                signal.notify_all();
+                let _ = events.send(EngineEvent::Processed(position));
+            }
+            Delivery::Outputs(outputs) => {
+                for output in outputs {
+                    if let StageOutput::NeedsReload { key } = output {
+                        reread(shared, key);
+                        continue;
+                    }
+                    let key = match &output {
+                        StageOutput::Result { key, .. } | StageOutput::Delta { key, .. } => *key,
+                        StageOutput::NeedsReload { .. } => unreachable!("handled above"),
+                    };
+                    let name = match names.get(&key) {
+                        Some(name) => name.clone(),
+                        None => {
+                            let ingest = shared.ingest.lock().expect("ingest lock");
+                            let Some(sub) = ingest.subscriptions.get(&key) else { continue };
+                            names.insert(key, sub.id.clone());
+                            sub.id.clone()
+                        }
+                    };
+                    let (message, latency) = to_message(shared, &name, output);
+                    let _ = events.send(EngineEvent::Message { key, message, latency });
+                }
+            }
+        }
+    }
+}
+
+fn to_message(shared: &Shared, name: &str, output: StageOutput) -> (ServerMessage, Option<Duration>) {
+    match output {
+        StageOutput::Result { seq, docs, position, .. } => (
+            ServerMessage::Result(ResultMessage {
+                id: name.to_string(),
+                seq,
+                docs: docs.into_iter().map(|d| Arc::unwrap_or_clone(d.0)).collect(),
+                position,
+                token: None,
+            }),
+            None,
+        ),
+        StageOutput::Delta { seq, op, id, doc, index, old_index, cause, position, .. } => {
+            let entered = shared.ingest.lock().expect("ingest lock").retention.entered_at(position);
+            (
+                ServerMessage::Delta(DeltaMessage {
+                    id: name.to_string(),
+                    seq,
+                    op,
+                    doc_id: id.0,
+                    doc: doc.map(|d| Arc::unwrap_or_clone(d.0)),
+                    index,
+                    old_index,
+                    cause,
+                    position,
+                }),
+                entered.map(|at| at.elapsed()),
+            )
+        }
+        StageOutput::NeedsReload { .. } => unreachable!("handled by the router"),
+    }
+}
+
+/// Re-reads the top of a drained window and feeds it to the grid.
+fn reread(shared: &Shared, key: QueryKey) {
+    let (ns, spec) = {
+        let ingest = shared.ingest.lock().expect("ingest lock");
+        let Some(sub) = ingest.subscriptions.get(&key) else { return };
+        (sub.ns.clone(), sub.spec.clone())
+    };
+    let Ok(query) = Query::compile(&spec) else { return };
+    let k = window_capacity(&query, shared.slack);
+    for _attempt in 0..5 {
+        let Ok(snapshot) = shared.snapshot.read(&ns, &query, k) else { continue };
+        let ingest = shared.ingest.lock().expect("ingest lock");
+        if !ingest.subscriptions.contains_key(&key) {
+            return;
+        }
+        let Some(replay) = ingest.retention.since(snapshot.position) else { continue };
+        let records = build_registration(shared.shape, key, &ns, &spec, &query, snapshot, &replay, true);
+        let position = ingest.retention.last_position();
+        if shared.send(&ingest, Command::Feed(records, position)).is_ok() {
+            shared.rereads.fetch_add(1, Ordering::AcqRel);
+        }
+        return;
+    }
+}

@@ -1,0 +1,236 @@
+//! The grid's dataflow: what every timely worker builds once, and the ingest loop of worker 0.
+//!
+//! Worker i of a Q × W grid is (q, w) = (i / W, i % W). Records enter at worker 0, already
+//! addressed to their worker (a write once per worker of its row, a registration once per
+//! worker of its column), and move on exchange channels:
+//!
+//! ```text
+//! input (worker 0) ─exchange by target─▶ matching ─exchange by subscription─▶ subscriptions ─▶ deliver
+//! ```
+//!
+//! Timestamps are coarse: worker 0 puts everything it finds in its command channel under one
+//! epoch, then advances. The subscription stage waits for an epoch to complete before it
+//! orders that epoch's transitions by position. Worker 0 watches a probe after the deliver
+//! stage and reports, per completed epoch, the last position fed in it.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use livegrid_protocol::Position;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::vec::Input;
+use timely::dataflow::operators::{Capability, Probe};
+use timely::dataflow::{InputHandleVec, ProbeHandle};
+
+use crate::matching::Matching;
+use crate::records::{GridInput, StageInput, StageOutput};
+use crate::subscription::Subscriptions;
+
+/// The shape of the grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GridShape {
+    /// Query partitions (Q).
+    pub query_partitions: usize,
+    /// Write partitions (W).
+    pub write_partitions: usize,
+}
+
+impl GridShape {
+    /// Workers in the grid, Q × W.
+    pub fn workers(&self) -> usize {
+        self.query_partitions * self.write_partitions
+    }
+
+    /// The worker of query partition `q` and write partition `w`.
+    pub fn worker(&self, q: usize, w: usize) -> u32 {
+        (q * self.write_partitions + w) as u32
+    }
+}
+
+impl std::str::FromStr for GridShape {
+    type Err = String;
+
+    /// Parses `QxW`, such as `2x1`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (q, w) = s.split_once(['x', 'X']).ok_or_else(|| format!("grid must look like QxW, found {s:?}"))?;
+        let parse = |v: &str| v.trim().parse::<usize>().ok().filter(|n| *n > 0);
+        match (parse(q), parse(w)) {
+            (Some(q), Some(w)) => Ok(GridShape { query_partitions: q, write_partitions: w }),
+            _ => Err(format!("grid partitions must be positive integers, found {s:?}")),
+        }
+    }
+}
+
+/// What the engine sends worker 0.
+pub(crate) enum Command {
+    /// Records to feed, and the last write position among everything fed so far.
+    Feed(Vec<GridInput>, Position),
+    /// Close the input: the grid drains and the workers exit.
+    Shutdown,
+}
+
+/// What the workers send the engine.
+pub(crate) enum Delivery {
+    /// Messages and re-read requests of subscriptions.
+    Outputs(Vec<StageOutput>),
+    /// The first `commands` feed commands, and every write at or below `position`, have been
+    /// fully processed.
+    Processed {
+        /// The last write position among them.
+        position: Position,
+        /// How many feed commands.
+        commands: u64,
+    },
+}
+
+/// Per-worker settings.
+pub(crate) struct WorkerSetup {
+    pub slack: usize,
+    /// Whether the grid spans several processes (outputs then gather at worker 0).
+    pub clustered: bool,
+    pub commands: Receiver<Command>,
+    pub deliveries: Sender<Delivery>,
+    pub worker0: Sender<std::thread::Thread>,
+}
+
+/// Builds the dataflow on one worker and, on worker 0, runs the ingest loop.
+pub(crate) fn run_worker(worker: &mut timely::worker::Worker, setup: &WorkerSetup) {
+    let index = worker.index();
+    let mut input = InputHandleVec::<u64, GridInput>::new();
+    let probe = ProbeHandle::new();
+    let slack = setup.slack;
+    let deliveries = setup.deliveries.clone();
+    let sink_route = if setup.clustered { 0 } else { index as u64 };
+
+    worker.dataflow::<u64, _, _>(|scope| {
+        let transitions = scope.input_from(&mut input).unary(
+            Exchange::new(|r: &GridInput| u64::from(r.target())),
+            "Matching",
+            |_capability, _info| {
+                let mut matching = Matching::default();
+                let mut produced = Vec::new();
+                move |input, output| {
+                    input.for_each_stamp(|capability, data| {
+                        let mut session = output.session(&capability);
+                        for record in data.flat_map(|d| d.drain(..)) {
+                            matching.handle(record, &mut produced);
+                            session.give_iterator(produced.drain(..));
+                        }
+                    });
+                }
+            },
+        );
+        let outputs = transitions.unary_frontier(
+            Exchange::new(|r: &StageInput| r.key()),
+            "Subscriptions",
+            move |_capability, _info| {
+                let mut stash: BTreeMap<u64, (Capability<u64>, Vec<StageInput>)> = BTreeMap::new();
+                let mut subscriptions = Subscriptions::new(slack);
+                move |(input, frontier), output| {
+                    input.for_each_stamp(|capability, data| {
+                        // Messages under an empty stamp claim no time; there are none here.
+                        let Some(&time) = capability.least() else { return };
+                        let entry = stash.entry(time).or_insert_with(|| {
+                            (capability.retain_least(output.output_index()).expect("non-empty stamp"), Vec::new())
+                        });
+                        entry.1.extend(data.flat_map(|d| d.drain(..)));
+                    });
+                    while let Some((&time, _)) = stash.first_key_value() {
+                        if frontier.frontier().less_equal(&time) {
+                            break;
+                        }
+                        let (capability, inputs) = stash.remove(&time).expect("present");
+                        let mut produced = Vec::new();
+                        subscriptions.apply(inputs, &mut produced);
+                        output.session(&capability).give_iterator(produced.into_iter());
+                    }
+                }
+            },
+        );
+        outputs
+            .unary::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
+                Exchange::new(move |_: &StageOutput| sink_route),
+                "Deliver",
+                move |_capability, _info| {
+                    move |input, _output| {
+                        input.for_each(|_, data| {
+                            // The engine may be gone at shutdown; nothing is waiting then.
+                            let _ = deliveries.send(Delivery::Outputs(std::mem::take(data)));
+                        });
+                    }
+                },
+            )
+            .probe_with(&probe);
+    });
+
+    if index != 0 {
+        // Only worker 0 feeds the grid; the others close their inputs and just work.
+        drop(input);
+        return;
+    }
+    let _ = setup.worker0.send(std::thread::current());
+    let mut epoch = 0u64;
+    let mut fed: Position = 0;
+    let mut commands: u64 = 0;
+    let mut pending: VecDeque<(u64, Position, u64)> = VecDeque::new();
+    loop {
+        let mut advanced = false;
+        let mut shutdown = false;
+        loop {
+            match setup.commands.try_recv() {
+                Ok(Command::Feed(records, position)) => {
+                    for record in records {
+                        input.send(record);
+                    }
+                    fed = fed.max(position);
+                    commands += 1;
+                    advanced = true;
+                }
+                Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => {
+                    shutdown = true;
+                    break;
+                }
+                Err(TryRecvError::Empty) => break,
+            }
+        }
+        if advanced {
+            pending.push_back((epoch, fed, commands));
+            epoch += 1;
+            input.advance_to(epoch);
+        }
+        if shutdown {
+            break;
+        }
+        worker.step_or_park(Some(if pending.is_empty() {
+            Duration::from_millis(20)
+        } else {
+            Duration::from_micros(200)
+        }));
+        report_progress(&probe, &mut pending, &setup.deliveries);
+    }
+    drop(input);
+    while worker.step_or_park(Some(Duration::from_millis(1))) {
+        report_progress(&probe, &mut pending, &setup.deliveries);
+    }
+    report_progress(&probe, &mut pending, &setup.deliveries);
+}
+
+fn report_progress(
+    probe: &ProbeHandle<u64>,
+    pending: &mut VecDeque<(u64, Position, u64)>,
+    deliveries: &Sender<Delivery>,
+) {
+    let mut done = None;
+    while let Some(&(epoch, position, commands)) = pending.front() {
+        if probe.less_equal(&epoch) {
+            break;
+        }
+        done = Some(Delivery::Processed { position, commands });
+        pending.pop_front();
+    }
+    if let Some(delivery) = done {
+        let _ = deliveries.send(delivery);
+    }
+}

@@ -1,0 +1,323 @@
+//! The query index of one grid worker: finds the queries a written document may match
+//! without evaluating every query.
+//!
+//! Queries are filed under their [`IndexPlan`]: equality plans in a hash table per path
+//! (value hash → queries), range plans in sorted lists per path and BSON type, and queries
+//! with no usable predicate in a scan list. For a document, the index returns the *candidate*
+//! queries: those whose plan the document meets, plus every scan query. Candidates are then
+//! evaluated in full; the index only has to never miss a match (see `IndexPlan::admits`).
+
+use std::cmp::Ordering;
+use std::collections::{HashMap, HashSet};
+
+use bson::{Bson, Document};
+use livegrid_matcher::bson_order::canonical_rank;
+use livegrid_matcher::{Bound, FieldPath, IndexPlan, LeafArrays, compare_values, value_hash};
+
+/// A registered query, as the index knows it.
+pub type QueryKey = u64;
+
+/// The index of the queries of one worker, by namespace.
+#[derive(Default)]
+pub struct QueryIndex {
+    namespaces: HashMap<String, NamespaceIndex>,
+}
+
+#[derive(Default)]
+struct NamespaceIndex {
+    equality: HashMap<FieldPath, HashMap<u64, Vec<QueryKey>>>,
+    ranges: HashMap<(FieldPath, u8), RangeList>,
+    scan: HashSet<QueryKey>,
+}
+
+impl QueryIndex {
+    /// Files `query` of namespace `ns` under `plan`.
+    pub fn insert(&mut self, ns: &str, query: QueryKey, plan: &IndexPlan) {
+        let index = self.namespaces.entry(ns.to_string()).or_default();
+        index.insert(query, plan);
+    }
+
+    /// Removes `query` filed under `plan` (the same plan it was inserted with).
+    pub fn remove(&mut self, ns: &str, query: QueryKey, plan: &IndexPlan) {
+        if let Some(index) = self.namespaces.get_mut(ns) {
+            index.remove(query, plan);
+            if index.is_empty() {
+                self.namespaces.remove(ns);
+            }
+        }
+    }
+
+    /// Appends to `out` the queries `doc` may match (with repeats; callers deduplicate).
+    pub fn candidates(&mut self, ns: &str, doc: &Document, out: &mut Vec<QueryKey>) {
+        let Some(index) = self.namespaces.get_mut(ns) else { return };
+        for (path, buckets) in &index.equality {
+            path.any(doc, LeafArrays::Expand, &mut |candidate| {
+                if let Some(queries) = candidate.and_then(|v| buckets.get(&value_hash(v))) {
+                    out.extend_from_slice(queries);
+                }
+                false
+            });
+        }
+        for ((path, rank), list) in &mut index.ranges {
+            let (mut min, mut max): (Option<&Bson>, Option<&Bson>) = (None, None);
+            path.any(doc, LeafArrays::Expand, &mut |candidate| {
+                if let Some(v) = candidate.filter(|v| canonical_rank(v) == *rank) {
+                    if min.is_none_or(|m| compare_values(v, m) == Ordering::Less) {
+                        min = Some(v);
+                    }
+                    if max.is_none_or(|m| compare_values(v, m) == Ordering::Greater) {
+                        max = Some(v);
+                    }
+                }
+                false
+            });
+            if let (Some(min), Some(max)) = (min, max) {
+                list.candidates(min, max, out);
+            }
+        }
+        out.extend(index.scan.iter().copied());
+    }
+}
+
+impl NamespaceIndex {
+    fn insert(&mut self, query: QueryKey, plan: &IndexPlan) {
+        match plan {
+            IndexPlan::Equality { path, values } => {
+                let buckets = self.equality.entry(path.clone()).or_default();
+                let mut hashes: Vec<u64> = values.iter().map(value_hash).collect();
+                hashes.sort_unstable();
+                hashes.dedup();
+                for hash in hashes {
+                    buckets.entry(hash).or_default().push(query);
+                }
+            }
+            IndexPlan::Range { path, lower, upper } => {
+                let rank = canonical_rank(&lower.as_ref().or(upper.as_ref()).expect("a range has a bound").value);
+                self.ranges.entry((path.clone(), rank)).or_default().insert(query, lower.clone(), upper.clone());
+            }
+            IndexPlan::Union(plans) => plans.iter().for_each(|p| self.insert(query, p)),
+            IndexPlan::Scan => {
+                self.scan.insert(query);
+            }
+        }
+    }
+
+    fn remove(&mut self, query: QueryKey, plan: &IndexPlan) {
+        match plan {
+            IndexPlan::Equality { path, values } => {
+                if let Some(buckets) = self.equality.get_mut(path) {
+                    for value in values {
+                        let hash = value_hash(value);
+                        if let Some(queries) = buckets.get_mut(&hash) {
+                            queries.retain(|q| *q != query);
+                            if queries.is_empty() {
+                                buckets.remove(&hash);
+                            }
+                        }
+                    }
+                    if buckets.is_empty() {
+                        self.equality.remove(path);
+                    }
+                }
+            }
+            IndexPlan::Range { path, lower, upper } => {
+                let rank = canonical_rank(&lower.as_ref().or(upper.as_ref()).expect("a range has a bound").value);
+                if let Some(list) = self.ranges.get_mut(&(path.clone(), rank)) {
+                    list.remove(query);
+                    if list.is_empty() {
+                        self.ranges.remove(&(path.clone(), rank));
+                    }
+                }
+            }
+            IndexPlan::Union(plans) => plans.iter().for_each(|p| self.remove(query, p)),
+            IndexPlan::Scan => {
+                self.scan.remove(&query);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.equality.is_empty() && self.ranges.is_empty() && self.scan.is_empty()
+    }
+}
+
+/// Range plans on one path and type: lower-only ranges sorted by lower bound, upper-only
+/// ranges sorted by upper bound, two-sided ranges sorted by lower bound in blocks that know
+/// their largest upper bound. New ranges wait in a short unsorted list until it is worth
+/// re-sorting; removed ones are skipped until then.
+#[derive(Default)]
+struct RangeList {
+    lower_only: Vec<(Bson, QueryKey)>,
+    upper_only: Vec<(Bson, QueryKey)>,
+    both: Vec<(Bson, Bson, QueryKey)>,
+    /// The largest upper bound of each block of `BLOCK` entries of `both`.
+    block_max: Vec<Bson>,
+    pending: Vec<(Option<Bound>, Option<Bound>, QueryKey)>,
+    removed: HashSet<QueryKey>,
+    len: usize,
+}
+
+const BLOCK: usize = 32;
+
+impl RangeList {
+    fn insert(&mut self, query: QueryKey, lower: Option<Bound>, upper: Option<Bound>) {
+        self.removed.remove(&query);
+        self.pending.push((lower, upper, query));
+        self.len += 1;
+    }
+
+    fn remove(&mut self, query: QueryKey) {
+        self.removed.insert(query);
+        self.len = self.len.saturating_sub(1);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn sorted_len(&self) -> usize {
+        self.lower_only.len() + self.upper_only.len() + self.both.len()
+    }
+
+    /// Folds pending ranges and removals into the sorted lists.
+    fn rebuild(&mut self) {
+        let removed = std::mem::take(&mut self.removed);
+        let keep = |q: &QueryKey| !removed.contains(q);
+        self.lower_only.retain(|(_, q)| keep(q));
+        self.upper_only.retain(|(_, q)| keep(q));
+        self.both.retain(|(_, _, q)| keep(q));
+        for (lower, upper, query) in self.pending.drain(..) {
+            if !keep(&query) {
+                continue;
+            }
+            match (lower, upper) {
+                (Some(l), Some(u)) => self.both.push((l.value, u.value, query)),
+                (Some(l), None) => self.lower_only.push((l.value, query)),
+                (None, Some(u)) => self.upper_only.push((u.value, query)),
+                (None, None) => unreachable!("a range has a bound"),
+            }
+        }
+        self.lower_only.sort_by(|a, b| compare_values(&a.0, &b.0));
+        self.upper_only.sort_by(|a, b| compare_values(&a.0, &b.0));
+        self.both.sort_by(|a, b| compare_values(&a.0, &b.0));
+        self.block_max = self
+            .both
+            .chunks(BLOCK)
+            .map(|chunk| {
+                chunk.iter().map(|e| &e.1).max_by(|a, b| compare_values(a, b)).expect("non-empty chunk").clone()
+            })
+            .collect();
+    }
+
+    /// Ranges that values spanning `[min, max]` may meet (inclusive bounds are assumed, so
+    /// candidates are a superset).
+    fn candidates(&mut self, min: &Bson, max: &Bson, out: &mut Vec<QueryKey>) {
+        if self.pending.len() + self.removed.len() > 16 + self.sorted_len() / 8 {
+            self.rebuild();
+        }
+        let le = |bound: &Bson, v: &Bson| compare_values(bound, v) != Ordering::Greater;
+        let end = self.lower_only.partition_point(|(l, _)| le(l, max));
+        out.extend(self.lower_only[..end].iter().map(|(_, q)| *q).filter(|q| !self.removed.contains(q)));
+        let start = self.upper_only.partition_point(|(u, _)| compare_values(u, min) == Ordering::Less);
+        out.extend(self.upper_only[start..].iter().map(|(_, q)| *q).filter(|q| !self.removed.contains(q)));
+        let end = self.both.partition_point(|(l, _, _)| le(l, max));
+        for (block, block_max) in self.block_max.iter().enumerate() {
+            let from = block * BLOCK;
+            if from >= end {
+                break;
+            }
+            if compare_values(block_max, min) == Ordering::Less {
+                continue;
+            }
+            for (_, upper, q) in &self.both[from..(from + BLOCK).min(end)] {
+                if compare_values(upper, min) != Ordering::Less && !self.removed.contains(q) {
+                    out.push(*q);
+                }
+            }
+        }
+        for (lower, upper, q) in &self.pending {
+            let above = lower.as_ref().is_none_or(|l| le(&l.value, max));
+            let below = upper.as_ref().is_none_or(|u| compare_values(&u.value, min) != Ordering::Less);
+            if above && below && !self.removed.contains(q) {
+                out.push(*q);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::doc;
+    use livegrid_matcher::Filter;
+    use proptest::prelude::*;
+
+    fn scalar() -> impl Strategy<Value = Bson> {
+        prop_oneof![
+            (-5i32..5).prop_map(Bson::Int32),
+            (-5i32..5).prop_map(|i| Bson::Double(f64::from(i) + 0.5)),
+            prop_oneof![Just("a"), Just("b"), Just("c")].prop_map(|s| Bson::String(s.into()))
+        ]
+    }
+
+    fn filter() -> impl Strategy<Value = Document> {
+        let op = prop_oneof![Just("$gt"), Just("$gte"), Just("$lt"), Just("$lte")];
+        let leaf = prop_oneof![
+            (prop_oneof![Just("a"), Just("b")], scalar()).prop_map(|(f, v)| doc! {f: v}),
+            (prop_oneof![Just("a"), Just("b")], op.clone(), scalar()).prop_map(|(f, o, v)| doc! {f: {o: v}}),
+            (op.clone(), scalar(), op, scalar()).prop_map(|(o1, v1, o2, v2)| doc! {"a": {o1: v1, o2: v2}}),
+            (prop::collection::vec(scalar(), 1..3)).prop_map(|vs| doc! {"b": {"$in": vs}}),
+            Just(doc! {"a": {"$exists": true}}),
+        ];
+        prop_oneof![leaf.clone(), prop::collection::vec(leaf, 1..3).prop_map(|fs| doc! {"$or": fs})]
+    }
+
+    fn document() -> impl Strategy<Value = Document> {
+        (
+            prop::option::of(scalar()),
+            prop::option::of(prop_oneof![scalar(), prop::collection::vec(scalar(), 0..3).prop_map(Bson::Array)]),
+        )
+            .prop_map(|(a, b)| {
+                let mut d = doc! {"_id": 1};
+                if let Some(a) = a {
+                    d.insert("a", a);
+                }
+                if let Some(b) = b {
+                    d.insert("b", b);
+                }
+                d
+            })
+    }
+
+    proptest! {
+        /// The index never misses a query that matches, with insertions and removals mixed.
+        #[test]
+        fn candidates_include_every_match(filters in prop::collection::vec(filter(), 1..60), removed in prop::collection::vec(any::<bool>(), 60), docs in prop::collection::vec(document(), 1..10)) {
+            let compiled: Vec<Filter> = filters.iter().map(|f| Filter::parse(f).unwrap()).collect();
+            let mut index = QueryIndex::default();
+            for (i, f) in compiled.iter().enumerate() {
+                index.insert("db.c", i as u64, &f.index_plan());
+            }
+            for (i, f) in compiled.iter().enumerate() {
+                if removed[i] {
+                    index.remove("db.c", i as u64, &f.index_plan());
+                }
+            }
+            for d in &docs {
+                let mut out = Vec::new();
+                index.candidates("db.c", d, &mut out);
+                for (i, f) in compiled.iter().enumerate() {
+                    if !removed[i] && f.matches(d) {
+                        prop_assert!(out.contains(&(i as u64)), "query {:?} matches {:?} but is not a candidate", filters[i], d);
+                    }
+                    if removed[i] {
+                        prop_assert!(!out.contains(&(i as u64)), "removed query {} is a candidate", i);
+                    }
+                }
+                let mut other = Vec::new();
+                index.candidates("db.other", d, &mut other);
+                prop_assert!(other.is_empty());
+            }
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! The records that flow through the grid's dataflow, stage to stage.
+//!
+//! ```text
+//! ingest ──GridInput──▶ matching (worker (q, w)) ──StageInput──▶ subscriptions (worker key % peers) ──StageOutput──▶ engine
+//! ```
+
+use bson::Document;
+use livegrid_matcher::QuerySpec;
+use livegrid_protocol::{Cause, DeltaOp, Position};
+use serde::{Deserialize, Serialize};
+
+use crate::query_index::QueryKey;
+use crate::wire::{WireDoc, WireEvent, WireValue};
+
+/// A query as it travels: its parts as BSON documents.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireQuery {
+    /// The filter.
+    pub filter: WireDoc,
+    /// The sort, if any.
+    pub sort: Option<WireDoc>,
+    /// Documents to skip.
+    pub skip: u64,
+    /// Documents to show at most.
+    pub limit: Option<u64>,
+    /// The projection, if any.
+    pub projection: Option<WireDoc>,
+}
+
+impl WireQuery {
+    /// The query's parts.
+    pub fn from_spec(spec: &QuerySpec) -> Self {
+        let wrap = |d: &Document| WireDoc(std::sync::Arc::new(d.clone()));
+        WireQuery {
+            filter: wrap(&spec.filter),
+            sort: spec.sort.as_ref().map(wrap),
+            skip: spec.skip,
+            limit: spec.limit,
+            projection: spec.projection.as_ref().map(wrap),
+        }
+    }
+
+    /// Back to a specification to compile.
+    pub fn to_spec(&self) -> QuerySpec {
+        QuerySpec {
+            filter: (*self.filter.0).clone(),
+            sort: self.sort.as_ref().map(|d| (*d.0).clone()),
+            skip: self.skip,
+            limit: self.limit,
+            projection: self.projection.as_ref().map(|d| (*d.0).clone()),
+        }
+    }
+}
+
+/// What the ingest sends into the grid, addressed to one worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum GridInput {
+    /// A write, for every worker of its write partition's row.
+    Event {
+        /// The receiving worker.
+        target: u32,
+        /// The write.
+        event: WireEvent,
+    },
+    /// A subscription (or a re-read of its window), for every worker of its query partition's
+    /// column.
+    Register(Box<Registration>),
+    /// The end of a subscription, for every worker of its column.
+    Unregister {
+        /// The receiving worker.
+        target: u32,
+        /// The subscription.
+        key: QueryKey,
+        /// Whether this worker tells the subscription stage (one per column does).
+        head: bool,
+    },
+}
+
+impl GridInput {
+    /// The worker the record is for.
+    pub fn target(&self) -> u32 {
+        match self {
+            GridInput::Event { target, .. } | GridInput::Unregister { target, .. } => *target,
+            GridInput::Register(r) => r.target,
+        }
+    }
+}
+
+/// A subscription's registration (or window re-read) at one worker of its column.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Registration {
+    /// The receiving worker.
+    pub target: u32,
+    /// The subscription.
+    pub key: QueryKey,
+    /// Its namespace.
+    pub ns: String,
+    /// Its query.
+    pub query: WireQuery,
+    /// Ids of the snapshot's documents that belong to this worker's write partition.
+    pub member_ids: Vec<WireValue>,
+    /// Writes of this worker's partition after the snapshot that the grid already passed.
+    pub replay: Vec<WireEvent>,
+    /// For one worker of the column: the snapshot, passed on to the subscription stage.
+    pub init: Option<StageInit>,
+    /// Whether this re-reads an existing subscription's window.
+    pub reload: bool,
+}
+
+/// A snapshot for the subscription stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageInit {
+    /// The position the snapshot was read at.
+    pub position: Position,
+    /// The documents (not projected).
+    pub docs: Vec<WireDoc>,
+    /// Whether they are the whole result.
+    pub complete: bool,
+}
+
+/// What the matching stage sends to the subscription stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum StageInput {
+    /// A subscription starts (or its window is re-read).
+    Init {
+        /// The subscription.
+        key: QueryKey,
+        /// Its query.
+        query: WireQuery,
+        /// The snapshot.
+        init: StageInit,
+        /// Whether this re-reads a window.
+        reload: bool,
+    },
+    /// A document now matches the subscription's filter, or no longer does.
+    Transition {
+        /// The subscription.
+        key: QueryKey,
+        /// The write's position.
+        position: Position,
+        /// The write's kind.
+        cause: Cause,
+        /// The document id.
+        id: WireValue,
+        /// The document when it matches; `None` when it stopped matching.
+        doc: Option<WireDoc>,
+    },
+    /// The subscription ended.
+    Drop {
+        /// The subscription.
+        key: QueryKey,
+    },
+}
+
+impl StageInput {
+    /// The subscription concerned.
+    pub fn key(&self) -> QueryKey {
+        match self {
+            StageInput::Init { key, .. } | StageInput::Transition { key, .. } | StageInput::Drop { key } => *key,
+        }
+    }
+
+    /// Order inside one timestamp: by position, snapshots before writes at the same position,
+    /// drops last.
+    pub fn order(&self) -> (Position, u8) {
+        match self {
+            StageInput::Init { init, .. } => (init.position, 0),
+            StageInput::Transition { position, .. } => (*position, 1),
+            StageInput::Drop { .. } => (Position::MAX, 2),
+        }
+    }
+}
+
+/// What the subscription stage emits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum StageOutput {
+    /// The initial result of a subscription.
+    Result {
+        /// The subscription.
+        key: QueryKey,
+        /// Always 1.
+        seq: u64,
+        /// The visible documents, projected, in result order.
+        docs: Vec<WireDoc>,
+        /// The snapshot position.
+        position: Position,
+    },
+    /// A change to the result.
+    Delta {
+        /// The subscription.
+        key: QueryKey,
+        /// The message number.
+        seq: u64,
+        /// What happens.
+        op: DeltaOp,
+        /// The document id.
+        id: WireValue,
+        /// The projected document, absent on remove.
+        doc: Option<WireDoc>,
+        /// Position in the window after the operation.
+        index: Option<u64>,
+        /// Position in the window before the operation.
+        old_index: Option<u64>,
+        /// The write behind it.
+        cause: Cause,
+        /// That write's position.
+        position: Position,
+    },
+    /// The window of a subscription drained: read its top documents again.
+    NeedsReload {
+        /// The subscription.
+        key: QueryKey,
+    },
+}

@@ -1,0 +1,31 @@
+//! Snapshot reads: the engine's only way back to the data, implemented by whoever owns it
+//! (the embedded store, MongoDB, the replay harness).
+
+use bson::Document;
+use livegrid_matcher::Query;
+use livegrid_protocol::Position;
+
+/// A consistent read of a query's result.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Matching documents, whole (not projected). For a windowed query, the first `k` in
+    /// sort order; otherwise all of them, in any order.
+    pub docs: Vec<Document>,
+    /// The position the read reflects: every write at or below it and none above.
+    pub position: Position,
+    /// Whether `docs` holds every matching document.
+    pub complete: bool,
+}
+
+/// A snapshot read failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("snapshot read failed: {0}")]
+pub struct SnapshotError(pub String);
+
+/// Reads query results at a known position.
+pub trait SnapshotSource: Send + Sync {
+    /// Reads the result of `query` in namespace `ns`: with `k`, the first `k` matching
+    /// documents in the query's sort order (ignoring its skip, limit and projection);
+    /// without, every matching document.
+    fn read(&self, ns: &str, query: &Query, k: Option<usize>) -> Result<Snapshot, SnapshotError>;
+}

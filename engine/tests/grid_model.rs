@@ -1,0 +1,354 @@
+//! Model-based tests of the grid: random write streams and random queries registered
+//! mid-stream; at checkpoints, every subscription's messages applied to its initial result
+//! must equal the query evaluated from scratch on the database state, on grids 1x1, 2x1,
+//! 1x2, 2x2 and on a two-process grid.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bson::{Bson, Document, doc};
+use livegrid_engine::memory::{MemoryState, SharedMemory};
+use livegrid_engine::{ChangeEvent, ChangeOp, ClusterConfig, Engine, EngineConfig, EngineEvent, GridShape, QueryKey};
+use livegrid_matcher::{Query, QuerySpec};
+use livegrid_protocol::{DeltaOp, ServerMessage};
+
+/// xorshift64*: deterministic, so a failing seed can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+fn random_doc(rng: &mut Rng, id: i32) -> Document {
+    let mut d = doc! {"_id": id};
+    if rng.chance(90) {
+        d.insert("a", rng.below(5) as i32);
+    }
+    if rng.chance(85) {
+        d.insert("b", *rng.pick(&["x", "y", "z"]));
+    }
+    d.insert(
+        "n",
+        if rng.chance(10) { Bson::Double(rng.below(20) as f64 + 0.5) } else { Bson::Int32(rng.below(20) as i32) },
+    );
+    if rng.chance(70) {
+        let tags: Vec<Bson> = (0..rng.below(4)).map(|_| Bson::Int32(rng.below(4) as i32)).collect();
+        d.insert("tags", tags);
+    }
+    if rng.chance(60) {
+        d.insert("o", doc! {"p": rng.below(3) as i32});
+    }
+    d
+}
+
+fn random_leaf(rng: &mut Rng) -> Document {
+    match rng.below(9) {
+        0 => doc! {"a": rng.below(5) as i32},
+        1 => doc! {"a": {"$gte": rng.below(5) as i32}},
+        2 => doc! {"n": {"$lt": rng.below(20) as i32}},
+        3 => doc! {"n": {"$gt": rng.below(10) as i32, "$lte": 10 + rng.below(10) as i32}},
+        4 => doc! {"b": {"$in": ["x", *rng.pick(&["y", "z"])]}},
+        5 => doc! {"tags": rng.below(4) as i32},
+        6 => doc! {"o.p": rng.below(3) as i32},
+        7 => doc! {"b": {"$ne": "x"}},
+        _ => doc! {},
+    }
+}
+
+fn random_query(rng: &mut Rng) -> QuerySpec {
+    let mut filter = random_leaf(rng);
+    if rng.chance(30) {
+        filter = doc! {"$or": [random_leaf(rng), random_leaf(rng)]};
+    } else if rng.chance(30) {
+        let extra = random_leaf(rng);
+        for (k, v) in extra {
+            if !filter.contains_key(&k) {
+                filter.insert(k, v);
+            }
+        }
+    }
+    let sorts = [None, Some(doc! {"n": 1}), Some(doc! {"n": -1, "a": 1}), Some(doc! {"b": 1}), Some(doc! {"tags": -1})];
+    let sort = rng.pick(&sorts).clone();
+    let windowed = sort.is_some() || rng.chance(20);
+    let skip = if windowed && rng.chance(40) { rng.below(3) } else { 0 };
+    let limit = if windowed && rng.chance(80) { Some(1 + rng.below(4)) } else { None };
+    let projections = [None, None, Some(doc! {"n": 1, "b": 1}), Some(doc! {"tags": 0})];
+    QuerySpec { filter, sort, skip, limit, projection: rng.pick(&projections).clone() }
+}
+
+/// A client's copy of one subscription.
+struct ClientCopy {
+    query: Query,
+    seq: u64,
+    docs: Vec<Document>,
+    started: bool,
+    /// The snapshot position of the initial result: no write at or below it is applied again.
+    since: u64,
+}
+
+impl ClientCopy {
+    fn apply(&mut self, message: &ServerMessage) {
+        match message {
+            ServerMessage::Result(r) => {
+                assert!(!self.started, "second result for {}", r.id);
+                assert_eq!(r.seq, 1);
+                self.started = true;
+                self.seq = 1;
+                self.docs = r.docs.clone();
+                self.since = r.position;
+            }
+            ServerMessage::Delta(d) => {
+                assert!(self.started, "delta before result for {}", d.id);
+                assert_eq!(d.seq, self.seq + 1, "seq of {} must grow by one", d.id);
+                self.seq = d.seq;
+                assert!(
+                    d.position > self.since,
+                    "{} got a delta at {} but its snapshot was at {}",
+                    d.id,
+                    d.position,
+                    self.since
+                );
+                let sorted = !self.query.sort.is_empty() || self.query.is_windowed();
+                let find = |docs: &Vec<Document>| docs.iter().position(|x| x.get("_id") == Some(&d.doc_id));
+                match d.op {
+                    DeltaOp::Add => {
+                        let doc = d.doc.clone().expect("add carries doc");
+                        if sorted {
+                            self.docs.insert(d.index.expect("index") as usize, doc);
+                        } else {
+                            assert!(find(&self.docs).is_none(), "add of a present document");
+                            self.docs.push(doc);
+                        }
+                    }
+                    DeltaOp::Remove => {
+                        let at = if sorted {
+                            d.old_index.expect("oldIndex") as usize
+                        } else {
+                            find(&self.docs).expect("remove of an absent document")
+                        };
+                        assert_eq!(self.docs[at].get("_id"), Some(&d.doc_id));
+                        self.docs.remove(at);
+                    }
+                    DeltaOp::Change => {
+                        let at = if sorted {
+                            d.index.expect("index") as usize
+                        } else {
+                            find(&self.docs).expect("change of an absent document")
+                        };
+                        assert_eq!(self.docs[at].get("_id"), Some(&d.doc_id));
+                        self.docs[at] = d.doc.clone().expect("change carries doc");
+                    }
+                    DeltaOp::ChangeIndex => {
+                        let from = d.old_index.expect("oldIndex") as usize;
+                        assert_eq!(self.docs[from].get("_id"), Some(&d.doc_id));
+                        self.docs.remove(from);
+                        self.docs.insert(d.index.expect("index") as usize, d.doc.clone().expect("doc"));
+                    }
+                }
+                if let Some(limit) = self.query.limit {
+                    assert!(self.docs.len() as u64 <= limit, "window of {} exceeds its limit after a delta", d.id);
+                }
+            }
+            other => panic!("unexpected message {other:?}"),
+        }
+    }
+
+    fn check(&self, name: &str, state: &MemoryState, ns: &str, context: &str) {
+        let expected = self.query.evaluate(state.documents(ns));
+        let mut got = self.docs.clone();
+        if self.query.sort.is_empty() && !self.query.is_windowed() {
+            got.sort_by(|a, b| livegrid_matcher::compare_values(a.get("_id").unwrap(), b.get("_id").unwrap()));
+        }
+        assert_eq!(got, expected, "subscription {name} diverged at {context}");
+    }
+}
+
+/// Runs one random scenario on `engine`, checking at checkpoints.
+fn run_scenario(seed: u64, engine: &Engine, memory: &Arc<SharedMemory>) {
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let events_total = 240;
+    let queries: Vec<(u64, String, QuerySpec)> = (0..24)
+        .map(|i| {
+            let ns = if rng.chance(85) { "db.c" } else { "db.other" };
+            (rng.below(events_total), format!("{ns}/{i}"), random_query(&mut rng))
+        })
+        .collect();
+    let mut registered: HashMap<QueryKey, (String, String)> = HashMap::new();
+    let mut copies: HashMap<String, ClientCopy> = HashMap::new();
+    let mut next_query = 0;
+    let mut order: Vec<usize> = (0..queries.len()).collect();
+    order.sort_by_key(|&i| queries[i].0);
+    let mut position = 0u64;
+    let mut fed = 0u64;
+    let mut previous = MemoryState::default();
+    let mut batch_no = 0;
+
+    let register = |engine: &Engine,
+                    i: usize,
+                    stale: Option<&MemoryState>,
+                    registered: &mut HashMap<QueryKey, (String, String)>,
+                    copies: &mut HashMap<String, ClientCopy>| {
+        let (_, name, spec) = &queries[i];
+        let ns = name.split('/').next().unwrap();
+        let query = Query::compile(spec).unwrap();
+        let key = match stale {
+            Some(old) => {
+                let snapshot = old.read(ns, &query, engine.window_capacity(&query));
+                match engine.register_with_snapshot(name, ns, spec, snapshot) {
+                    Ok(key) => key,
+                    Err(e) => panic!("stale registration failed: {e}"),
+                }
+            }
+            None => engine.register(name, ns, spec).unwrap(),
+        };
+        registered.insert(key, (name.clone(), ns.to_string()));
+        copies.insert(name.clone(), ClientCopy { query, seq: 0, docs: Vec::new(), started: false, since: 0 });
+    };
+
+    while fed < events_total {
+        batch_no += 1;
+        let size = 1 + rng.below(12).min(events_total - fed - 1);
+        let mut batch = Vec::new();
+        {
+            let mut state = memory.0.lock().unwrap();
+            previous = if rng.chance(50) { state.clone() } else { previous };
+            for _ in 0..size {
+                position += 1 + rng.below(3);
+                let ns = if rng.chance(85) { "db.c" } else { "db.other" };
+                let id = rng.below(16) as i32;
+                let exists = state.get(ns, &Bson::Int32(id)).is_some();
+                let (op, doc) = if !exists {
+                    (ChangeOp::Insert, Some(random_doc(&mut rng, id)))
+                } else {
+                    match rng.below(4) {
+                        0 => (ChangeOp::Delete, None),
+                        1 => (ChangeOp::Replace, Some(random_doc(&mut rng, id))),
+                        _ => {
+                            let mut d = (**state.get(ns, &Bson::Int32(id)).unwrap()).clone();
+                            d.insert("n", rng.below(20) as i32);
+                            if rng.chance(50) {
+                                d.insert("a", rng.below(5) as i32);
+                            }
+                            (ChangeOp::Update, Some(d))
+                        }
+                    }
+                };
+                let event = ChangeEvent { position, ns: ns.into(), op, id: Bson::Int32(id), doc: doc.map(Arc::new) };
+                state.apply(&event);
+                batch.push(event);
+            }
+        }
+        fed += size;
+        // Some registrations see a snapshot ahead of the grid: before the batch is fed.
+        while next_query < order.len() && queries[order[next_query]].0 < fed && rng.chance(50) {
+            register(engine, order[next_query], None, &mut registered, &mut copies);
+            next_query += 1;
+        }
+        engine.submit(batch).unwrap();
+        while next_query < order.len() && queries[order[next_query]].0 < fed {
+            let stale = rng.chance(40).then_some(&previous);
+            register(engine, order[next_query], stale, &mut registered, &mut copies);
+            next_query += 1;
+        }
+        if rng.chance(5) && !registered.is_empty() {
+            let key = *registered.keys().min().unwrap();
+            let (name, _) = registered.remove(&key).unwrap();
+            engine.unregister(key).unwrap();
+            copies.remove(&name);
+        }
+        if batch_no % 4 == 0 || fed >= events_total {
+            assert!(engine.settle(Duration::from_secs(30)), "engine did not settle (seed {seed})");
+            while let Ok(event) = engine.messages().try_recv() {
+                if let EngineEvent::Message { key, message, .. } = event {
+                    if let Some((name, _)) = registered.get(&key) {
+                        copies.get_mut(name).unwrap().apply(&message);
+                    }
+                }
+            }
+            let state = memory.0.lock().unwrap();
+            for (name, ns) in registered.values() {
+                copies[name].check(name, &state, ns, &format!("seed {seed}, position {position}"));
+            }
+        }
+    }
+}
+
+fn run_grid(shape: &str, seeds: std::ops::Range<u64>) {
+    for seed in seeds {
+        let memory = Arc::new(SharedMemory::default());
+        let config =
+            EngineConfig { shape: shape.parse::<GridShape>().unwrap(), retention: 64, slack: 2, ..Default::default() };
+        let engine = Engine::start(config, memory.clone()).unwrap();
+        run_scenario(seed, &engine, &memory);
+        engine.shutdown();
+    }
+}
+
+#[test]
+fn grid_1x1() {
+    run_grid("1x1", 0..12);
+}
+
+#[test]
+fn grid_2x1() {
+    run_grid("2x1", 100..108);
+}
+
+#[test]
+fn grid_1x2() {
+    run_grid("1x2", 200..208);
+}
+
+#[test]
+fn grid_2x2() {
+    run_grid("2x2", 300..306);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Two timely processes on loopback, each with two workers of a 2x2 grid.
+#[test]
+fn grid_2x2_two_processes() {
+    for seed in 400..403 {
+        let addresses = vec![format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port())];
+        let memory = Arc::new(SharedMemory::default());
+        let shape: GridShape = "2x2".parse().unwrap();
+        let config = |process| EngineConfig {
+            shape,
+            cluster: Some(ClusterConfig { process, addresses: addresses.clone() }),
+            retention: 64,
+            slack: 2,
+        };
+        let other = {
+            let memory = memory.clone();
+            let config = config(1);
+            std::thread::spawn(move || {
+                let engine = Engine::start(config, memory).unwrap();
+                assert!(!engine.feeds());
+                engine
+            })
+        };
+        let engine = Engine::start(config(0), memory.clone()).unwrap();
+        let other = other.join().unwrap();
+        run_scenario(seed, &engine, &memory);
+        engine.shutdown();
+        other.shutdown();
+    }
+}
