@@ -92,6 +92,7 @@ pub enum EngineError {
 
 /// What the engine tells its user.
 #[derive(Debug, Clone)]
+#[expect(clippy::large_enum_variant, reason = "messages dominate the stream; boxing them would add an allocation each")]
 pub enum EngineEvent {
     /// A message for a subscription's client.
     Message {
@@ -171,7 +172,7 @@ impl Engine {
             None => (timely::CommunicationConfig::Process(workers), true),
             Some(cluster) => {
                 let processes = cluster.addresses.len();
-                if processes == 0 || workers % processes != 0 || cluster.process >= processes {
+                if processes == 0 || !workers.is_multiple_of(processes) || cluster.process >= processes {
                     return Err(EngineError::Start(format!(
                         "{workers} workers cannot be split evenly over {processes} processes"
                     )));

@@ -274,10 +274,10 @@ fn run_scenario(seed: u64, engine: &Engine, memory: &Arc<SharedMemory>) {
         if batch_no % 4 == 0 || fed >= events_total {
             assert!(engine.settle(Duration::from_secs(30)), "engine did not settle (seed {seed})");
             while let Ok(event) = engine.messages().try_recv() {
-                if let EngineEvent::Message { key, message, .. } = event {
-                    if let Some((name, _)) = registered.get(&key) {
-                        copies.get_mut(name).unwrap().apply(&message);
-                    }
+                if let EngineEvent::Message { key, message, .. } = event
+                    && let Some((name, _)) = registered.get(&key)
+                {
+                    copies.get_mut(name).unwrap().apply(&message);
                 }
             }
             let state = memory.0.lock().unwrap();
