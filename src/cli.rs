@@ -1,6 +1,9 @@
 //! Command-line interface: the commands and their flags.
 
+use std::path::PathBuf;
+
 use clap::{Args, Parser, Subcommand};
+use livegrid_engine::GridShape;
 
 /// livegrid: a real-time query engine for MongoDB queries.
 #[derive(Debug, Parser)]
@@ -17,6 +20,61 @@ pub enum Command {
     /// Filter, sort and project Extended JSON documents read from stdin, one per line, and
     /// write the query's result to stdout, one per line: what a live query will return.
     Match(MatchArgs),
+    /// Replay a recorded change stream through the grid with queries registered along the
+    /// way; write every result and delta message, and a summary (throughput, latency) to
+    /// stderr.
+    Replay(ReplayArgs),
+    /// Write a synthetic workload (events.jsonl, queries.jsonl) for `livegrid replay`.
+    Workload(WorkloadArgs),
+}
+
+/// Flags of `livegrid workload`.
+#[derive(Debug, Args)]
+pub struct WorkloadArgs {
+    /// The folder to write events.jsonl and queries.jsonl into.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// How many change events.
+    #[arg(long, default_value_t = 100_000)]
+    pub events: u64,
+    /// How many queries.
+    #[arg(long, default_value_t = 10_000)]
+    pub queries: u64,
+    /// The generator's seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// Flags of `livegrid replay`.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// Change events, relaxed Extended JSON, one per line.
+    #[arg(long)]
+    pub events: Option<PathBuf>,
+    /// Queries, one JSON object per line: {"id","ns","filter","sort","skip","limit","projection","after"}.
+    #[arg(long)]
+    pub queries: Option<PathBuf>,
+    /// Where to write the messages, one JSON per line.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// The grid: query partitions x write partitions.
+    #[arg(long, default_value = "1x1")]
+    pub grid: GridShape,
+    /// Events fed to the grid at once.
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+    /// Recent events kept for catching up subscriptions.
+    #[arg(long, default_value_t = 100_000)]
+    pub retention: usize,
+    /// Documents a sorted window keeps beyond its visible end.
+    #[arg(long, default_value_t = 16)]
+    pub slack: usize,
+    /// Cluster mode: a file of `host:port` lines, one per process.
+    #[arg(long)]
+    pub hostfile: Option<PathBuf>,
+    /// Cluster mode: this process's index (process 0 reads the files and writes the output).
+    #[arg(long, default_value_t = 0)]
+    pub process: usize,
 }
 
 /// Flags of `livegrid match`.

@@ -5,3 +5,5 @@
 
 pub mod cli;
 pub mod commands;
+pub mod source;
+pub mod workload;

@@ -9,5 +9,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Match(args) => livegrid::commands::match_docs::run(&args),
+        Command::Replay(args) => livegrid::commands::replay::run(&args),
+        Command::Workload(args) => livegrid::commands::workload::run(&args),
     }
 }

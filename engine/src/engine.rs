@@ -108,16 +108,21 @@ pub enum EngineEvent {
     Processed(Position),
 }
 
+/// What the engine keeps per subscription: little, since there may be millions.
 struct Subscribed {
     id: Arc<str>,
-    ns: String,
-    spec: QuerySpec,
+    ns: Arc<str>,
+    /// The query partition.
+    column: u32,
+    /// The query, kept only for windows (which may need re-reads).
+    window_spec: Option<Box<QuerySpec>>,
 }
 
 /// State behind the ingest lock: what was fed, in order.
 struct Ingest {
     retention: Retention,
     subscriptions: HashMap<QueryKey, Subscribed>,
+    namespaces: HashMap<String, Arc<str>>,
     next_key: QueryKey,
     commands: Option<Sender<Command>>,
 }
@@ -135,6 +140,20 @@ struct Shared {
     progress: (Mutex<u64>, Condvar),
     /// Window re-reads fed so far.
     rereads: AtomicU64,
+    /// The origin of the engine's entry timestamps.
+    started: Instant,
+}
+
+impl Ingest {
+    /// One shared name per namespace.
+    fn namespace(&mut self, ns: &str) -> Arc<str> {
+        if let Some(shared) = self.namespaces.get(ns) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = Arc::from(ns);
+        self.namespaces.insert(ns.to_string(), shared.clone());
+        shared
+    }
 }
 
 impl Shared {
@@ -209,6 +228,7 @@ impl Engine {
             ingest: Mutex::new(Ingest {
                 retention: Retention::new(config.retention),
                 subscriptions: HashMap::new(),
+                namespaces: HashMap::new(),
                 next_key: 1,
                 commands: feeds.then_some(command_tx),
             }),
@@ -218,6 +238,7 @@ impl Engine {
             sent: AtomicU64::new(0),
             progress: (Mutex::new(0), Condvar::new()),
             rereads: AtomicU64::new(0),
+            started: Instant::now(),
         });
         if feeds {
             let thread = worker0_rx
@@ -247,7 +268,7 @@ impl Engine {
     /// Feeds writes, in position order. Writes at or below the last position fed are
     /// ignored (a source may repeat itself after a restart); their count is returned.
     pub fn submit(&self, events: impl IntoIterator<Item = ChangeEvent>) -> Result<usize, EngineError> {
-        let now = Instant::now();
+        let now = (self.shared.started.elapsed().as_nanos() as u64).max(1);
         let shape = self.shared.shape;
         let mut ingest = self.shared.ingest.lock().expect("ingest lock");
         let mut records = Vec::new();
@@ -259,7 +280,7 @@ impl Engine {
             }
             let event = Arc::new(event);
             let w = DocId(event.id.clone()).partition(shape.write_partitions);
-            let wire = WireEvent::from(event.as_ref());
+            let wire = WireEvent::new(event.as_ref(), now);
             for q in 0..shape.query_partitions {
                 records.push(GridInput::Event { target: shape.worker(q, w), event: wire.clone() });
             }
@@ -319,8 +340,14 @@ impl Engine {
             .ok_or(EngineError::StaleSnapshot { position: snapshot.position })?;
         let key = ingest.next_key;
         ingest.next_key += 1;
-        let records = self.registration(key, ns, spec, query, snapshot, &replay, false);
-        ingest.subscriptions.insert(key, Subscribed { id: Arc::from(id), ns: ns.to_string(), spec: spec.clone() });
+        let records = build_registration(self.shared.shape, key, ns, spec, query, snapshot, &replay, false);
+        let windowed = window_capacity(query, self.shared.slack).is_some() || !query.sort.is_empty();
+        let ns = ingest.namespace(ns);
+        let column = query_partition(&ns, spec, self.shared.shape) as u32;
+        ingest.subscriptions.insert(
+            key,
+            Subscribed { id: Arc::from(id), ns, column, window_spec: windowed.then(|| Box::new(spec.clone())) },
+        );
         let position = ingest.retention.last_position();
         self.send(&ingest, Command::Feed(records, position))?;
         Ok(key)
@@ -331,7 +358,7 @@ impl Engine {
         let mut ingest = self.shared.ingest.lock().expect("ingest lock");
         let Some(sub) = ingest.subscriptions.remove(&key) else { return Ok(()) };
         let shape = self.shared.shape;
-        let q = query_partition(&sub.ns, &sub.spec, shape);
+        let q = sub.column as usize;
         let records = (0..shape.write_partitions)
             .map(|w| GridInput::Unregister { target: shape.worker(q, w), key, head: w == 0 })
             .collect();
@@ -405,21 +432,6 @@ impl Engine {
     fn wake(&self) {
         self.shared.wake();
     }
-
-    /// Builds a subscription's registration records for the workers of its column.
-    #[allow(clippy::too_many_arguments)]
-    fn registration(
-        &self,
-        key: QueryKey,
-        ns: &str,
-        spec: &QuerySpec,
-        query: &Query,
-        snapshot: Snapshot,
-        replay: &[Arc<ChangeEvent>],
-        reload: bool,
-    ) -> Vec<GridInput> {
-        build_registration(self.shared.shape, key, ns, spec, query, snapshot, replay, reload)
-    }
 }
 
 impl Drop for Engine {
@@ -453,7 +465,7 @@ fn build_registration(
     spec: &QuerySpec,
     query: &Query,
     snapshot: Snapshot,
-    replay: &[Arc<ChangeEvent>],
+    replay: &[(Arc<ChangeEvent>, u64)],
     reload: bool,
 ) -> Vec<GridInput> {
     let q = query_partition(ns, spec, shape);
@@ -471,8 +483,8 @@ fn build_registration(
         })
         .collect();
     let mut replays: Vec<Vec<WireEvent>> = vec![Vec::new(); shape.write_partitions];
-    for event in replay.iter().filter(|e| e.ns == ns) {
-        replays[w_of(&event.id)].push(WireEvent::from(event.as_ref()));
+    for (event, entered) in replay.iter().filter(|(e, _)| e.ns == ns) {
+        replays[w_of(&event.id)].push(WireEvent::new(event, *entered));
     }
     let mut init = Some(StageInit { position: snapshot.position, docs, complete: snapshot.complete });
     member_ids
@@ -545,8 +557,8 @@ fn to_message(shared: &Shared, name: &str, output: StageOutput) -> (ServerMessag
             }),
             None,
         ),
-        StageOutput::Delta { seq, op, id, doc, index, old_index, cause, position, .. } => {
-            let entered = shared.ingest.lock().expect("ingest lock").retention.entered_at(position);
+        StageOutput::Delta { seq, op, id, doc, index, old_index, cause, position, entered, .. } => {
+            let latency = (entered > 0).then(|| shared.started.elapsed().saturating_sub(Duration::from_nanos(entered)));
             (
                 ServerMessage::Delta(DeltaMessage {
                     id: name.to_string(),
@@ -559,7 +571,7 @@ fn to_message(shared: &Shared, name: &str, output: StageOutput) -> (ServerMessag
                     cause,
                     position,
                 }),
-                entered.map(|at| at.elapsed()),
+                latency,
             )
         }
         StageOutput::NeedsReload { .. } => unreachable!("handled by the router"),
@@ -570,8 +582,8 @@ fn to_message(shared: &Shared, name: &str, output: StageOutput) -> (ServerMessag
 fn reread(shared: &Shared, key: QueryKey) {
     let (ns, spec) = {
         let ingest = shared.ingest.lock().expect("ingest lock");
-        let Some(sub) = ingest.subscriptions.get(&key) else { return };
-        (sub.ns.clone(), sub.spec.clone())
+        let Some(Subscribed { ns, window_spec: Some(spec), .. }) = ingest.subscriptions.get(&key) else { return };
+        (ns.clone(), (**spec).clone())
     };
     let Ok(query) = Query::compile(&spec) else { return };
     let k = window_capacity(&query, shared.slack);

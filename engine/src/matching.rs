@@ -12,22 +12,17 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
 
-use livegrid_matcher::{Filter, IndexPlan, QuerySpec};
+use livegrid_matcher::{Filter, QuerySpec};
 
 use crate::doc_id::DocId;
 use crate::query_index::{QueryIndex, QueryKey};
 use crate::records::{GridInput, Registration, StageInput};
 use crate::wire::{WireEvent, WireValue};
 
-/// A compiled filter and its index plan, shared by identical filters on this worker.
-struct CompiledFilter {
-    filter: Filter,
-    plan: IndexPlan,
-}
-
 struct Entry {
     ns: Arc<str>,
-    compiled: Arc<CompiledFilter>,
+    /// Shared by identical filters on this worker.
+    filter: Arc<Filter>,
     members: HashSet<DocId>,
 }
 
@@ -38,8 +33,12 @@ pub struct Matching {
     index: QueryIndex,
     /// Per namespace: document id → subscriptions whose member set holds it.
     holders: HashMap<Arc<str>, HashMap<DocId, Vec<QueryKey>>>,
-    /// Identical filters share one compiled form.
-    compiled: HashMap<(Arc<str>, String), Weak<CompiledFilter>>,
+    /// Identical filters share one compiled form, by namespace and canonical filter text.
+    compiled: HashMap<(Arc<str>, String), Weak<Filter>>,
+    /// One shared name per namespace.
+    namespaces: HashMap<String, Arc<str>>,
+    /// Cache entries whose filter is no longer used.
+    dead_filters: usize,
     candidates: Vec<QueryKey>,
 }
 
@@ -87,7 +86,7 @@ impl Matching {
         if *entry.ns != *event.ns {
             return;
         }
-        let matches = event.doc.as_ref().is_some_and(|d| entry.compiled.filter.matches(&d.0));
+        let matches = event.doc.as_ref().is_some_and(|d| entry.filter.matches(&d.0));
         let was_member = entry.members.contains(id);
         if matches {
             if !was_member {
@@ -108,6 +107,7 @@ impl Matching {
             cause: event.op.cause(),
             id: WireValue(id.0.clone()),
             doc: if matches { event.doc.clone() } else { None },
+            entered: event.entered,
         });
     }
 
@@ -132,10 +132,10 @@ impl Matching {
                 // Unsubscribed while the re-read was under way.
                 return;
             }
-            let ns: Arc<str> = Arc::from(ns.as_str());
-            let Some(compiled) = self.compile(&ns, &query.to_spec()) else { return };
-            self.index.insert(&ns, key, &compiled.plan);
-            self.entries.insert(key, Entry { ns, compiled, members: HashSet::new() });
+            let ns = self.namespaces.entry(ns.clone()).or_insert_with(|| Arc::from(ns.as_str())).clone();
+            let Some(filter) = self.compile(&ns, &query.to_spec()) else { return };
+            self.index.insert(&ns, key, &filter.index_plan());
+            self.entries.insert(key, Entry { ns, filter, members: HashSet::new() });
         }
         let entry = self.entries.get_mut(&key).expect("just ensured");
         let ns = entry.ns.clone();
@@ -154,26 +154,33 @@ impl Matching {
         }
     }
 
-    fn compile(&mut self, ns: &Arc<str>, spec: &QuerySpec) -> Option<Arc<CompiledFilter>> {
-        let filter = Filter::parse(&spec.filter).ok()?;
-        let cache_key = (ns.clone(), filter.canonical_key());
+    fn compile(&mut self, ns: &Arc<str>, spec: &QuerySpec) -> Option<Arc<Filter>> {
+        let cache_key = (ns.clone(), Filter::canonical_key(&spec.filter));
         if let Some(shared) = self.compiled.get(&cache_key).and_then(Weak::upgrade) {
             return Some(shared);
         }
-        let plan = filter.index_plan();
-        let compiled = Arc::new(CompiledFilter { filter, plan });
-        self.compiled.insert(cache_key, Arc::downgrade(&compiled));
-        Some(compiled)
+        let filter = Arc::new(Filter::parse(&spec.filter).ok()?);
+        self.compiled.insert(cache_key, Arc::downgrade(&filter));
+        Some(filter)
     }
 
     fn unregister(&mut self, key: QueryKey, head: bool, out: &mut Vec<StageInput>) {
         let Some(entry) = self.entries.remove(&key) else { return };
-        self.index.remove(&entry.ns, key, &entry.compiled.plan);
+        // Plans are derived again rather than kept: they are deterministic, and memory per
+        // subscription matters more than the cost of an unregistration.
+        self.index.remove(&entry.ns, key, &entry.filter.index_plan());
         for id in &entry.members {
             self.release(&entry.ns, id, key);
         }
-        if Arc::strong_count(&entry.compiled) == 1 {
-            self.compiled.remove(&(entry.ns.clone(), entry.compiled.filter.canonical_key()));
+        if Arc::strong_count(&entry.filter) == 1 {
+            // The cache entry is dead now; sweep dead entries once they are many, so that the
+            // cost stays constant per unregistration.
+            self.dead_filters += 1;
+            if self.dead_filters > 64 + self.compiled.len() / 2 {
+                drop(entry);
+                self.compiled.retain(|_, weak| weak.strong_count() > 0);
+                self.dead_filters = 0;
+            }
         }
         // One worker of the column tells the subscription stage.
         if head {

@@ -13,6 +13,7 @@ use std::collections::{HashMap, HashSet};
 use bson::{Bson, Document};
 use livegrid_matcher::bson_order::canonical_rank;
 use livegrid_matcher::{Bound, FieldPath, IndexPlan, LeafArrays, compare_values, value_hash};
+use smallvec::SmallVec;
 
 /// A registered query, as the index knows it.
 pub type QueryKey = u64;
@@ -25,7 +26,8 @@ pub struct QueryIndex {
 
 #[derive(Default)]
 struct NamespaceIndex {
-    equality: HashMap<FieldPath, HashMap<u64, Vec<QueryKey>>>,
+    /// Value hash → queries; most values name one query, kept inline.
+    equality: HashMap<FieldPath, HashMap<u64, SmallVec<[QueryKey; 1]>>>,
     ranges: HashMap<(FieldPath, u8), RangeList>,
     scan: HashSet<QueryKey>,
 }
@@ -142,22 +144,23 @@ impl NamespaceIndex {
 }
 
 /// Range plans on one path and type: lower-only ranges sorted by lower bound, upper-only
-/// ranges sorted by upper bound, two-sided ranges sorted by lower bound in blocks that know
-/// their largest upper bound. New ranges wait in a short unsorted list until it is worth
+/// ranges sorted by upper bound, two-sided ranges sorted by lower bound under a segment tree
+/// of their largest upper bounds, so that finding the ranges a value falls in costs
+/// O(k log n) for k ranges found. New ranges wait in a short unsorted list until it is worth
 /// re-sorting; removed ones are skipped until then.
 #[derive(Default)]
 struct RangeList {
     lower_only: Vec<(Bson, QueryKey)>,
     upper_only: Vec<(Bson, QueryKey)>,
     both: Vec<(Bson, Bson, QueryKey)>,
-    /// The largest upper bound of each block of `BLOCK` entries of `both`.
-    block_max: Vec<Bson>,
+    /// Segment tree over `both`: node i holds the index of the entry with the largest upper
+    /// bound below it; leaves start at `leaves`.
+    max_upper: Vec<u32>,
+    leaves: usize,
     pending: Vec<(Option<Bound>, Option<Bound>, QueryKey)>,
     removed: HashSet<QueryKey>,
     len: usize,
 }
-
-const BLOCK: usize = 32;
 
 impl RangeList {
     fn insert(&mut self, query: QueryKey, lower: Option<Bound>, upper: Option<Bound>) {
@@ -200,13 +203,45 @@ impl RangeList {
         self.lower_only.sort_by(|a, b| compare_values(&a.0, &b.0));
         self.upper_only.sort_by(|a, b| compare_values(&a.0, &b.0));
         self.both.sort_by(|a, b| compare_values(&a.0, &b.0));
-        self.block_max = self
-            .both
-            .chunks(BLOCK)
-            .map(|chunk| {
-                chunk.iter().map(|e| &e.1).max_by(|a, b| compare_values(a, b)).expect("non-empty chunk").clone()
-            })
-            .collect();
+        self.build_tree();
+    }
+
+    fn build_tree(&mut self) {
+        self.leaves = self.both.len().next_power_of_two().max(1);
+        self.max_upper = vec![u32::MAX; 2 * self.leaves];
+        for i in 0..self.both.len() {
+            self.max_upper[self.leaves + i] = i as u32;
+        }
+        for node in (1..self.leaves).rev() {
+            self.max_upper[node] = self.larger_upper(self.max_upper[2 * node], self.max_upper[2 * node + 1]);
+        }
+    }
+
+    fn larger_upper(&self, a: u32, b: u32) -> u32 {
+        match (a, b) {
+            (u32::MAX, x) | (x, u32::MAX) => x,
+            (a, b) if compare_values(&self.both[a as usize].1, &self.both[b as usize].1) == Ordering::Less => b,
+            (a, _) => a,
+        }
+    }
+
+    /// Collects the entries of `both` below `node` with index under `end` and upper bound at
+    /// least `min`.
+    fn stab(&self, node: usize, span: (usize, usize), end: usize, min: &Bson, out: &mut Vec<QueryKey>) {
+        let best = self.max_upper[node];
+        if span.0 >= end || best == u32::MAX || compare_values(&self.both[best as usize].1, min) == Ordering::Less {
+            return;
+        }
+        if node >= self.leaves {
+            let q = self.both[best as usize].2;
+            if !self.removed.contains(&q) {
+                out.push(q);
+            }
+            return;
+        }
+        let mid = (span.0 + span.1) / 2;
+        self.stab(2 * node, (span.0, mid), end, min, out);
+        self.stab(2 * node + 1, (mid, span.1), end, min, out);
     }
 
     /// Ranges that values spanning `[min, max]` may meet (inclusive bounds are assumed, so
@@ -221,19 +256,8 @@ impl RangeList {
         let start = self.upper_only.partition_point(|(u, _)| compare_values(u, min) == Ordering::Less);
         out.extend(self.upper_only[start..].iter().map(|(_, q)| *q).filter(|q| !self.removed.contains(q)));
         let end = self.both.partition_point(|(l, _, _)| le(l, max));
-        for (block, block_max) in self.block_max.iter().enumerate() {
-            let from = block * BLOCK;
-            if from >= end {
-                break;
-            }
-            if compare_values(block_max, min) == Ordering::Less {
-                continue;
-            }
-            for (_, upper, q) in &self.both[from..(from + BLOCK).min(end)] {
-                if compare_values(upper, min) != Ordering::Less && !self.removed.contains(q) {
-                    out.push(*q);
-                }
-            }
+        if end > 0 {
+            self.stab(1, (0, self.leaves), end, min, out);
         }
         for (lower, upper, q) in &self.pending {
             let above = lower.as_ref().is_none_or(|l| le(&l.value, max));

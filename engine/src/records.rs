@@ -144,6 +144,8 @@ pub enum StageInput {
         id: WireValue,
         /// The document when it matches; `None` when it stopped matching.
         doc: Option<WireDoc>,
+        /// When the write entered the engine (see [`WireEvent::entered`]).
+        entered: u64,
     },
     /// The subscription ended.
     Drop {
@@ -205,6 +207,8 @@ pub enum StageOutput {
         cause: Cause,
         /// That write's position.
         position: Position,
+        /// When that write entered the engine (0 when unknown).
+        entered: u64,
     },
     /// The window of a subscription drained: read its top documents again.
     NeedsReload {

@@ -10,7 +10,6 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
 
 use livegrid_protocol::Position;
 
@@ -18,7 +17,7 @@ use crate::event::ChangeEvent;
 
 /// A bounded buffer of recent writes.
 pub struct Retention {
-    events: VecDeque<(Arc<ChangeEvent>, Instant)>,
+    events: VecDeque<(Arc<ChangeEvent>, u64)>,
     capacity: usize,
     evicted_up_to: Position,
     last: Position,
@@ -30,8 +29,8 @@ impl Retention {
         Retention { events: VecDeque::new(), capacity: capacity.max(1), evicted_up_to: 0, last: 0 }
     }
 
-    /// Records a write as fed, with when it entered the engine.
-    pub fn push(&mut self, event: Arc<ChangeEvent>, at: Instant) {
+    /// Records a write as fed, with when it entered the engine (nanoseconds since start).
+    pub fn push(&mut self, event: Arc<ChangeEvent>, at: u64) {
         debug_assert!(event.position > self.last || self.last == 0, "positions only grow");
         self.last = self.last.max(event.position);
         self.events.push_back((event, at));
@@ -46,19 +45,14 @@ impl Retention {
         self.last
     }
 
-    /// The writes after `position`, or `None` when some of them were already evicted.
-    pub fn since(&self, position: Position) -> Option<Vec<Arc<ChangeEvent>>> {
+    /// The writes after `position` with when they entered, or `None` when some of them were
+    /// already evicted.
+    pub fn since(&self, position: Position) -> Option<Vec<(Arc<ChangeEvent>, u64)>> {
         if position < self.evicted_up_to {
             return None;
         }
         let start = self.events.partition_point(|(e, _)| e.position <= position);
-        Some(self.events.range(start..).map(|(e, _)| e.clone()).collect())
-    }
-
-    /// When the write at `position` entered the engine, if it is still retained.
-    pub fn entered_at(&self, position: Position) -> Option<Instant> {
-        let i = self.events.partition_point(|(e, _)| e.position < position);
-        self.events.get(i).filter(|(e, _)| e.position == position).map(|(_, at)| *at)
+        Some(self.events.range(start..).cloned().collect())
     }
 }
 
@@ -80,16 +74,17 @@ mod tests {
     #[test]
     fn replays_exactly_what_follows_a_snapshot() {
         let mut r = Retention::new(3);
-        let now = Instant::now();
         for p in [2, 4, 6, 8] {
-            r.push(event(p), now);
+            r.push(event(p), p * 10);
         }
         // 2 was evicted: a snapshot at 1 misses it, one at 2 or later does not.
         assert!(r.since(1).is_none());
-        assert_eq!(r.since(2).unwrap().iter().map(|e| e.position).collect::<Vec<_>>(), vec![4, 6, 8]);
-        assert_eq!(r.since(5).unwrap().iter().map(|e| e.position).collect::<Vec<_>>(), vec![6, 8]);
+        assert_eq!(r.since(2).unwrap().iter().map(|(e, _)| e.position).collect::<Vec<_>>(), vec![4, 6, 8]);
+        assert_eq!(
+            r.since(5).unwrap().iter().map(|(e, at)| (e.position, *at)).collect::<Vec<_>>(),
+            vec![(6, 60), (8, 80)]
+        );
         assert!(r.since(8).unwrap().is_empty());
         assert!(r.since(100).unwrap().is_empty());
-        assert!(r.entered_at(6).is_some() && r.entered_at(5).is_none());
     }
 }

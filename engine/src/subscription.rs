@@ -29,7 +29,7 @@ use crate::wire::{WireDoc, WireValue};
 
 enum Mode {
     /// No sort, skip or limit: the result is a set.
-    Set { ids: HashSet<DocId>, projection: Projection },
+    Set { ids: HashSet<DocId>, projection: Option<Box<Projection>> },
     /// A sorted (or skipped, or limited) window.
     Window(Box<Window>),
 }
@@ -76,8 +76,8 @@ impl Subscriptions {
                         self.start(key, &query, init, out);
                     }
                 }
-                StageInput::Transition { key, position, cause, id, doc } => {
-                    self.transition(key, position, cause, DocId(id.0), doc.map(|d| d.0), out)
+                StageInput::Transition { key, position, cause, id, doc, entered } => {
+                    self.transition(key, (position, entered), cause, DocId(id.0), doc.map(|d| d.0), out)
                 }
                 StageInput::Drop { key } => {
                     self.subs.remove(&key);
@@ -92,7 +92,13 @@ impl Subscriptions {
             let docs: Vec<Arc<Document>> = docs.collect();
             let ids = docs.iter().filter_map(|d| d.get("_id").cloned()).map(DocId).collect();
             let shown: Vec<Arc<Document>> = docs.iter().map(|d| project(&query.projection, d)).collect();
-            (Mode::Set { ids, projection: query.projection.clone() }, shown)
+            (
+                Mode::Set {
+                    ids,
+                    projection: (!query.projection.is_identity()).then(|| Box::new(query.projection.clone())),
+                },
+                shown,
+            )
         } else {
             let mut window = Window::new(query, self.slack);
             window.load(docs, init.complete);
@@ -115,13 +121,13 @@ impl Subscriptions {
         window.load(init.docs.into_iter().map(|d| d.0), init.complete);
         sub.skip_until = sub.skip_until.max(init.position);
         sub.reload_pending = false;
-        Self::flush(key, sub, init.position, out);
+        Self::flush(key, sub, (init.position, 0), out);
     }
 
     fn transition(
         &mut self,
         key: QueryKey,
-        position: Position,
+        (position, entered): (Position, u64),
         cause: Cause,
         id: DocId,
         doc: Option<Arc<Document>>,
@@ -154,11 +160,17 @@ impl Subscriptions {
                     seq: sub.seq,
                     op,
                     id: WireValue(id.0),
-                    doc: doc.map(|d| WireDoc(project(projection, &d))),
+                    doc: doc.map(|d| {
+                        WireDoc(match projection {
+                            Some(p) => Arc::new(p.apply(&d)),
+                            None => d,
+                        })
+                    }),
                     index: None,
                     old_index: None,
                     cause,
                     position,
+                    entered,
                 });
             }
             Mode::Window(window) => {
@@ -174,12 +186,12 @@ impl Subscriptions {
                     out.push(StageOutput::NeedsReload { key });
                     return;
                 }
-                Self::flush(key, sub, position, out);
+                Self::flush(key, sub, (position, entered), out);
             }
         }
     }
 
-    fn flush(key: QueryKey, sub: &mut Subscription, position: Position, out: &mut Vec<StageOutput>) {
+    fn flush(key: QueryKey, sub: &mut Subscription, (position, entered): (Position, u64), out: &mut Vec<StageOutput>) {
         let Mode::Window(window) = &mut sub.mode else { return };
         for op in window.flush() {
             sub.seq += 1;
@@ -193,6 +205,7 @@ impl Subscriptions {
                 old_index: op.old_index,
                 cause: op.cause,
                 position,
+                entered,
             });
         }
     }

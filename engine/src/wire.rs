@@ -87,16 +87,21 @@ pub struct WireEvent {
     pub id: WireValue,
     /// The after-image.
     pub doc: Option<WireDoc>,
+    /// When the write entered the engine, in nanoseconds since the engine started (0 when
+    /// unknown); carried along to measure write-to-delta latency.
+    pub entered: u64,
 }
 
-impl From<&crate::event::ChangeEvent> for WireEvent {
-    fn from(e: &crate::event::ChangeEvent) -> Self {
+impl WireEvent {
+    /// The wire form of an event that entered the engine at `entered`.
+    pub fn new(e: &crate::event::ChangeEvent, entered: u64) -> Self {
         WireEvent {
             position: e.position,
             ns: e.ns.clone(),
             op: e.op,
             id: WireValue(e.id.clone()),
             doc: e.doc.clone().map(WireDoc),
+            entered,
         }
     }
 }
@@ -114,6 +119,7 @@ mod tests {
             op: crate::event::ChangeOp::Update,
             id: WireValue(Bson::ObjectId(bson::oid::ObjectId::new())),
             doc: Some(WireDoc(Arc::new(doc! {"a": [1, {"b": "x"}], "d": 1.5}))),
+            entered: 12,
         };
         let bytes = bincode::serialize(&event).unwrap();
         let back: WireEvent = bincode::deserialize(&bytes).unwrap();

@@ -52,7 +52,6 @@ impl Expr {
 /// ```
 #[derive(Debug, Clone)]
 pub struct Filter {
-    source: Document,
     root: Expr,
 }
 
@@ -60,7 +59,7 @@ impl Filter {
     /// Parses and compiles a filter document.
     pub fn parse(source: &Document) -> Result<Self, QueryError> {
         let root = crate::parse::parse_filter(source, "")?;
-        Ok(Filter { source: source.clone(), root })
+        Ok(Filter { root })
     }
 
     /// Parses a filter from (canonical or relaxed Extended) JSON text.
@@ -71,7 +70,7 @@ impl Filter {
 
     /// The filter that matches every document.
     pub fn all() -> Self {
-        Filter { source: Document::new(), root: Expr::Const(true) }
+        Filter { root: Expr::Const(true) }
     }
 
     /// Whether `doc` matches the filter.
@@ -80,19 +79,15 @@ impl Filter {
         self.root.matches(doc)
     }
 
-    /// The filter document this was compiled from.
-    pub fn source(&self) -> &Document {
-        &self.source
-    }
-
     /// The compiled tree.
     pub fn expr(&self) -> &Expr {
         &self.root
     }
 
-    /// A key that is equal for filters written identically, so that they can share state.
-    pub fn canonical_key(&self) -> String {
-        livegrid_protocol::extjson::to_canonical_string(&self.source)
+    /// A key that is equal for filter documents written identically (types included), so
+    /// that their compiled forms and state can be shared.
+    pub fn canonical_key(source: &Document) -> String {
+        livegrid_protocol::extjson::to_canonical_string(source)
     }
 
     /// What an index of queries needs to find this filter from a document: predicates that

@@ -27,11 +27,14 @@ pub struct FieldPath {
     parts: Vec<PathPart>,
 }
 
+/// A component of a path: a byte range of the dotted text (paths are held by every compiled
+/// query, so they stay small).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PathPart {
-    name: String,
+    start: u32,
+    end: u32,
     /// The component as an array index, when it is a plain non-negative integer.
-    index: Option<usize>,
+    index: Option<u32>,
 }
 
 /// Whether an array at the end of the path contributes its elements as candidates.
@@ -49,7 +52,14 @@ impl FieldPath {
         if dotted.is_empty() {
             return Err(QueryError::BadPath { path: dotted.to_string(), reason: "empty field path".into() });
         }
+        if dotted.len() > u32::MAX as usize / 2 {
+            return Err(QueryError::BadPath {
+                path: dotted.chars().take(40).collect(),
+                reason: "path too long".into(),
+            });
+        }
         let mut parts = Vec::new();
+        let mut start = 0u32;
         for name in dotted.split('.') {
             if name.is_empty() {
                 return Err(QueryError::BadPath { path: dotted.to_string(), reason: "empty path component".into() });
@@ -65,7 +75,9 @@ impl FieldPath {
             } else {
                 None
             };
-            parts.push(PathPart { name: name.to_string(), index });
+            let end = start + name.len() as u32;
+            parts.push(PathPart { start, end, index });
+            start = end + 1;
         }
         Ok(FieldPath { dotted: dotted.to_string(), parts })
     }
@@ -77,15 +89,16 @@ impl FieldPath {
 
     /// The path `self.rest`.
     pub fn join(&self, rest: &FieldPath) -> FieldPath {
-        FieldPath {
-            dotted: format!("{}.{}", self.dotted, rest.dotted),
-            parts: self.parts.iter().chain(&rest.parts).cloned().collect(),
-        }
+        FieldPath::parse(&format!("{}.{}", self.dotted, rest.dotted)).expect("two valid paths join into a valid path")
     }
 
     /// The components of the path.
     pub fn components(&self) -> impl Iterator<Item = &str> {
-        self.parts.iter().map(|p| p.name.as_str())
+        self.parts.iter().map(|p| self.name(p))
+    }
+
+    fn name(&self, part: &PathPart) -> &str {
+        &self.dotted[part.start as usize..part.end as usize]
     }
 
     /// Calls `visit` with every candidate of the path in `doc` until it returns `true`;
@@ -96,7 +109,7 @@ impl FieldPath {
         leaf: LeafArrays,
         visit: &mut dyn FnMut(Option<&'a Bson>) -> bool,
     ) -> bool {
-        walk_document(doc, &self.parts, leaf, visit)
+        Walk { path: self, leaf }.document(doc, &self.parts, visit)
     }
 
     /// Collects every candidate of the path in `doc`.
@@ -113,11 +126,11 @@ impl FieldPath {
     /// projections), or `None`.
     pub fn get_direct<'a>(&self, doc: &'a Document) -> Option<&'a Bson> {
         let (first, rest) = self.parts.split_first()?;
-        let mut current = doc.get(&first.name)?;
+        let mut current = doc.get(self.name(first))?;
         for part in rest {
             current = match current {
-                Bson::Document(d) => d.get(&part.name)?,
-                Bson::Array(a) => a.get(part.index?)?,
+                Bson::Document(d) => d.get(self.name(part))?,
+                Bson::Array(a) => a.get(part.index? as usize)?,
                 _ => return None,
             };
         }
@@ -131,55 +144,58 @@ impl std::fmt::Display for FieldPath {
     }
 }
 
-fn walk_document<'a>(
-    doc: &'a Document,
-    parts: &[PathPart],
+/// One traversal of a path through a document.
+struct Walk<'p> {
+    path: &'p FieldPath,
     leaf: LeafArrays,
-    visit: &mut dyn FnMut(Option<&'a Bson>) -> bool,
-) -> bool {
-    let (first, rest) = parts.split_first().expect("paths are never empty");
-    match doc.get(&first.name) {
-        None => visit(None),
-        Some(value) => walk_value(value, rest, leaf, visit),
-    }
 }
 
-fn walk_value<'a>(
-    value: &'a Bson,
-    rest: &[PathPart],
-    leaf: LeafArrays,
-    visit: &mut dyn FnMut(Option<&'a Bson>) -> bool,
-) -> bool {
-    let Some(next) = rest.first() else {
-        if visit(Some(value)) {
-            return true;
+impl Walk<'_> {
+    fn document<'a>(
+        &self,
+        doc: &'a Document,
+        parts: &[PathPart],
+        visit: &mut dyn FnMut(Option<&'a Bson>) -> bool,
+    ) -> bool {
+        let (first, rest) = parts.split_first().expect("paths are never empty");
+        match doc.get(self.path.name(first)) {
+            None => visit(None),
+            Some(value) => self.value(value, rest, visit),
         }
-        if let (LeafArrays::Expand, Bson::Array(items)) = (leaf, value) {
-            return items.iter().any(|item| visit(Some(item)));
-        }
-        return false;
-    };
-    match value {
-        Bson::Document(d) => walk_document(d, rest, leaf, visit),
-        Bson::Array(items) => {
-            // The element at a numeric component's offset continues with the rest of the path
-            // after that component; every other document element is searched for the whole
-            // rest. Scalars inside the array are skipped, so `{a: []}` yields no candidate.
-            for (i, item) in items.iter().enumerate() {
-                let found = if next.index == Some(i) {
-                    walk_value(item, &rest[1..], leaf, visit)
-                } else if let Bson::Document(d) = item {
-                    walk_document(d, rest, leaf, visit)
-                } else {
-                    false
-                };
-                if found {
-                    return true;
-                }
+    }
+
+    fn value<'a>(&self, value: &'a Bson, rest: &[PathPart], visit: &mut dyn FnMut(Option<&'a Bson>) -> bool) -> bool {
+        let Some(next) = rest.first() else {
+            if visit(Some(value)) {
+                return true;
             }
-            false
+            if let (LeafArrays::Expand, Bson::Array(items)) = (self.leaf, value) {
+                return items.iter().any(|item| visit(Some(item)));
+            }
+            return false;
+        };
+        match value {
+            Bson::Document(d) => self.document(d, rest, visit),
+            Bson::Array(items) => {
+                // The element at a numeric component's offset continues with the rest of the path
+                // after that component; every other document element is searched for the whole
+                // rest. Scalars inside the array are skipped, so `{a: []}` yields no candidate.
+                for (i, item) in items.iter().enumerate() {
+                    let found = if next.index == Some(i as u32) {
+                        self.value(item, &rest[1..], visit)
+                    } else if let Bson::Document(d) = item {
+                        self.document(d, rest, visit)
+                    } else {
+                        false
+                    };
+                    if found {
+                        return true;
+                    }
+                }
+                false
+            }
+            _ => visit(None),
         }
-        _ => visit(None),
     }
 }
 

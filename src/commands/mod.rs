@@ -1,3 +1,5 @@
 //! The commands of the `livegrid` binary, one module each.
 
 pub mod match_docs;
+pub mod replay;
+pub mod workload;

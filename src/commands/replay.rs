@@ -1,0 +1,274 @@
+//! `livegrid replay`: the engine without a network. Replays a recorded change stream through
+//! the grid with a set of queries registered along the way, writes every `result` and
+//! `delta` message, and reports throughput and latency.
+//!
+//! Queries (one JSON object per line): `{"id", "ns", "filter", "sort", "skip", "limit",
+//! "projection", "after"}`, where `after` is the number of events applied before the query is
+//! registered (default 0). Replay keeps the database state in memory to answer initial
+//! results and window re-reads.
+//!
+//! Output: one JSON message per line; on stderr a one-line JSON summary: `events`,
+//! `skipped` (events without a document change), `queries`, `results`, `deltas`, `seconds`,
+//! `events_per_sec`, `p50_latency_ms`, `p99_latency_ms` (from a write entering the engine to
+//! its delta leaving it).
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use livegrid_engine::memory::SharedMemory;
+use livegrid_engine::{ChangeEvent, ClusterConfig, Engine, EngineConfig, EngineEvent};
+use livegrid_matcher::QuerySpec;
+use livegrid_protocol::{Position, ServerMessage, extjson};
+use serde_json::Value;
+
+use crate::cli::ReplayArgs;
+use crate::source::change_stream_event::{self, Parsed};
+
+/// Exit status for unreadable input files.
+const EXIT_BAD_INPUT: u8 = 2;
+/// Exit status for failures while running.
+const EXIT_FAILED: u8 = 1;
+
+/// A query of the queries file.
+#[derive(Debug, Clone)]
+pub struct ReplayQuery {
+    /// The subscription id.
+    pub id: String,
+    /// The namespace.
+    pub ns: String,
+    /// The query.
+    pub spec: QuerySpec,
+    /// Events applied before it is registered.
+    pub after: u64,
+}
+
+/// Runs the command.
+pub fn run(args: &ReplayArgs) -> ExitCode {
+    match execute(args) {
+        Ok(summary) => {
+            eprintln!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(ReplayError::Input(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(EXIT_BAD_INPUT)
+        }
+        Err(ReplayError::Failed(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+/// Why a replay stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// An input file is missing or malformed.
+    #[error("{0}")]
+    Input(String),
+    /// The engine or the output failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+fn cluster(args: &ReplayArgs) -> Result<Option<ClusterConfig>, ReplayError> {
+    let Some(hostfile) = &args.hostfile else { return Ok(None) };
+    let text =
+        std::fs::read_to_string(hostfile).map_err(|e| ReplayError::Input(format!("{}: {e}", hostfile.display())))?;
+    let addresses: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    if args.process >= addresses.len() {
+        return Err(ReplayError::Input(format!(
+            "--process {} but the hostfile names {} processes",
+            args.process,
+            addresses.len()
+        )));
+    }
+    Ok(Some(ClusterConfig { process: args.process, addresses }))
+}
+
+/// Runs a replay and returns its summary line.
+pub fn execute(args: &ReplayArgs) -> Result<String, ReplayError> {
+    let config =
+        EngineConfig { shape: args.grid, cluster: cluster(args)?, retention: args.retention, slack: args.slack };
+    let memory = Arc::new(SharedMemory::default());
+    if config.cluster.as_ref().is_some_and(|c| c.process != 0) {
+        // Other processes only lend their workers; process 0 reads the files and writes.
+        let engine = Engine::start(config, memory).map_err(|e| ReplayError::Failed(e.to_string()))?;
+        engine.shutdown();
+        return Ok(serde_json::json!({"process": args.process, "role": "worker"}).to_string());
+    }
+    let (events_path, queries_path, out_path) = match (&args.events, &args.queries, &args.out) {
+        (Some(e), Some(q), Some(o)) => (e, q, o),
+        _ => return Err(ReplayError::Input("--events, --queries and --out are required (on process 0)".into())),
+    };
+    let mut queries = read_queries(queries_path)?;
+    queries.sort_by_key(|q| q.after);
+    let event_lines = read_lines(events_path)?;
+
+    let engine = Engine::start(config, memory.clone()).map_err(|e| ReplayError::Failed(e.to_string()))?;
+    let out = File::create(out_path).map_err(|e| ReplayError::Input(format!("{}: {e}", out_path.display())))?;
+    let messages = engine.messages().clone();
+    let writer = std::thread::spawn(move || write_messages(&messages, out));
+
+    let started = Instant::now();
+    let mut next_query = 0;
+    let mut applied = 0u64;
+    let mut skipped = 0u64;
+    let mut previous: Position = 0;
+    let mut batch: Vec<ChangeEvent> = Vec::new();
+    let register_due = |applied: u64, next_query: &mut usize, engine: &Engine| -> Result<(), ReplayError> {
+        while *next_query < queries.len() && queries[*next_query].after <= applied {
+            let q = &queries[*next_query];
+            engine.register(&q.id, &q.ns, &q.spec).map_err(|e| ReplayError::Input(format!("query {:?}: {e}", q.id)))?;
+            *next_query += 1;
+        }
+        Ok(())
+    };
+    register_due(0, &mut next_query, &engine)?;
+    for (index, line) in event_lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let line_no = index as u64 + 1;
+        let parsed = {
+            let state = memory.0.lock().expect("memory state");
+            change_stream_event::parse(line, line_no, previous, |ns, id| state.get(ns, id).cloned())
+        }
+        .map_err(|e| ReplayError::Input(format!("{}:{line_no}: {e}", events_path.display())))?;
+        let event = match parsed {
+            Parsed::Write(event) => event,
+            Parsed::Skipped(_) => {
+                skipped += 1;
+                continue;
+            }
+        };
+        previous = event.position;
+        memory.0.lock().expect("memory state").apply(&event);
+        batch.push(event);
+        applied += 1;
+        let query_due = next_query < queries.len() && queries[next_query].after <= applied;
+        if batch.len() >= args.batch || query_due {
+            engine.submit(std::mem::take(&mut batch)).map_err(|e| ReplayError::Failed(e.to_string()))?;
+            register_due(applied, &mut next_query, &engine)?;
+        }
+    }
+    engine.submit(batch).map_err(|e| ReplayError::Failed(e.to_string()))?;
+    register_due(u64::MAX, &mut next_query, &engine)?;
+    if !engine.settle(Duration::from_secs(600)) {
+        return Err(ReplayError::Failed("the engine did not finish within 10 minutes".into()));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    engine.shutdown();
+    let stats = writer.join().map_err(|_| ReplayError::Failed("output writer panicked".into()))??;
+    Ok(summary(applied, skipped, queries.len(), &stats, seconds))
+}
+
+fn read_lines(path: &Path) -> Result<Vec<String>, ReplayError> {
+    let file = File::open(path).map_err(|e| ReplayError::Input(format!("{}: {e}", path.display())))?;
+    BufReader::new(file)
+        .lines()
+        .collect::<Result<_, _>>()
+        .map_err(|e| ReplayError::Input(format!("{}: {e}", path.display())))
+}
+
+/// Reads the queries file.
+pub fn read_queries(path: &Path) -> Result<Vec<ReplayQuery>, ReplayError> {
+    let mut queries = Vec::new();
+    for (index, line) in read_lines(path)?.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = |message: String| ReplayError::Input(format!("{}:{}: {message}", path.display(), index + 1));
+        let value: Value = serde_json::from_str(line).map_err(|e| at(format!("invalid json: {e}")))?;
+        queries.push(parse_query(value).map_err(at)?);
+    }
+    Ok(queries)
+}
+
+fn parse_query(value: Value) -> Result<ReplayQuery, String> {
+    let Value::Object(mut fields) = value else { return Err("a query must be a json object".into()) };
+    let id = match fields.remove("id") {
+        Some(Value::String(s)) => s,
+        Some(Value::Number(n)) => n.to_string(),
+        _ => return Err("\"id\" is required (string or number)".into()),
+    };
+    let ns = match fields.remove("ns") {
+        Some(Value::String(s)) if s.contains('.') => s,
+        _ => return Err("\"ns\" is required, as \"db.collection\"".into()),
+    };
+    let doc = |name: &str, v: Value| extjson::document_from_json(v).map_err(|e| format!("\"{name}\": {e}"));
+    let count = |name: &str, v: Option<Value>| -> Result<Option<u64>, String> {
+        match v {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => {
+                n.as_u64().map(Some).ok_or_else(|| format!("\"{name}\" must be a non-negative integer"))
+            }
+            Some(_) => Err(format!("\"{name}\" must be a non-negative integer")),
+        }
+    };
+    let filter = fields.remove("filter").map(|v| doc("filter", v)).transpose()?.unwrap_or_default();
+    let sort = fields.remove("sort").filter(|v| !v.is_null()).map(|v| doc("sort", v)).transpose()?;
+    let projection = fields.remove("projection").filter(|v| !v.is_null()).map(|v| doc("projection", v)).transpose()?;
+    let skip = count("skip", fields.remove("skip"))?.unwrap_or(0);
+    let limit = count("limit", fields.remove("limit"))?;
+    let after = count("after", fields.remove("after"))?.unwrap_or(0);
+    if let Some(unknown) = fields.keys().next() {
+        return Err(format!("unknown field {unknown:?}"));
+    }
+    Ok(ReplayQuery { id, ns, spec: QuerySpec { filter, sort, skip, limit, projection }, after })
+}
+
+/// What the writer saw.
+#[derive(Debug, Default)]
+pub struct OutputStats {
+    results: u64,
+    deltas: u64,
+    latencies: Vec<Duration>,
+}
+
+fn write_messages(messages: &crossbeam_channel::Receiver<EngineEvent>, out: File) -> Result<OutputStats, ReplayError> {
+    let mut out = BufWriter::with_capacity(1 << 20, out);
+    let mut stats = OutputStats::default();
+    let failed = |e: std::io::Error| ReplayError::Failed(format!("writing output: {e}"));
+    for event in messages {
+        let EngineEvent::Message { message, latency, .. } = event else { continue };
+        match &message {
+            ServerMessage::Result(_) => stats.results += 1,
+            ServerMessage::Delta(_) => stats.deltas += 1,
+            _ => {}
+        }
+        if let Some(latency) = latency {
+            stats.latencies.push(latency);
+        }
+        serde_json::to_writer(&mut out, &message).map_err(|e| ReplayError::Failed(e.to_string()))?;
+        out.write_all(b"\n").map_err(failed)?;
+    }
+    out.flush().map_err(failed)?;
+    Ok(stats)
+}
+
+fn summary(events: u64, skipped: u64, queries: usize, stats: &OutputStats, seconds: f64) -> String {
+    let mut latencies = stats.latencies.clone();
+    latencies.sort_unstable();
+    let percentile = |p: f64| -> Option<f64> {
+        (!latencies.is_empty()).then(|| {
+            (latencies[((latencies.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e6).round() / 1000.0
+        })
+    };
+    serde_json::json!({
+        "events": events,
+        "skipped": skipped,
+        "queries": queries,
+        "results": stats.results,
+        "deltas": stats.deltas,
+        "seconds": (seconds * 1000.0).round() / 1000.0,
+        "events_per_sec": if seconds > 0.0 { (events as f64 / seconds).round() } else { 0.0 },
+        "p50_latency_ms": percentile(0.5),
+        "p99_latency_ms": percentile(0.99),
+    })
+    .to_string()
+}

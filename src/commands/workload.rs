@@ -1,0 +1,41 @@
+//! `livegrid workload`: writes a synthetic replay workload (events and queries files) for
+//! `livegrid replay`.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::process::ExitCode;
+
+use crate::cli::WorkloadArgs;
+use crate::workload::{NAMESPACE, Workload, change_stream_json};
+
+/// Runs the command.
+pub fn run(args: &WorkloadArgs) -> ExitCode {
+    match write(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn write(args: &WorkloadArgs) -> std::io::Result<()> {
+    std::fs::create_dir_all(&args.dir)?;
+    let mut workload = Workload::new(args.seed);
+    let mut queries = BufWriter::new(File::create(args.dir.join("queries.jsonl"))?);
+    for i in 0..args.queries {
+        let spec = workload.query();
+        let line = serde_json::json!({
+            "id": format!("q{i}"),
+            "ns": NAMESPACE,
+            "filter": livegrid_protocol::extjson::document_to_relaxed_json(&spec.filter),
+        });
+        writeln!(queries, "{line}")?;
+    }
+    queries.flush()?;
+    let mut events = BufWriter::new(File::create(args.dir.join("events.jsonl"))?);
+    for position in 1..=args.events {
+        writeln!(events, "{}", change_stream_json(&workload.event(position)))?;
+    }
+    events.flush()
+}

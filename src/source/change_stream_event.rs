@@ -1,0 +1,294 @@
+//! MongoDB change events (as `watch()` emits them, in relaxed Extended JSON) to engine events.
+//!
+//! An event carries `operationType` (`insert`, `update`, `replace`, `delete`), `ns`
+//! (`{"db": .., "coll": ..}` or the string `"db.coll"`), `documentKey._id`, and for inserts,
+//! replaces and (with `fullDocument: "updateLookup"`) updates the `fullDocument`. An update
+//! without `fullDocument` is applied to the previous version of the document through its
+//! `updateDescription` (`updatedFields`, `removedFields`, `truncatedArrays`). Other operation
+//! types (`drop`, `rename`, `invalidate`, ...) carry no document change and are skipped.
+//!
+//! Positions: `clusterTime` (a BSON timestamp) gives `t << 32 | i`; events without it take
+//! their line number. Positions must grow, so an event whose position is not above the
+//! previous one (several events of one transaction share a cluster time) takes the previous
+//! position plus one.
+
+use std::sync::Arc;
+
+use bson::{Bson, Document};
+use livegrid_engine::{ChangeEvent, ChangeOp};
+use livegrid_protocol::Position;
+use serde_json::Value;
+
+/// Why a change event line was rejected.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ChangeEventError {
+    /// The line is not an Extended JSON document.
+    #[error("invalid change event: {0}")]
+    Json(String),
+    /// A required field is missing or has the wrong type.
+    #[error("change event field {field}: {reason}")]
+    Field {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A parsed change event, or an event without a document change.
+#[derive(Debug, PartialEq)]
+pub enum Parsed {
+    /// A write.
+    Write(ChangeEvent),
+    /// An event that changes no document (`drop`, `invalidate`, ...), by operation type.
+    Skipped(String),
+}
+
+/// Parses one change event. `line` is its 1-based line (the position without
+/// `clusterTime`), `previous` the position of the event before it, and `current` looks up a
+/// document's current version (for updates without `fullDocument`).
+pub fn parse(
+    text: &str,
+    line: u64,
+    previous: Position,
+    current: impl Fn(&str, &Bson) -> Option<Arc<Document>>,
+) -> Result<Parsed, ChangeEventError> {
+    let json: Value = serde_json::from_str(text).map_err(|e| ChangeEventError::Json(e.to_string()))?;
+    let event =
+        livegrid_protocol::extjson::document_from_json(json).map_err(|e| ChangeEventError::Json(e.to_string()))?;
+    let field = |field: &'static str, reason: &str| ChangeEventError::Field { field, reason: reason.to_string() };
+    let operation = event.get_str("operationType").map_err(|_| field("operationType", "missing or not a string"))?;
+    let op = match operation {
+        "insert" => ChangeOp::Insert,
+        "update" => ChangeOp::Update,
+        "replace" => ChangeOp::Replace,
+        "delete" => ChangeOp::Delete,
+        other => return Ok(Parsed::Skipped(other.to_string())),
+    };
+    let ns = match event.get("ns") {
+        Some(Bson::String(ns)) => ns.clone(),
+        Some(Bson::Document(ns)) => {
+            let db = ns.get_str("db").map_err(|_| field("ns.db", "missing or not a string"))?;
+            let coll = ns.get_str("coll").map_err(|_| field("ns.coll", "missing or not a string"))?;
+            format!("{db}.{coll}")
+        }
+        _ => return Err(field("ns", "missing; expected {\"db\", \"coll\"} or \"db.coll\"")),
+    };
+    let id = event
+        .get_document("documentKey")
+        .ok()
+        .and_then(|k| k.get("_id"))
+        .cloned()
+        .ok_or_else(|| field("documentKey._id", "missing"))?;
+    let full = match event.get("fullDocument") {
+        Some(Bson::Document(d)) => Some(d.clone()),
+        Some(Bson::Null) | None => None,
+        Some(_) => return Err(field("fullDocument", "not a document")),
+    };
+    let doc = match op {
+        ChangeOp::Delete => None,
+        ChangeOp::Insert | ChangeOp::Replace => {
+            Some(full.ok_or_else(|| field("fullDocument", "required for inserts and replaces"))?)
+        }
+        ChangeOp::Update => match full {
+            Some(d) => Some(d),
+            None => {
+                let description = event
+                    .get_document("updateDescription")
+                    .map_err(|_| field("updateDescription", "required for updates without fullDocument"))?;
+                // An update of a document the stream never showed cannot be rebuilt.
+                current(&ns, &id).map(|before| apply_update_description(&before, description)).transpose()?
+            }
+        },
+    };
+    let position = match event.get("clusterTime") {
+        Some(Bson::Timestamp(ts)) => (u64::from(ts.time) << 32) | u64::from(ts.increment),
+        Some(_) => return Err(field("clusterTime", "not a timestamp")),
+        None => line,
+    };
+    let position = if position <= previous { previous + 1 } else { position };
+    Ok(Parsed::Write(ChangeEvent { position, ns, op, id, doc: doc.map(Arc::new) }))
+}
+
+/// Applies an `updateDescription` to the previous version of a document.
+pub fn apply_update_description(before: &Document, description: &Document) -> Result<Document, ChangeEventError> {
+    let mut doc = before.clone();
+    if let Ok(updated) = description.get_document("updatedFields") {
+        for (path, value) in updated {
+            set_path(&mut doc, path, value.clone());
+        }
+    }
+    if let Ok(removed) = description.get_array("removedFields") {
+        for path in removed {
+            let Bson::String(path) = path else {
+                return Err(ChangeEventError::Field {
+                    field: "updateDescription.removedFields",
+                    reason: "not a string".into(),
+                });
+            };
+            unset_path(&mut doc, path);
+        }
+    }
+    if let Ok(truncated) = description.get_array("truncatedArrays") {
+        for entry in truncated {
+            let Bson::Document(entry) = entry else { continue };
+            let (Ok(field), Some(size)) = (entry.get_str("field"), entry.get("newSize").and_then(Bson::as_i64_like))
+            else {
+                continue;
+            };
+            if let Some(Bson::Array(items)) = get_path_mut(&mut doc, field) {
+                items.truncate(size.max(0) as usize);
+            }
+        }
+    }
+    Ok(doc)
+}
+
+trait AsI64Like {
+    fn as_i64_like(&self) -> Option<i64>;
+}
+
+impl AsI64Like for Bson {
+    fn as_i64_like(&self) -> Option<i64> {
+        match self {
+            Bson::Int32(i) => Some(i64::from(*i)),
+            Bson::Int64(i) => Some(*i),
+            Bson::Double(f) => Some(*f as i64),
+            _ => None,
+        }
+    }
+}
+
+/// Sets a dotted path, creating documents on the way and indexing into arrays.
+pub fn set_path(doc: &mut Document, path: &str, value: Bson) {
+    let (head, rest) = match path.split_once('.') {
+        Some((h, r)) => (h, Some(r)),
+        None => (path, None),
+    };
+    match rest {
+        None => {
+            doc.insert(head, value);
+        }
+        Some(rest) => {
+            let child = doc.entry(head.to_string()).or_insert_with(|| Bson::Document(Document::new()));
+            set_in_value(child, rest, value);
+        }
+    }
+}
+
+fn set_in_value(target: &mut Bson, path: &str, value: Bson) {
+    match target {
+        Bson::Document(d) => set_path(d, path, value),
+        Bson::Array(items) => {
+            let (head, rest) = match path.split_once('.') {
+                Some((h, r)) => (h, Some(r)),
+                None => (path, None),
+            };
+            let Ok(index) = head.parse::<usize>() else { return };
+            while items.len() <= index {
+                items.push(Bson::Null);
+            }
+            match rest {
+                None => items[index] = value,
+                Some(rest) => set_in_value(&mut items[index], rest, value),
+            }
+        }
+        other => {
+            *other = Bson::Document(Document::new());
+            set_in_value(other, path, value);
+        }
+    }
+}
+
+/// Removes a dotted path if present.
+pub fn unset_path(doc: &mut Document, path: &str) {
+    match path.rsplit_once('.') {
+        None => {
+            doc.remove(path);
+        }
+        Some((parent, last)) => match get_path_mut(doc, parent) {
+            Some(Bson::Document(d)) => {
+                d.remove(last);
+            }
+            Some(Bson::Array(items)) => {
+                if let Ok(i) = last.parse::<usize>()
+                    && i < items.len()
+                {
+                    items[i] = Bson::Null;
+                }
+            }
+            _ => {}
+        },
+    }
+}
+
+fn get_path_mut<'a>(doc: &'a mut Document, path: &str) -> Option<&'a mut Bson> {
+    let mut parts = path.split('.');
+    let mut current = doc.get_mut(parts.next()?)?;
+    for part in parts {
+        current = match current {
+            Bson::Document(d) => d.get_mut(part)?,
+            Bson::Array(items) => items.get_mut(part.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(current)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::doc;
+
+    fn none(_: &str, _: &Bson) -> Option<Arc<Document>> {
+        None
+    }
+
+    #[test]
+    fn inserts_with_cluster_time_and_object_ns() {
+        let line = r#"{"operationType":"insert","ns":{"db":"shop","coll":"items"},"documentKey":{"_id":1},"fullDocument":{"_id":1,"n":2},"clusterTime":{"$timestamp":{"t":10,"i":3}}}"#;
+        let Parsed::Write(e) = parse(line, 1, 0, none).unwrap() else { panic!() };
+        assert_eq!(e.ns, "shop.items");
+        assert_eq!(e.position, (10 << 32) | 3);
+        assert_eq!(e.op, ChangeOp::Insert);
+        assert_eq!(*e.doc.unwrap(), doc! {"_id": 1, "n": 2});
+    }
+
+    #[test]
+    fn positions_grow_within_a_transaction() {
+        let line = r#"{"operationType":"delete","ns":"a.b","documentKey":{"_id":1},"clusterTime":{"$timestamp":{"t":1,"i":1}}}"#;
+        let Parsed::Write(e) = parse(line, 7, (1 << 32) | 1, none).unwrap() else { panic!() };
+        assert_eq!(e.position, (1 << 32) | 2);
+        assert!(e.doc.is_none());
+        let no_time = r#"{"operationType":"delete","ns":"a.b","documentKey":{"_id":1}}"#;
+        let Parsed::Write(e) = parse(no_time, 7, 0, none).unwrap() else { panic!() };
+        assert_eq!(e.position, 7);
+    }
+
+    #[test]
+    fn updates_apply_their_description() {
+        let before = Arc::new(doc! {"_id": 1, "a": {"b": 1, "c": 2}, "arr": [1, 2, 3], "gone": true});
+        let line = r#"{"operationType":"update","ns":"a.b","documentKey":{"_id":1},"updateDescription":{"updatedFields":{"a.b":5,"arr.1":9,"new":{"x":1}},"removedFields":["gone","a.c"],"truncatedArrays":[{"field":"arr","newSize":2}]}}"#;
+        let Parsed::Write(e) = parse(line, 1, 0, |_, _| Some(before.clone())).unwrap() else { panic!() };
+        assert_eq!(*e.doc.unwrap(), doc! {"_id": 1, "a": {"b": 5}, "arr": [1, 9], "new": {"x": 1}});
+        // Without a previous version the update cannot be rebuilt: the document is unknown.
+        let Parsed::Write(e) = parse(line, 1, 0, none).unwrap() else { panic!() };
+        assert!(e.doc.is_none());
+    }
+
+    #[test]
+    fn errors_and_skips() {
+        assert!(
+            matches!(parse(r#"{"operationType":"drop","ns":"a.b"}"#, 1, 0, none), Ok(Parsed::Skipped(op)) if op == "drop")
+        );
+        assert!(matches!(parse("nope", 1, 0, none), Err(ChangeEventError::Json(_))));
+        assert!(matches!(
+            parse(r#"{"operationType":"insert","ns":"a.b","documentKey":{"_id":1}}"#, 1, 0, none),
+            Err(ChangeEventError::Field { field: "fullDocument", .. })
+        ));
+        assert!(matches!(
+            parse(r#"{"operationType":"insert","documentKey":{"_id":1},"fullDocument":{}}"#, 1, 0, none),
+            Err(ChangeEventError::Field { field: "ns", .. })
+        ));
+    }
+}
