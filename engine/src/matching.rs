@@ -33,8 +33,10 @@ pub struct Matching {
     index: QueryIndex,
     /// Per namespace: document id → subscriptions whose member set holds it.
     holders: HashMap<Arc<str>, HashMap<DocId, Vec<QueryKey>>>,
-    /// Identical filters share one compiled form, by namespace and canonical filter text.
-    compiled: HashMap<(Arc<str>, String), Weak<Filter>>,
+    /// Identical filters share one compiled form, by a 128-bit hash of namespace and
+    /// canonical filter text (a collision among even billions of filters is not to be
+    /// expected, and keeping the texts would cost more than the filters).
+    compiled: HashMap<u128, Weak<Filter>>,
     /// One shared name per namespace.
     namespaces: HashMap<String, Arc<str>>,
     /// Cache entries whose filter is no longer used.
@@ -155,7 +157,7 @@ impl Matching {
     }
 
     fn compile(&mut self, ns: &Arc<str>, spec: &QuerySpec) -> Option<Arc<Filter>> {
-        let cache_key = (ns.clone(), Filter::canonical_key(&spec.filter));
+        let cache_key = filter_hash(ns, &Filter::canonical_key(&spec.filter));
         if let Some(shared) = self.compiled.get(&cache_key).and_then(Weak::upgrade) {
             return Some(shared);
         }
@@ -187,4 +189,19 @@ impl Matching {
             out.push(StageInput::Drop { key });
         }
     }
+}
+
+/// Two independent 64-bit hashes of a namespace and canonical filter text.
+fn filter_hash(ns: &str, canonical: &str) -> u128 {
+    use std::hash::{BuildHasher, Hasher};
+    let half = |seed: u64| {
+        let mut hasher =
+            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().build_hasher();
+        hasher.write_u64(seed);
+        hasher.write(ns.as_bytes());
+        hasher.write_u8(0);
+        hasher.write(canonical.as_bytes());
+        hasher.finish()
+    };
+    (u128::from(half(0x51_7c_c1_b7_27_22_0a_95)) << 64) | u128::from(half(0x9e_37_79_b9_7f_4a_7c_15))
 }

@@ -150,9 +150,9 @@ impl NamespaceIndex {
 /// re-sorting; removed ones are skipped until then.
 #[derive(Default)]
 struct RangeList {
-    lower_only: Vec<(Bson, QueryKey)>,
-    upper_only: Vec<(Bson, QueryKey)>,
-    both: Vec<(Bson, Bson, QueryKey)>,
+    lower_only: Vec<(RangeKey, QueryKey)>,
+    upper_only: Vec<(RangeKey, QueryKey)>,
+    both: Vec<(RangeKey, RangeKey, QueryKey)>,
     /// Segment tree over `both`: node i holds the index of the entry with the largest upper
     /// bound below it; leaves start at `leaves`.
     max_upper: Vec<u32>,
@@ -193,16 +193,18 @@ impl RangeList {
             if !keep(&query) {
                 continue;
             }
+            let low = |b: Bound| RangeKey::of(&b.value, Round::Down);
+            let high = |b: Bound| RangeKey::of(&b.value, Round::Up);
             match (lower, upper) {
-                (Some(l), Some(u)) => self.both.push((l.value, u.value, query)),
-                (Some(l), None) => self.lower_only.push((l.value, query)),
-                (None, Some(u)) => self.upper_only.push((u.value, query)),
+                (Some(l), Some(u)) => self.both.push((low(l), high(u), query)),
+                (Some(l), None) => self.lower_only.push((low(l), query)),
+                (None, Some(u)) => self.upper_only.push((high(u), query)),
                 (None, None) => unreachable!("a range has a bound"),
             }
         }
-        self.lower_only.sort_by(|a, b| compare_values(&a.0, &b.0));
-        self.upper_only.sort_by(|a, b| compare_values(&a.0, &b.0));
-        self.both.sort_by(|a, b| compare_values(&a.0, &b.0));
+        self.lower_only.sort_by(|a, b| a.0.cmp(&b.0));
+        self.upper_only.sort_by(|a, b| a.0.cmp(&b.0));
+        self.both.sort_by(|a, b| a.0.cmp(&b.0));
         self.build_tree();
     }
 
@@ -220,16 +222,16 @@ impl RangeList {
     fn larger_upper(&self, a: u32, b: u32) -> u32 {
         match (a, b) {
             (u32::MAX, x) | (x, u32::MAX) => x,
-            (a, b) if compare_values(&self.both[a as usize].1, &self.both[b as usize].1) == Ordering::Less => b,
+            (a, b) if self.both[a as usize].1 < self.both[b as usize].1 => b,
             (a, _) => a,
         }
     }
 
     /// Collects the entries of `both` below `node` with index under `end` and upper bound at
     /// least `min`.
-    fn stab(&self, node: usize, span: (usize, usize), end: usize, min: &Bson, out: &mut Vec<QueryKey>) {
+    fn stab(&self, node: usize, span: (usize, usize), end: usize, min: &RangeKey, out: &mut Vec<QueryKey>) {
         let best = self.max_upper[node];
-        if span.0 >= end || best == u32::MAX || compare_values(&self.both[best as usize].1, min) == Ordering::Less {
+        if span.0 >= end || best == u32::MAX || self.both[best as usize].1 < *min {
             return;
         }
         if node >= self.leaves {
@@ -251,13 +253,14 @@ impl RangeList {
             self.rebuild();
         }
         let le = |bound: &Bson, v: &Bson| compare_values(bound, v) != Ordering::Greater;
-        let end = self.lower_only.partition_point(|(l, _)| le(l, max));
+        let (min_key, max_key) = (RangeKey::of(min, Round::Down), RangeKey::of(max, Round::Up));
+        let end = self.lower_only.partition_point(|(l, _)| *l <= max_key);
         out.extend(self.lower_only[..end].iter().map(|(_, q)| *q).filter(|q| !self.removed.contains(q)));
-        let start = self.upper_only.partition_point(|(u, _)| compare_values(u, min) == Ordering::Less);
+        let start = self.upper_only.partition_point(|(u, _)| *u < min_key);
         out.extend(self.upper_only[start..].iter().map(|(_, q)| *q).filter(|q| !self.removed.contains(q)));
-        let end = self.both.partition_point(|(l, _, _)| le(l, max));
+        let end = self.both.partition_point(|(l, _, _)| *l <= max_key);
         if end > 0 {
-            self.stab(1, (0, self.leaves), end, min, out);
+            self.stab(1, (0, self.leaves), end, &min_key, out);
         }
         for (lower, upper, q) in &self.pending {
             let above = lower.as_ref().is_none_or(|l| le(&l.value, max));
@@ -268,6 +271,74 @@ impl RangeList {
         }
     }
 }
+
+/// A range bound (or a document's value) in a compact form for the sorted lists: numbers as
+/// doubles rounded outward by one unit in the last place (so that rounding never loses a
+/// candidate), strings as text, anything else boxed. Keys are compared only with keys of the
+/// same BSON type.
+#[derive(Debug, Clone)]
+enum RangeKey {
+    Number(f64),
+    Text(Box<str>),
+    Other(Box<Bson>),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Round {
+    Down,
+    Up,
+}
+
+impl RangeKey {
+    fn of(value: &Bson, round: Round) -> RangeKey {
+        if let Some(f) = livegrid_matcher::bson_order::number_as_f64(value) {
+            return RangeKey::Number(match round {
+                Round::Down => f.next_down(),
+                Round::Up => f.next_up(),
+            });
+        }
+        match value {
+            Bson::String(s) | Bson::Symbol(s) => RangeKey::Text(s.as_str().into()),
+            other => RangeKey::Other(Box::new(other.clone())),
+        }
+    }
+}
+
+impl Ord for RangeKey {
+    fn cmp(&self, other: &Self) -> Ordering {
+        match (self, other) {
+            (RangeKey::Number(a), RangeKey::Number(b)) => a.total_cmp(b),
+            (RangeKey::Text(a), RangeKey::Text(b)) => a.as_bytes().cmp(b.as_bytes()),
+            (RangeKey::Other(a), RangeKey::Other(b)) => compare_values(a, b),
+            // Lists hold one type; a mismatch cannot happen, order it anyway.
+            (a, b) => a.rank().cmp(&b.rank()),
+        }
+    }
+}
+
+impl RangeKey {
+    fn rank(&self) -> u8 {
+        match self {
+            RangeKey::Number(_) => 0,
+            RangeKey::Text(_) => 1,
+            RangeKey::Other(_) => 2,
+        }
+    }
+}
+
+impl PartialOrd for RangeKey {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for RangeKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for RangeKey {}
 
 #[cfg(test)]
 mod tests {
@@ -280,7 +351,12 @@ mod tests {
         prop_oneof![
             (-5i32..5).prop_map(Bson::Int32),
             (-5i32..5).prop_map(|i| Bson::Double(f64::from(i) + 0.5)),
-            prop_oneof![Just("a"), Just("b"), Just("c")].prop_map(|s| Bson::String(s.into()))
+            prop_oneof![Just("a"), Just("b"), Just("c")].prop_map(|s| Bson::String(s.into())),
+            // Where doubles cannot hold every integer: rounding must never lose a candidate.
+            (-3i64..3).prop_map(|d| Bson::Int64((1i64 << 53) + d)),
+            (0i64..3).prop_map(|d| Bson::Int64(i64::MAX - d)),
+            Just(Bson::Double(9007199254740992.0)),
+            Just(Bson::Double(9.223372036854776e18)),
         ]
     }
 

@@ -69,6 +69,11 @@ impl Number {
     }
 }
 
+/// The value of a number of any width as the nearest double; `None` for other types.
+pub fn number_as_f64(value: &Bson) -> Option<f64> {
+    Number::of(value).map(Number::as_f64)
+}
+
 /// Converts a Decimal128 to the nearest double (NaN and infinities included).
 pub(crate) fn decimal_to_f64(d: &bson::Decimal128) -> f64 {
     let text = d.to_string();
