@@ -24,7 +24,7 @@ use livegrid_engine::{
 };
 use livegrid_matcher::Query;
 
-/// Counts live heap bytes, so that memory per query is what stays allocated, not what the
+/// Counts live heap bytes (over mimalloc, the binary's allocator), so that memory per query is what stays allocated, not what the
 /// allocator happens to keep from registration traffic.
 struct Counting;
 
@@ -33,15 +33,15 @@ static LIVE: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::ne
 unsafe impl std::alloc::GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
         LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        unsafe { std::alloc::System.alloc(layout) }
+        unsafe { mimalloc::MiMalloc.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
         LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        unsafe { std::alloc::System.dealloc(ptr, layout) }
+        unsafe { mimalloc::MiMalloc.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
         LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
-        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+        unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) }
     }
 }
 

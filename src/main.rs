@@ -2,6 +2,11 @@
 
 use std::process::ExitCode;
 
+/// mimalloc: documents are allocated on one thread and freed on another all the time, which
+/// the system allocator handles poorly.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use livegrid::cli::{Cli, Command};
 

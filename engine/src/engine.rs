@@ -15,7 +15,7 @@
 //! already evicted, registration fails with [`EngineError::StaleSnapshot`] and the caller
 //! reads again ([`Engine::register`] does this itself).
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -227,8 +227,8 @@ impl Engine {
             slack: config.slack,
             ingest: Mutex::new(Ingest {
                 retention: Retention::new(config.retention),
-                subscriptions: HashMap::new(),
-                namespaces: HashMap::new(),
+                subscriptions: HashMap::default(),
+                namespaces: HashMap::default(),
                 next_key: 1,
                 commands: feeds.then_some(command_tx),
             }),
@@ -508,7 +508,6 @@ fn build_registration(
 
 /// The router thread: names messages, serves window re-reads, reports progress.
 fn route(shared: &Shared, deliveries: &Receiver<Delivery>, events: &Sender<EngineEvent>) {
-    let mut names: HashMap<QueryKey, Arc<str>> = HashMap::new();
     for delivery in deliveries {
         match delivery {
             Delivery::Processed { position, commands } => {
@@ -519,26 +518,28 @@ fn route(shared: &Shared, deliveries: &Receiver<Delivery>, events: &Sender<Engin
                 let _ = events.send(EngineEvent::Processed(position));
             }
             Delivery::Outputs(outputs) => {
-                for output in outputs {
-                    if let StageOutput::NeedsReload { key } = output {
-                        reread(shared, key);
-                        continue;
-                    }
-                    let key = match &output {
-                        StageOutput::Result { key, .. } | StageOutput::Delta { key, .. } => *key,
-                        StageOutput::NeedsReload { .. } => unreachable!("handled above"),
-                    };
-                    let name = match names.get(&key) {
-                        Some(name) => name.clone(),
-                        None => {
-                            let ingest = shared.ingest.lock().expect("ingest lock");
-                            let Some(sub) = ingest.subscriptions.get(&key) else { continue };
-                            names.insert(key, sub.id.clone());
-                            sub.id.clone()
+                let mut rereads = Vec::new();
+                let mut named = Vec::with_capacity(outputs.len());
+                {
+                    // Names are looked up once per delivered batch, not kept twice.
+                    let ingest = shared.ingest.lock().expect("ingest lock");
+                    for output in outputs {
+                        match &output {
+                            StageOutput::NeedsReload { key } => rereads.push(*key),
+                            StageOutput::Result { key, .. } | StageOutput::Delta { key, .. } => {
+                                if let Some(sub) = ingest.subscriptions.get(key) {
+                                    named.push((*key, sub.id.clone(), output));
+                                }
+                            }
                         }
-                    };
+                    }
+                }
+                for (key, name, output) in named {
                     let (message, latency) = to_message(shared, &name, output);
                     let _ = events.send(EngineEvent::Message { key, message, latency });
+                }
+                for key in rereads {
+                    reread(shared, key);
                 }
             }
         }

@@ -9,7 +9,7 @@
 //! matching. The subscription stage turns transitions into deltas; it alone knows exactly
 //! what a client was shown.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::{Arc, Weak};
 
 use livegrid_matcher::{Filter, QuerySpec};
@@ -137,7 +137,7 @@ impl Matching {
             let ns = self.namespaces.entry(ns.clone()).or_insert_with(|| Arc::from(ns.as_str())).clone();
             let Some(filter) = self.compile(&ns, &query.to_spec()) else { return };
             self.index.insert(&ns, key, &filter.index_plan());
-            self.entries.insert(key, Entry { ns, filter, members: HashSet::new() });
+            self.entries.insert(key, Entry { ns, filter, members: HashSet::default() });
         }
         let entry = self.entries.get_mut(&key).expect("just ensured");
         let ns = entry.ns.clone();

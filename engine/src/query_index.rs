@@ -7,13 +7,12 @@
 //! queries: those whose plan the document meets, plus every scan query. Candidates are then
 //! evaluated in full; the index only has to never miss a match (see `IndexPlan::admits`).
 
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::cmp::Ordering;
-use std::collections::{HashMap, HashSet};
 
 use bson::{Bson, Document};
 use livegrid_matcher::bson_order::canonical_rank;
 use livegrid_matcher::{Bound, FieldPath, IndexPlan, LeafArrays, compare_values, value_hash};
-use smallvec::SmallVec;
 
 /// A registered query, as the index knows it.
 pub type QueryKey = u64;
@@ -26,8 +25,8 @@ pub struct QueryIndex {
 
 #[derive(Default)]
 struct NamespaceIndex {
-    /// Value hash → queries; most values name one query, kept inline.
-    equality: HashMap<FieldPath, HashMap<u64, SmallVec<[QueryKey; 1]>>>,
+    /// Value hash → queries.
+    equality: HashMap<FieldPath, HashMap<u64, Bucket>>,
     ranges: HashMap<(FieldPath, u8), RangeList>,
     scan: HashSet<QueryKey>,
 }
@@ -54,8 +53,8 @@ impl QueryIndex {
         let Some(index) = self.namespaces.get_mut(ns) else { return };
         for (path, buckets) in &index.equality {
             path.any(doc, LeafArrays::Expand, &mut |candidate| {
-                if let Some(queries) = candidate.and_then(|v| buckets.get(&value_hash(v))) {
-                    out.extend_from_slice(queries);
+                if let Some(bucket) = candidate.and_then(|v| buckets.get(&value_hash(v))) {
+                    out.extend_from_slice(bucket.as_slice());
                 }
                 false
             });
@@ -90,7 +89,7 @@ impl NamespaceIndex {
                 hashes.sort_unstable();
                 hashes.dedup();
                 for hash in hashes {
-                    buckets.entry(hash).or_default().push(query);
+                    buckets.entry(hash).and_modify(|b| b.push(query)).or_insert(Bucket::One(query));
                 }
             }
             IndexPlan::Range { path, lower, upper } => {
@@ -110,11 +109,10 @@ impl NamespaceIndex {
                 if let Some(buckets) = self.equality.get_mut(path) {
                     for value in values {
                         let hash = value_hash(value);
-                        if let Some(queries) = buckets.get_mut(&hash) {
-                            queries.retain(|q| *q != query);
-                            if queries.is_empty() {
-                                buckets.remove(&hash);
-                            }
+                        if let Some(bucket) = buckets.get_mut(&hash)
+                            && bucket.remove(query)
+                        {
+                            buckets.remove(&hash);
                         }
                     }
                     if buckets.is_empty() {
@@ -141,6 +139,46 @@ impl NamespaceIndex {
     fn is_empty(&self) -> bool {
         self.equality.is_empty() && self.ranges.is_empty() && self.scan.is_empty()
     }
+}
+
+/// The queries filed under one value: most values name one query, kept inline (16 bytes).
+enum Bucket {
+    One(QueryKey),
+    Many(Box<Vec<QueryKey>>),
+}
+
+impl Bucket {
+    fn as_slice(&self) -> &[QueryKey] {
+        match self {
+            Bucket::One(q) => std::slice::from_ref(q),
+            Bucket::Many(qs) => qs,
+        }
+    }
+
+    fn push(&mut self, query: QueryKey) {
+        match self {
+            Bucket::One(q) => *self = Bucket::Many(Box::new(vec![*q, query])),
+            Bucket::Many(qs) => qs.push(query),
+        }
+    }
+
+    /// Removes `query`; returns whether the bucket is now empty.
+    fn remove(&mut self, query: QueryKey) -> bool {
+        match self {
+            Bucket::One(q) => *q == query,
+            Bucket::Many(qs) => {
+                qs.retain(|q| *q != query);
+                if let [only] = qs[..] {
+                    *self = Bucket::One(only);
+                }
+                qs_is_empty(self)
+            }
+        }
+    }
+}
+
+fn qs_is_empty(bucket: &Bucket) -> bool {
+    matches!(bucket, Bucket::Many(qs) if qs.is_empty())
 }
 
 /// Range plans on one path and type: lower-only ranges sorted by lower bound, upper-only

@@ -14,7 +14,7 @@
 //! held back and then sent as one reconciliation, so the client never sees a window that is
 //! short of documents it should show.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::Arc;
 
 use bson::Document;
@@ -50,7 +50,7 @@ pub struct Subscriptions {
 impl Subscriptions {
     /// A stage whose windows keep `slack` documents beyond their visible end.
     pub fn new(slack: usize) -> Self {
-        Subscriptions { subs: HashMap::new(), slack }
+        Subscriptions { subs: HashMap::default(), slack }
     }
 
     /// How many subscriptions this worker holds.

@@ -15,7 +15,7 @@
 //! `index` and `oldIndex` are positions in the client's list at the moment each operation is
 //! applied.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::Arc;
 
 use bson::{Bson, Document};
@@ -78,10 +78,10 @@ impl Window {
             limit,
             capacity,
             buffer: Vec::new(),
-            keys: HashMap::new(),
+            keys: HashMap::default(),
             complete: true,
             shown: Vec::new(),
-            dirty: HashMap::new(),
+            dirty: HashMap::default(),
         }
     }
 
@@ -417,7 +417,7 @@ mod tests {
             let q = query(doc! {"n": if desc { -1 } else { 1 }}, skip, Some(limit));
             let mut w = Window::new(&q, slack);
             // The true result, to reload from.
-            let mut truth: HashMap<i32, i32> = HashMap::new();
+            let mut truth: HashMap<i32, i32> = HashMap::default();
             let mut client: Vec<Arc<Document>> = Vec::new();
             w.load(Vec::new(), true);
             w.mark_shown();

@@ -259,9 +259,10 @@ fn hash_number<H: Hasher>(n: Number, state: &mut H) {
     }
 }
 
-/// A 64-bit hash of a value that agrees with [`values_equal`].
+/// A 64-bit hash of a value that agrees with [`values_equal`]. It is the same in every
+/// process and build (it places documents in write partitions across a cluster).
 pub fn value_hash(value: &Bson) -> u64 {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let mut hasher = rustc_hash::FxHasher::default();
     hash_value(value, &mut hasher);
     hasher.finish()
 }

@@ -23,8 +23,8 @@ use crate::error::QueryError;
 /// A parsed dotted field path.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FieldPath {
-    dotted: String,
-    parts: Vec<PathPart>,
+    dotted: Box<str>,
+    parts: Box<[PathPart]>,
 }
 
 /// A component of a path: a byte range of the dotted text (paths are held by every compiled
@@ -79,7 +79,7 @@ impl FieldPath {
             parts.push(PathPart { start, end, index });
             start = end + 1;
         }
-        Ok(FieldPath { dotted: dotted.to_string(), parts })
+        Ok(FieldPath { dotted: dotted.into(), parts: parts.into() })
     }
 
     /// The path as written.
