@@ -182,7 +182,6 @@ fn run(queries: usize, shape: GridShape, rate: u64) {
 
     println!(
         "| {queries} | {shape} | {throughput:.0} | {deltas_per_event:.2} | {offered:.0} | {p50:.2} | {p99:.2} | {max:.2} | {per_query:.0} | {rss_per_query:.0} |",
-        shape = format!("{}x{}", shape.query_partitions, shape.write_partitions),
         offered = (per_tick * ticks) as f64 / offered_for,
         p50 = percentile(&latencies, 0.5),
         p99 = percentile(&latencies, 0.99),

@@ -49,6 +49,12 @@ impl GridShape {
     }
 }
 
+impl std::fmt::Display for GridShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.query_partitions, self.write_partitions)
+    }
+}
+
 impl std::str::FromStr for GridShape {
     type Err = String;
 
