@@ -11,7 +11,7 @@ use bson::{Bson, Document, doc};
 use livegrid_engine::memory::{MemoryState, SharedMemory};
 use livegrid_engine::{ChangeEvent, ChangeOp, ClusterConfig, Engine, EngineConfig, EngineEvent, GridShape, QueryKey};
 use livegrid_matcher::{Query, QuerySpec};
-use livegrid_protocol::{DeltaOp, ServerMessage};
+use livegrid_protocol::{LiveResult, ServerMessage};
 
 /// xorshift64*: deterministic, so a failing seed can be replayed.
 struct Rng(u64);
@@ -91,86 +91,36 @@ fn random_query(rng: &mut Rng) -> QuerySpec {
     QuerySpec { filter, sort, skip, limit, projection: rng.pick(&projections).clone() }
 }
 
-/// A client's copy of one subscription.
+/// A client's copy of one subscription, with the checks the model adds to the protocol's.
 struct ClientCopy {
     query: Query,
-    seq: u64,
-    docs: Vec<Document>,
-    started: bool,
-    /// The snapshot position of the initial result: no write at or below it is applied again.
-    since: u64,
+    live: LiveResult,
 }
 
 impl ClientCopy {
     fn apply(&mut self, message: &ServerMessage) {
-        match message {
-            ServerMessage::Result(r) => {
-                assert!(!self.started, "second result for {}", r.id);
-                assert_eq!(r.seq, 1);
-                self.started = true;
-                self.seq = 1;
-                self.docs = r.docs.clone();
-                self.since = r.position;
-            }
-            ServerMessage::Delta(d) => {
-                assert!(self.started, "delta before result for {}", d.id);
-                assert_eq!(d.seq, self.seq + 1, "seq of {} must grow by one", d.id);
-                self.seq = d.seq;
-                assert!(
-                    d.position > self.since,
-                    "{} got a delta at {} but its snapshot was at {}",
-                    d.id,
-                    d.position,
-                    self.since
-                );
-                let sorted = !self.query.sort.is_empty() || self.query.is_windowed();
-                let find = |docs: &Vec<Document>| docs.iter().position(|x| x.get("_id") == Some(&d.doc_id));
-                match d.op {
-                    DeltaOp::Add => {
-                        let doc = d.doc.clone().expect("add carries doc");
-                        if sorted {
-                            self.docs.insert(d.index.expect("index") as usize, doc);
-                        } else {
-                            assert!(find(&self.docs).is_none(), "add of a present document");
-                            self.docs.push(doc);
-                        }
-                    }
-                    DeltaOp::Remove => {
-                        let at = if sorted {
-                            d.old_index.expect("oldIndex") as usize
-                        } else {
-                            find(&self.docs).expect("remove of an absent document")
-                        };
-                        assert_eq!(self.docs[at].get("_id"), Some(&d.doc_id));
-                        self.docs.remove(at);
-                    }
-                    DeltaOp::Change => {
-                        let at = if sorted {
-                            d.index.expect("index") as usize
-                        } else {
-                            find(&self.docs).expect("change of an absent document")
-                        };
-                        assert_eq!(self.docs[at].get("_id"), Some(&d.doc_id));
-                        self.docs[at] = d.doc.clone().expect("change carries doc");
-                    }
-                    DeltaOp::ChangeIndex => {
-                        let from = d.old_index.expect("oldIndex") as usize;
-                        assert_eq!(self.docs[from].get("_id"), Some(&d.doc_id));
-                        self.docs.remove(from);
-                        self.docs.insert(d.index.expect("index") as usize, d.doc.clone().expect("doc"));
-                    }
-                }
-                if let Some(limit) = self.query.limit {
-                    assert!(self.docs.len() as u64 <= limit, "window of {} exceeds its limit after a delta", d.id);
-                }
-            }
-            other => panic!("unexpected message {other:?}"),
+        if let ServerMessage::Result(r) = message {
+            assert!(self.live.seq() == 0, "second result for {}", r.id);
+        }
+        if let ServerMessage::Delta(d) = message {
+            // Writes at or below the snapshot position are never applied again.
+            assert!(
+                d.position > self.live.snapshot_position(),
+                "{} got a delta at {} but its snapshot was at {}",
+                d.id,
+                d.position,
+                self.live.snapshot_position()
+            );
+        }
+        self.live.apply(message).unwrap_or_else(|e| panic!("{message:?}: {e}"));
+        if let (Some(limit), ServerMessage::Delta(d)) = (self.query.limit, message) {
+            assert!(self.live.docs().len() as u64 <= limit, "window of {} exceeds its limit after a delta", d.id);
         }
     }
 
     fn check(&self, name: &str, state: &MemoryState, ns: &str, context: &str) {
         let expected = self.query.evaluate(state.documents(ns));
-        let mut got = self.docs.clone();
+        let mut got = self.live.docs().to_vec();
         if self.query.sort.is_empty() && !self.query.is_windowed() {
             got.sort_by(|a, b| livegrid_matcher::compare_values(a.get("_id").unwrap(), b.get("_id").unwrap()));
         }
@@ -217,7 +167,7 @@ fn run_scenario(seed: u64, engine: &Engine, memory: &Arc<SharedMemory>) {
             None => engine.register(name, ns, spec).unwrap(),
         };
         registered.insert(key, (name.clone(), ns.to_string()));
-        copies.insert(name.clone(), ClientCopy { query, seq: 0, docs: Vec::new(), started: false, since: 0 });
+        copies.insert(name.clone(), ClientCopy { query, live: LiveResult::default() });
     };
 
     while fed < events_total {

@@ -13,7 +13,10 @@
 #![forbid(missing_docs)]
 
 pub mod extjson;
+pub mod live_result;
 pub mod message;
+
+pub use live_result::{ApplyError, LiveResult};
 
 pub use message::{
     Cause, DeltaMessage, DeltaOp, ErrorCode, ErrorMessage, Position, ResultMessage, ServerMessage, SubscriptionId,
