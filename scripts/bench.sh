@@ -1,17 +1,36 @@
 #!/usr/bin/env bash
-# Runs the benchmarks whose figures README.md records. Usage: scripts/bench.sh [matcher|all]
+# Runs the benchmarks whose figures README.md records.
+# Usage: scripts/bench.sh [matcher|grid|replay|all]
+#   matcher  criterion: filter evaluation and compilation
+#   grid     events/s, write-to-delta latency and memory per query with 1k/10k/100k queries
+#            (LIVEGRID_BENCH_QUERIES, LIVEGRID_BENCH_GRID, LIVEGRID_BENCH_RATE to vary it)
+#   replay   livegrid replay end to end on a generated workload (JSON parsing included)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 what="${1:-all}"
+run_matcher() {
+  echo "== matcher: filter evaluation and compilation (criterion)"
+  cargo bench -p livegrid-matcher --bench matcher
+}
+run_grid() {
+  echo "== grid: throughput, latency, memory per registered query"
+  cargo bench --bench grid
+}
+run_replay() {
+  echo "== replay: 200,000 change events, 10,000 queries, end to end"
+  cargo build --release --quiet
+  dir=$(mktemp -d)
+  target/release/livegrid workload --dir "$dir" --events 200000 --queries 10000
+  for grid in 1x1 1x2 2x1; do
+    target/release/livegrid replay --events "$dir/events.jsonl" --queries "$dir/queries.jsonl" --out "$dir/out.jsonl" --grid "$grid"
+  done
+  rm -rf "$dir"
+}
 case "$what" in
-  matcher|all)
-    echo "== matcher: filter evaluation and compilation (criterion)"
-    cargo bench -p livegrid-matcher --bench matcher
-    ;;&
-  matcher|all) ;;
-  *)
-    echo "usage: scripts/bench.sh [matcher|all]" >&2
-    exit 2
-    ;;
+  matcher) run_matcher ;;
+  grid) run_grid ;;
+  replay) run_replay ;;
+  all) run_matcher; run_grid; run_replay ;;
+  *) echo "usage: scripts/bench.sh [matcher|grid|replay|all]" >&2; exit 2 ;;
 esac
