@@ -24,7 +24,7 @@ use livegrid_protocol::{Cause, DeltaOp, Position};
 use crate::doc_id::DocId;
 use crate::query_index::QueryKey;
 use crate::records::{StageInit, StageInput, StageOutput};
-use crate::window::Window;
+use crate::window::{Window, WindowOp};
 use crate::wire::{WireDoc, WireValue};
 
 enum Mode {
@@ -174,26 +174,48 @@ impl Subscriptions {
                 });
             }
             Mode::Window(window) => {
-                match &doc {
-                    Some(d) => window.upsert(d, cause),
-                    None => window.remove(&id, cause),
-                }
                 if sub.reload_pending {
+                    // Held back until the re-read arrives; the buffer keeps up silently.
+                    window.desync();
+                    match &doc {
+                        Some(d) => window.upsert(d, cause),
+                        None => window.remove(&id, cause),
+                    };
                     return;
                 }
+                if window.might_drain() {
+                    // This write may drain the window: keep what the client has, in case.
+                    window.desync();
+                }
+                let mut ops = match &doc {
+                    Some(d) => window.upsert(d, cause),
+                    None => window.remove(&id, cause),
+                };
                 if window.needs_reload() {
                     sub.reload_pending = true;
                     out.push(StageOutput::NeedsReload { key });
                     return;
                 }
-                Self::flush(key, sub, (position, entered), out);
+                ops.extend(window.flush());
+                Self::emit(key, sub, ops, (position, entered), out);
             }
         }
     }
 
-    fn flush(key: QueryKey, sub: &mut Subscription, (position, entered): (Position, u64), out: &mut Vec<StageOutput>) {
+    fn flush(key: QueryKey, sub: &mut Subscription, at: (Position, u64), out: &mut Vec<StageOutput>) {
         let Mode::Window(window) = &mut sub.mode else { return };
-        for op in window.flush() {
+        let ops = window.flush();
+        Self::emit(key, sub, ops, at, out);
+    }
+
+    fn emit(
+        key: QueryKey,
+        sub: &mut Subscription,
+        ops: Vec<WindowOp>,
+        (position, entered): (Position, u64),
+        out: &mut Vec<StageOutput>,
+    ) {
+        for op in ops {
             sub.seq += 1;
             out.push(StageOutput::Delta {
                 key,

@@ -9,11 +9,14 @@
 //! `skip + limit`, the window needs a re-read of the top documents from the snapshot source
 //! ([`Window::needs_reload`]).
 //!
-//! [`Window::flush`] compares what the client was last shown with what it should see now
-//! and returns list operations that turn one into the other, in an order that never shows
-//! more than `limit` documents: removes first, then moves of documents that stayed, then adds.
-//! `index` and `oldIndex` are positions in the client's list at the moment each operation is
-//! applied.
+//! A single write ([`Window::upsert`], [`Window::remove`]) returns its list operations at
+//! once, computed from ranks in the buffer (a move inside the window is one `changeIndex`),
+//! in an order that never shows more than `limit` documents: removes before adds. While a
+//! re-read is awaited the window is *desynced* ([`Window::desync`]): writes change the buffer
+//! silently, and [`Window::flush`] later compares what the client was shown with what it
+//! should see and returns the operations that reconcile them (removes, then moves of
+//! documents that stayed, then adds). `index` and `oldIndex` are positions in the client's
+//! list at the moment each operation is applied.
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::Arc;
@@ -58,9 +61,10 @@ pub struct Window {
     buffer: Vec<Entry>,
     keys: HashMap<DocId, SortKey>,
     complete: bool,
-    /// What the client has, in order.
-    shown: Vec<(DocId, Arc<Document>)>,
-    /// Documents touched since the last flush, with the cause of their last write.
+    /// While desynced: what the client has, in order. While synced the client has exactly the
+    /// visible part of the buffer.
+    shown: Option<Vec<(DocId, Arc<Document>)>>,
+    /// While desynced: documents touched since, with the cause of their last write.
     dirty: HashMap<DocId, Cause>,
 }
 
@@ -80,7 +84,7 @@ impl Window {
             buffer: Vec::new(),
             keys: HashMap::default(),
             complete: true,
-            shown: Vec::new(),
+            shown: None,
             dirty: HashMap::default(),
         }
     }
@@ -93,9 +97,7 @@ impl Window {
     /// Replaces the buffer with documents read from a snapshot (any order). `complete` says
     /// whether they are the whole result.
     pub fn load(&mut self, docs: impl IntoIterator<Item = Arc<Document>>, complete: bool) {
-        for entry in self.buffer.drain(..) {
-            self.dirty.entry(entry.id).or_insert(Cause::None);
-        }
+        self.buffer.clear();
         self.keys.clear();
         let mut entries: Vec<Entry> = docs.into_iter().map(|doc| self.entry(&doc)).collect();
         entries.sort_by(|a, b| a.key.cmp(&b.key));
@@ -106,7 +108,6 @@ impl Window {
         }
         for entry in &entries {
             self.keys.insert(entry.id.clone(), entry.key.clone());
-            self.dirty.entry(entry.id.clone()).or_insert(Cause::None);
         }
         self.buffer = entries;
     }
@@ -123,37 +124,161 @@ impl Window {
         self.buffer.binary_search_by(|e| e.key.cmp(key))
     }
 
-    /// The document now matches the query, with this content.
-    pub fn upsert(&mut self, doc: &Document, cause: Cause) {
+    /// The document now matches the query, with this content. Returns the client's list
+    /// operations (none while desynced).
+    pub fn upsert(&mut self, doc: &Document, cause: Cause) -> Vec<WindowOp> {
         let entry = self.entry(doc);
-        self.take(&entry.id);
-        self.dirty.insert(entry.id.clone(), cause);
-        // Outside a complete buffer, only a document sorting before the last known one has a
-        // known place.
-        let placeable = self.complete || self.buffer.last().is_some_and(|last| entry.key < last.key);
-        if !placeable {
-            return;
+        let mut ops = Vec::new();
+        if self.shown.is_some() {
+            self.dirty.insert(entry.id.clone(), cause);
+            self.take(&entry.id);
+            self.place(entry, cause, None);
+            return ops;
         }
-        let at = self.position_of(&entry.key).unwrap_or_else(|i| i);
-        self.keys.insert(entry.id.clone(), entry.key.clone());
-        self.buffer.insert(at, entry);
-        if self.buffer.len() > self.capacity {
-            let dropped = self.buffer.pop().expect("over capacity");
-            self.keys.remove(&dropped.id);
-            self.complete = false;
+        let old_rank = self.keys.get(&entry.id).map(|k| self.position_of(k).expect("keys and buffer agree"));
+        if let Some(from) = old_rank
+            && self.move_within(from, &entry, cause, &mut ops)
+        {
+            return ops;
+        }
+        if let Some(from) = old_rank {
+            self.remove_at(from, cause, &mut ops);
+        }
+        self.place(entry, cause, Some(&mut ops));
+        ops
+    }
+
+    /// The document no longer matches the query (or was deleted). Returns the client's list
+    /// operations (none while desynced).
+    pub fn remove(&mut self, id: &DocId, cause: Cause) -> Vec<WindowOp> {
+        let mut ops = Vec::new();
+        if self.shown.is_some() {
+            self.dirty.insert(id.clone(), cause);
+            self.take(id);
+        } else if let Some(key) = self.keys.get(id) {
+            let at = self.position_of(key).expect("keys and buffer agree");
+            self.remove_at(at, cause, &mut ops);
+        }
+        ops
+    }
+
+    /// Stops emitting operations per write: the client keeps what it has until
+    /// [`Window::flush`] reconciles it (used while a re-read is awaited).
+    pub fn desync(&mut self) {
+        if self.shown.is_none() {
+            self.shown = Some(self.visible_entries().iter().map(|e| (e.id.clone(), e.doc.clone())).collect());
         }
     }
 
-    /// The document no longer matches the query (or was deleted).
-    pub fn remove(&mut self, id: &DocId, cause: Cause) {
-        self.take(id);
-        self.dirty.insert(id.clone(), cause);
+    /// Whether one more removal could drain the buffer below what the window must show.
+    pub fn might_drain(&self) -> bool {
+        !self.complete && self.buffer.len() <= self.needed()
+    }
+
+    fn needed(&self) -> usize {
+        self.skip.saturating_add(self.limit.unwrap_or(usize::MAX))
+    }
+
+    /// The visible ranks of the buffer: `[start, end)`.
+    fn bounds(&self) -> (usize, usize) {
+        let len = self.buffer.len();
+        (self.skip, self.skip.saturating_add(self.limit.unwrap_or(usize::MAX)).min(len))
     }
 
     fn take(&mut self, id: &DocId) {
         if let Some(key) = self.keys.remove(id) {
             let at = self.position_of(&key).expect("keys and buffer agree");
             self.buffer.remove(at);
+        }
+    }
+
+    /// A document visible before and after its write: one `changeIndex` (or `change`).
+    fn move_within(&mut self, from: usize, entry: &Entry, cause: Cause, ops: &mut Vec<WindowOp>) -> bool {
+        let (start, end) = self.bounds();
+        if !(start..end).contains(&from) {
+            return false;
+        }
+        // Its rank among the other documents.
+        let to = match self.position_of(&entry.key) {
+            Ok(i) => i,
+            Err(i) if i > from => i - 1,
+            Err(i) => i,
+        };
+        let placeable = self.complete || to + 1 < self.buffer.len();
+        if !placeable || !(start..end).contains(&to) {
+            return false;
+        }
+        let old = self.buffer.remove(from);
+        self.keys.insert(entry.id.clone(), entry.key.clone());
+        self.buffer.insert(to, Entry { key: entry.key.clone(), id: entry.id.clone(), doc: entry.doc.clone() });
+        let (i, j) = ((from - start) as u64, (to - start) as u64);
+        if i != j {
+            ops.push(op(DeltaOp::ChangeIndex, &entry.id, Some(&entry.doc), Some(j), Some(i), cause));
+        } else if *old.doc != *entry.doc {
+            ops.push(op(DeltaOp::Change, &entry.id, Some(&entry.doc), Some(j), Some(i), cause));
+        }
+        true
+    }
+
+    /// Removes the entry at `rank`, with the operations this shows the client: the document
+    /// leaves (or, before the window, the first visible one slides out), and the next one
+    /// after the window slides in.
+    fn remove_at(&mut self, rank: usize, cause: Cause, ops: &mut Vec<WindowOp>) {
+        let len = self.buffer.len();
+        let (start, end) = self.bounds();
+        let removed = self.buffer.remove(rank);
+        self.keys.remove(&removed.id);
+        if start >= end || rank >= end {
+            return;
+        }
+        if rank < start {
+            let first = &self.buffer[start - 1];
+            ops.push(op(DeltaOp::Remove, &first.id, None, None, Some(0), Cause::None));
+        } else {
+            ops.push(op(DeltaOp::Remove, &removed.id, None, None, Some((rank - start) as u64), cause));
+        }
+        if end < len {
+            let next = &self.buffer[end - 1];
+            ops.push(op(DeltaOp::Add, &next.id, Some(&next.doc), Some((end - start - 1) as u64), None, Cause::None));
+        }
+    }
+
+    /// Puts an entry into the buffer if its place is known, with the operations this shows
+    /// the client when `ops` is given: a full window first drops its last document, then the
+    /// document (or, before the window, the one pushed into it) is added.
+    fn place(&mut self, entry: Entry, cause: Cause, ops: Option<&mut Vec<WindowOp>>) {
+        // Outside a complete buffer, only a document sorting before the last known one has a
+        // known place.
+        let placeable = self.complete || self.buffer.last().is_some_and(|last| entry.key < last.key);
+        if !placeable {
+            return;
+        }
+        let rank = self.position_of(&entry.key).unwrap_or_else(|i| i);
+        let len = self.buffer.len();
+        let start = self.skip;
+        let full_end = start.saturating_add(self.limit.unwrap_or(usize::MAX));
+        self.keys.insert(entry.id.clone(), entry.key.clone());
+        self.buffer.insert(rank, entry);
+        if let Some(ops) = ops
+            && rank < full_end
+            && len >= start
+        {
+            if len >= full_end {
+                let last = &self.buffer[full_end];
+                ops.push(op(DeltaOp::Remove, &last.id, None, None, Some((full_end - start - 1) as u64), Cause::None));
+            }
+            if rank < start {
+                let pushed = &self.buffer[start];
+                ops.push(op(DeltaOp::Add, &pushed.id, Some(&pushed.doc), Some(0), None, Cause::None));
+            } else {
+                let added = &self.buffer[rank];
+                ops.push(op(DeltaOp::Add, &added.id, Some(&added.doc), Some((rank - start) as u64), None, cause));
+            }
+        }
+        if self.buffer.len() > self.capacity {
+            let dropped = self.buffer.pop().expect("over capacity");
+            self.keys.remove(&dropped.id);
+            self.complete = false;
         }
     }
 
@@ -176,12 +301,14 @@ impl Window {
     /// Marks the current visible documents as shown, without operations (for the initial
     /// result).
     pub fn mark_shown(&mut self) {
-        self.shown = self.visible_entries().iter().map(|e| (e.id.clone(), e.doc.clone())).collect();
+        self.shown = None;
         self.dirty.clear();
     }
 
-    /// The list operations that take the client from what it was shown to what it should see.
+    /// Ends a desync: the list operations that take the client from what it was shown to what
+    /// it should see (none when the window is in sync).
     pub fn flush(&mut self) -> Vec<WindowOp> {
+        let Some(shown) = self.shown.take() else { return Vec::new() };
         let target: Vec<(DocId, Arc<Document>)> =
             self.visible_entries().iter().map(|e| (e.id.clone(), e.doc.clone())).collect();
         let dirty = std::mem::take(&mut self.dirty);
@@ -190,9 +317,9 @@ impl Window {
         let target_ids: HashSet<&DocId> = target.iter().map(|(id, _)| id).collect();
 
         // 1. Removes.
-        let mut working: Vec<(DocId, Arc<Document>)> = Vec::with_capacity(self.shown.len());
+        let mut working: Vec<(DocId, Arc<Document>)> = Vec::with_capacity(shown.len());
         let mut removed = 0;
-        for (i, (id, doc)) in std::mem::take(&mut self.shown).into_iter().enumerate() {
+        for (i, (id, doc)) in shown.into_iter().enumerate() {
             if target_ids.contains(&id) {
                 working.push((id, doc));
             } else {
@@ -208,36 +335,30 @@ impl Window {
             }
         }
 
-        // 2. Moves and changes among documents that stay, preferring to move touched ones.
+        // 2. Moves among documents that stay: fix positions left to right, moving the wanted
+        // document into place (at most one move per position).
         let staying: HashSet<&DocId> = working.iter().map(|(id, _)| id).collect();
         let order: Vec<&(DocId, Arc<Document>)> = target.iter().filter(|(id, _)| staying.contains(id)).collect();
-        let rank: HashMap<&DocId, usize> = order.iter().enumerate().map(|(i, (id, _))| (id, i)).collect();
+        debug_assert_eq!(order.len(), working.len(), "a window lists a document twice");
         let new_doc: HashMap<&DocId, &Arc<Document>> = order.iter().map(|(id, doc)| (id, doc)).collect();
-        let mut i = 0;
-        while i < working.len() {
-            let want = &order[i].0;
+        for (i, (want, doc)) in order.iter().enumerate() {
             if &working[i].0 == want {
-                i += 1;
                 continue;
             }
-            // Move the touched document at i down to its place, or the wanted one up to i.
-            let from = if dirty.contains_key(&working[i].0) {
-                i
-            } else {
-                working.iter().position(|(id, _)| id == want).expect("same documents")
+            let Some(from) = working[i..].iter().position(|(id, _)| id == want).map(|j| i + j) else {
+                debug_assert!(false, "a staying document is missing from the client's list");
+                break;
             };
             let (id, _) = working.remove(from);
-            let to = if from == i { rank[&id] } else { i };
-            let doc = (*new_doc[&id]).clone();
             ops.push(WindowOp {
                 op: DeltaOp::ChangeIndex,
                 id: id.0.clone(),
                 doc: Some(doc.clone()),
-                index: Some(to as u64),
+                index: Some(i as u64),
                 old_index: Some(from as u64),
                 cause: cause(&id),
             });
-            working.insert(to, (id, doc));
+            working.insert(i, (id, doc.clone()));
         }
         for (i, (id, doc)) in working.iter_mut().enumerate() {
             let now = new_doc[&*id];
@@ -268,9 +389,19 @@ impl Window {
                 });
             }
         }
-        self.shown = target;
         ops
     }
+}
+
+fn op(
+    kind: DeltaOp,
+    id: &DocId,
+    doc: Option<&Arc<Document>>,
+    index: Option<u64>,
+    old_index: Option<u64>,
+    cause: Cause,
+) -> WindowOp {
+    WindowOp { op: kind, id: id.0.clone(), doc: doc.cloned(), index, old_index, cause }
 }
 
 /// Applies list operations to a client's copy, as a client would (used by tests).
@@ -306,27 +437,35 @@ mod tests {
         list.iter().map(|d| d.get_i32("_id").unwrap()).collect()
     }
 
-    /// Applies each step's flush to the client copy and checks it equals the visible window,
-    /// never exceeding the limit midway.
-    fn check(window: &mut Window, client: &mut Vec<Arc<Document>>, limit: usize) -> Vec<WindowOp> {
-        let ops = window.flush();
-        for op in &ops {
+    /// Applies operations one by one to the client copy, checking the limit midway and the
+    /// result against the window.
+    fn check(window: &Window, client: &mut Vec<Arc<Document>>, limit: usize, ops: &[WindowOp]) {
+        for op in ops {
             apply_ops(client, std::slice::from_ref(op));
             assert!(client.len() <= limit, "window exceeded its limit midway: {ops:?}");
         }
-        assert_eq!(ids(client), ids(&window.visible().cloned().collect::<Vec<_>>()));
-        ops
+        assert_eq!(ids(client), ids(&window.visible().cloned().collect::<Vec<_>>()), "after {ops:?}");
+    }
+
+    fn loaded(
+        q: &Query,
+        slack: usize,
+        docs: impl IntoIterator<Item = Document>,
+        complete: bool,
+    ) -> (Window, Vec<Arc<Document>>) {
+        let mut w = Window::new(q, slack);
+        w.load(docs.into_iter().map(Arc::new), complete);
+        w.mark_shown();
+        let client = w.visible().cloned().collect();
+        (w, client)
     }
 
     #[test]
     fn insert_pushes_out_the_last() {
         let q = query(doc! {"n": 1}, 0, Some(2));
-        let mut w = Window::new(&q, 2);
-        w.load((1..=4).map(|i| Arc::new(doc! {"_id": i, "n": i * 10})), true);
-        w.mark_shown();
-        let mut client: Vec<_> = w.visible().cloned().collect();
-        w.upsert(&doc! {"_id": 9, "n": 5}, Cause::Insert);
-        let ops = check(&mut w, &mut client, 2);
+        let (mut w, mut client) = loaded(&q, 2, (1..=4).map(|i| doc! {"_id": i, "n": i * 10}), true);
+        let ops = w.upsert(&doc! {"_id": 9, "n": 5}, Cause::Insert);
+        check(&w, &mut client, 2, &ops);
         assert_eq!(ops[0].op, DeltaOp::Remove);
         assert_eq!(ops[0].cause, Cause::None);
         assert_eq!(ops[1].op, DeltaOp::Add);
@@ -336,109 +475,110 @@ mod tests {
     }
 
     #[test]
-    fn moves_prefer_the_changed_document() {
+    fn moves_inside_the_window_are_one_operation() {
         let q = query(doc! {"n": 1}, 0, Some(4));
-        let mut w = Window::new(&q, 0);
-        w.load((1..=4).map(|i| Arc::new(doc! {"_id": i, "n": i})), true);
-        w.mark_shown();
-        let mut client: Vec<_> = w.visible().cloned().collect();
-        w.upsert(&doc! {"_id": 1, "n": 10}, Cause::Update);
-        let ops = check(&mut w, &mut client, 4);
+        let (mut w, mut client) = loaded(&q, 2, (1..=6).map(|i| doc! {"_id": i, "n": i}), true);
+        let ops = w.upsert(&doc! {"_id": 1, "n": 3}, Cause::Update);
+        check(&w, &mut client, 4, &ops);
         assert_eq!(ops.len(), 1, "{ops:?}");
-        assert_eq!((ops[0].op, ops[0].old_index, ops[0].index), (DeltaOp::ChangeIndex, Some(0), Some(3)));
-        w.upsert(&doc! {"_id": 4, "n": 0}, Cause::Update);
-        let ops = check(&mut w, &mut client, 4);
-        assert_eq!(ops.len(), 1, "{ops:?}");
-        assert_eq!((ops[0].op, ops[0].old_index, ops[0].index), (DeltaOp::ChangeIndex, Some(2), Some(0)));
-        w.upsert(&doc! {"_id": 2, "n": 2, "x": 1}, Cause::Update);
-        let ops = check(&mut w, &mut client, 4);
-        assert_eq!((ops[0].op, ops[0].index), (DeltaOp::Change, Some(1)));
+        // n ties with document 3: ties break by _id.
+        assert_eq!((ops[0].op, ops[0].old_index, ops[0].index), (DeltaOp::ChangeIndex, Some(0), Some(1)));
+        let ops = w.upsert(&doc! {"_id": 4, "n": 0}, Cause::Update);
+        check(&w, &mut client, 4, &ops);
+        assert_eq!((ops[0].op, ops[0].old_index, ops[0].index), (DeltaOp::ChangeIndex, Some(3), Some(0)));
+        let ops = w.upsert(&doc! {"_id": 2, "n": 2, "x": 1}, Cause::Update);
+        check(&w, &mut client, 4, &ops);
+        assert_eq!((ops.len(), ops[0].op), (1, DeltaOp::Change));
+        // Out of the window: the next document slides in.
+        let ops = w.upsert(&doc! {"_id": 4, "n": 100}, Cause::Update);
+        check(&w, &mut client, 4, &ops);
+        assert_eq!(ids(&client), vec![2, 1, 3, 5]);
     }
 
     #[test]
     fn skip_shifts_the_window() {
         let q = query(doc! {"n": 1}, 1, Some(2));
-        let mut w = Window::new(&q, 4);
-        w.load((1..=5).map(|i| Arc::new(doc! {"_id": i, "n": i})), true);
-        w.mark_shown();
-        let mut client: Vec<_> = w.visible().cloned().collect();
+        let (mut w, mut client) = loaded(&q, 4, (1..=5).map(|i| doc! {"_id": i, "n": i}), true);
         assert_eq!(ids(&client), vec![2, 3]);
-        w.remove(&DocId(Bson::Int32(1)), Cause::Delete);
-        check(&mut w, &mut client, 2);
+        let ops = w.remove(&DocId(Bson::Int32(1)), Cause::Delete);
+        check(&w, &mut client, 2, &ops);
         assert_eq!(ids(&client), vec![3, 4]);
-        w.upsert(&doc! {"_id": 0, "n": 0}, Cause::Insert);
-        check(&mut w, &mut client, 2);
+        let ops = w.upsert(&doc! {"_id": 0, "n": 0}, Cause::Insert);
+        check(&w, &mut client, 2, &ops);
         assert_eq!(ids(&client), vec![2, 3]);
     }
 
     #[test]
     fn draining_an_incomplete_buffer_needs_a_reload() {
         let q = query(doc! {"n": 1}, 0, Some(2));
-        let mut w = Window::new(&q, 1);
-        w.load((1..=3).map(|i| Arc::new(doc! {"_id": i, "n": i})), false);
+        let (mut w, mut client) = loaded(&q, 1, (1..=3).map(|i| doc! {"_id": i, "n": i}), false);
         assert!(!w.needs_reload());
         // A document sorting after the known top cannot be placed.
-        w.upsert(&doc! {"_id": 7, "n": 70}, Cause::Insert);
+        let ops = w.upsert(&doc! {"_id": 7, "n": 70}, Cause::Insert);
+        assert!(ops.is_empty());
         assert_eq!(w.buffer.len(), 3);
-        w.remove(&DocId(Bson::Int32(1)), Cause::Delete);
-        assert!(!w.needs_reload());
-        w.remove(&DocId(Bson::Int32(2)), Cause::Delete);
+        let ops = w.remove(&DocId(Bson::Int32(1)), Cause::Delete);
+        check(&w, &mut client, 2, &ops);
+        assert!(w.might_drain());
+        w.desync();
+        assert!(w.remove(&DocId(Bson::Int32(2)), Cause::Delete).is_empty());
         assert!(w.needs_reload());
-        w.load((3..=4).map(|i| Arc::new(doc! {"_id": i, "n": i})).chain([Arc::new(doc! {"_id": 7, "n": 70})]), true);
-        assert!(!w.needs_reload());
-        assert_eq!(ids(&w.visible().cloned().collect::<Vec<_>>()), vec![3, 4]);
+        w.load([doc! {"_id": 3, "n": 3}, doc! {"_id": 4, "n": 4}, doc! {"_id": 7, "n": 70}].map(Arc::new), true);
+        let ops = w.flush();
+        check(&w, &mut client, 2, &ops);
+        assert_eq!(ids(&client), vec![3, 4]);
     }
 
     #[derive(Debug, Clone)]
     enum Step {
         Upsert(i32, i32),
         Remove(i32),
-        Reload,
     }
 
     fn step() -> impl proptest::strategy::Strategy<Value = Step> {
         use proptest::prelude::*;
         prop_oneof![
-            4 => (0i32..12, 0i32..6).prop_map(|(id, n)| Step::Upsert(id, n)),
-            2 => (0i32..12).prop_map(Step::Remove),
-            1 => Just(Step::Reload),
+            4 => (0i32..14, 0i32..6).prop_map(|(id, n)| Step::Upsert(id, n)),
+            2 => (0i32..14).prop_map(Step::Remove),
         ]
     }
 
     proptest::proptest! {
+        /// Drives a window the way the subscription stage does and checks the client's copy
+        /// against the query's result after every write.
         #[test]
         fn client_copy_follows_the_window(
-            steps in proptest::collection::vec(step(), 1..40),
+            steps in proptest::collection::vec(step(), 1..60),
             skip in 0u64..3,
             limit in 1u64..5,
             slack in 0usize..3,
             desc in proptest::bool::ANY,
+            start_incomplete in proptest::bool::ANY,
         ) {
             let q = query(doc! {"n": if desc { -1 } else { 1 }}, skip, Some(limit));
-            let mut w = Window::new(&q, slack);
-            // The true result, to reload from.
             let mut truth: HashMap<i32, i32> = HashMap::default();
-            let mut client: Vec<Arc<Document>> = Vec::new();
-            w.load(Vec::new(), true);
-            w.mark_shown();
+            let docs = |truth: &HashMap<i32, i32>| truth.iter().map(|(id, n)| doc! {"_id": *id, "n": *n}).collect::<Vec<_>>();
+            let (mut w, mut client) = loaded(&q, slack, Vec::new(), !start_incomplete);
             for s in steps {
-                match s {
+                if w.might_drain() {
+                    w.desync();
+                }
+                let mut ops = match s {
                     Step::Upsert(id, n) => {
                         truth.insert(id, n);
-                        w.upsert(&doc! {"_id": id, "n": n}, Cause::Update);
+                        w.upsert(&doc! {"_id": id, "n": n}, Cause::Update)
                     }
                     Step::Remove(id) => {
                         truth.remove(&id);
-                        w.remove(&DocId(Bson::Int32(id)), Cause::Delete);
+                        w.remove(&DocId(Bson::Int32(id)), Cause::Delete)
                     }
-                    Step::Reload => {}
+                };
+                if w.needs_reload() {
+                    w.load(docs(&truth).into_iter().map(Arc::new), true);
                 }
-                if w.needs_reload() || matches!(s, Step::Reload) {
-                    w.load(truth.iter().map(|(id, n)| Arc::new(doc! {"_id": *id, "n": *n})), true);
-                }
-                check(&mut w, &mut client, limit as usize);
-                let all: Vec<Document> = truth.iter().map(|(id, n)| doc! {"_id": *id, "n": *n}).collect();
-                let expected: Vec<i32> = q.evaluate(&all).iter().map(|d| d.get_i32("_id").unwrap()).collect();
+                ops.extend(w.flush());
+                check(&w, &mut client, limit as usize, &ops);
+                let expected: Vec<i32> = q.evaluate(&docs(&truth)).iter().map(|d| d.get_i32("_id").unwrap()).collect();
                 proptest::prop_assert_eq!(ids(&client), expected);
             }
         }
