@@ -323,14 +323,7 @@ impl Window {
             if target_ids.contains(&id) {
                 working.push((id, doc));
             } else {
-                ops.push(WindowOp {
-                    op: DeltaOp::Remove,
-                    id: id.0.clone(),
-                    doc: None,
-                    index: None,
-                    old_index: Some((i - removed) as u64),
-                    cause: cause(&id),
-                });
+                ops.push(op(DeltaOp::Remove, &id, None, None, Some((i - removed) as u64), cause(&id)));
                 removed += 1;
             }
         }
@@ -350,27 +343,13 @@ impl Window {
                 break;
             };
             let (id, _) = working.remove(from);
-            ops.push(WindowOp {
-                op: DeltaOp::ChangeIndex,
-                id: id.0.clone(),
-                doc: Some(doc.clone()),
-                index: Some(i as u64),
-                old_index: Some(from as u64),
-                cause: cause(&id),
-            });
+            ops.push(op(DeltaOp::ChangeIndex, &id, Some(doc), Some(i as u64), Some(from as u64), cause(&id)));
             working.insert(i, (id, doc.clone()));
         }
         for (i, (id, doc)) in working.iter_mut().enumerate() {
             let now = new_doc[&*id];
             if !Arc::ptr_eq(doc, now) && **doc != **now {
-                ops.push(WindowOp {
-                    op: DeltaOp::Change,
-                    id: id.0.clone(),
-                    doc: Some(now.clone()),
-                    index: Some(i as u64),
-                    old_index: Some(i as u64),
-                    cause: cause(id),
-                });
+                ops.push(op(DeltaOp::Change, id, Some(now), Some(i as u64), Some(i as u64), cause(id)));
             }
             *doc = now.clone();
         }
@@ -379,14 +358,7 @@ impl Window {
         let present: HashSet<DocId> = working.iter().map(|(id, _)| id.clone()).collect();
         for (index, (id, doc)) in target.iter().enumerate() {
             if !present.contains(id) {
-                ops.push(WindowOp {
-                    op: DeltaOp::Add,
-                    id: id.0.clone(),
-                    doc: Some(doc.clone()),
-                    index: Some(index as u64),
-                    old_index: None,
-                    cause: cause(id),
-                });
+                ops.push(op(DeltaOp::Add, id, Some(doc), Some(index as u64), None, cause(id)));
             }
         }
         ops
