@@ -6,4 +6,5 @@
 pub mod cli;
 pub mod commands;
 pub mod source;
+pub mod store;
 pub mod workload;
