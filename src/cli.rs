@@ -26,6 +26,40 @@ pub enum Command {
     Replay(ReplayArgs),
     /// Write a synthetic workload (events.jsonl, queries.jsonl) for `livegrid replay`.
     Workload(WorkloadArgs),
+    /// Serve live queries over WebSocket and the embedded document store over REST.
+    Serve(ServeArgs),
+}
+
+/// Flags of `livegrid serve` (each also read from the environment).
+#[derive(Debug, Args, Default)]
+pub struct ServeArgs {
+    /// A TOML configuration file (flags and environment override it).
+    #[arg(long, env = "LIVEGRID_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "LIVEGRID_LISTEN")]
+    pub listen: Option<String>,
+    /// Folder of the embedded store [default: ./data].
+    #[arg(long, env = "LIVEGRID_DATA")]
+    pub data: Option<PathBuf>,
+    /// The grid, QxW [default: 1x1].
+    #[arg(long, env = "LIVEGRID_GRID")]
+    pub grid: Option<String>,
+    /// Messages a connection may have queued before it is closed as too slow [default: 4096].
+    #[arg(long, env = "LIVEGRID_QUEUE_CAPACITY")]
+    pub queue_capacity: Option<usize>,
+    /// Subscriptions per connection [default: 1000].
+    #[arg(long, env = "LIVEGRID_MAX_SUBSCRIPTIONS")]
+    pub max_subscriptions: Option<usize>,
+    /// Largest client message in bytes [default: 1048576].
+    #[arg(long, env = "LIVEGRID_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Seconds between WebSocket pings [default: 20].
+    #[arg(long, env = "LIVEGRID_HEARTBEAT_SECONDS")]
+    pub heartbeat_seconds: Option<u64>,
+    /// Recent writes kept to catch subscriptions up [default: 100000].
+    #[arg(long, env = "LIVEGRID_RETENTION")]
+    pub retention: Option<usize>,
 }
 
 /// Flags of `livegrid workload`.

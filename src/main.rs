@@ -16,5 +16,6 @@ fn main() -> ExitCode {
         Command::Match(args) => livegrid::commands::match_docs::run(&args),
         Command::Replay(args) => livegrid::commands::replay::run(&args),
         Command::Workload(args) => livegrid::commands::workload::run(&args),
+        Command::Serve(args) => livegrid::commands::serve::run(&args),
     }
 }

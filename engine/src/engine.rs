@@ -178,7 +178,8 @@ impl Shared {
 pub struct Engine {
     shared: Arc<Shared>,
     events: Receiver<EngineEvent>,
-    guards: Option<timely::communication::WorkerGuards<()>>,
+    /// Behind a lock only to make the handle `Sync` (timely's guards are not).
+    guards: Mutex<Option<timely::communication::WorkerGuards<()>>>,
     router: Option<JoinHandle<()>>,
     feeds: bool,
 }
@@ -252,7 +253,7 @@ impl Engine {
             .name("livegrid-router".into())
             .spawn(move || route(&router_shared, &delivery_rx, &event_tx))
             .map_err(|e| EngineError::Start(e.to_string()))?;
-        Ok(Engine { shared, events: event_rx, guards: Some(guards), router: Some(router), feeds })
+        Ok(Engine { shared, events: event_rx, guards: Mutex::new(Some(guards)), router: Some(router), feeds })
     }
 
     /// What the engine emits, in order.
@@ -417,7 +418,7 @@ impl Engine {
             }
         }
         self.wake();
-        if let Some(guards) = self.guards.take() {
+        if let Some(guards) = self.guards.get_mut().expect("guards lock").take() {
             drop(guards.join());
         }
         if let Some(router) = self.router.take() {

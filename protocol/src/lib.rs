@@ -19,5 +19,6 @@ pub mod message;
 pub use live_result::{ApplyError, LiveResult};
 
 pub use message::{
-    Cause, DeltaMessage, DeltaOp, ErrorCode, ErrorMessage, Position, ResultMessage, ServerMessage, SubscriptionId,
+    Cause, ClientMessage, DeltaMessage, DeltaOp, ErrorCode, ErrorMessage, Position, ResultMessage, Resume,
+    ServerMessage, SubscribeMessage, SubscriptionId,
 };

@@ -12,6 +12,58 @@ pub type SubscriptionId = String;
 /// A position in the change stream; it only grows.
 pub type Position = u64;
 
+/// Messages from a client to the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum ClientMessage {
+    /// Start a live query.
+    Subscribe(Box<SubscribeMessage>),
+    /// End a live query.
+    Unsubscribe {
+        /// The subscription.
+        id: SubscriptionId,
+    },
+    /// Ask for a `pong`.
+    Ping,
+}
+
+/// A live query request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SubscribeMessage {
+    /// The subscription id, unique within the connection.
+    pub id: SubscriptionId,
+    /// The namespace, `db.collection`.
+    pub ns: String,
+    /// The filter (Extended JSON); empty matches everything.
+    #[serde(default, with = "relaxed_doc")]
+    pub filter: Document,
+    /// The sort.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "relaxed_opt_doc")]
+    pub sort: Option<Document>,
+    /// Documents to skip.
+    #[serde(default)]
+    pub skip: u64,
+    /// Documents to show at most.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    /// The projection.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "relaxed_opt_doc")]
+    pub projection: Option<Document>,
+    /// Resume an earlier subscription after a dropped connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Resume>,
+}
+
+/// Where a resumed subscription left off.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// The token of the subscription's `result`.
+    pub token: String,
+    /// The last seq the client applied.
+    pub seq: u64,
+}
+
 /// Messages from the server to a client.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
@@ -162,6 +214,19 @@ mod relaxed_docs {
     }
 }
 
+mod relaxed_doc {
+    use bson::Document;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(doc: &Document, s: S) -> Result<S::Ok, S::Error> {
+        crate::extjson::document_to_relaxed_json(doc).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Document, D::Error> {
+        crate::extjson::document_from_json(serde_json::Value::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
 mod relaxed_opt_doc {
     use bson::Document;
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -214,6 +279,20 @@ mod tests {
             r#"{"type":"delta","id":"s1","seq":2,"op":"changeIndex","docId":7,"doc":{"_id":7,"s":"x"},"index":0,"oldIndex":3,"cause":"update","position":42}"#
         );
         assert_eq!(serde_json::from_str::<ServerMessage>(&json).unwrap(), delta);
+    }
+
+    #[test]
+    fn client_messages_parse() {
+        let m: ClientMessage = serde_json::from_str(
+            r#"{"type":"subscribe","id":"s1","ns":"db.c","filter":{"a":{"$gt":{"$numberLong":"5"}}},"sort":{"a":-1},"limit":10,"resume":{"token":"t","seq":4}}"#,
+        )
+        .unwrap();
+        let ClientMessage::Subscribe(s) = m else { panic!() };
+        assert_eq!(s.filter, doc! {"a": {"$gt": 5i64}});
+        assert_eq!(s.limit, Some(10));
+        assert_eq!(s.resume, Some(Resume { token: "t".into(), seq: 4 }));
+        assert_eq!(serde_json::from_str::<ClientMessage>(r#"{"type":"ping"}"#).unwrap(), ClientMessage::Ping);
+        assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"subscribe","ns":"db.c"}"#).is_err());
     }
 
     #[test]

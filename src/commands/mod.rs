@@ -2,4 +2,5 @@
 
 pub mod match_docs;
 pub mod replay;
+pub mod serve;
 pub mod workload;

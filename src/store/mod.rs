@@ -9,8 +9,10 @@
 //! snapshot read sees exactly the writes up to the position it reports.
 //!
 //! # Ids
-//! `_id` may be any BSON value except an array; a missing `_id` gets a new ObjectId. In
-//! URLs, an id of 24 hexadecimal digits names an ObjectId, anything else a string.
+//! `_id` may be any BSON value except an array; a missing `_id` gets a new ObjectId. A URL
+//! path segment names the first of these that exists: an ObjectId (24 hexadecimal digits), a
+//! string, an integer (decimal digits); when none exists, an ObjectId for 24 hexadecimal
+//! digits and a string otherwise.
 
 pub mod update;
 
@@ -298,12 +300,36 @@ pub fn id_label(id: &Bson) -> String {
     livegrid_protocol::extjson::to_relaxed_json(id).to_string()
 }
 
-/// The id a URL path segment names: 24 hexadecimal digits are an ObjectId, anything else a
-/// string.
-pub fn id_from_path(segment: &str) -> Bson {
-    match ObjectId::parse_str(segment) {
-        Ok(oid) if segment.len() == 24 => Bson::ObjectId(oid),
-        _ => Bson::String(segment.to_string()),
+/// The ids a URL path segment may name, in order of preference (see the module docs).
+pub fn ids_from_path(segment: &str) -> Vec<Bson> {
+    let mut ids = Vec::with_capacity(3);
+    if let (24, Ok(oid)) = (segment.len(), ObjectId::parse_str(segment)) {
+        ids.push(Bson::ObjectId(oid));
+    }
+    ids.push(Bson::String(segment.to_string()));
+    let canonical_integer = !segment.is_empty()
+        && segment.trim_start_matches('-').bytes().all(|b| b.is_ascii_digit())
+        && (segment == "0" || !segment.trim_start_matches('-').starts_with('0'));
+    if let (true, Ok(n)) = (canonical_integer, segment.parse::<i64>()) {
+        ids.push(match i32::try_from(n) {
+            Ok(small) => Bson::Int32(small),
+            Err(_) => Bson::Int64(n),
+        });
+    }
+    ids
+}
+
+impl Store {
+    /// The id a URL path segment names in `ns`: the first candidate that exists, else the
+    /// first candidate.
+    pub fn resolve_id(&self, ns: &str, segment: &str) -> Result<Bson, StoreError> {
+        let candidates = ids_from_path(segment);
+        for id in &candidates {
+            if self.get(ns, id)?.is_some() {
+                return Ok(id.clone());
+            }
+        }
+        Ok(candidates.into_iter().next().expect("a string candidate always exists"))
     }
 }
 
@@ -367,10 +393,13 @@ mod tests {
         assert_eq!(events[0].op, ChangeOp::Replace);
         assert!(store.write("db.c", vec![Write::Replace(Bson::String("a".into()), doc! {"_id": "b"})]).is_err());
         assert!(store.write("db.c", vec![Write::Replace(Bson::String("a".into()), doc! {"$set": {"x": 1}})]).is_err());
-        assert_eq!(
-            id_from_path("507f1f77bcf86cd799439011"),
-            Bson::ObjectId(ObjectId::parse_str("507f1f77bcf86cd799439011").unwrap())
-        );
-        assert_eq!(id_from_path("abc"), Bson::String("abc".into()));
+        let oid = ObjectId::parse_str("507f1f77bcf86cd799439011").unwrap();
+        assert_eq!(ids_from_path("507f1f77bcf86cd799439011")[0], Bson::ObjectId(oid));
+        assert_eq!(ids_from_path("abc"), vec![Bson::String("abc".into())]);
+        assert_eq!(ids_from_path("42"), vec![Bson::String("42".into()), Bson::Int32(42)]);
+        assert_eq!(ids_from_path("042").len(), 1);
+        store.write("db.c", vec![Write::Insert(doc! {"_id": 42})]).unwrap();
+        assert_eq!(store.resolve_id("db.c", "42").unwrap(), Bson::Int32(42));
+        assert_eq!(store.resolve_id("db.c", "43").unwrap(), Bson::String("43".into()));
     }
 }

@@ -1,0 +1,225 @@
+//! The real server on a loopback port: REST over the embedded store, live queries over real
+//! WebSocket connections, errors that leave connections open, and durability across restarts.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use livegrid::server::{RunningServer, ServerConfig, start};
+use livegrid_protocol::{DeltaOp, LiveResult, ServerMessage};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn server(data: &std::path::Path, queue_capacity: usize) -> RunningServer {
+    start(ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data: data.to_path_buf(),
+        queue_capacity,
+        heartbeat: Duration::from_secs(60),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// A minimal HTTP/1.1 client: one request per connection.
+async fn http(server: &RunningServer, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response)).await.unwrap().unwrap();
+    let text = String::from_utf8(response).unwrap();
+    let status: u16 = text[9..12].parse().unwrap();
+    let (_, body) = text.split_once("\r\n\r\n").unwrap();
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+async fn connect(server: &RunningServer) -> Socket {
+    let (socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", server.addr)).await.unwrap();
+    socket
+}
+
+async fn send(socket: &mut Socket, message: Value) {
+    socket.send(Message::Text(message.to_string().into())).await.unwrap();
+}
+
+async fn next(socket: &mut Socket) -> ServerMessage {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await
+            .expect("a message in time")
+            .unwrap()
+            .unwrap();
+        if let Message::Text(text) = message {
+            return serde_json::from_str(&text).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_round_trips_and_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path(), 1024).await;
+    let (status, body) = http(&server, "POST", "/v1/db/shop/items", Some(json!({"_id": "a", "price": 5}))).await;
+    assert_eq!((status, &body["_id"]), (201, &json!("a")));
+    let (status, body) = http(&server, "POST", "/v1/db/shop/items", Some(json!({"price": 7}))).await;
+    assert_eq!(status, 201);
+    let generated = body["_id"]["$oid"].as_str().unwrap().to_string();
+    let (status, body) = http(&server, "GET", &format!("/v1/db/shop/items/{generated}"), None).await;
+    assert_eq!((status, &body["price"]), (200, &json!(7)));
+    let (status, _) =
+        http(&server, "PATCH", "/v1/db/shop/items/a", Some(json!({"$inc": {"price": 10}, "$push": {"tags": "new"}})))
+            .await;
+    assert_eq!(status, 200);
+    let (_, body) = http(&server, "GET", "/v1/db/shop/items/a", None).await;
+    assert_eq!(body, json!({"_id": "a", "price": 15, "tags": ["new"]}));
+    let (status, _) = http(&server, "PUT", "/v1/db/shop/items/b", Some(json!({"price": 1}))).await;
+    assert_eq!(status, 201);
+    let (status, body) = http(
+        &server,
+        "GET",
+        "/v1/db/shop/items?filter=%7B%22price%22%3A%7B%22%24gt%22%3A2%7D%7D&sort=%7B%22price%22%3A-1%7D",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body["docs"].as_array().unwrap().iter().map(|d| d["price"].clone()).collect::<Vec<_>>(),
+        vec![json!(15), json!(7)]
+    );
+    let (status, body) = http(
+        &server,
+        "POST",
+        "/v1/db/shop/items/_bulk",
+        Some(json!({"writes": [{"insert": {"_id": "c"}}, {"delete": {"_id": "b"}}]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["positions"].as_array().unwrap().len(), 2);
+
+    // Errors: JSON bodies with the right status, nothing half-applied.
+    let (status, body) = http(&server, "POST", "/v1/db/shop/items", Some(json!({"_id": "a"}))).await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("duplicate_key")));
+    let (status, body) = http(&server, "GET", "/v1/db/shop/items/zzz", None).await;
+    assert_eq!((status, body["code"].as_str()), (404, Some("not_found")));
+    let (status, body) = http(&server, "PATCH", "/v1/db/shop/items/a", Some(json!({"$inc": {"price": "x"}}))).await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("bad_update")));
+    let (status, body) = http(
+        &server,
+        "POST",
+        "/v1/db/shop/items/_bulk",
+        Some(json!({"writes": [{"insert": {"_id": "d"}}, {"insert": {"_id": "a"}}]})),
+    )
+    .await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("duplicate_key")));
+    let (status, _) = http(&server, "GET", "/v1/db/shop/items/d", None).await;
+    assert_eq!(status, 404, "a failed bulk write applied part of itself");
+    let (status, body) = http(&server, "GET", "/v1/db/shop/items?filter=%7Bnot", None).await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("bad_query")));
+    let (status, body) = http(&server, "GET", "/healthz", None).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_queries_over_websocket() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path(), 1024).await;
+    http(&server, "POST", "/v1/db/app/todos", Some(json!({"_id": 1, "done": false, "rank": 5}))).await;
+    let mut socket = connect(&server).await;
+
+    send(&mut socket, json!({"type": "subscribe", "id": "open", "ns": "app.todos", "filter": {"done": false}})).await;
+    send(
+        &mut socket,
+        json!({"type": "subscribe", "id": "top", "ns": "app.todos", "filter": {}, "sort": {"rank": -1}, "limit": 2}),
+    )
+    .await;
+    let mut live = std::collections::HashMap::<String, LiveResult>::new();
+    for _ in 0..2 {
+        let message = next(&mut socket).await;
+        let ServerMessage::Result(r) = &message else { panic!("expected a result, got {message:?}") };
+        live.entry(r.id.clone()).or_default().apply(&message).unwrap();
+    }
+    assert_eq!(live["open"].docs().len(), 1);
+
+    // Every kind of delta, on the unsorted and the sorted query.
+    http(&server, "POST", "/v1/db/app/todos", Some(json!({"_id": 2, "done": false, "rank": 9}))).await;
+    http(&server, "PATCH", "/v1/db/app/todos/1", Some(json!({"$set": {"rank": 10}}))).await;
+    http(&server, "POST", "/v1/db/app/todos", Some(json!({"_id": 3, "done": true, "rank": 7}))).await;
+    http(&server, "PATCH", "/v1/db/app/todos/2", Some(json!({"$set": {"done": true}}))).await;
+    http(&server, "DELETE", "/v1/db/app/todos/1", None).await;
+    let mut ops = std::collections::HashSet::new();
+    let expected = |live: &std::collections::HashMap<String, LiveResult>| {
+        live["open"].docs().is_empty()
+            && live["top"].docs().iter().map(|d| d.get_i32("_id").unwrap()).collect::<Vec<_>>() == vec![2, 3]
+    };
+    while !expected(&live) {
+        let message = next(&mut socket).await;
+        if let ServerMessage::Delta(d) = &message {
+            ops.insert((d.id.clone(), d.op));
+            live.get_mut(&d.id).unwrap().apply(&message).unwrap();
+        }
+    }
+    assert!(ops.contains(&("open".into(), DeltaOp::Add)) && ops.contains(&("open".into(), DeltaOp::Remove)), "{ops:?}");
+    assert!(ops.contains(&("open".into(), DeltaOp::Change)), "{ops:?}");
+    assert!(ops.contains(&("top".into(), DeltaOp::ChangeIndex)), "{ops:?}");
+
+    // Bad messages get errors and the connection stays open.
+    send(&mut socket, json!({"type": "subscribe", "id": "bad", "ns": "app.todos", "filter": {"a": {"$where": 1}}}))
+        .await;
+    let ServerMessage::Error(e) = next(&mut socket).await else { panic!("expected an error") };
+    assert_eq!((e.id.as_deref(), e.code), (Some("bad"), livegrid_protocol::ErrorCode::BadQuery));
+    socket.send(Message::Text("{nope".into())).await.unwrap();
+    let ServerMessage::Error(e) = next(&mut socket).await else { panic!("expected an error") };
+    assert_eq!(e.code, livegrid_protocol::ErrorCode::BadMessage);
+    send(&mut socket, json!({"type": "subscribe", "id": "open", "ns": "app.todos"})).await;
+    let ServerMessage::Error(e) = next(&mut socket).await else { panic!("expected an error") };
+    assert_eq!(e.code, livegrid_protocol::ErrorCode::DuplicateSubscription);
+    send(&mut socket, json!({"type": "ping"})).await;
+    assert_eq!(next(&mut socket).await, ServerMessage::Pong);
+
+    // After unsubscribing, no more messages for it.
+    send(&mut socket, json!({"type": "unsubscribe", "id": "open"})).await;
+    send(&mut socket, json!({"type": "ping"})).await;
+    assert_eq!(next(&mut socket).await, ServerMessage::Pong);
+    http(&server, "POST", "/v1/db/app/todos", Some(json!({"_id": 4, "done": false, "rank": 1}))).await;
+    send(&mut socket, json!({"type": "ping"})).await;
+    loop {
+        match next(&mut socket).await {
+            ServerMessage::Pong => break,
+            ServerMessage::Delta(d) => assert_ne!(d.id, "open", "a delta after unsubscribe"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_one = server(dir.path(), 1024).await;
+    for i in 0..20 {
+        http(&server_one, "POST", "/v1/db/app/notes", Some(json!({"_id": i, "n": i}))).await;
+    }
+    server_one.shutdown().await;
+    let server_two = server(dir.path(), 1024).await;
+    let (_, body) = http(&server_two, "GET", "/v1/db/app/notes/7", None).await;
+    assert_eq!(body, json!({"_id": 7, "n": 7}));
+    let mut socket = connect(&server_two).await;
+    send(&mut socket, json!({"type": "subscribe", "id": "all", "ns": "app.notes", "filter": {"n": {"$gte": 10}}}))
+        .await;
+    let ServerMessage::Result(r) = next(&mut socket).await else { panic!("expected a result") };
+    assert_eq!(r.docs.len(), 10);
+    assert_eq!(r.position, 20);
+    http(&server_two, "POST", "/v1/db/app/notes", Some(json!({"_id": 100, "n": 100}))).await;
+    let ServerMessage::Delta(d) = next(&mut socket).await else { panic!("expected a delta") };
+    assert_eq!((d.op, d.position), (DeltaOp::Add, 21));
+    server_two.shutdown().await;
+}
