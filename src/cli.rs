@@ -60,6 +60,12 @@ pub struct ServeArgs {
     /// Recent writes kept to catch subscriptions up [default: 100000].
     #[arg(long, env = "LIVEGRID_RETENTION")]
     pub retention: Option<usize>,
+    /// Seconds the subscriptions of a dropped connection wait to be resumed [default: 60].
+    #[arg(long, env = "LIVEGRID_RESUME_GRACE_SECONDS")]
+    pub resume_grace_seconds: Option<u64>,
+    /// Messages kept per subscription for resuming [default: 128].
+    #[arg(long, env = "LIVEGRID_RESUME_BUFFER")]
+    pub resume_buffer: Option<usize>,
 }
 
 /// Flags of `livegrid workload`.

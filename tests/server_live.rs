@@ -13,12 +13,15 @@ use tokio_tungstenite::tungstenite::Message;
 type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn server(data: &std::path::Path, queue_capacity: usize) -> RunningServer {
+    server_with(data, ServerConfig { queue_capacity, ..Default::default() }).await
+}
+
+async fn server_with(data: &std::path::Path, config: ServerConfig) -> RunningServer {
     start(ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         data: data.to_path_buf(),
-        queue_capacity,
         heartbeat: Duration::from_secs(60),
-        ..Default::default()
+        ..config
     })
     .await
     .unwrap()
@@ -222,4 +225,103 @@ async fn data_survives_a_restart() {
     let ServerMessage::Delta(d) = next(&mut socket).await else { panic!("expected a delta") };
     assert_eq!((d.op, d.position), (DeltaOp::Add, 21));
     server_two.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_sends_exactly_the_missed_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path(), 1024).await;
+    let mut first = connect(&server).await;
+    send(&mut first, json!({"type": "subscribe", "id": "s", "ns": "app.items", "filter": {}, "sort": {"n": 1}})).await;
+    let mut live = LiveResult::default();
+    let result = next(&mut first).await;
+    let ServerMessage::Result(r) = &result else { panic!("expected a result") };
+    let token = r.token.clone().expect("results carry a resume token");
+    live.apply(&result).unwrap();
+    http(&server, "POST", "/v1/db/app/items", Some(json!({"_id": 1, "n": 1}))).await;
+    live.apply(&next(&mut first).await).unwrap();
+    assert_eq!(live.seq(), 2);
+    // The connection drops; writes go on.
+    drop(first);
+    for i in 2..=4 {
+        http(&server, "POST", "/v1/db/app/items", Some(json!({"_id": i, "n": -i}))).await;
+    }
+    let mut second = connect(&server).await;
+    send(&mut second, json!({"type": "subscribe", "id": "s", "ns": "app.items", "filter": {}, "sort": {"n": 1}, "resume": {"token": token, "seq": 2}})).await;
+    // Exactly the missed deltas, numbered on from 2, then live ones.
+    for expected_seq in 3..=5 {
+        let message = next(&mut second).await;
+        let ServerMessage::Delta(d) = &message else { panic!("expected a delta, got {message:?}") };
+        assert_eq!(d.seq, expected_seq);
+        live.apply(&message).unwrap();
+    }
+    http(&server, "PATCH", "/v1/db/app/items/1", Some(json!({"$set": {"n": -10}}))).await;
+    live.apply(&next(&mut second).await).unwrap();
+    let ids: Vec<i32> = live.docs().iter().map(|d| d.get_i32("_id").unwrap()).collect();
+    assert_eq!(ids, vec![1, 4, 3, 2]);
+    // An unknown token gets a fresh result.
+    send(&mut second, json!({"type": "subscribe", "id": "t", "ns": "app.items", "filter": {"n": {"$lt": 0}}, "resume": {"token": "nope", "seq": 9}})).await;
+    let ServerMessage::Result(fresh) = next(&mut second).await else { panic!("expected a fresh result") };
+    assert_eq!((fresh.id.as_str(), fresh.seq, fresh.docs.len()), ("t", 1, 4));
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_closed_and_others_are_unaffected() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig { queue_capacity: 16, resume_grace: Duration::from_millis(300), ..Default::default() };
+    let server = server_with(dir.path(), config).await;
+    let mut slow = connect(&server).await;
+    let mut reader = connect(&server).await;
+    send(&mut slow, json!({"type": "subscribe", "id": "all", "ns": "app.big", "filter": {}})).await;
+    send(&mut reader, json!({"type": "subscribe", "id": "all", "ns": "app.big", "filter": {}})).await;
+    assert!(matches!(next(&mut reader).await, ServerMessage::Result(_)));
+    // Large documents, so that socket buffers fill and the server's queue overflows.
+    let padding = "x".repeat(16 * 1024);
+    let total = 400;
+    let reading = tokio::spawn(async move {
+        let mut adds = 0;
+        while adds < total {
+            if let ServerMessage::Delta(_) = next(&mut reader).await {
+                adds += 1;
+            }
+        }
+        reader
+    });
+    for batch in 0..8 {
+        let writes: Vec<Value> =
+            (0..total / 8).map(|i| json!({"insert": {"_id": batch * 1000 + i, "pad": padding}})).collect();
+        let (status, _) = http(&server, "POST", "/v1/db/app/big/_bulk", Some(json!({"writes": writes}))).await;
+        assert_eq!(status, 200);
+    }
+    // The reader got every delta.
+    let _reader = tokio::time::timeout(Duration::from_secs(60), reading).await.expect("the reader keeps up").unwrap();
+    // The slow client was closed with a reason before it could see them all.
+    let mut seen = 0;
+    let mut close = None;
+    while let Ok(Some(Ok(message))) = tokio::time::timeout(Duration::from_secs(10), slow.next()).await {
+        match message {
+            Message::Text(_) => seen += 1,
+            Message::Close(frame) => {
+                close = frame;
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(seen < total + 1, "the slow client received everything ({seen})");
+    let close = close.expect("a close frame with a reason");
+    assert_eq!(u16::from(close.code), 1008);
+    assert!(close.reason.contains("too slow"), "{}", close.reason);
+    // Its detached subscription ends after the grace window: only the reader's remains.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, health) = http(&server, "GET", "/healthz", None).await;
+        if health["subscriptions"] == json!(1) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the slow client's subscription was never released: {health}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.shutdown().await;
 }

@@ -25,6 +25,8 @@ pub struct FileConfig {
     max_message_bytes: Option<usize>,
     heartbeat_seconds: Option<u64>,
     retention: Option<usize>,
+    resume_grace_seconds: Option<u64>,
+    resume_buffer: Option<usize>,
 }
 
 /// Merges flags, environment, file and defaults.
@@ -58,6 +60,12 @@ pub fn config(args: &ServeArgs) -> Result<ServerConfig, String> {
             .map(Duration::from_secs)
             .unwrap_or(defaults.heartbeat),
         retention: args.retention.or(file.retention).unwrap_or(defaults.retention),
+        resume_grace: args
+            .resume_grace_seconds
+            .or(file.resume_grace_seconds)
+            .map(Duration::from_secs)
+            .unwrap_or(defaults.resume_grace),
+        resume_buffer: args.resume_buffer.or(file.resume_buffer).unwrap_or(defaults.resume_buffer),
     })
 }
 

@@ -47,6 +47,10 @@ pub struct ServerConfig {
     pub heartbeat: Duration,
     /// Recent writes kept to catch subscriptions up.
     pub retention: usize,
+    /// How long the subscriptions of a dropped connection wait to be resumed.
+    pub resume_grace: Duration,
+    /// Messages kept per subscription for resuming.
+    pub resume_buffer: usize,
 }
 
 impl Default for ServerConfig {
@@ -60,6 +64,8 @@ impl Default for ServerConfig {
             max_message_bytes: 1 << 20,
             heartbeat: session::DEFAULT_HEARTBEAT,
             retention: 100_000,
+            resume_grace: Duration::from_secs(60),
+            resume_buffer: 128,
         }
     }
 }
@@ -127,13 +133,31 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             tracing::error!(error = %e, "engine refused writes");
         }
     });
-    let hub = Arc::new(Hub::default());
+    let hub = Arc::new(Hub::new(config.resume_buffer));
     let hub_thread = {
         let hub = hub.clone();
         let events = engine.messages().clone();
         std::thread::Builder::new().name("livegrid-hub".into()).spawn(move || hub.run(events)).expect("hub thread")
     };
     let (stop, shutdown) = watch::channel(false);
+    {
+        // Ends detached subscriptions nobody resumed within the grace window.
+        let (hub, engine, grace, mut until) = (hub.clone(), engine.clone(), config.resume_grace, shutdown.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500).min(grace.max(Duration::from_millis(10))));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        for key in hub.expire(grace) {
+                            let _ = engine.unregister(key);
+                            metrics::gauge!("livegrid_subscriptions").decrement(1.0);
+                        }
+                    }
+                    _ = until.changed() => break,
+                }
+            }
+        });
+    }
     let state = AppState {
         store,
         engine: engine.clone(),

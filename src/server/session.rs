@@ -5,6 +5,10 @@
 //! A bad message or a bad subscription gets an `error` message (with the subscription's id
 //! when it has one) and the connection stays open. The connection closes when the client
 //! closes it, stops answering pings, or does not read fast enough (its queue fills).
+//!
+//! # Disconnection
+//! When a connection ends without unsubscribing, its subscriptions are detached, not ended:
+//! they can be resumed on another connection within the grace window (see [`super::hub`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,7 +36,7 @@ pub async fn run(socket: WebSocket, state: AppState) {
     let (queue, mut outgoing) = mpsc::channel::<String>(state.config.queue_capacity);
     let outbox = Arc::new(Outbox { queue, overflowed: AtomicBool::new(false), overflow: tokio::sync::Notify::new() });
     let (mut sink, mut stream) = socket.split();
-    let mut subscriptions: HashMap<String, QueryKey> = HashMap::new();
+    let mut subscriptions: HashMap<String, Active> = HashMap::new();
     let mut heartbeat = tokio::time::interval(state.config.heartbeat);
     heartbeat.tick().await;
     let mut awaiting_pong = false;
@@ -81,8 +85,13 @@ pub async fn run(socket: WebSocket, state: AppState) {
             break Some((CLOSE_POLICY, "client too slow: outgoing queue full; reconnect and resubscribe"));
         }
     };
-    for (id, key) in subscriptions {
-        end(&state, connection, &id, key);
+    let server_stopping = *shutdown.borrow();
+    for active in subscriptions.into_values() {
+        if server_stopping {
+            end(&state, &active);
+        } else {
+            state.hub.detach(&active.name);
+        }
     }
     if let Some((code, reason)) = close {
         tracing::info!(connection, code, reason, "closing connection");
@@ -95,13 +104,15 @@ fn error(id: Option<String>, code: ErrorCode, message: String) -> ServerMessage 
     ServerMessage::Error(ErrorMessage { id, code, message })
 }
 
-fn name(connection: u64, id: &str) -> String {
-    format!("{connection}/{id}")
+/// A subscription of this connection: its engine key and name.
+struct Active {
+    key: QueryKey,
+    name: String,
 }
 
-fn end(state: &AppState, connection: u64, id: &str, key: QueryKey) {
-    state.hub.remove(&name(connection, id));
-    let _ = state.engine.unregister(key);
+fn end(state: &AppState, active: &Active) {
+    state.hub.remove(&active.name);
+    let _ = state.engine.unregister(active.key);
     metrics::gauge!("livegrid_subscriptions").decrement(1.0);
 }
 
@@ -110,7 +121,7 @@ async fn handle(
     state: &AppState,
     connection: u64,
     outbox: &Arc<Outbox>,
-    subscriptions: &mut HashMap<String, QueryKey>,
+    subscriptions: &mut HashMap<String, Active>,
     text: &str,
 ) -> Vec<ServerMessage> {
     if text.len() > state.config.max_message_bytes {
@@ -127,8 +138,8 @@ async fn handle(
     match message {
         ClientMessage::Ping => vec![ServerMessage::Pong],
         ClientMessage::Unsubscribe { id } => match subscriptions.remove(&id) {
-            Some(key) => {
-                end(state, connection, &id, key);
+            Some(active) => {
+                end(state, &active);
                 Vec::new()
             }
             None => vec![error(
@@ -150,7 +161,7 @@ async fn subscribe_one(
     state: &AppState,
     connection: u64,
     outbox: &Arc<Outbox>,
-    subscriptions: &mut HashMap<String, QueryKey>,
+    subscriptions: &mut HashMap<String, Active>,
     subscribe: SubscribeMessage,
 ) -> Result<(), ServerMessage> {
     let id = subscribe.id.clone();
@@ -176,19 +187,33 @@ async fn subscribe_one(
         projection: subscribe.projection,
     };
     Query::compile(&spec).map_err(|e| fail(ErrorCode::BadQuery, e.to_string()))?;
-    let engine_name = name(connection, &id);
-    state.hub.add(engine_name.clone(), outbox.clone(), id.clone());
+    if let Some(resume) = &subscribe.resume {
+        if let Some(resumed) = state.hub.resume(&resume.token, resume.seq, outbox, &id) {
+            subscriptions.insert(id, Active { key: resumed.key, name: resumed.name });
+            metrics::counter!("livegrid_resumes").increment(1);
+            return Ok(());
+        }
+        // Not resumable (expired, or missed messages no longer buffered): start afresh.
+        if let Some(old) = state.hub.take_token(&resume.token) {
+            let _ = state.engine.unregister(old);
+            metrics::gauge!("livegrid_subscriptions").decrement(1.0);
+        }
+    }
+    let engine_name = format!("{connection}/{}", state.next_connection.fetch_add(1, Ordering::Relaxed));
+    state.hub.add(engine_name.clone(), 0, outbox.clone(), id.clone());
     let engine = state.engine.clone();
     let ns = subscribe.ns.clone();
+    let engine_name_for_key = engine_name.clone();
     let registered = tokio::task::spawn_blocking(move || engine.register(&engine_name, &ns, &spec)).await;
     match registered {
         Ok(Ok(key)) => {
-            subscriptions.insert(id, key);
+            state.hub.set_key(&engine_name_for_key, key);
+            subscriptions.insert(id, Active { key, name: engine_name_for_key });
             metrics::gauge!("livegrid_subscriptions").increment(1.0);
             Ok(())
         }
         Ok(Err(e)) => {
-            state.hub.remove(&name(connection, &id));
+            state.hub.remove(&engine_name_for_key);
             let code = match e {
                 EngineError::BadQuery(_) => ErrorCode::BadQuery,
                 _ => ErrorCode::Internal,
@@ -196,7 +221,7 @@ async fn subscribe_one(
             Err(fail(code, e.to_string()))
         }
         Err(e) => {
-            state.hub.remove(&name(connection, &id));
+            state.hub.remove(&engine_name_for_key);
             Err(fail(ErrorCode::Internal, format!("registration failed: {e}")))
         }
     }
