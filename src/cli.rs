@@ -66,6 +66,10 @@ pub struct ServeArgs {
     /// Messages kept per subscription for resuming [default: 128].
     #[arg(long, env = "LIVEGRID_RESUME_BUFFER")]
     pub resume_buffer: Option<usize>,
+    /// When store commits reach the disk: `immediate` (every commit) or `periodic[:ms]`
+    /// (at most 100 ms later by default, and on shutdown) [default: periodic].
+    #[arg(long, env = "LIVEGRID_DURABILITY")]
+    pub durability: Option<String>,
 }
 
 /// Flags of `livegrid workload`.

@@ -27,6 +27,7 @@ pub struct FileConfig {
     retention: Option<usize>,
     resume_grace_seconds: Option<u64>,
     resume_buffer: Option<usize>,
+    durability: Option<String>,
 }
 
 /// Merges flags, environment, file and defaults.
@@ -66,6 +67,10 @@ pub fn config(args: &ServeArgs) -> Result<ServerConfig, String> {
             .map(Duration::from_secs)
             .unwrap_or(defaults.resume_grace),
         resume_buffer: args.resume_buffer.or(file.resume_buffer).unwrap_or(defaults.resume_buffer),
+        durability: match args.durability.clone().or(file.durability) {
+            Some(d) => d.parse()?,
+            None => defaults.durability,
+        },
     })
 }
 

@@ -51,6 +51,8 @@ pub struct ServerConfig {
     pub resume_grace: Duration,
     /// Messages kept per subscription for resuming.
     pub resume_buffer: usize,
+    /// When store commits reach the disk.
+    pub durability: crate::store::Durability,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +68,7 @@ impl Default for ServerConfig {
             retention: 100_000,
             resume_grace: Duration::from_secs(60),
             resume_buffer: 128,
+            durability: crate::store::Durability::default(),
         }
     }
 }
@@ -119,7 +122,7 @@ fn prometheus() -> &'static PrometheusHandle {
 /// Opens the store, starts the engine and begins listening.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let metrics = prometheus();
-    let store = Arc::new(Store::open(&config.data)?);
+    let store = Arc::new(Store::open_with(&config.data, config.durability)?);
     let engine = Arc::new(Engine::start(
         EngineConfig { shape: config.grid, retention: config.retention, ..Default::default() },
         store.clone(),

@@ -8,6 +8,13 @@
 //! order while the writer lock is still held. Reads run on redb's MVCC snapshots, so a
 //! snapshot read sees exactly the writes up to the position it reports.
 //!
+//! # Durability
+//! With [`Durability::Immediate`] every commit reaches the disk before the write returns. With
+//! [`Durability::Periodic`] (the default, like MongoDB's 100 ms journal commit interval) commits
+//! are atomic and consistent at once and reach the disk at the next flush, at most one
+//! interval later, and on close; a crash loses at most that interval of writes, never part of
+//! one.
+//!
 //! # Ids
 //! `_id` may be any BSON value except an array; a missing `_id` gets a new ObjectId. A URL
 //! path segment names the first of these that exists: an ObjectId (24 hexadecimal digits), a
@@ -73,24 +80,102 @@ pub enum Write {
 
 type Listener = Box<dyn Fn(Vec<ChangeEvent>) + Send + Sync>;
 
+/// When commits reach the disk (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Before each write returns.
+    Immediate,
+    /// At most this long after each write, and on close.
+    Periodic(std::time::Duration),
+}
+
+impl Default for Durability {
+    fn default() -> Self {
+        Durability::Periodic(std::time::Duration::from_millis(100))
+    }
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+
+    /// `immediate`, or `periodic` / `periodic:<milliseconds>`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            None if s == "immediate" => Ok(Durability::Immediate),
+            None if s == "periodic" => Ok(Durability::default()),
+            Some(("periodic", ms)) => ms
+                .parse::<u64>()
+                .ok()
+                .filter(|ms| *ms > 0)
+                .map(|ms| Durability::Periodic(std::time::Duration::from_millis(ms)))
+                .ok_or_else(|| format!("bad flush interval {ms:?}")),
+            _ => Err(format!("durability must be immediate or periodic[:ms], found {s:?}")),
+        }
+    }
+}
+
 /// The store.
 pub struct Store {
-    db: redb::Database,
+    db: Arc<redb::Database>,
     /// Serialises writes, so that events reach the listener in position order.
-    writer: Mutex<()>,
+    writer: Arc<Mutex<Unsynced>>,
     listener: Mutex<Option<Listener>>,
+    durability: Durability,
+    flusher: Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
+}
+
+/// Whether commits since the last flush are not on disk yet.
+struct Unsynced(bool);
+
+fn flush(db: &redb::Database, writer: &Mutex<Unsynced>) -> Result<(), StoreError> {
+    let mut unsynced = writer.lock().expect("writer lock");
+    if unsynced.0 {
+        // An immediate commit makes every earlier commit durable.
+        db.begin_write()?.commit()?;
+        unsynced.0 = false;
+    }
+    Ok(())
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir` with the default durability.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with(dir, Durability::default())
+    }
+
+    /// Opens (or creates) the store in `dir`.
+    pub fn open_with(dir: &Path, durability: Durability) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Storage(format!("{}: {e}", dir.display())))?;
-        let db = redb::Database::create(dir.join("livegrid.redb"))?;
+        let db = Arc::new(redb::Database::create(dir.join("livegrid.redb"))?);
         let txn = db.begin_write()?;
         txn.open_table(DOCS)?;
         txn.open_table(META)?;
         txn.commit()?;
-        Ok(Store { db, writer: Mutex::new(()), listener: Mutex::new(None) })
+        let writer = Arc::new(Mutex::new(Unsynced(false)));
+        let flusher = match durability {
+            Durability::Immediate => None,
+            Durability::Periodic(every) => {
+                let (stop, stopped) = std::sync::mpsc::channel::<()>();
+                let (db, writer) = (db.clone(), writer.clone());
+                let thread = std::thread::Builder::new()
+                    .name("livegrid-store-flush".into())
+                    .spawn(move || {
+                        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                            if let Err(e) = flush(&db, &writer) {
+                                tracing::error!(error = %e, "store flush failed");
+                            }
+                        }
+                    })
+                    .map_err(|e| StoreError::Storage(e.to_string()))?;
+                Some((stop, thread))
+            }
+        };
+        Ok(Store { db, writer, listener: Mutex::new(None), durability, flusher: Mutex::new(flusher) })
+    }
+
+    /// Makes every committed write durable now.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        flush(&self.db, &self.writer)
     }
 
     /// Hands every committed write to `listener`, in position order.
@@ -117,8 +202,11 @@ impl Store {
     /// Applies writes atomically: all commit, each at the next position, or none does.
     pub fn write(&self, ns: &str, writes: Vec<Write>) -> Result<Vec<ChangeEvent>, StoreError> {
         check_namespace(ns)?;
-        let _writer = self.writer.lock().expect("writer lock");
-        let txn = self.db.begin_write()?;
+        let mut unsynced = self.writer.lock().expect("writer lock");
+        let mut txn = self.db.begin_write()?;
+        if self.durability != Durability::Immediate {
+            txn.set_durability(redb::Durability::None).map_err(|e| StoreError::Storage(e.to_string()))?;
+        }
         let mut events = Vec::with_capacity(writes.len());
         {
             let mut docs = txn.open_table(DOCS)?;
@@ -171,6 +259,7 @@ impl Store {
             meta.insert(POSITION, position)?;
         }
         txn.commit()?;
+        unsynced.0 = self.durability != Durability::Immediate;
         if let Some(listener) = self.listener.lock().expect("listener lock").as_ref() {
             listener(events.clone());
         }
@@ -199,6 +288,18 @@ impl Store {
         let complete = k.is_none_or(|k| matching.len() <= k);
         let docs = matching.into_iter().take(k.unwrap_or(usize::MAX)).map(|(_, d)| d).collect();
         Ok(Snapshot { docs, position, complete })
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some((stop, thread)) = self.flusher.get_mut().expect("flusher lock").take() {
+            drop(stop);
+            let _ = thread.join();
+        }
+        if let Err(e) = self.sync() {
+            tracing::error!(error = %e, "final store flush failed");
+        }
     }
 }
 
@@ -364,6 +465,21 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.position().unwrap(), 3);
         assert_eq!(store.get("db.c", &Bson::Int32(1)).unwrap(), Some(doc! {"_id": 1, "n": 6}));
+    }
+
+    #[test]
+    fn both_durabilities_persist_across_reopen() {
+        for durability in [Durability::Immediate, "periodic:5".parse().unwrap()] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open_with(dir.path(), durability).unwrap();
+            store.write("db.c", vec![Write::Insert(doc! {"_id": 1})]).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            drop(store);
+            let store = Store::open_with(dir.path(), durability).unwrap();
+            assert!(store.get("db.c", &Bson::Int32(1)).unwrap().is_some(), "{durability:?}");
+        }
+        assert!("sometimes".parse::<Durability>().is_err());
+        assert!("periodic:0".parse::<Durability>().is_err());
     }
 
     #[test]

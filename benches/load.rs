@@ -1,0 +1,162 @@
+//! Load test of `livegrid serve`: 1,000 WebSocket connections on loopback holding 10,000
+//! subscriptions (10 each, `{"owner": "u<k>"}`), while writes stream in through the REST bulk
+//! endpoint at a fixed rate (`LIVEGRID_LOAD_RATE`, default 10,000 writes/s, in 1 ms batches,
+//! for `LIVEGRID_LOAD_SECONDS`, default 5). Every write matches exactly one subscription.
+//! Write-to-client latency: each document carries the time it was sent; each client takes
+//! the time its delta arrives. The server and the clients share this process and its 2
+//! cores, so the figures are conservative.
+//!
+//! Run with `scripts/bench.sh load` (or `cargo bench --bench load`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use livegrid::server::{ServerConfig, start};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+const CONNECTIONS: usize = 1_000;
+const PER_CONNECTION: usize = 10;
+
+fn micros() -> u64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_micros() as u64
+}
+
+async fn post(addr: std::net::SocketAddr, path: &str, body: &Value) -> u16 {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = body.to_string();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    String::from_utf8_lossy(&response[9..12]).parse().unwrap_or(0)
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return;
+    }
+    let rate: u64 = std::env::var("LIVEGRID_LOAD_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let seconds: u64 = std::env::var("LIVEGRID_LOAD_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async move {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start(ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data: dir.path().to_path_buf(),
+            queue_capacity: 65_536,
+            durability: std::env::var("LIVEGRID_DURABILITY").ok().map(|d| d.parse().expect("durability")).unwrap_or_default(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let addr = server.addr;
+        let latencies = Arc::new(Mutex::new(Vec::<u64>::new()));
+        let results = Arc::new(AtomicU64::new(0));
+        let deltas = Arc::new(AtomicU64::new(0));
+        let mut clients = Vec::new();
+        for c in 0..CONNECTIONS {
+            let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws")).await.unwrap();
+            for j in 0..PER_CONNECTION {
+                let owner = c * PER_CONNECTION + j;
+                let subscribe = json!({"type": "subscribe", "id": format!("s{j}"), "ns": "load.items", "filter": {"owner": format!("u{owner}")}});
+                socket.send(Message::Text(subscribe.to_string().into())).await.unwrap();
+            }
+            let (latencies, results, deltas) = (latencies.clone(), results.clone(), deltas.clone());
+            clients.push(tokio::spawn(async move {
+                let mut mine = Vec::new();
+                while let Some(Ok(message)) = socket.next().await {
+                    let Message::Text(text) = message else { continue };
+                    let now = micros();
+                    let value: Value = serde_json::from_str(&text).unwrap();
+                    match value["type"].as_str() {
+                        Some("result") => {
+                            results.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Some("delta") => {
+                            if let Some(sent) = value["doc"]["t"].as_u64() {
+                                mine.push(now.saturating_sub(sent));
+                            }
+                            deltas.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => {}
+                    }
+                    if mine.len() >= 64 {
+                        latencies.lock().unwrap().append(&mut mine);
+                    }
+                }
+                latencies.lock().unwrap().append(&mut mine);
+            }));
+        }
+        let subscriptions = (CONNECTIONS * PER_CONNECTION) as u64;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while results.load(Ordering::Relaxed) < subscriptions {
+            assert!(Instant::now() < deadline, "subscriptions did not all get their results");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        let per_tick = (rate / 1000).max(1);
+        let ticks = seconds * 1000;
+        let mut next_id = 0u64;
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let started = Instant::now();
+        let mut sending = Vec::new();
+        for tick in 0..ticks {
+            let due = started + Duration::from_millis(tick);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                tokio::time::sleep(wait).await;
+            }
+            let writes: Vec<Value> = (0..per_tick)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    next_id += 1;
+                    let owner = seed % subscriptions;
+                    json!({"insert": {"_id": next_id as i64, "owner": format!("u{owner}"), "t": micros() as i64}})
+                })
+                .collect();
+            sending.push(tokio::spawn(async move { post(addr, "/v1/db/load/items/_bulk", &json!({"writes": writes})).await }));
+            if sending.len() > 64 {
+                for handle in sending.drain(..32) {
+                    assert_eq!(handle.await.unwrap(), 200);
+                }
+            }
+        }
+        for handle in sending.drain(..) {
+            assert_eq!(handle.await.unwrap(), 200);
+        }
+        let offered = (per_tick * ticks) as f64 / started.elapsed().as_secs_f64();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while deltas.load(Ordering::Relaxed) < per_tick * ticks && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let received = deltas.load(Ordering::Relaxed);
+        server.shutdown().await;
+        for client in clients {
+            let _ = tokio::time::timeout(Duration::from_secs(5), client).await;
+        }
+        let mut all = std::mem::take(&mut *latencies.lock().unwrap());
+        all.sort_unstable();
+        let pct = |p: f64| all.get(((all.len().saturating_sub(1)) as f64 * p).round() as usize).map_or(f64::NAN, |v| *v as f64 / 1000.0);
+        let durability = std::env::var("LIVEGRID_DURABILITY").unwrap_or_else(|_| "periodic".into());
+        println!("| durability | connections | subscriptions | offered writes/s | delivered deltas | deltas/s | p50 ms | p99 ms | max ms |");
+        println!("|---|---|---|---|---|---|---|---|---|");
+        println!(
+            "| {durability} | {CONNECTIONS} | {subscriptions} | {offered:.0} | {received} of {} | {:.0} | {:.2} | {:.2} | {:.2} |",
+            per_tick * ticks,
+            received as f64 / elapsed,
+            pct(0.5),
+            pct(0.99),
+            pct(1.0)
+        );
+    });
+}
