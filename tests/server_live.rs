@@ -325,3 +325,30 @@ async fn a_client_that_never_reads_is_closed_and_others_are_unaffected() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_exported() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path(), 1024).await;
+    let mut socket = connect(&server).await;
+    send(&mut socket, json!({"type": "subscribe", "id": "m", "ns": "app.m", "filter": {}})).await;
+    assert!(matches!(next(&mut socket).await, ServerMessage::Result(_)));
+    http(&server, "POST", "/v1/db/app/m", Some(json!({"_id": 1}))).await;
+    assert!(matches!(next(&mut socket).await, ServerMessage::Delta(_)));
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    for name in [
+        "livegrid_connections",
+        "livegrid_subscriptions",
+        "livegrid_events_in",
+        "livegrid_deltas_out",
+        "livegrid_event_to_delta_seconds",
+        "livegrid_store_write_seconds",
+        "livegrid_outbox_depth",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
+    }
+    server.shutdown().await;
+}

@@ -40,6 +40,8 @@ pub struct Outbox {
 
 impl Outbox {
     fn deliver(&self, json: String) {
+        let queued = self.queue.max_capacity() - self.queue.capacity();
+        metrics::histogram!("livegrid_outbox_depth").record(queued as f64);
         if self.queue.try_send(json).is_err() && !self.overflowed.swap(true, Ordering::AcqRel) {
             self.overflow.notify_one();
         }

@@ -44,14 +44,9 @@ async fn blocking<T: Send + 'static>(
     work: impl FnOnce(&Store) -> T + Send + 'static,
 ) -> Result<T, ApiError> {
     let store = store.clone();
-    tokio::task::spawn_blocking(move || {
-        let started = std::time::Instant::now();
-        let out = work(&store);
-        metrics::histogram!("livegrid_store_seconds").record(started.elapsed().as_secs_f64());
-        out
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("store task failed: {e}")))
+    tokio::task::spawn_blocking(move || work(&store))
+        .await
+        .map_err(|e| ApiError::internal(format!("store task failed: {e}")))
 }
 
 fn written(events: &[livegrid_engine::ChangeEvent]) -> Value {

@@ -202,6 +202,7 @@ impl Store {
     /// Applies writes atomically: all commit, each at the next position, or none does.
     pub fn write(&self, ns: &str, writes: Vec<Write>) -> Result<Vec<ChangeEvent>, StoreError> {
         check_namespace(ns)?;
+        let started = std::time::Instant::now();
         let mut unsynced = self.writer.lock().expect("writer lock");
         let mut txn = self.db.begin_write()?;
         if self.durability != Durability::Immediate {
@@ -260,6 +261,7 @@ impl Store {
         }
         txn.commit()?;
         unsynced.0 = self.durability != Durability::Immediate;
+        metrics::histogram!("livegrid_store_write_seconds").record(started.elapsed().as_secs_f64());
         if let Some(listener) = self.listener.lock().expect("listener lock").as_ref() {
             listener(events.clone());
         }
