@@ -352,3 +352,25 @@ async fn metrics_are_exported() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_answer_with_errors_and_keep_the_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig { max_subscriptions: 2, max_message_bytes: 512, ..Default::default() };
+    let server = server_with(dir.path(), config).await;
+    let mut socket = connect(&server).await;
+    for id in ["a", "b"] {
+        send(&mut socket, json!({"type": "subscribe", "id": id, "ns": "app.x"})).await;
+        assert!(matches!(next(&mut socket).await, ServerMessage::Result(_)));
+    }
+    send(&mut socket, json!({"type": "subscribe", "id": "c", "ns": "app.x"})).await;
+    let ServerMessage::Error(e) = next(&mut socket).await else { panic!("expected an error") };
+    assert_eq!((e.id.as_deref(), e.code), (Some("c"), livegrid_protocol::ErrorCode::TooManySubscriptions));
+    send(&mut socket, json!({"type": "subscribe", "id": "d", "ns": "app.x", "filter": {"pad": "y".repeat(1000)}}))
+        .await;
+    let ServerMessage::Error(e) = next(&mut socket).await else { panic!("expected an error") };
+    assert_eq!(e.code, livegrid_protocol::ErrorCode::MessageTooLarge);
+    send(&mut socket, json!({"type": "ping"})).await;
+    assert_eq!(next(&mut socket).await, ServerMessage::Pong);
+    server.shutdown().await;
+}
