@@ -231,6 +231,8 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn websocket(ws: WebSocketUpgrade, State(state): State<AppState>) -> impl IntoResponse {
-    let limit = state.config.max_message_bytes.saturating_mul(2);
+    // Messages over `max_message_bytes` get a `message_too_large` error; frames far beyond it
+    // end the connection before they are buffered.
+    let limit = state.config.max_message_bytes.saturating_mul(4).saturating_add(64 * 1024);
     ws.max_message_size(limit).on_upgrade(move |socket| session::run(socket, state))
 }
