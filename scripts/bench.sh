@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Runs the benchmarks whose figures README.md records.
-# Usage: scripts/bench.sh [matcher|grid|replay|all]
+# Usage: scripts/bench.sh [matcher|grid|replay|load|all]
 #   matcher  criterion: filter evaluation and compilation
 #   grid     events/s, write-to-delta latency and memory per query with 1k/10k/100k queries
 #            (LIVEGRID_BENCH_QUERIES, LIVEGRID_BENCH_GRID, LIVEGRID_BENCH_RATE to vary it)
 #   replay   livegrid replay end to end on a generated workload (JSON parsing included)
+#   load     livegrid serve with 1,000 WebSocket connections and 10,000 subscriptions
+#            (LIVEGRID_LOAD_RATE, LIVEGRID_LOAD_SECONDS, LIVEGRID_DURABILITY)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,10 +29,17 @@ run_replay() {
   done
   rm -rf "$dir"
 }
+run_load() {
+  echo "== load: livegrid serve, 1,000 connections, 10,000 subscriptions"
+  for durability in periodic immediate; do
+    LIVEGRID_DURABILITY=$durability cargo bench --bench load
+  done
+}
 case "$what" in
   matcher) run_matcher ;;
   grid) run_grid ;;
   replay) run_replay ;;
-  all) run_matcher; run_grid; run_replay ;;
-  *) echo "usage: scripts/bench.sh [matcher|grid|replay|all]" >&2; exit 2 ;;
+  load) run_load ;;
+  all) run_matcher; run_grid; run_replay; run_load ;;
+  *) echo "usage: scripts/bench.sh [matcher|grid|replay|load|all]" >&2; exit 2 ;;
 esac
