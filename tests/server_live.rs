@@ -374,3 +374,30 @@ async fn limits_answer_with_errors_and_keep_the_connection() {
     assert_eq!(next(&mut socket).await, ServerMessage::Pong);
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_drop_a_silent_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data: dir.path().to_path_buf(),
+        heartbeat: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut socket = connect(&server).await;
+    send(&mut socket, json!({"type": "ping"})).await;
+    assert_eq!(next(&mut socket).await, ServerMessage::Pong);
+    // Not polling the socket means not answering the server's pings.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(5), socket.next()).await.expect("close in time") {
+            Some(Ok(Message::Close(frame))) => break frame.expect("a reason"),
+            Some(Ok(_)) => continue,
+            other => panic!("ended without a close frame: {other:?}"),
+        }
+    };
+    assert!(close.reason.contains("no pong"), "{}", close.reason);
+    server.shutdown().await;
+}
