@@ -19,6 +19,8 @@ use livegrid_engine::{ChangeEvent, ChangeOp};
 use livegrid_protocol::Position;
 use serde_json::Value;
 
+use crate::store::update;
+
 /// Why a change event line was rejected.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ChangeEventError {
@@ -112,127 +114,35 @@ pub fn parse(
 
 /// Applies an `updateDescription` to the previous version of a document.
 pub fn apply_update_description(before: &Document, description: &Document) -> Result<Document, ChangeEventError> {
+    let invalid = |reason: String| ChangeEventError::Field { field: "updateDescription", reason };
     let mut doc = before.clone();
     if let Ok(updated) = description.get_document("updatedFields") {
         for (path, value) in updated {
-            set_path(&mut doc, path, value.clone());
+            update::set(&mut doc, path, value.clone(), "updatedFields").map_err(|e| invalid(e.to_string()))?;
         }
     }
     if let Ok(removed) = description.get_array("removedFields") {
         for path in removed {
-            let Bson::String(path) = path else {
-                return Err(ChangeEventError::Field {
-                    field: "updateDescription.removedFields",
-                    reason: "not a string".into(),
-                });
-            };
-            unset_path(&mut doc, path);
+            let Bson::String(path) = path else { return Err(invalid("removedFields holds a non-string".into())) };
+            update::unset(&mut doc, path);
         }
     }
     if let Ok(truncated) = description.get_array("truncatedArrays") {
         for entry in truncated {
             let Bson::Document(entry) = entry else { continue };
-            let (Ok(field), Some(size)) = (entry.get_str("field"), entry.get("newSize").and_then(Bson::as_i64_like))
-            else {
-                continue;
+            let size = match entry.get("newSize") {
+                Some(Bson::Int32(n)) => i64::from(*n),
+                Some(Bson::Int64(n)) => *n,
+                _ => continue,
             };
-            if let Some(Bson::Array(items)) = get_path_mut(&mut doc, field) {
-                items.truncate(size.max(0) as usize);
+            if let (Ok(field), true) = (entry.get_str("field"), size >= 0)
+                && let Some(Bson::Array(items)) = update::get_mut(&mut doc, field)
+            {
+                items.truncate(size as usize);
             }
         }
     }
     Ok(doc)
-}
-
-trait AsI64Like {
-    fn as_i64_like(&self) -> Option<i64>;
-}
-
-impl AsI64Like for Bson {
-    fn as_i64_like(&self) -> Option<i64> {
-        match self {
-            Bson::Int32(i) => Some(i64::from(*i)),
-            Bson::Int64(i) => Some(*i),
-            Bson::Double(f) => Some(*f as i64),
-            _ => None,
-        }
-    }
-}
-
-/// Sets a dotted path, creating documents on the way and indexing into arrays.
-pub fn set_path(doc: &mut Document, path: &str, value: Bson) {
-    let (head, rest) = match path.split_once('.') {
-        Some((h, r)) => (h, Some(r)),
-        None => (path, None),
-    };
-    match rest {
-        None => {
-            doc.insert(head, value);
-        }
-        Some(rest) => {
-            let child = doc.entry(head.to_string()).or_insert_with(|| Bson::Document(Document::new()));
-            set_in_value(child, rest, value);
-        }
-    }
-}
-
-fn set_in_value(target: &mut Bson, path: &str, value: Bson) {
-    match target {
-        Bson::Document(d) => set_path(d, path, value),
-        Bson::Array(items) => {
-            let (head, rest) = match path.split_once('.') {
-                Some((h, r)) => (h, Some(r)),
-                None => (path, None),
-            };
-            let Ok(index) = head.parse::<usize>() else { return };
-            while items.len() <= index {
-                items.push(Bson::Null);
-            }
-            match rest {
-                None => items[index] = value,
-                Some(rest) => set_in_value(&mut items[index], rest, value),
-            }
-        }
-        other => {
-            *other = Bson::Document(Document::new());
-            set_in_value(other, path, value);
-        }
-    }
-}
-
-/// Removes a dotted path if present.
-pub fn unset_path(doc: &mut Document, path: &str) {
-    match path.rsplit_once('.') {
-        None => {
-            doc.remove(path);
-        }
-        Some((parent, last)) => match get_path_mut(doc, parent) {
-            Some(Bson::Document(d)) => {
-                d.remove(last);
-            }
-            Some(Bson::Array(items)) => {
-                if let Ok(i) = last.parse::<usize>()
-                    && i < items.len()
-                {
-                    items[i] = Bson::Null;
-                }
-            }
-            _ => {}
-        },
-    }
-}
-
-fn get_path_mut<'a>(doc: &'a mut Document, path: &str) -> Option<&'a mut Bson> {
-    let mut parts = path.split('.');
-    let mut current = doc.get_mut(parts.next()?)?;
-    for part in parts {
-        current = match current {
-            Bson::Document(d) => d.get_mut(part)?,
-            Bson::Array(items) => items.get_mut(part.parse::<usize>().ok()?)?,
-            _ => return None,
-        };
-    }
-    Some(current)
 }
 
 #[cfg(test)]

@@ -230,6 +230,20 @@ pub fn get<'a>(doc: &'a Document, path: &str) -> Option<&'a Bson> {
     Some(current)
 }
 
+/// The value at a dotted path, mutable.
+pub fn get_mut<'a>(doc: &'a mut Document, path: &str) -> Option<&'a mut Bson> {
+    let mut parts = path.split('.');
+    let mut current = doc.get_mut(parts.next()?)?;
+    for part in parts {
+        current = match current {
+            Bson::Document(d) => d.get_mut(part)?,
+            Bson::Array(a) => a.get_mut(part.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(current)
+}
+
 /// Sets a dotted path, creating documents on the way; fails across a non-document.
 pub fn set(doc: &mut Document, path: &str, value: Bson, op: &str) -> Result<(), UpdateError> {
     if path.is_empty() || path.split('.').any(|p| p.is_empty() || p.starts_with('$')) {
@@ -287,35 +301,17 @@ pub fn unset(doc: &mut Document, path: &str) {
         None => {
             doc.remove(path);
         }
-        Some((parent, last)) => {
-            let mut parts = parent.split('.');
-            let Some(first) = parts.next() else { return };
-            let Some(mut current) = doc.get_mut(first) else { return };
-            for part in parts {
-                current = match current {
-                    Bson::Document(d) => match d.get_mut(part) {
-                        Some(v) => v,
-                        None => return,
-                    },
-                    Bson::Array(a) => match part.parse::<usize>().ok().and_then(|i| a.get_mut(i)) {
-                        Some(v) => v,
-                        None => return,
-                    },
-                    _ => return,
-                };
+        Some((parent, last)) => match get_mut(doc, parent) {
+            Some(Bson::Document(d)) => {
+                d.remove(last);
             }
-            match current {
-                Bson::Document(d) => {
-                    d.remove(last);
+            Some(Bson::Array(a)) => {
+                if let Some(slot) = last.parse::<usize>().ok().and_then(|i| a.get_mut(i)) {
+                    *slot = Bson::Null;
                 }
-                Bson::Array(a) => {
-                    if let Some(slot) = last.parse::<usize>().ok().and_then(|i| a.get_mut(i)) {
-                        *slot = Bson::Null;
-                    }
-                }
-                _ => {}
             }
-        }
+            _ => {}
+        },
     }
 }
 
