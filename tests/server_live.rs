@@ -277,7 +277,8 @@ async fn a_client_that_never_reads_is_closed_and_others_are_unaffected() {
     send(&mut reader, json!({"type": "subscribe", "id": "all", "ns": "app.big", "filter": {}})).await;
     assert!(matches!(next(&mut reader).await, ServerMessage::Result(_)));
     // Large documents, so that socket buffers fill and the server's queue overflows.
-    let padding = "x".repeat(16 * 1024);
+    // About 25 MB in all: more than loopback socket buffers can absorb.
+    let padding = "x".repeat(64 * 1024);
     let total = 400;
     let reading = tokio::spawn(async move {
         let mut adds = 0;
@@ -288,9 +289,9 @@ async fn a_client_that_never_reads_is_closed_and_others_are_unaffected() {
         }
         reader
     });
-    for batch in 0..8 {
+    for batch in 0..40 {
         let writes: Vec<Value> =
-            (0..total / 8).map(|i| json!({"insert": {"_id": batch * 1000 + i, "pad": padding}})).collect();
+            (0..total / 40).map(|i| json!({"insert": {"_id": batch * 1000 + i, "pad": padding}})).collect();
         let (status, _) = http(&server, "POST", "/v1/db/app/big/_bulk", Some(json!({"writes": writes}))).await;
         assert_eq!(status, 200);
     }
