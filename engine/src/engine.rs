@@ -309,7 +309,7 @@ impl Engine {
 
     /// How many documents a subscription's snapshot must hold: its window's capacity, or all.
     pub fn window_capacity(&self, query: &Query) -> Option<usize> {
-        window_capacity(query, self.shared.slack)
+        crate::window::capacity(query, self.shared.slack)
     }
 
     /// Registers a subscription whose initial result the caller read (see the module docs).
@@ -342,7 +342,8 @@ impl Engine {
         let key = ingest.next_key;
         ingest.next_key += 1;
         let records = build_registration(self.shared.shape, key, ns, spec, query, snapshot, &replay, false);
-        let windowed = window_capacity(query, self.shared.slack).is_some() || !query.sort.is_empty();
+        // Only a limited window can drain and need a re-read of its query.
+        let windowed = crate::window::capacity(query, self.shared.slack).is_some();
         let ns = ingest.namespace(ns);
         let column = query_partition(&ns, spec, self.shared.shape) as u32;
         ingest.subscriptions.insert(
@@ -439,13 +440,6 @@ impl Drop for Engine {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn window_capacity(query: &Query, slack: usize) -> Option<usize> {
-    if query.sort.is_empty() && !query.is_windowed() {
-        return None;
-    }
-    query.limit.map(|l| (query.skip + l) as usize + slack)
 }
 
 /// The query partition of a subscription: identical filters share one, so that they share
@@ -588,7 +582,7 @@ fn reread(shared: &Shared, key: QueryKey) {
         (ns.clone(), (**spec).clone())
     };
     let Ok(query) = Query::compile(&spec) else { return };
-    let k = window_capacity(&query, shared.slack);
+    let k = crate::window::capacity(&query, shared.slack);
     for _attempt in 0..5 {
         let Ok(snapshot) = shared.snapshot.read(&ns, &query, k) else { continue };
         let ingest = shared.ingest.lock().expect("ingest lock");

@@ -88,7 +88,7 @@ impl Subscriptions {
 
     fn start(&mut self, key: QueryKey, query: &Query, init: StageInit, out: &mut Vec<StageOutput>) {
         let docs = init.docs.into_iter().map(|d| d.0);
-        let (mode, shown) = if query.sort.is_empty() && !query.is_windowed() {
+        let (mode, shown) = if !crate::window::is_window(query) {
             let docs: Vec<Arc<Document>> = docs.collect();
             let ids = docs.iter().filter_map(|d| d.get("_id").cloned()).map(DocId).collect();
             let shown: Vec<Arc<Document>> = docs.iter().map(|d| project(&query.projection, d)).collect();

@@ -68,13 +68,28 @@ pub struct Window {
     dirty: HashMap<DocId, Cause>,
 }
 
+/// Whether a query's result is kept as a window (it is sorted, skipped or limited) rather
+/// than as a set.
+pub fn is_window(query: &Query) -> bool {
+    !query.sort.is_empty() || query.is_windowed()
+}
+
+/// How many documents a window over `query` keeps, and so how many a snapshot read for it
+/// must return: skip + limit + slack; `None` for queries whose whole result is kept.
+pub fn capacity(query: &Query, slack: usize) -> Option<usize> {
+    if !is_window(query) {
+        return None;
+    }
+    query.limit.map(|l| (query.skip as usize).saturating_add(l as usize).saturating_add(slack))
+}
+
 impl Window {
     /// An empty window for `query`; `slack` extra documents are kept beyond the visible end so
     /// that removals rarely force a re-read.
     pub fn new(query: &Query, slack: usize) -> Self {
         let skip = query.skip as usize;
         let limit = query.limit.map(|l| l as usize);
-        let capacity = limit.map_or(usize::MAX, |l| skip.saturating_add(l).saturating_add(slack));
+        let capacity = capacity(query, slack).unwrap_or(usize::MAX);
         Window {
             sort: query.sort.clone(),
             projection: query.projection.clone(),
@@ -87,11 +102,6 @@ impl Window {
             shown: None,
             dirty: HashMap::default(),
         }
-    }
-
-    /// How many documents the window wants from a snapshot read: the buffer's capacity.
-    pub fn wanted(&self) -> Option<usize> {
-        self.limit.map(|_| self.capacity)
     }
 
     /// Replaces the buffer with documents read from a snapshot (any order). `complete` says

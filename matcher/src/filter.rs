@@ -68,20 +68,10 @@ impl Filter {
         Self::parse(&doc)
     }
 
-    /// The filter that matches every document.
-    pub fn all() -> Self {
-        Filter { root: Expr::Const(true) }
-    }
-
     /// Whether `doc` matches the filter.
     #[inline]
     pub fn matches(&self, doc: &Document) -> bool {
         self.root.matches(doc)
-    }
-
-    /// The compiled tree.
-    pub fn expr(&self) -> &Expr {
-        &self.root
     }
 
     /// A key that is equal for filter documents written identically (types included), so

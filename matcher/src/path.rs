@@ -121,21 +121,6 @@ impl FieldPath {
         });
         out
     }
-
-    /// The single value at this path without array traversal (as used by `_id` lookups and
-    /// projections), or `None`.
-    pub fn get_direct<'a>(&self, doc: &'a Document) -> Option<&'a Bson> {
-        let (first, rest) = self.parts.split_first()?;
-        let mut current = doc.get(self.name(first))?;
-        for part in rest {
-            current = match current {
-                Bson::Document(d) => d.get(self.name(part))?,
-                Bson::Array(a) => a.get(part.index? as usize)?,
-                _ => return None,
-            };
-        }
-        Some(current)
-    }
 }
 
 impl std::fmt::Display for FieldPath {
