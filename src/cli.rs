@@ -27,7 +27,7 @@ pub enum Command {
     /// Write a synthetic workload (events.jsonl, queries.jsonl) for `livegrid replay`.
     Workload(WorkloadArgs),
     /// Serve live queries over WebSocket and the embedded document store over REST.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
 }
 
 /// Flags of `livegrid serve` (each also read from the environment).
@@ -66,10 +66,39 @@ pub struct ServeArgs {
     /// Messages kept per subscription for resuming [default: 128].
     #[arg(long, env = "LIVEGRID_RESUME_BUFFER")]
     pub resume_buffer: Option<usize>,
-    /// When store commits reach the disk: `immediate` (every commit) or `periodic[:ms]`
-    /// (at most 100 ms later by default, and on shutdown) [default: periodic].
+    /// When writes reach the disk. `durable` (the default): a write is answered only once it
+    /// is on disk, concurrent writes sharing one fsync (group commit). `periodic[:ms]`: answered
+    /// at once and made durable at most `ms` (default 100) later: a crash loses up to that
+    /// window of acknowledged writes (never part of one); deltas still go out only for durable
+    /// writes [default: durable].
     #[arg(long, env = "LIVEGRID_DURABILITY")]
     pub durability: Option<String>,
+    /// Bytes of messages kept per subscription for resuming [default: 1048576].
+    #[arg(long, env = "LIVEGRID_RESUME_BUFFER_BYTES")]
+    pub resume_buffer_bytes: Option<usize>,
+    /// Connections open at once, WebSockets included [default: 10000].
+    #[arg(long, env = "LIVEGRID_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Seconds for a request's headers to arrive [default: 10].
+    #[arg(long, env = "LIVEGRID_HEADER_TIMEOUT_SECONDS")]
+    pub header_timeout_seconds: Option<u64>,
+    /// Largest REST request body in bytes [default: 20971520].
+    #[arg(long, env = "LIVEGRID_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Bytes all subscriptions together may hold; new ones are refused beyond it
+    /// [default: 1073741824].
+    #[arg(long, env = "LIVEGRID_SUBSCRIPTION_MEMORY")]
+    pub subscription_memory: Option<usize>,
+    /// Bytes one subscription may hold (compiled query and window) [default: 16777216].
+    #[arg(long, env = "LIVEGRID_MAX_SUBSCRIPTION_BYTES")]
+    pub max_subscription_bytes: Option<usize>,
+    /// Write requests waiting for the store's committer; writers wait beyond it [default: 4096].
+    #[arg(long, env = "LIVEGRID_WRITE_QUEUE")]
+    pub write_queue: Option<usize>,
+    /// Exit with status 1 when livegrid fails and can no longer keep results exact (a grid
+    /// worker panicked, the engine refused committed writes, a commit failed) [default: true].
+    #[arg(long, env = "LIVEGRID_EXIT_ON_FATAL")]
+    pub exit_on_fatal: Option<bool>,
 }
 
 /// Flags of `livegrid workload`.

@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod commands;
+pub mod health;
 pub mod server;
 pub mod source;
 pub mod store;

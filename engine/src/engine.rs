@@ -4,9 +4,16 @@
 //! # Threads
 //! Timely workers run on their own threads. The handle's methods may be called from any
 //! thread; they hand records to worker 0 through a channel and wake it. A router thread
-//! receives what the workers deliver, names each message with its subscription's id, serves
-//! window re-reads (through the [`SnapshotSource`]) and passes everything on to
-//! [`Engine::messages`].
+//! receives what the workers deliver, names each message with its subscription's id and
+//! passes everything on to [`Engine::messages`]. Window re-reads run on a re-read thread of
+//! their own (through the [`SnapshotSource`]), fed by a bounded queue, so a slow read never
+//! holds up other subscriptions' messages.
+//!
+//! # Failure
+//! A worker that panics, or a grid that stops while nobody asked it to, is reported as
+//! [`EngineEvent::Failed`]: results can no longer be trusted. A window re-read that keeps
+//! failing ends its subscription with an `error` message (code `resubscribe`) instead of
+//! leaving it silently stale.
 //!
 //! # Consistency
 //! [`Engine::register_with_snapshot`] takes the subscription's initial result as read at
@@ -16,18 +23,18 @@
 //! reads again ([`Engine::register`] does this itself).
 
 use rustc_hash::FxHashMap as HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use livegrid_matcher::{Query, QueryError, QuerySpec};
-use livegrid_protocol::{DeltaMessage, Position, ResultMessage, ServerMessage};
+use livegrid_protocol::{DeltaMessage, ErrorCode, ErrorMessage, Position, ResultMessage, ServerMessage};
 
 use crate::doc_id::DocId;
 use crate::event::ChangeEvent;
-use crate::grid::{Command, Delivery, GridShape, WorkerSetup, run_worker};
+use crate::grid::{Command, Delivery, GridShape, WorkerSetup, run_worker_reporting};
 use crate::query_index::QueryKey;
 use crate::records::{GridInput, Registration, StageInit, StageOutput, WireQuery};
 use crate::retention::Retention;
@@ -106,7 +113,21 @@ pub enum EngineEvent {
     /// Every write at or below this position has been processed; all their messages came
     /// before this event.
     Processed(Position),
+    /// The grid failed (a worker panicked or stopped): nothing it emits can be trusted any
+    /// more. Comes at most once.
+    Failed(String),
 }
+
+/// Re-reads queued for the re-read thread at most; the router waits beyond it.
+const REREAD_QUEUE: usize = 1024;
+/// Waits between attempts of a failing re-read; after the last, the subscription ends.
+const REREAD_BACKOFF: [Duration; 5] = [
+    Duration::from_millis(0),
+    Duration::from_millis(20),
+    Duration::from_millis(100),
+    Duration::from_millis(500),
+    Duration::from_secs(2),
+];
 
 /// What the engine keeps per subscription: little, since there may be millions.
 struct Subscribed {
@@ -138,8 +159,14 @@ struct Shared {
     sent: AtomicU64,
     /// Feed commands fully processed, with a signal for waiters.
     progress: (Mutex<u64>, Condvar),
-    /// Window re-reads fed so far.
+    /// Window re-reads fed (or given up) so far.
     rereads: AtomicU64,
+    /// Window re-reads asked for and not yet fed or given up.
+    pending_rereads: AtomicU64,
+    /// Set when the engine is asked to stop: the grid ending is then expected.
+    stopping: AtomicBool,
+    /// Set when the grid failed.
+    failed: AtomicBool,
     /// The origin of the engine's entry timestamps.
     started: Instant,
 }
@@ -167,6 +194,19 @@ impl Shared {
         Ok(())
     }
 
+    /// Ends a subscription in the grid; `false` when it was not registered.
+    fn unregister(&self, ingest: &mut Ingest, key: QueryKey) -> Result<bool, EngineError> {
+        let Some(sub) = ingest.subscriptions.remove(&key) else { return Ok(false) };
+        let shape = self.shape;
+        let q = sub.column as usize;
+        let records = (0..shape.write_partitions)
+            .map(|w| GridInput::Unregister { target: shape.worker(q, w), key, head: w == 0 })
+            .collect();
+        let position = ingest.retention.last_position();
+        self.send(ingest, Command::Feed(records, position))?;
+        Ok(true)
+    }
+
     fn wake(&self) {
         if let Some(thread) = self.worker0.lock().expect("worker0 lock").as_ref() {
             thread.unpark();
@@ -180,7 +220,7 @@ pub struct Engine {
     events: Receiver<EngineEvent>,
     /// Behind a lock only to make the handle `Sync` (timely's guards are not).
     guards: Mutex<Option<timely::communication::WorkerGuards<()>>>,
-    router: Option<JoinHandle<()>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
     feeds: bool,
 }
 
@@ -220,8 +260,8 @@ impl Engine {
             worker0: worker0_tx,
         });
         let timely_config = timely::Config { communication, worker: timely::WorkerConfig::default() };
-        let guards =
-            timely::execute(timely_config, move |worker| run_worker(worker, &setup)).map_err(EngineError::Start)?;
+        let guards = timely::execute(timely_config, move |worker| run_worker_reporting(worker, &setup))
+            .map_err(EngineError::Start)?;
 
         let shared = Arc::new(Shared {
             shape: config.shape,
@@ -239,6 +279,9 @@ impl Engine {
             sent: AtomicU64::new(0),
             progress: (Mutex::new(0), Condvar::new()),
             rereads: AtomicU64::new(0),
+            pending_rereads: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
             started: Instant::now(),
         });
         if feeds {
@@ -248,12 +291,33 @@ impl Engine {
             *shared.worker0.lock().expect("worker0 lock") = Some(thread);
         }
         let (event_tx, event_rx) = crossbeam_channel::unbounded();
-        let router_shared = shared.clone();
-        let router = std::thread::Builder::new()
-            .name("livegrid-router".into())
-            .spawn(move || route(&router_shared, &delivery_rx, &event_tx))
-            .map_err(|e| EngineError::Start(e.to_string()))?;
-        Ok(Engine { shared, events: event_rx, guards: Mutex::new(Some(guards)), router: Some(router), feeds })
+        let (reread_tx, reread_rx) = crossbeam_channel::bounded(REREAD_QUEUE);
+        let router = {
+            let (shared, events) = (shared.clone(), event_tx.clone());
+            std::thread::Builder::new()
+                .name("livegrid-router".into())
+                .spawn(move || route(&shared, &delivery_rx, &events, &reread_tx))
+                .map_err(|e| EngineError::Start(e.to_string()))?
+        };
+        let rereader = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("livegrid-reread".into())
+                .spawn(move || {
+                    for key in reread_rx {
+                        reread(&shared, key, &event_tx);
+                        shared.pending_rereads.fetch_sub(1, Ordering::AcqRel);
+                    }
+                })
+                .map_err(|e| EngineError::Start(e.to_string()))?
+        };
+        Ok(Engine {
+            shared,
+            events: event_rx,
+            guards: Mutex::new(Some(guards)),
+            threads: Mutex::new(vec![router, rereader]),
+            feeds,
+        })
     }
 
     /// What the engine emits, in order.
@@ -296,11 +360,16 @@ impl Engine {
     /// reading again if the grid has moved on past the retention buffer meanwhile).
     pub fn register(&self, id: &str, ns: &str, spec: &QuerySpec) -> Result<QueryKey, EngineError> {
         let query = Query::compile(spec)?;
-        let k = self.window_capacity(&query);
+        self.register_query(id, ns, spec, &query)
+    }
+
+    /// [`Engine::register`] for a query the caller compiled from `spec` already.
+    pub fn register_query(&self, id: &str, ns: &str, spec: &QuerySpec, query: &Query) -> Result<QueryKey, EngineError> {
+        let k = self.window_capacity(query);
         let mut attempts = 0;
         loop {
-            let snapshot = self.shared.snapshot.read(ns, &query, k)?;
-            match self.register_compiled(id, ns, spec, &query, snapshot) {
+            let snapshot = self.shared.snapshot.read(ns, query, k)?;
+            match self.register_compiled(id, ns, spec, query, snapshot) {
                 Err(EngineError::StaleSnapshot { .. }) if attempts < 3 => attempts += 1,
                 other => return other,
             }
@@ -358,14 +427,7 @@ impl Engine {
     /// Ends a subscription; messages already under way may still arrive.
     pub fn unregister(&self, key: QueryKey) -> Result<(), EngineError> {
         let mut ingest = self.shared.ingest.lock().expect("ingest lock");
-        let Some(sub) = ingest.subscriptions.remove(&key) else { return Ok(()) };
-        let shape = self.shared.shape;
-        let q = sub.column as usize;
-        let records = (0..shape.write_partitions)
-            .map(|w| GridInput::Unregister { target: shape.worker(q, w), key, head: w == 0 })
-            .collect();
-        let position = ingest.retention.last_position();
-        self.send(&ingest, Command::Feed(records, position))
+        self.shared.unregister(&mut ingest, key).map(|_| ())
     }
 
     /// The last position all of whose messages have been emitted.
@@ -400,18 +462,40 @@ impl Engine {
             if !self.wait_processed(deadline.saturating_duration_since(Instant::now())) {
                 return false;
             }
-            if self.shared.rereads.load(Ordering::Acquire) == rereads {
+            let pending = self.shared.pending_rereads.load(Ordering::Acquire);
+            if pending == 0 && self.shared.rereads.load(Ordering::Acquire) == rereads {
                 return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            if pending > 0 {
+                std::thread::sleep(Duration::from_millis(1));
             }
         }
     }
 
-    /// Stops feeding, lets the grid drain, and waits for the workers and the router.
-    pub fn shutdown(mut self) {
-        self.stop();
+    /// Whether the grid has failed (see [`EngineEvent::Failed`]).
+    pub fn failed(&self) -> bool {
+        self.shared.failed.load(Ordering::Acquire)
     }
 
-    fn stop(&mut self) {
+    /// Makes worker 0 panic, to exercise the failure path in tests. Never use otherwise.
+    #[doc(hidden)]
+    pub fn inject_worker_panic(&self) -> Result<(), EngineError> {
+        let ingest = self.shared.ingest.lock().expect("ingest lock");
+        self.send(&ingest, Command::Panic)
+    }
+
+    /// Stops feeding, lets the grid drain, and waits for the workers, the router and the
+    /// re-read thread. Idempotent; also done on drop.
+    pub fn shutdown(self) {
+        self.close();
+    }
+
+    /// [`Engine::shutdown`] through a shared reference.
+    pub fn close(&self) {
+        self.shared.stopping.store(true, Ordering::Release);
         {
             let mut ingest = self.shared.ingest.lock().expect("ingest lock");
             if let Some(commands) = ingest.commands.take() {
@@ -419,11 +503,20 @@ impl Engine {
             }
         }
         self.wake();
-        if let Some(guards) = self.guards.get_mut().expect("guards lock").take() {
-            drop(guards.join());
+        if let Some(guards) = self.guards.lock().expect("guards lock").take() {
+            if self.failed() {
+                // The surviving workers may wait forever for the one that died: do not join.
+                std::mem::forget(guards);
+            } else {
+                drop(guards.join());
+            }
         }
-        if let Some(router) = self.router.take() {
-            let _ = router.join();
+        if self.failed() {
+            return;
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().expect("threads lock"));
+        for thread in threads {
+            let _ = thread.join();
         }
     }
 
@@ -438,7 +531,7 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        self.stop();
+        self.close();
     }
 }
 
@@ -501,10 +594,15 @@ fn build_registration(
         .collect()
 }
 
-/// The router thread: names messages, serves window re-reads, reports progress.
-fn route(shared: &Shared, deliveries: &Receiver<Delivery>, events: &Sender<EngineEvent>) {
+/// The router thread: names messages, queues window re-reads, reports progress and failure.
+fn route(shared: &Shared, deliveries: &Receiver<Delivery>, events: &Sender<EngineEvent>, rereads: &Sender<QueryKey>) {
     for delivery in deliveries {
         match delivery {
+            Delivery::Failed(reason) => {
+                if !shared.failed.swap(true, Ordering::AcqRel) {
+                    let _ = events.send(EngineEvent::Failed(reason));
+                }
+            }
             Delivery::Processed { position, commands } => {
                 shared.processed.fetch_max(position, Ordering::AcqRel);
                 let (lock, signal) = &shared.progress;
@@ -513,14 +611,14 @@ fn route(shared: &Shared, deliveries: &Receiver<Delivery>, events: &Sender<Engin
                 let _ = events.send(EngineEvent::Processed(position));
             }
             Delivery::Outputs(outputs) => {
-                let mut rereads = Vec::new();
+                let mut rereads_wanted = Vec::new();
                 let mut named = Vec::with_capacity(outputs.len());
                 {
                     // Names are looked up once per delivered batch, not kept twice.
                     let ingest = shared.ingest.lock().expect("ingest lock");
                     for output in outputs {
                         match &output {
-                            StageOutput::NeedsReload { key } => rereads.push(*key),
+                            StageOutput::NeedsReload { key } => rereads_wanted.push(*key),
                             StageOutput::Result { key, .. } | StageOutput::Delta { key, .. } => {
                                 if let Some(sub) = ingest.subscriptions.get(key) {
                                     named.push((*key, sub.id.clone(), output));
@@ -533,11 +631,18 @@ fn route(shared: &Shared, deliveries: &Receiver<Delivery>, events: &Sender<Engin
                     let (message, latency) = to_message(shared, &name, output);
                     let _ = events.send(EngineEvent::Message { key, message, latency });
                 }
-                for key in rereads {
-                    reread(shared, key);
+                for key in rereads_wanted {
+                    shared.pending_rereads.fetch_add(1, Ordering::AcqRel);
+                    if rereads.send(key).is_err() {
+                        shared.pending_rereads.fetch_sub(1, Ordering::AcqRel);
+                    }
                 }
             }
         }
+    }
+    // Every worker is gone. Expected at shutdown; otherwise the grid died under us.
+    if !shared.stopping.load(Ordering::Acquire) && !shared.failed.swap(true, Ordering::AcqRel) {
+        let _ = events.send(EngineEvent::Failed("the grid stopped unexpectedly".into()));
     }
 }
 
@@ -574,27 +679,63 @@ fn to_message(shared: &Shared, name: &str, output: StageOutput) -> (ServerMessag
     }
 }
 
-/// Re-reads the top of a drained window and feeds it to the grid.
-fn reread(shared: &Shared, key: QueryKey) {
-    let (ns, spec) = {
+/// Re-reads the top of a drained window and feeds it to the grid, retrying with backoff; a
+/// subscription whose re-read keeps failing ends with an error its client can act on.
+fn reread(shared: &Shared, key: QueryKey, events: &Sender<EngineEvent>) {
+    let (id, ns, spec) = {
         let ingest = shared.ingest.lock().expect("ingest lock");
-        let Some(Subscribed { ns, window_spec: Some(spec), .. }) = ingest.subscriptions.get(&key) else { return };
-        (ns.clone(), (**spec).clone())
+        let Some(Subscribed { id, ns, window_spec: Some(spec), .. }) = ingest.subscriptions.get(&key) else { return };
+        (id.clone(), ns.clone(), (**spec).clone())
     };
-    let Ok(query) = Query::compile(&spec) else { return };
-    let k = crate::window::capacity(&query, shared.slack);
-    for _attempt in 0..5 {
-        let Ok(snapshot) = shared.snapshot.read(&ns, &query, k) else { continue };
+    let mut last_error = String::new();
+    let compiled = Query::compile(&spec);
+    for wait in REREAD_BACKOFF {
+        if shared.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        std::thread::sleep(wait);
+        let query = match &compiled {
+            Ok(query) => query,
+            Err(e) => {
+                last_error = e.to_string();
+                break;
+            }
+        };
+        let k = crate::window::capacity(query, shared.slack);
+        let snapshot = match shared.snapshot.read(&ns, query, k) {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                last_error = e.to_string();
+                continue;
+            }
+        };
         let ingest = shared.ingest.lock().expect("ingest lock");
         if !ingest.subscriptions.contains_key(&key) {
             return;
         }
-        let Some(replay) = ingest.retention.since(snapshot.position) else { continue };
-        let records = build_registration(shared.shape, key, &ns, &spec, &query, snapshot, &replay, true);
+        let Some(replay) = ingest.retention.since(snapshot.position) else {
+            last_error = format!("snapshot at position {} is older than the retention buffer", snapshot.position);
+            continue;
+        };
+        let records = build_registration(shared.shape, key, &ns, &spec, query, snapshot, &replay, true);
         let position = ingest.retention.last_position();
         if shared.send(&ingest, Command::Feed(records, position)).is_ok() {
             shared.rereads.fetch_add(1, Ordering::AcqRel);
         }
         return;
     }
+    // Give up: end the subscription in the grid and tell its client why.
+    {
+        let mut ingest = shared.ingest.lock().expect("ingest lock");
+        if !matches!(shared.unregister(&mut ingest, key), Ok(true)) {
+            return;
+        }
+    }
+    shared.rereads.fetch_add(1, Ordering::AcqRel);
+    let message = ServerMessage::Error(ErrorMessage {
+        id: Some(id.to_string()),
+        code: ErrorCode::Resubscribe,
+        message: format!("the sorted window could not be refilled ({last_error}); subscribe again"),
+    });
+    let _ = events.send(EngineEvent::Message { key, message, latency: None });
 }

@@ -75,6 +75,8 @@ pub(crate) enum Command {
     Feed(Vec<GridInput>, Position),
     /// Close the input: the grid drains and the workers exit.
     Shutdown,
+    /// Panic on worker 0 (fault injection for tests of the failure path).
+    Panic,
 }
 
 /// What the workers send the engine.
@@ -89,6 +91,8 @@ pub(crate) enum Delivery {
         /// How many feed commands.
         commands: u64,
     },
+    /// A worker failed (panicked): the grid's results can no longer be trusted.
+    Failed(String),
 }
 
 /// Per-worker settings.
@@ -101,8 +105,23 @@ pub(crate) struct WorkerSetup {
     pub worker0: Sender<std::thread::Thread>,
 }
 
+/// Runs [`run_worker`], reporting a panic as [`Delivery::Failed`] instead of letting the grid
+/// die unnoticed.
+pub(crate) fn run_worker_reporting(worker: &mut timely::worker::Worker, setup: &WorkerSetup) {
+    let index = worker.index();
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_worker(worker, setup)));
+    if let Err(panic) = ran {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let _ = setup.deliveries.send(Delivery::Failed(format!("grid worker {index} panicked: {what}")));
+    }
+}
+
 /// Builds the dataflow on one worker and, on worker 0, runs the ingest loop.
-pub(crate) fn run_worker(worker: &mut timely::worker::Worker, setup: &WorkerSetup) {
+fn run_worker(worker: &mut timely::worker::Worker, setup: &WorkerSetup) {
     let index = worker.index();
     let mut input = InputHandleVec::<u64, GridInput>::new();
     let probe = ProbeHandle::new();
@@ -194,6 +213,7 @@ pub(crate) fn run_worker(worker: &mut timely::worker::Worker, setup: &WorkerSetu
                     commands += 1;
                     advanced = true;
                 }
+                Ok(Command::Panic) => panic!("injected worker panic"),
                 Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => {
                     shutdown = true;
                     break;

@@ -46,6 +46,33 @@ pub enum QueryError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A field path with more components than [`crate::MAX_PATH_COMPONENTS`]; the path itself
+    /// may be huge, so only its start is kept.
+    #[error("field path starting {path_prefix:?} has {components} components; at most {max} are allowed", max = crate::MAX_PATH_COMPONENTS)]
+    PathTooDeep {
+        /// The first 64 characters of the path.
+        path_prefix: String,
+        /// How many components the path has.
+        components: usize,
+    },
+    /// A filter, sort or projection document nested deeper than
+    /// [`crate::MAX_NESTING_DEPTH`] levels.
+    #[error("{part} nests deeper than {max} levels (each document or array is a level)")]
+    NestingTooDeep {
+        /// Which document: `filter`, `sort` or `projection`.
+        part: String,
+        /// The limit.
+        max: usize,
+    },
+    /// The regular expressions of one filter compile to more than its budget
+    /// ([`crate::QUERY_REGEX_BUDGET`] unless given another).
+    #[error("regexes of this query exceed the {} compile budget at {path}", display_bytes(*.budget))]
+    RegexBudget {
+        /// The path of the regex that did not fit.
+        path: String,
+        /// The budget in bytes.
+        budget: usize,
+    },
     /// A malformed sort specification.
     #[error("bad sort at {path}: {reason}")]
     Sort {
@@ -84,4 +111,13 @@ impl QueryError {
 /// Paths in messages: the dotted path, or `(top level)` for the query root.
 pub(crate) fn display_path(path: &str) -> String {
     if path.is_empty() { "(top level)".to_string() } else { path.to_string() }
+}
+
+/// Byte counts in messages: whole MiB or KiB when exact, bytes otherwise.
+fn display_bytes(bytes: usize) -> String {
+    match bytes {
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
+        b => format!("{b} bytes"),
+    }
 }

@@ -33,6 +33,7 @@
 //! - [`filter`], [`operator`]: the compiled filter tree and the field operators.
 //! - [`sort`], [`projection`]: result order and shape.
 //! - [`index_plan`]: predicates for indexing many queries.
+//! - [`limits`]: how deep and how large a query may be.
 #![forbid(missing_docs)]
 
 pub mod bson_order;
@@ -40,6 +41,7 @@ pub mod bson_type;
 pub mod error;
 pub mod filter;
 pub mod index_plan;
+pub mod limits;
 pub mod operator;
 mod parse;
 pub mod path;
@@ -52,7 +54,9 @@ pub use bson_order::{compare_values, value_hash, values_equal};
 pub use error::QueryError;
 pub use filter::Filter;
 pub use index_plan::{Bound, IndexPlan};
+pub use limits::{MAX_NESTING_DEPTH, MAX_PATH_COMPONENTS, QUERY_REGEX_BUDGET};
 pub use path::{FieldPath, LeafArrays};
 pub use projection::Projection;
 pub use query::{Query, QuerySpec};
+pub use regex::{MongoRegex, RegexBudget};
 pub use sort::{Direction, SortKey, SortSpec};

@@ -47,11 +47,13 @@ pub enum LeafArrays {
 }
 
 impl FieldPath {
-    /// Parses a dotted path; empty components (`a..b`, `.a`, `a.`) are rejected.
+    /// Parses a dotted path; empty components (`a..b`, `.a`, `a.`) are rejected, and so are
+    /// paths of more than [`crate::MAX_PATH_COMPONENTS`] components.
     pub fn parse(dotted: &str) -> Result<Self, QueryError> {
         if dotted.is_empty() {
             return Err(QueryError::BadPath { path: dotted.to_string(), reason: "empty field path".into() });
         }
+        crate::limits::check_path_components(dotted)?;
         if dotted.len() > u32::MAX as usize / 2 {
             return Err(QueryError::BadPath {
                 path: dotted.chars().take(40).collect(),
@@ -88,6 +90,11 @@ impl FieldPath {
     }
 
     /// The path `self.rest`.
+    ///
+    /// # Panics
+    /// If the joined path has more than [`crate::MAX_PATH_COMPONENTS`] components. A path
+    /// inside a parsed `$elemMatch` joined to the `$elemMatch`'s own path never has: the
+    /// limit is checked on the two together.
     pub fn join(&self, rest: &FieldPath) -> FieldPath {
         FieldPath::parse(&format!("{}.{}", self.dotted, rest.dotted)).expect("two valid paths join into a valid path")
     }
@@ -95,6 +102,11 @@ impl FieldPath {
     /// The components of the path.
     pub fn components(&self) -> impl Iterator<Item = &str> {
         self.parts.iter().map(|p| self.name(p))
+    }
+
+    /// Roughly the heap bytes the path holds.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.dotted.len() + std::mem::size_of_val(&*self.parts)
     }
 
     fn name(&self, part: &PathPart) -> &str {
@@ -234,5 +246,17 @@ mod tests {
         assert!(FieldPath::parse("a..b").is_err());
         assert!(FieldPath::parse("").is_err());
         assert!(FieldPath::parse("a.$b").is_err());
+    }
+
+    #[test]
+    fn at_most_100_components() {
+        assert_eq!(FieldPath::parse(&vec!["a"; 100].join(".")).unwrap().components().count(), 100);
+        let err = FieldPath::parse(&vec!["a"; 101].join(".")).unwrap_err();
+        assert!(matches!(err, QueryError::PathTooDeep { components: 101, .. }), "{err}");
+        let err = FieldPath::parse(&vec!["b"; 10_000].join(".")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("field path starting {:?} has 10000 components; at most 100 are allowed", "b.".repeat(32))
+        );
     }
 }

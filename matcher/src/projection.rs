@@ -38,10 +38,13 @@ struct Node {
 impl Projection {
     /// Parses a projection document.
     pub fn parse(spec: &Document) -> Result<Self, QueryError> {
+        crate::limits::measure_document(spec, "projection")?;
         let mut include_id = true;
         let mut mode = Mode::Identity;
         let mut tree = Node::default();
         for (key, value) in spec {
+            // Before anything quotes the key or builds a node per component.
+            crate::limits::check_path_components(key)?;
             let include = match value {
                 Bson::Boolean(b) => *b,
                 Bson::Int32(_) | Bson::Int64(_) | Bson::Double(_) | Bson::Decimal128(_) => {
@@ -93,6 +96,11 @@ impl Projection {
         self.mode == Mode::Identity
     }
 
+    /// Roughly the heap bytes the projection holds.
+    pub fn memory_estimate(&self) -> usize {
+        self.tree.heap_bytes()
+    }
+
     /// The projected copy of `doc`.
     pub fn apply(&self, doc: &Document) -> Document {
         match self.mode {
@@ -104,6 +112,14 @@ impl Projection {
 }
 
 impl Node {
+    /// Recursive, as deep as the longest projected path: at most `MAX_PATH_COMPONENTS`.
+    fn heap_bytes(&self) -> usize {
+        self.children
+            .iter()
+            .map(|(key, child)| key.len() + std::mem::size_of::<(String, Node)>() + child.heap_bytes())
+            .sum()
+    }
+
     fn insert(&mut self, dotted: &str) -> Result<(), QueryError> {
         let collision = || QueryError::Projection {
             path: dotted.to_string(),
@@ -213,5 +229,31 @@ mod tests {
         assert!(Projection::parse(&doc! {"a.$": 1}).is_err());
         assert!(Projection::parse(&doc! {"a": "x"}).is_err());
         assert!(Projection::parse(&doc! {"a": 1, "b.c": 1, "b.d": 1}).is_ok());
+    }
+
+    #[test]
+    fn deep_paths_and_documents_are_errors() {
+        let key = vec!["a"; 10_000].join(".");
+        for value in [bson::Bson::Int32(1), bson::Bson::Int32(0), bson::Bson::String("x".into())] {
+            let err = Projection::parse(&doc! {key.clone(): value}).unwrap_err();
+            assert!(matches!(err, QueryError::PathTooDeep { components: 10_000, .. }), "{err}");
+        }
+        let at_limit = Projection::parse(&doc! {vec!["a"; 100].join("."): 1}).unwrap();
+        assert_eq!(at_limit.apply(&doc! {"_id": 1, "b": 2}), doc! {"_id": 1});
+
+        let mut value = bson::Bson::Int32(1);
+        for _ in 0..1_000 {
+            value = bson::Bson::Array(vec![value]);
+        }
+        let err = Projection::parse(&doc! {"a": value}).unwrap_err();
+        assert_eq!(err, QueryError::NestingTooDeep { part: "projection".into(), max: crate::MAX_NESTING_DEPTH });
+    }
+
+    #[test]
+    fn memory_estimate_grows_with_paths() {
+        assert_eq!(Projection::default().memory_estimate(), 0);
+        let one = Projection::parse(&doc! {"a": 1}).unwrap().memory_estimate();
+        let more = Projection::parse(&doc! {"a": 1, "b.c.d": 1}).unwrap().memory_estimate();
+        assert!(one > 0 && more > one, "{one} {more}");
     }
 }

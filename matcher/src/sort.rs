@@ -39,8 +39,11 @@ pub struct SortKey {
 impl SortSpec {
     /// Parses a sort document; values must be `1` or `-1`.
     pub fn parse(spec: &Document) -> Result<Self, QueryError> {
+        crate::limits::measure_document(spec, "sort")?;
         let mut fields = Vec::with_capacity(spec.len());
         for (key, value) in spec {
+            // Before anything quotes the key: it may be huge.
+            crate::limits::check_path_components(key)?;
             let direction = match value {
                 Bson::Int32(1) | Bson::Int64(1) => Direction::Ascending,
                 Bson::Int32(-1) | Bson::Int64(-1) => Direction::Descending,
@@ -69,6 +72,11 @@ impl SortSpec {
     /// Whether the specification has no fields (result order is then `_id` ascending).
     pub fn is_empty(&self) -> bool {
         self.fields.is_empty()
+    }
+
+    /// Roughly the heap bytes the specification holds.
+    pub fn memory_estimate(&self) -> usize {
+        self.fields.iter().map(|(path, _)| std::mem::size_of::<(FieldPath, Direction)>() + path.heap_bytes()).sum()
     }
 
     /// The sort fields in order.
@@ -180,5 +188,30 @@ mod tests {
         assert!(SortSpec::parse(&doc! {"a": 2}).is_err());
         assert!(SortSpec::parse(&doc! {"a": "asc"}).is_err());
         assert!(matches!(SortSpec::parse(&doc! {"a": {"$meta": "textScore"}}), Err(QueryError::Unsupported { .. })));
+    }
+
+    #[test]
+    fn deep_paths_and_documents_are_errors() {
+        let key = vec!["a"; 10_000].join(".");
+        let err = SortSpec::parse(&doc! {key.clone(): 1}).unwrap_err();
+        assert!(matches!(err, QueryError::PathTooDeep { components: 10_000, .. }), "{err}");
+        // A bad direction is reported without quoting the huge key.
+        let err = SortSpec::parse(&doc! {key: 2}).unwrap_err();
+        assert!(matches!(err, QueryError::PathTooDeep { .. }), "{err}");
+        assert!(SortSpec::parse(&doc! {vec!["a"; 100].join("."): -1}).is_ok());
+
+        let mut value = bson::Bson::Int32(1);
+        for _ in 0..150 {
+            value = bson::Bson::Document(doc! {"x": value});
+        }
+        let err = SortSpec::parse(&doc! {"a": value}).unwrap_err();
+        assert_eq!(err, QueryError::NestingTooDeep { part: "sort".into(), max: crate::MAX_NESTING_DEPTH });
+    }
+
+    #[test]
+    fn memory_estimate_grows_with_fields() {
+        let one = SortSpec::parse(&doc! {"a": 1}).unwrap().memory_estimate();
+        let two = SortSpec::parse(&doc! {"a": 1, "b.c.d": -1}).unwrap().memory_estimate();
+        assert!(one > 0 && two > one, "{one} {two}");
     }
 }

@@ -12,9 +12,10 @@ pub type SubscriptionId = String;
 /// A position in the change stream; it only grows.
 pub type Position = u64;
 
-/// Messages from a client to the server.
+/// Messages from a client to the server. Fields the protocol does not know are refused
+/// (a typo such as `"filtr"` must not silently subscribe to a whole collection).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "camelCase")]
+#[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
 pub enum ClientMessage {
     /// Start a live query.
     Subscribe(Box<SubscribeMessage>),
@@ -29,7 +30,7 @@ pub enum ClientMessage {
 
 /// A live query request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SubscribeMessage {
     /// The subscription id, unique within the connection.
     pub id: SubscriptionId,
@@ -57,6 +58,7 @@ pub struct SubscribeMessage {
 
 /// Where a resumed subscription left off.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Resume {
     /// The token of the subscription's `result`.
     pub token: String,
@@ -173,6 +175,18 @@ pub enum ErrorCode {
     /// The snapshot a registration was read at is older than the engine's retention buffer;
     /// read again and retry.
     StaleSnapshot,
+    /// The namespace breaks MongoDB's naming rules.
+    BadNamespace,
+    /// The server could not keep this subscription's result exact (a sorted window could not
+    /// be refilled): the subscription has ended; subscribe again.
+    Resubscribe,
+    /// The subscription would need more memory than one subscription may hold.
+    QueryTooLarge,
+    /// The server's memory budget for subscriptions is spent: retry later or elsewhere.
+    OverCapacity,
+    /// livegrid has failed and can no longer keep results exact (see `/healthz`): the
+    /// subscription has ended; reconnect once the server is back.
+    Unavailable,
     /// Something failed inside livegrid.
     Internal,
 }
@@ -293,6 +307,18 @@ mod tests {
         assert_eq!(s.resume, Some(Resume { token: "t".into(), seq: 4 }));
         assert_eq!(serde_json::from_str::<ClientMessage>(r#"{"type":"ping"}"#).unwrap(), ClientMessage::Ping);
         assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"subscribe","ns":"db.c"}"#).is_err());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_name() {
+        let typo = r#"{"type":"subscribe","id":"s","ns":"db.c","filtr":{"a":1}}"#;
+        let err = serde_json::from_str::<ClientMessage>(typo).unwrap_err().to_string();
+        assert!(err.contains("unknown field `filtr`"), "{err}");
+        let err = serde_json::from_str::<ClientMessage>(r#"{"type":"unsubscribe","id":"s","x":1}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `x`"), "{err}");
+        let resume = r#"{"type":"subscribe","id":"s","ns":"db.c","resume":{"token":"t","seq":1,"sek":2}}"#;
+        assert!(serde_json::from_str::<ClientMessage>(resume).is_err());
+        assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"ping"}"#).is_ok());
     }
 
     #[test]

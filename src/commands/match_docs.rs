@@ -77,7 +77,7 @@ pub enum RunError {
 /// Runs `query` over the documents in `input`, writing the result to `out`.
 pub fn run_query(query: &Query, input: impl BufRead, out: &mut impl Write) -> Result<(), RunError> {
     let sorted = !query.sort.is_empty();
-    let window = query.limit.map(|l| (query.skip + l) as usize);
+    let window = query.limit.map(|l| usize::try_from(query.skip.saturating_add(l)).unwrap_or(usize::MAX));
     let mut skipped = 0u64;
     let mut written = 0u64;
     // Sorted: the best `skip + limit` documents so far, keyed by sort key and input line (so

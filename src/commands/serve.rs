@@ -28,10 +28,27 @@ pub struct FileConfig {
     resume_grace_seconds: Option<u64>,
     resume_buffer: Option<usize>,
     durability: Option<String>,
+    resume_buffer_bytes: Option<usize>,
+    max_connections: Option<usize>,
+    header_timeout_seconds: Option<u64>,
+    max_body_bytes: Option<usize>,
+    subscription_memory: Option<usize>,
+    max_subscription_bytes: Option<usize>,
+    write_queue: Option<usize>,
+    exit_on_fatal: Option<bool>,
 }
 
-/// Merges flags, environment, file and defaults.
-pub fn config(args: &ServeArgs) -> Result<ServerConfig, String> {
+/// What `serve` runs with: the server's configuration and what the command itself does.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The server's configuration.
+    pub server: ServerConfig,
+    /// Whether to exit non-zero when the server fails.
+    pub exit_on_fatal: bool,
+}
+
+/// Merges flags, environment, file and defaults, and validates the result.
+pub fn config(args: &ServeArgs) -> Result<ServeConfig, String> {
     let file: FileConfig = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -48,30 +65,44 @@ pub fn config(args: &ServeArgs) -> Result<ServerConfig, String> {
         Some(g) => g.parse()?,
         None => defaults.grid,
     };
-    Ok(ServerConfig {
+    let secs = |flag: Option<u64>, file: Option<u64>, default: Duration| {
+        flag.or(file).map(Duration::from_secs).unwrap_or(default)
+    };
+    let server = ServerConfig {
         listen,
         data: args.data.clone().or(file.data.map(Into::into)).unwrap_or(defaults.data),
         grid,
-        queue_capacity: args.queue_capacity.or(file.queue_capacity).unwrap_or(defaults.queue_capacity).max(1),
+        queue_capacity: args.queue_capacity.or(file.queue_capacity).unwrap_or(defaults.queue_capacity),
         max_subscriptions: args.max_subscriptions.or(file.max_subscriptions).unwrap_or(defaults.max_subscriptions),
         max_message_bytes: args.max_message_bytes.or(file.max_message_bytes).unwrap_or(defaults.max_message_bytes),
-        heartbeat: args
-            .heartbeat_seconds
-            .or(file.heartbeat_seconds)
-            .map(Duration::from_secs)
-            .unwrap_or(defaults.heartbeat),
+        heartbeat: secs(args.heartbeat_seconds, file.heartbeat_seconds, defaults.heartbeat),
         retention: args.retention.or(file.retention).unwrap_or(defaults.retention),
-        resume_grace: args
-            .resume_grace_seconds
-            .or(file.resume_grace_seconds)
-            .map(Duration::from_secs)
-            .unwrap_or(defaults.resume_grace),
+        resume_grace: secs(args.resume_grace_seconds, file.resume_grace_seconds, defaults.resume_grace),
         resume_buffer: args.resume_buffer.or(file.resume_buffer).unwrap_or(defaults.resume_buffer),
         durability: match args.durability.clone().or(file.durability) {
             Some(d) => d.parse()?,
             None => defaults.durability,
         },
-    })
+        resume_buffer_bytes: args
+            .resume_buffer_bytes
+            .or(file.resume_buffer_bytes)
+            .unwrap_or(defaults.resume_buffer_bytes),
+        max_connections: args.max_connections.or(file.max_connections).unwrap_or(defaults.max_connections),
+        header_timeout: secs(args.header_timeout_seconds, file.header_timeout_seconds, defaults.header_timeout),
+        max_body_bytes: args.max_body_bytes.or(file.max_body_bytes).unwrap_or(defaults.max_body_bytes),
+        subscription_memory: args
+            .subscription_memory
+            .or(file.subscription_memory)
+            .unwrap_or(defaults.subscription_memory),
+        max_subscription_bytes: args
+            .max_subscription_bytes
+            .or(file.max_subscription_bytes)
+            .unwrap_or(defaults.max_subscription_bytes),
+        write_queue: args.write_queue.or(file.write_queue).unwrap_or(defaults.write_queue),
+        ..defaults
+    };
+    server.validate()?;
+    Ok(ServeConfig { server, exit_on_fatal: args.exit_on_fatal.or(file.exit_on_fatal).unwrap_or(true) })
 }
 
 /// Runs the command.
@@ -95,17 +126,30 @@ pub fn run(args: &ServeArgs) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let server = match start(config).await {
+        let server = match start(config.server).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::from(1);
             }
         };
-        wait_for_signal().await;
-        tracing::info!("shutting down");
-        server.shutdown().await;
-        ExitCode::SUCCESS
+        let health = server.health().clone();
+        let failed = async {
+            if config.exit_on_fatal { health.failed().await.to_string() } else { std::future::pending().await }
+        };
+        tokio::select! {
+            _ = wait_for_signal() => {
+                tracing::info!("shutting down");
+                server.shutdown().await;
+                ExitCode::SUCCESS
+            }
+            reason = failed => {
+                // Give sessions a moment to send their `unavailable` errors and close frames.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                tracing::error!(reason = %reason, "exiting: livegrid failed (--exit-on-fatal)");
+                ExitCode::from(1)
+            }
+        }
     })
 }
 

@@ -4,7 +4,11 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+
 use crate::store::StoreError;
+use crate::store::limits::LimitError;
+use crate::store::namespace::NamespaceError;
 
 /// An error answered to a REST request.
 #[derive(Debug)]
@@ -18,6 +22,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// An error with this status and code.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into() }
+    }
+
     /// A 400 with this code.
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         ApiError { status: StatusCode::BAD_REQUEST, code, message: message.into() }
@@ -35,11 +44,47 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(..) => (StatusCode::NOT_FOUND, "not_found"),
             StoreError::Duplicate(..) => (StatusCode::CONFLICT, "duplicate_key"),
             StoreError::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_document"),
+            StoreError::Limit(LimitError::TooLarge { .. } | LimitError::UpdatedTooLarge { .. }) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "document_too_large")
+            }
+            StoreError::Limit(LimitError::TooDeep) => (StatusCode::BAD_REQUEST, "document_too_deep"),
+            StoreError::Limit(LimitError::Malformed(_)) => (StatusCode::BAD_REQUEST, "bad_document"),
             StoreError::Update(_) => (StatusCode::BAD_REQUEST, "bad_update"),
-            StoreError::Namespace(..) => (StatusCode::BAD_REQUEST, "bad_namespace"),
+            StoreError::Namespace(_) => (StatusCode::BAD_REQUEST, "bad_namespace"),
             StoreError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            StoreError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         ApiError { status, code, message: e.to_string() }
+    }
+}
+
+impl From<NamespaceError> for ApiError {
+    fn from(e: NamespaceError) -> Self {
+        ApiError::bad_request("bad_namespace", e.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let status = rejection.status();
+        let code = match status {
+            StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+            _ => "bad_json",
+        };
+        ApiError { status, code, message: rejection.body_text().to_lowercase() }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::bad_request("bad_query", rejection.body_text())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        ApiError::bad_request("bad_path", rejection.body_text())
     }
 }
 

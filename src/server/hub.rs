@@ -2,8 +2,9 @@
 //! keeps what resuming a subscription needs.
 //!
 //! Every subscription is known to the engine by a process-wide name; the hub maps names to
-//! routes: the connection's outgoing queue (none while detached), the client's id for it, the
-//! resume token, and a bounded buffer of its latest messages.
+//! routes: the connection that owns the subscription and its outgoing queue (none while
+//! detached), the client's id for it, the resume token with what the token is bound to, and
+//! a bounded buffer of its latest messages.
 //!
 //! # Backpressure
 //! Queues are bounded: when a client does not read fast enough and its queue fills, the hub
@@ -11,21 +12,34 @@
 //! memory stays bounded whatever clients do.
 //!
 //! # Resume
+//! A resume token is 128 bits from the operating system's CSPRNG: a bearer secret of its
+//! subscription, never derived from counters or ids. It is bound to the namespace and the
+//! canonical query (and, once authentication exists, to the principal that subscribed): a
+//! resume succeeds only with all of them equal.
+//!
 //! When a connection drops, its subscriptions are detached, not ended: the engine keeps them
 //! and the hub keeps buffering their messages (at most `buffer` per subscription) for a grace
-//! window. A subscribe with `{"resume": {"token", "seq"}}` reattaches the subscription to the
-//! new connection and sends exactly the messages after `seq`, continuing the numbering; if the
-//! buffer no longer holds all of them, the caller starts a fresh subscription instead.
+//! window. A subscribe with `{"resume": {"token", "seq"}}` moves the subscription to the new
+//! connection, even while the old one is still open (a client that switched networks), and
+//! sends exactly the messages after `seq`, continuing the numbering. Ownership moves with it:
+//! the old connection's later close or `unsubscribe` no longer touches the subscription.
+//!
+//! A token that cannot be honoured (unknown, expired, bound to something else) or an
+//! impossible `seq` is treated as no token: the caller starts a fresh subscription and nothing
+//! else changes. Only when the token and binding are right but the buffer no longer covers the
+//! missed messages does the old subscription end, replaced by the fresh one.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use livegrid_engine::{EngineEvent, QueryKey};
-use livegrid_protocol::ServerMessage;
+use livegrid_protocol::{ErrorCode, ErrorMessage, ServerMessage};
 use tokio::sync::mpsc;
+
+use super::budget::MemoryBudget;
 
 /// A connection's side of the hub.
 #[derive(Debug)]
@@ -39,22 +53,51 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    fn deliver(&self, json: String) {
+    /// An outbox queueing at most `capacity` messages, and its receiving end.
+    pub fn new(capacity: usize) -> (Arc<Outbox>, mpsc::Receiver<String>) {
+        let (queue, outgoing) = mpsc::channel(capacity);
+        (Arc::new(Outbox { queue, overflowed: AtomicBool::new(false), overflow: tokio::sync::Notify::new() }), outgoing)
+    }
+
+    /// Queues a message, or marks the connection as too slow.
+    pub fn deliver(&self, json: String) {
         let queued = self.queue.max_capacity() - self.queue.capacity();
         metrics::histogram!("livegrid_outbox_depth").record(queued as f64);
         if self.queue.try_send(json).is_err() && !self.overflowed.swap(true, Ordering::AcqRel) {
+            metrics::counter!("livegrid_slow_consumers_cut").increment(1);
             self.overflow.notify_one();
         }
     }
 }
 
+/// What a resume token is bound to: resuming needs all of it equal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    /// The namespace.
+    pub ns: String,
+    /// The query (filter, sort, skip, limit, projection) in canonical Extended JSON.
+    pub query: String,
+    /// Who subscribed. `None` until authentication exists; then a token resumes only for the
+    /// principal that created it.
+    pub principal: Option<String>,
+}
+
+/// A connection, as the owner of subscriptions.
+pub type ConnectionId = u64;
+
 struct Route {
     key: QueryKey,
     token: String,
+    binding: Binding,
+    owner: ConnectionId,
     outbox: Option<Arc<Outbox>>,
     client_id: String,
-    /// The latest messages, oldest first.
-    buffer: VecDeque<ServerMessage>,
+    /// The latest messages, oldest first, with their size in bytes.
+    buffer: VecDeque<(ServerMessage, usize)>,
+    /// Bytes in `buffer`.
+    buffered: usize,
+    /// Bytes charged to the budget for the subscription itself.
+    charge: usize,
     last_seq: u64,
     detached_at: Option<Instant>,
 }
@@ -67,42 +110,98 @@ pub struct Resumed {
     pub key: QueryKey,
 }
 
+/// What became of a resume request.
+pub enum Resume {
+    /// The subscription moved to the caller's connection; missed messages are queued.
+    Resumed(Resumed),
+    /// The caller holds the subscription's token, but its missed messages are gone: the old
+    /// subscription was removed from the hub and its engine key is returned to be ended.
+    Replaced(QueryKey),
+    /// The token is unusable for this request: start afresh; nothing was touched.
+    Unusable,
+}
+
+/// The server's subscription memory budget is spent.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the server's memory budget for subscriptions is spent")]
+pub struct OverCapacity;
+
+/// How much a hub keeps for resuming.
+#[derive(Debug, Clone, Copy)]
+pub struct ResumeLimits {
+    /// Messages kept per subscription.
+    pub messages: usize,
+    /// Bytes of messages kept per subscription.
+    pub bytes: usize,
+}
+
 /// Routes engine messages to connections.
 pub struct Hub {
     routes: DashMap<String, Mutex<Route>>,
     tokens: DashMap<String, String>,
-    buffer: usize,
-    instance: String,
-    next_token: AtomicU64,
+    limits: ResumeLimits,
+    budget: MemoryBudget,
+}
+
+/// A fresh resume token: 128 bits from the operating system's CSPRNG, as hex.
+fn new_token() -> String {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).expect("the operating system's random number generator failed");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Hub {
-    /// A hub keeping `buffer` messages per subscription for resuming.
-    pub fn new(buffer: usize) -> Self {
-        Hub {
-            routes: DashMap::new(),
-            tokens: DashMap::new(),
-            buffer,
-            instance: bson::oid::ObjectId::new().to_hex(),
-            next_token: AtomicU64::new(1),
-        }
+    /// A hub keeping `limits` per subscription for resuming, with `budget` bytes for all
+    /// subscriptions.
+    pub fn new(limits: ResumeLimits, budget: usize) -> Self {
+        Hub { routes: DashMap::new(), tokens: DashMap::new(), limits, budget: MemoryBudget::new(budget) }
     }
 
-    /// Routes the messages of engine subscription `name` (key `key`) to `outbox`, as
-    /// `client_id`.
-    pub fn add(&self, name: String, key: QueryKey, outbox: Arc<Outbox>, client_id: String) {
-        let token = format!("{}.{}", self.instance, self.next_token.fetch_add(1, Ordering::Relaxed));
+    /// The subscriptions' memory budget.
+    pub fn budget(&self) -> &MemoryBudget {
+        &self.budget
+    }
+
+    /// Routes the messages of engine subscription `name` to `outbox` of connection `owner`,
+    /// as `client_id`; its token is bound to `binding`. Charges `charge` bytes to the budget.
+    pub fn add(
+        &self,
+        name: String,
+        outbox: Arc<Outbox>,
+        owner: ConnectionId,
+        client_id: String,
+        binding: Binding,
+        charge: usize,
+    ) -> Result<(), OverCapacity> {
+        if !self.budget.try_charge(charge) {
+            metrics::counter!("livegrid_subscriptions_refused").increment(1);
+            return Err(OverCapacity);
+        }
+        let token = new_token();
         self.tokens.insert(token.clone(), name.clone());
         let route = Route {
-            key,
+            key: 0,
             token,
+            binding,
+            owner,
             outbox: Some(outbox),
             client_id,
             buffer: VecDeque::new(),
+            buffered: 0,
+            charge,
             last_seq: 0,
             detached_at: None,
         };
         self.routes.insert(name, Mutex::new(route));
+        Ok(())
+    }
+
+    /// Forgets a route taken out of the map: its token and its memory.
+    fn forget(&self, route: Mutex<Route>) -> Route {
+        let route = route.into_inner().expect("route lock");
+        self.tokens.remove(&route.token);
+        self.budget.release(route.charge + route.buffered);
+        route
     }
 
     /// Sets the engine key of `name` once registration returned it.
@@ -112,47 +211,64 @@ impl Hub {
         }
     }
 
-    /// Removes the subscription a token names, returning its engine key.
-    pub fn take_token(&self, token: &str) -> Option<QueryKey> {
-        let (_, name) = self.tokens.remove(token)?;
-        let (_, route) = self.routes.remove(&name)?;
-        Some(route.into_inner().expect("route lock").key)
+    /// Whether connection `owner` still owns `name` (it may have ended, or moved away).
+    pub fn owns(&self, name: &str, owner: ConnectionId) -> bool {
+        self.routes.get(name).is_some_and(|route| route.lock().expect("route lock").owner == owner)
     }
 
-    /// Stops routing `name`.
-    pub fn remove(&self, name: &str) {
-        if let Some((_, route)) = self.routes.remove(name) {
-            self.tokens.remove(&route.into_inner().expect("route lock").token);
-        }
+    /// Stops routing `name` if `owner` owns it, returning its engine key to end.
+    pub fn remove(&self, name: &str, owner: ConnectionId) -> Option<QueryKey> {
+        let (_, route) = self.routes.remove_if(name, |_, route| route.lock().expect("route lock").owner == owner)?;
+        Some(self.forget(route).key)
     }
 
-    /// Detaches `name` from its connection: messages are buffered for a later resume.
-    pub fn detach(&self, name: &str) {
+    /// Detaches `name` from connection `owner`, if it still owns it: messages are buffered
+    /// for a later resume.
+    pub fn detach(&self, name: &str, owner: ConnectionId) {
         if let Some(route) = self.routes.get(name) {
             let mut route = route.lock().expect("route lock");
-            route.outbox = None;
-            route.detached_at = Some(Instant::now());
+            if route.owner == owner {
+                route.outbox = None;
+                route.detached_at = Some(Instant::now());
+            }
         }
     }
 
-    /// Reattaches the subscription of `token` to `outbox` as `client_id`, sending the messages
-    /// after `seq`. `None` when the token is unknown or the missed messages are not all
-    /// buffered any more.
-    pub fn resume(&self, token: &str, seq: u64, outbox: &Arc<Outbox>, client_id: &str) -> Option<Resumed> {
-        let name = self.tokens.get(token)?.clone();
-        let route = self.routes.get(&name)?;
-        let mut route = route.lock().expect("route lock");
-        let first = route.buffer.front().map_or(route.last_seq + 1, seq_of);
-        if seq > route.last_seq || first > seq + 1 {
-            return None;
+    /// Moves the subscription of `token` to `outbox` of connection `owner` as `client_id`,
+    /// sending the messages after `seq` (see the module docs).
+    pub fn resume(
+        &self,
+        token: &str,
+        seq: u64,
+        binding: &Binding,
+        outbox: &Arc<Outbox>,
+        owner: ConnectionId,
+        client_id: &str,
+    ) -> Resume {
+        let Some(name) = self.tokens.get(token).map(|n| n.clone()) else { return Resume::Unusable };
+        let Some(entry) = self.routes.get(&name) else { return Resume::Unusable };
+        let mut route = entry.lock().expect("route lock");
+        if route.binding != *binding || route.key == 0 || seq > route.last_seq {
+            return Resume::Unusable;
+        }
+        let first = route.buffer.front().map_or(route.last_seq + 1, |(m, _)| seq_of(m));
+        if first > seq + 1 {
+            let key = route.key;
+            drop(route);
+            drop(entry);
+            if let Some((_, route)) = self.routes.remove(&name) {
+                self.forget(route);
+            }
+            return Resume::Replaced(key);
         }
         route.client_id = client_id.to_string();
-        for message in route.buffer.iter().filter(|m| seq_of(m) > seq) {
+        for (message, _) in route.buffer.iter().filter(|(m, _)| seq_of(m) > seq) {
             outbox.deliver(named(message.clone(), client_id, None).to_json());
         }
+        route.owner = owner;
         route.outbox = Some(outbox.clone());
         route.detached_at = None;
-        Some(Resumed { name, key: route.key })
+        Resume::Resumed(Resumed { name, key: route.key })
     }
 
     /// The subscriptions detached for longer than `grace`, removed from the hub; the caller
@@ -166,13 +282,30 @@ impl Hub {
             .collect();
         expired
             .into_iter()
-            .filter_map(|name| self.routes.remove(&name))
-            .map(|(_, route)| {
-                let route = route.into_inner().expect("route lock");
-                self.tokens.remove(&route.token);
-                route.key
-            })
+            .filter_map(|name| self.routes.remove_if(&name, |_, r| r.lock().expect("route lock").detached_at.is_some()))
+            .map(|(_, route)| self.forget(route).key)
             .collect()
+    }
+
+    /// Ends every subscription with an error: the server failed and its results can no longer
+    /// be trusted. Returns the engine keys.
+    pub fn fail_all(&self, reason: &str) -> Vec<QueryKey> {
+        let names: Vec<String> = self.routes.iter().map(|r| r.key().clone()).collect();
+        let mut keys = Vec::with_capacity(names.len());
+        for name in names {
+            let Some((_, route)) = self.routes.remove(&name) else { continue };
+            let route = self.forget(route);
+            if let Some(outbox) = &route.outbox {
+                let error = ServerMessage::Error(ErrorMessage {
+                    id: Some(route.client_id.clone()),
+                    code: ErrorCode::Unavailable,
+                    message: format!("livegrid failed ({reason}); results are no longer kept, reconnect later"),
+                });
+                outbox.deliver(error.to_json());
+            }
+            keys.push(route.key);
+        }
+        keys
     }
 
     /// How many subscriptions are routed (attached or detached).
@@ -185,15 +318,35 @@ impl Hub {
         self.routes.is_empty()
     }
 
-    /// Delivers engine events until the engine stops (run on a thread of its own).
-    pub fn run(&self, events: crossbeam_channel::Receiver<EngineEvent>) {
+    /// Delivers engine events until the engine stops (run on a thread of its own); calls
+    /// `failed` if the engine reports a failure.
+    pub fn run(&self, events: crossbeam_channel::Receiver<EngineEvent>, failed: impl Fn(String)) {
         for event in events {
-            let EngineEvent::Message { message, latency, .. } = event else { continue };
-            let name = match &message {
-                ServerMessage::Result(r) => r.id.clone(),
-                ServerMessage::Delta(d) => d.id.clone(),
+            let (message, latency) = match event {
+                EngineEvent::Message { message, latency, .. } => (message, latency),
+                EngineEvent::Failed(reason) => {
+                    failed(reason);
+                    continue;
+                }
+                EngineEvent::Processed(_) => continue,
+            };
+            let (name, ends) = match &message {
+                ServerMessage::Result(r) => (r.id.clone(), false),
+                ServerMessage::Delta(d) => (d.id.clone(), false),
+                // The engine ended this subscription (its window could not be refilled).
+                ServerMessage::Error(ErrorMessage { id: Some(id), .. }) => (id.clone(), true),
                 _ => continue,
             };
+            if ends {
+                if let Some((_, route)) = self.routes.remove(&name) {
+                    let route = self.forget(route);
+                    if let Some(outbox) = &route.outbox {
+                        outbox.deliver(named(message, &route.client_id, None).to_json());
+                    }
+                    metrics::gauge!("livegrid_subscriptions").decrement(1.0);
+                }
+                continue;
+            }
             let Some(route) = self.routes.get(&name) else { continue };
             let mut route = route.lock().expect("route lock");
             let message = named(message, &route.client_id, Some(&route.token));
@@ -201,13 +354,21 @@ impl Hub {
                 metrics::histogram!("livegrid_event_to_delta_seconds").record(latency.as_secs_f64());
                 metrics::counter!("livegrid_deltas_out").increment(1);
             }
+            let json = message.to_json();
+            let bytes = json.len();
             if let Some(outbox) = &route.outbox {
-                outbox.deliver(message.to_json());
+                outbox.deliver(json);
             }
             route.last_seq = seq_of(&message);
-            route.buffer.push_back(message);
-            if route.buffer.len() > self.buffer {
-                route.buffer.pop_front();
+            route.buffer.push_back((message, bytes));
+            route.buffered += bytes;
+            self.budget.charge(bytes);
+            while route.buffer.len() > self.limits.messages
+                || (route.buffered > self.limits.bytes && route.buffer.len() > 1)
+            {
+                let (_, dropped) = route.buffer.pop_front().expect("non-empty");
+                route.buffered -= dropped;
+                self.budget.release(dropped);
             }
         }
     }
@@ -231,7 +392,50 @@ fn named(mut message: ServerMessage, client_id: &str, token: Option<&str>) -> Se
             }
         }
         ServerMessage::Delta(d) => d.id = client_id.to_string(),
-        _ => {}
+        ServerMessage::Error(e) => e.id = Some(client_id.to_string()),
+        ServerMessage::Pong => {}
     }
     message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding(query: &str) -> Binding {
+        Binding { ns: "db.c".into(), query: query.into(), principal: None }
+    }
+
+    #[test]
+    fn tokens_are_random_and_bound() {
+        let hub = Hub::new(ResumeLimits { messages: 8, bytes: 1 << 20 }, 1000);
+        let (outbox, _rx) = Outbox::new(16);
+        hub.add("1/1".into(), outbox.clone(), 1, "a".into(), binding("{}"), 400).unwrap();
+        hub.set_key("1/1", 7);
+        hub.add("1/2".into(), outbox.clone(), 1, "b".into(), binding("{}"), 400).unwrap();
+        assert!(hub.add("1/3".into(), outbox.clone(), 1, "c".into(), binding("{}"), 400).is_err());
+        let tokens: Vec<String> = hub.tokens.iter().map(|t| t.key().clone()).collect();
+        assert_eq!(tokens.len(), 2);
+        assert!(tokens.iter().all(|t| t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit())));
+        assert_ne!(tokens[0], tokens[1]);
+        let token = hub.routes.get("1/1").unwrap().lock().unwrap().token.clone();
+        hub.routes.get("1/1").unwrap().lock().unwrap().last_seq = 1;
+        let (other, _rx2) = Outbox::new(16);
+        // Another query, a guessed token, an impossible seq: unusable, nothing touched.
+        assert!(matches!(hub.resume(&token, 1, &binding("{\"x\":1}"), &other, 2, "z"), Resume::Unusable));
+        assert!(matches!(
+            hub.resume("00112233445566778899aabbccddeeff", 1, &binding("{}"), &other, 2, "z"),
+            Resume::Unusable
+        ));
+        assert!(matches!(hub.resume(&token, 99, &binding("{}"), &other, 2, "z"), Resume::Unusable));
+        assert!(hub.owns("1/1", 1));
+        // The right token moves the subscription; the old connection can no longer touch it.
+        assert!(matches!(hub.resume(&token, 1, &binding("{}"), &other, 2, "z"), Resume::Resumed(_)));
+        assert!(hub.owns("1/1", 2));
+        hub.detach("1/1", 1);
+        assert_eq!(hub.remove("1/1", 1), None);
+        assert!(hub.routes.get("1/1").unwrap().lock().unwrap().outbox.is_some());
+        assert_eq!(hub.remove("1/1", 2), Some(7));
+        assert_eq!(hub.budget().used(), 400);
+    }
 }

@@ -7,7 +7,9 @@
 //! with a reason, and lets the engine drain.
 
 pub mod api_error;
+pub mod budget;
 pub mod hub;
+pub mod listener;
 pub mod rest;
 pub mod session;
 
@@ -18,15 +20,18 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{State, WebSocketUpgrade};
+use axum::extract::{DefaultBodyLimit, State, WebSocketUpgrade};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use livegrid_engine::{Engine, EngineConfig, GridShape};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 
-use crate::store::Store;
-use hub::Hub;
+use crate::health::Health;
+use crate::store::{Durability, Store, StoreConfig};
+use api_error::ApiError;
+use hub::{Hub, ResumeLimits};
 
 /// How the server runs.
 #[derive(Debug, Clone)]
@@ -43,7 +48,8 @@ pub struct ServerConfig {
     pub max_subscriptions: usize,
     /// Largest client message, in bytes.
     pub max_message_bytes: usize,
-    /// Interval between WebSocket pings; a peer that misses one pong is dropped.
+    /// Interval between WebSocket pings; a peer silent for a whole interval after one is
+    /// dropped.
     pub heartbeat: Duration,
     /// Recent writes kept to catch subscriptions up.
     pub retention: usize,
@@ -51,8 +57,24 @@ pub struct ServerConfig {
     pub resume_grace: Duration,
     /// Messages kept per subscription for resuming.
     pub resume_buffer: usize,
+    /// Bytes of messages kept per subscription for resuming.
+    pub resume_buffer_bytes: usize,
     /// When store commits reach the disk.
-    pub durability: crate::store::Durability,
+    pub durability: Durability,
+    /// Connections open at once (HTTP and WebSocket).
+    pub max_connections: usize,
+    /// Time for a request's headers to arrive.
+    pub header_timeout: Duration,
+    /// Largest REST request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Memory all subscriptions together may hold, in bytes.
+    pub subscription_memory: usize,
+    /// Memory one subscription may hold, in bytes.
+    pub max_subscription_bytes: usize,
+    /// Documents a sorted window keeps beyond its visible end.
+    pub window_slack: usize,
+    /// Write requests waiting for the store's committer at most.
+    pub write_queue: usize,
 }
 
 impl Default for ServerConfig {
@@ -68,8 +90,52 @@ impl Default for ServerConfig {
             retention: 100_000,
             resume_grace: Duration::from_secs(60),
             resume_buffer: 128,
-            durability: crate::store::Durability::default(),
+            resume_buffer_bytes: 1 << 20,
+            durability: Durability::default(),
+            max_connections: 10_000,
+            header_timeout: Duration::from_secs(10),
+            max_body_bytes: 20 << 20,
+            subscription_memory: 1 << 30,
+            max_subscription_bytes: 16 << 20,
+            window_slack: 16,
+            write_queue: 4096,
         }
+    }
+}
+
+impl ServerConfig {
+    /// Checks that every setting is usable, naming the first that is not.
+    pub fn validate(&self) -> Result<(), String> {
+        let range = |name: &str, value: u128, min: u128, max: u128| {
+            if value < min || value > max {
+                Err(format!("{name} must be between {min} and {max}, found {value}"))
+            } else {
+                Ok(())
+            }
+        };
+        range("queue_capacity", self.queue_capacity as u128, 1, 1 << 20)?;
+        range("max_subscriptions", self.max_subscriptions as u128, 1, 1 << 20)?;
+        range("max_message_bytes", self.max_message_bytes as u128, 64, 64 << 20)?;
+        range("heartbeat (ms)", self.heartbeat.as_millis(), 10, 3_600_000)?;
+        range("retention", self.retention as u128, 1, 100_000_000)?;
+        range("resume_grace_seconds", self.resume_grace.as_secs() as u128, 0, 86_400)?;
+        range("resume_buffer", self.resume_buffer as u128, 0, 1 << 20)?;
+        range("resume_buffer_bytes", self.resume_buffer_bytes as u128, 0, 1 << 30)?;
+        range("max_connections", self.max_connections as u128, 1, 1 << 20)?;
+        range("header_timeout (ms)", self.header_timeout.as_millis(), 10, 3_600_000)?;
+        range("max_body_bytes", self.max_body_bytes as u128, 1024, 1 << 30)?;
+        range("subscription_memory", self.subscription_memory as u128, 1 << 20, 1 << 44)?;
+        range("max_subscription_bytes", self.max_subscription_bytes as u128, 4096, 1 << 40)?;
+        range("window_slack", self.window_slack as u128, 0, 1 << 20)?;
+        range("write_queue", self.write_queue as u128, 1, 1 << 20)?;
+        range("grid workers", self.grid.workers() as u128, 1, 1024)?;
+        Ok(())
+    }
+
+    /// The largest frame read before the connection is closed with 1009: frames between
+    /// `max_message_bytes` and this get a `message_too_large` error and the connection stays.
+    pub fn frame_limit(&self) -> usize {
+        self.max_message_bytes.saturating_mul(4).saturating_add(64 * 1024)
     }
 }
 
@@ -79,6 +145,7 @@ pub struct AppState {
     store: Arc<Store>,
     engine: Arc<Engine>,
     hub: Arc<Hub>,
+    health: Arc<Health>,
     config: Arc<ServerConfig>,
     next_connection: Arc<AtomicU64>,
     shutdown: watch::Receiver<bool>,
@@ -89,14 +156,19 @@ pub struct RunningServer {
     /// The address it listens on (useful with port 0).
     pub addr: SocketAddr,
     stop: watch::Sender<bool>,
-    serving: tokio::task::JoinHandle<std::io::Result<()>>,
+    serving: tokio::task::JoinHandle<()>,
+    store: Arc<Store>,
     engine: Arc<Engine>,
+    health: Arc<Health>,
     hub_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// The configuration is not usable.
+    #[error("bad configuration: {0}")]
+    Config(String),
     /// The store could not open.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
@@ -121,50 +193,73 @@ fn prometheus() -> &'static PrometheusHandle {
 
 /// Opens the store, starts the engine and begins listening.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
+    config.validate().map_err(ServerError::Config)?;
     let metrics = prometheus();
-    let store = Arc::new(Store::open_with(&config.data, config.durability)?);
-    let engine = Arc::new(Engine::start(
-        EngineConfig { shape: config.grid, retention: config.retention, ..Default::default() },
-        store.clone(),
-    )?);
-    let weak = Arc::downgrade(&engine);
-    store.set_listener(move |events| {
-        metrics::counter!("livegrid_events_in").increment(events.len() as u64);
-        if let Some(engine) = weak.upgrade()
-            && let Err(e) = engine.submit(events)
-        {
-            tracing::error!(error = %e, "engine refused writes");
-        }
-    });
-    let hub = Arc::new(Hub::new(config.resume_buffer));
+    let health = Arc::new(Health::new());
+    let store_config = StoreConfig {
+        durability: config.durability,
+        queue: config.write_queue,
+        max_group: 1024,
+        health: health.clone(),
+    };
+    let data = config.data.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open_with(&data, store_config))
+        .await
+        .map_err(|e| ServerError::Config(format!("opening the store: {e}")))??;
+    let store = Arc::new(store);
+    let engine_config = EngineConfig {
+        shape: config.grid,
+        retention: config.retention,
+        slack: config.window_slack,
+        ..Default::default()
+    };
+    let snapshot_source = store.clone();
+    let engine = tokio::task::spawn_blocking(move || Engine::start(engine_config, snapshot_source))
+        .await
+        .map_err(|e| ServerError::Config(format!("starting the engine: {e}")))??;
+    let engine = Arc::new(engine);
+    {
+        let (weak, health) = (Arc::downgrade(&engine), health.clone());
+        store.set_listener(move |events| {
+            metrics::counter!("livegrid_events_in").increment(events.len() as u64);
+            let Some(engine) = weak.upgrade() else { return };
+            if let Err(e) = engine.submit(events) {
+                // The write is committed but no live query will see it: results diverge.
+                health.fail(format!("engine refused committed writes: {e}"));
+            }
+        });
+    }
+    let hub = Arc::new(Hub::new(
+        ResumeLimits { messages: config.resume_buffer, bytes: config.resume_buffer_bytes },
+        config.subscription_memory,
+    ));
     let hub_thread = {
-        let hub = hub.clone();
-        let events = engine.messages().clone();
-        std::thread::Builder::new().name("livegrid-hub".into()).spawn(move || hub.run(events)).expect("hub thread")
+        let (hub, events, health) = (hub.clone(), engine.messages().clone(), health.clone());
+        std::thread::Builder::new()
+            .name("livegrid-hub".into())
+            .spawn(move || hub.run(events, |reason| health.fail(format!("engine: {reason}"))))
+            .map_err(|e| ServerError::Config(format!("starting the hub: {e}")))?
     };
     let (stop, shutdown) = watch::channel(false);
+    spawn_expiry(hub.clone(), engine.clone(), config.resume_grace, shutdown.clone());
     {
-        // Ends detached subscriptions nobody resumed within the grace window.
-        let (hub, engine, grace, mut until) = (hub.clone(), engine.clone(), config.resume_grace, shutdown.clone());
+        // On failure: every subscription gets an error and ends.
+        let (hub, engine, health, mut until) = (hub.clone(), engine.clone(), health.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(500).min(grace.max(Duration::from_millis(10))));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        for key in hub.expire(grace) {
-                            let _ = engine.unregister(key);
-                            metrics::gauge!("livegrid_subscriptions").decrement(1.0);
-                        }
-                    }
-                    _ = until.changed() => break,
-                }
+            let reason = tokio::select! {
+                reason = health.failed() => reason.to_string(),
+                _ = until.changed() => return,
+            };
+            for key in hub.fail_all(&reason) {
+                let _ = engine.unregister(key);
             }
         });
     }
     let state = AppState {
-        store,
+        store: store.clone(),
         engine: engine.clone(),
         hub,
+        health: health.clone(),
         config: Arc::new(config.clone()),
         next_connection: Arc::new(AtomicU64::new(1)),
         shutdown: shutdown.clone(),
@@ -176,63 +271,107 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         .route("/v1/db/{db}/{coll}", post(rest::insert).get(rest::query))
         .route("/v1/db/{db}/{coll}/_bulk", post(rest::bulk))
         .route("/v1/db/{db}/{coll}/{id}", get(rest::get).put(rest::replace).patch(rest::update).delete(rest::delete))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method",
+            )
+        })
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .with_state(state);
     let listener =
         tokio::net::TcpListener::bind(config.listen).await.map_err(|e| ServerError::Listen(config.listen, e))?;
     let addr = listener.local_addr().map_err(|e| ServerError::Listen(config.listen, e))?;
-    let mut until = shutdown;
-    let serving = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = until.wait_for(|stop| *stop).await;
-            })
-            .await
+    let limits =
+        listener::ListenLimits { max_connections: config.max_connections, header_timeout: config.header_timeout };
+    let serving = tokio::spawn(listener::serve(listener, app, limits, shutdown));
+    tracing::info!(%addr, grid = %config.grid, data = %config.data.display(), durability = ?config.durability, "livegrid listening");
+    Ok(RunningServer { addr, stop, serving, store, engine, health, hub_thread: Some(hub_thread) })
+}
+
+/// Ends detached subscriptions nobody resumed within the grace window.
+fn spawn_expiry(hub: Arc<Hub>, engine: Arc<Engine>, grace: Duration, mut until: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500).min(grace.max(Duration::from_millis(10))));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    for key in hub.expire(grace) {
+                        let _ = engine.unregister(key);
+                        metrics::gauge!("livegrid_subscriptions").decrement(1.0);
+                    }
+                }
+                _ = until.changed() => break,
+            }
+        }
     });
-    tracing::info!(%addr, grid = %config.grid, data = %config.data.display(), "livegrid listening");
-    Ok(RunningServer { addr, stop, serving, engine, hub_thread: Some(hub_thread) })
 }
 
 impl RunningServer {
-    /// Stops accepting, closes every connection with a reason, and waits for the engine.
+    /// The server's health (tests and the command watch it).
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// The engine (tests inject failures through it).
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Stops accepting, closes every connection with a reason, drains the store into the
+    /// engine, and joins the store's, the engine's and the hub's threads.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         if let Err(e) = (&mut self.serving).await {
             tracing::warn!(error = %e, "server task ended abnormally");
         }
-        let engine = self.engine;
-        let hub_thread = self.hub_thread.take();
-        tokio::task::spawn_blocking(move || {
-            // Sessions and the store's listener hold the engine until they end.
-            let mut engine = engine;
-            for _ in 0..200 {
-                match Arc::try_unwrap(engine) {
-                    Ok(engine) => {
-                        engine.shutdown();
-                        break;
-                    }
-                    Err(shared) => {
-                        engine = shared;
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                }
-            }
-            if let Some(thread) = hub_thread {
+        let (store, engine, hub_thread) = (self.store.clone(), self.engine.clone(), self.hub_thread.take());
+        let joined = tokio::task::spawn_blocking(move || {
+            // Queued writes commit and reach the engine before it stops.
+            store.close();
+            engine.close();
+            if let Some(thread) = hub_thread
+                && !engine.failed()
+            {
                 let _ = thread.join();
             }
-        })
-        .await
-        .ok();
+        });
+        if let Err(e) = joined.await {
+            tracing::warn!(error = %e, "shutdown did not complete");
+        }
     }
 }
 
 async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     let position = state.engine.processed();
-    axum::Json(serde_json::json!({"status": "ok", "processed": position, "subscriptions": state.hub.len()}))
+    match state.health.failure() {
+        None => (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({"status": "ok", "processed": position, "subscriptions": state.hub.len()})),
+        ),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"status": "failed", "reason": reason, "processed": position})),
+        ),
+    }
 }
 
-async fn websocket(ws: WebSocketUpgrade, State(state): State<AppState>) -> impl IntoResponse {
+async fn websocket(
+    ws: WebSocketUpgrade,
+    State(state): State<AppState>,
+    permit: Option<axum::Extension<listener::ConnectionPermit>>,
+) -> impl IntoResponse {
     // Messages over `max_message_bytes` get a `message_too_large` error; frames far beyond it
-    // end the connection before they are buffered.
-    let limit = state.config.max_message_bytes.saturating_mul(4).saturating_add(64 * 1024);
-    ws.max_message_size(limit).on_upgrade(move |socket| session::run(socket, state))
+    // end the connection with 1009 before they are buffered.
+    let limit = state.config.frame_limit();
+    let permit = permit.map(|p| p.0);
+    ws.max_message_size(limit).max_frame_size(limit).on_upgrade(move |socket| session::run(socket, state, permit))
 }

@@ -11,14 +11,15 @@
 //! | `POST /v1/db/{db}/{coll}/_bulk` | many writes in one atomic batch |
 //!
 //! Bodies and answers are relaxed Extended JSON. Every write answers with the positions it
-//! took; errors are `{"code", "message"}` with the matching status, and never half-apply a
-//! write.
+//! took, once it is durable; errors, malformed requests included, are always
+//! `{"code", "message"}` with the matching status, and never half-apply a write.
 
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, Query as UrlQuery, State};
+use axum::extract::{FromRequest, FromRequestParts, Path as AxumPath, Query as AxumQuery, Request, State};
 use axum::http::StatusCode;
+use axum::http::request::Parts;
 use bson::{Bson, Document};
 use livegrid_matcher::{Query, QuerySpec};
 use livegrid_protocol::extjson;
@@ -31,14 +32,48 @@ use crate::store::{Store, Write, id_label};
 
 type Reply = Result<(StatusCode, Json<Value>), ApiError>;
 
-fn namespace(db: &str, coll: &str) -> String {
-    format!("{db}.{coll}")
+/// A JSON body; its rejections are API errors.
+pub struct JsonBody(pub Value);
+
+impl<S: Send + Sync> FromRequest<S> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        Ok(JsonBody(Json::<Value>::from_request(request, state).await?.0))
+    }
+}
+
+/// Path parameters; their rejections are API errors.
+pub struct Path<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Ok(Path(AxumPath::<T>::from_request_parts(parts, state).await?.0))
+    }
+}
+
+/// Query-string parameters; their rejections are API errors.
+pub struct UrlQuery<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for UrlQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Ok(UrlQuery(AxumQuery::<T>::from_request_parts(parts, state).await?.0))
+    }
+}
+
+fn namespace(db: &str, coll: &str) -> Result<String, ApiError> {
+    Ok(crate::store::namespace::join(db, coll)?)
 }
 
 fn body_document(body: Value) -> Result<Document, ApiError> {
     extjson::document_from_json(body).map_err(|e| ApiError::bad_request("bad_json", e.to_string()))
 }
 
+/// Runs a read on the blocking pool.
 async fn blocking<T: Send + 'static>(
     store: &Arc<Store>,
     work: impl FnOnce(&Store) -> T + Send + 'static,
@@ -49,6 +84,12 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("store task failed: {e}")))
 }
 
+/// The `_id` a URL path segment names (see the store's module docs).
+async fn resolve(state: &AppState, ns: &str, segment: String) -> Result<Bson, ApiError> {
+    let ns = ns.to_string();
+    Ok(blocking(&state.store, move |s| s.resolve_id(&ns, &segment)).await??)
+}
+
 fn written(events: &[livegrid_engine::ChangeEvent]) -> Value {
     json!({
         "_id": events.first().map(|e| extjson::to_relaxed_json(&e.id)),
@@ -57,20 +98,16 @@ fn written(events: &[livegrid_engine::ChangeEvent]) -> Value {
 }
 
 /// `POST /v1/db/{db}/{coll}`
-pub async fn insert(
-    State(state): State<AppState>,
-    Path((db, coll)): Path<(String, String)>,
-    body: Json<Value>,
-) -> Reply {
+pub async fn insert(State(state): State<AppState>, Path((db, coll)): Path<(String, String)>, body: JsonBody) -> Reply {
     let doc = body_document(body.0)?;
-    let ns = namespace(&db, &coll);
-    let events = blocking(&state.store, move |s| s.write(&ns, vec![Write::Insert(doc)])).await??;
+    let ns = namespace(&db, &coll)?;
+    let events = state.store.write_async(&ns, vec![Write::Insert(doc)]).await?;
     Ok((StatusCode::CREATED, Json(written(&events))))
 }
 
 /// `GET /v1/db/{db}/{coll}/{id}`
 pub async fn get(State(state): State<AppState>, Path((db, coll, id)): Path<(String, String, String)>) -> Reply {
-    let ns = namespace(&db, &coll);
+    let ns = namespace(&db, &coll)?;
     let found = blocking(&state.store, move |s| {
         let id = s.resolve_id(&ns, &id)?;
         s.get(&ns, &id)?.ok_or_else(|| crate::store::StoreError::NotFound(id_label(&id), ns.clone()))
@@ -83,12 +120,12 @@ pub async fn get(State(state): State<AppState>, Path((db, coll, id)): Path<(Stri
 pub async fn replace(
     State(state): State<AppState>,
     Path((db, coll, id)): Path<(String, String, String)>,
-    body: Json<Value>,
+    body: JsonBody,
 ) -> Reply {
     let doc = body_document(body.0)?;
-    let ns = namespace(&db, &coll);
-    let events =
-        blocking(&state.store, move |s| s.write(&ns, vec![Write::Replace(s.resolve_id(&ns, &id)?, doc)])).await??;
+    let ns = namespace(&db, &coll)?;
+    let id = resolve(&state, &ns, id).await?;
+    let events = state.store.write_async(&ns, vec![Write::Replace(id, doc)]).await?;
     let created = events.first().is_some_and(|e| e.op == livegrid_engine::ChangeOp::Insert);
     Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(written(&events))))
 }
@@ -97,7 +134,7 @@ pub async fn replace(
 pub async fn update(
     State(state): State<AppState>,
     Path((db, coll, id)): Path<(String, String, String)>,
-    body: Json<Value>,
+    body: JsonBody,
 ) -> Reply {
     let changes = body_document(body.0)?;
     if !crate::store::update::is_operator_update(&changes) {
@@ -106,16 +143,17 @@ pub async fn update(
             "PATCH takes update operators such as {\"$set\": {...}}; use PUT to replace",
         ));
     }
-    let ns = namespace(&db, &coll);
-    let events =
-        blocking(&state.store, move |s| s.write(&ns, vec![Write::Update(s.resolve_id(&ns, &id)?, changes)])).await??;
+    let ns = namespace(&db, &coll)?;
+    let id = resolve(&state, &ns, id).await?;
+    let events = state.store.write_async(&ns, vec![Write::Update(id, changes)]).await?;
     Ok((StatusCode::OK, Json(written(&events))))
 }
 
 /// `DELETE /v1/db/{db}/{coll}/{id}`
 pub async fn delete(State(state): State<AppState>, Path((db, coll, id)): Path<(String, String, String)>) -> Reply {
-    let ns = namespace(&db, &coll);
-    let events = blocking(&state.store, move |s| s.write(&ns, vec![Write::Delete(s.resolve_id(&ns, &id)?)])).await??;
+    let ns = namespace(&db, &coll)?;
+    let id = resolve(&state, &ns, id).await?;
+    let events = state.store.write_async(&ns, vec![Write::Delete(id)]).await?;
     Ok((StatusCode::OK, Json(written(&events))))
 }
 
@@ -148,8 +186,8 @@ pub async fn query(
         projection: parse("projection", &params.projection)?,
     };
     let query = Query::compile(&spec).map_err(|e| ApiError::bad_request("bad_query", e.to_string()))?;
-    let ns = namespace(&db, &coll);
-    let k = query.limit.map(|l| (query.skip + l) as usize);
+    let ns = namespace(&db, &coll)?;
+    let k = query.limit.map(|l| usize::try_from(query.skip.saturating_add(l)).unwrap_or(usize::MAX));
     let (docs, position) = blocking(&state.store, move |s| {
         s.read(&ns, &query, k).map(|snapshot| (query.evaluate(&snapshot.docs), snapshot.position))
     })
@@ -160,7 +198,7 @@ pub async fn query(
 
 /// `POST /v1/db/{db}/{coll}/_bulk` with `{"writes": [{"insert": doc} | {"replace": {"_id", "doc"}}
 /// | {"update": {"_id", "update"}} | {"delete": {"_id"}}]}`
-pub async fn bulk(State(state): State<AppState>, Path((db, coll)): Path<(String, String)>, body: Json<Value>) -> Reply {
+pub async fn bulk(State(state): State<AppState>, Path((db, coll)): Path<(String, String)>, body: JsonBody) -> Reply {
     let body = body_document(body.0)?;
     let Ok(items) = body.get_array("writes") else {
         return Err(ApiError::bad_request("bad_bulk", "expected {\"writes\": [...]}"));
@@ -189,8 +227,8 @@ pub async fn bulk(State(state): State<AppState>, Path((db, coll)): Path<(String,
             other => return Err(bad(&format!("unknown write {other:?}"))),
         });
     }
-    let ns = namespace(&db, &coll);
-    let events = blocking(&state.store, move |s| s.write(&ns, writes)).await??;
+    let ns = namespace(&db, &coll)?;
+    let events = state.store.write_async(&ns, writes).await?;
     let positions: Vec<u64> = events.iter().map(|e| e.position).collect();
     let ids: Vec<Value> = events.iter().map(|e| extjson::to_relaxed_json(&e.id)).collect();
     Ok((StatusCode::OK, Json(json!({"positions": positions, "ids": ids}))))

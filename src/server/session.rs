@@ -4,63 +4,105 @@
 //! # Errors
 //! A bad message or a bad subscription gets an `error` message (with the subscription's id
 //! when it has one) and the connection stays open. The connection closes when the client
-//! closes it, stops answering pings, or does not read fast enough (its queue fills).
+//! closes it, stops answering pings, does not read fast enough (its queue fills: 1008), sends
+//! a frame over the size limit (1009) or text that is not UTF-8 (1007).
+//!
+//! # Heartbeats
+//! The server pings every `heartbeat`. A peer is dropped only when nothing at all arrived
+//! from it for a whole interval after a ping was sent. Frames already received are read
+//! before the heartbeat is judged, and missed ticks are delayed, not bursted: a server that
+//! was paused (a long GC-like stall, a suspended VM) gives every peer a fresh interval instead
+//! of dropping them all at once.
 //!
 //! # Disconnection
 //! When a connection ends without unsubscribing, its subscriptions are detached, not ended:
-//! they can be resumed on another connection within the grace window (see [`super::hub`]).
+//! they can be resumed on another connection within the grace window (see [`super::hub`]). A
+//! subscription resumed elsewhere while this connection is still open belongs to the new
+//! connection: this one forgets it.
+//!
+//! # Off the runtime
+//! Compiling a query and reading its initial result run on the blocking pool, never on the
+//! runtime's threads.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use livegrid_engine::{EngineError, QueryKey};
 use livegrid_matcher::{Query, QuerySpec};
 use livegrid_protocol::{ClientMessage, ErrorCode, ErrorMessage, ServerMessage, SubscribeMessage};
-use tokio::sync::mpsc;
+use tokio::time::MissedTickBehavior;
+use tokio_tungstenite::tungstenite;
 
 use super::AppState;
-use super::hub::Outbox;
+use super::hub::{Binding, ConnectionId, Outbox, Resume};
+use super::listener::ConnectionPermit;
 
 /// Close code for policy violations (RFC 6455), used for clients that cannot keep up.
 const CLOSE_POLICY: u16 = 1008;
 /// Close code for a server going away.
 const CLOSE_GOING_AWAY: u16 = 1001;
+/// Close code for a frame too large to process.
+const CLOSE_TOO_BIG: u16 = 1009;
+/// Close code for text that is not valid UTF-8.
+const CLOSE_INVALID_DATA: u16 = 1007;
+/// Close code for a broken WebSocket protocol.
+const CLOSE_PROTOCOL: u16 = 1002;
+/// Close code for a server error (here: the server failed).
+const CLOSE_INTERNAL: u16 = 1011;
 
-/// Runs a session until the connection ends.
-pub async fn run(socket: WebSocket, state: AppState) {
-    let connection = state.next_connection.fetch_add(1, Ordering::Relaxed);
-    let (queue, mut outgoing) = mpsc::channel::<String>(state.config.queue_capacity);
-    let outbox = Arc::new(Outbox { queue, overflowed: AtomicBool::new(false), overflow: tokio::sync::Notify::new() });
+/// Bytes charged to the memory budget per window slot of a subscription (ids and keys; the
+/// documents themselves are shared).
+const WINDOW_SLOT_BYTES: usize = 256;
+/// Bytes charged per subscription whatever its query (routes, names, grid state).
+const SUBSCRIPTION_BASE_BYTES: usize = 2048;
+
+/// Runs a session until the connection ends. `permit` keeps the connection's place under the
+/// connection cap for as long as the session lives.
+pub async fn run(socket: WebSocket, state: AppState, permit: Option<ConnectionPermit>) {
+    let _permit = permit;
+    let connection: ConnectionId = state.next_connection.fetch_add(1, Ordering::Relaxed);
+    let (outbox, mut outgoing) = Outbox::new(state.config.queue_capacity);
     let (mut sink, mut stream) = socket.split();
     let mut subscriptions: HashMap<String, Active> = HashMap::new();
-    let mut heartbeat = tokio::time::interval(state.config.heartbeat);
-    heartbeat.tick().await;
-    let mut awaiting_pong = false;
+    let interval = state.config.heartbeat;
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last_frame = Instant::now();
+    let mut last_tick = Instant::now();
+    let mut ping_sent: Option<Instant> = None;
     let mut shutdown = state.shutdown.clone();
+    let health = state.health.clone();
     metrics::gauge!("livegrid_connections").increment(1.0);
     let close = loop {
         tokio::select! {
-            incoming = stream.next() => match incoming {
-                Some(Ok(Message::Text(text))) => {
-                    let replies = handle(&state, connection, &outbox, &mut subscriptions, text.as_str()).await;
-                    for reply in replies {
-                        if outbox.queue.try_send(reply.to_json()).is_err() {
-                            outbox.overflowed.store(true, Ordering::Release);
+            // Frames already received are read first, so a pong that waited in the socket
+            // during a pause of the server counts before the heartbeat is judged.
+            biased;
+            incoming = stream.next() => {
+                if incoming.is_some() {
+                    last_frame = Instant::now();
+                }
+                match incoming {
+                    Some(Ok(Message::Text(text))) => {
+                        let replies =
+                            handle(&state, connection, &outbox, &mut subscriptions, text.as_str()).await;
+                        for reply in replies {
+                            outbox.deliver(reply.to_json());
                         }
                     }
+                    Some(Ok(Message::Binary(_))) => {
+                        let error = error(None, ErrorCode::BadMessage, "binary frames are not supported; send JSON text".into());
+                        outbox.deliver(error.to_json());
+                    }
+                    Some(Ok(Message::Pong(_) | Message::Ping(_))) => {}
+                    Some(Ok(Message::Close(_))) | None => break None,
+                    Some(Err(e)) => break read_error_close(e, state.config.frame_limit()),
                 }
-                Some(Ok(Message::Pong(_))) => awaiting_pong = false,
-                Some(Ok(Message::Binary(_))) => {
-                    let error = error(None, ErrorCode::BadMessage, "binary frames are not supported; send JSON text".into());
-                    let _ = outbox.queue.try_send(error.to_json());
-                }
-                Some(Ok(Message::Ping(_))) => {}
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break None,
-            },
+            }
             Some(text) = outgoing.recv() => {
                 metrics::counter!("livegrid_messages_out").increment(1);
                 if sink.send(Message::Text(text.into())).await.is_err() {
@@ -68,36 +110,67 @@ pub async fn run(socket: WebSocket, state: AppState) {
                 }
             }
             _ = outbox.overflow.notified() => {
-                break Some((CLOSE_POLICY, "client too slow: outgoing queue full; reconnect and resubscribe"));
+                break Some((CLOSE_POLICY, "client too slow: outgoing queue full; reconnect and resume".to_string()));
             }
             _ = heartbeat.tick() => {
-                if awaiting_pong {
-                    break Some((CLOSE_POLICY, "no pong to the last ping"));
+                let now = Instant::now();
+                // A tick far later than scheduled means this process was paused: the peer had
+                // no chance to answer, so it gets a fresh interval.
+                let paused = now.duration_since(last_tick) > interval + interval / 2;
+                last_tick = now;
+                if let Some(sent) = ping_sent
+                    && last_frame < sent
+                    && !paused
+                {
+                    break Some((CLOSE_POLICY, "no frame since the last ping".to_string()));
                 }
-                awaiting_pong = true;
+                ping_sent = Some(now);
                 if sink.send(Message::Ping(Vec::new().into())).await.is_err() {
                     break None;
                 }
             }
-            _ = shutdown.changed() => break Some((CLOSE_GOING_AWAY, "server shutting down")),
+            _ = shutdown.changed() => break Some((CLOSE_GOING_AWAY, "server shutting down".to_string())),
+            reason = health.failed() => {
+                // The hub already queued an `unavailable` error per subscription; send them.
+                while let Ok(text) = outgoing.try_recv() {
+                    let _ = sink.send(Message::Text(text.into())).await;
+                }
+                break Some((CLOSE_INTERNAL, format!("livegrid failed: {reason}")));
+            }
         }
         if outbox.overflowed.load(Ordering::Acquire) {
-            break Some((CLOSE_POLICY, "client too slow: outgoing queue full; reconnect and resubscribe"));
+            break Some((CLOSE_POLICY, "client too slow: outgoing queue full; reconnect and resume".to_string()));
         }
     };
     let server_stopping = *shutdown.borrow();
     for active in subscriptions.into_values() {
         if server_stopping {
-            end(&state, &active);
+            end(&state, connection, &active);
         } else {
-            state.hub.detach(&active.name);
+            state.hub.detach(&active.name, connection);
         }
     }
     if let Some((code, reason)) = close {
-        tracing::info!(connection, code, reason, "closing connection");
+        tracing::info!(connection, code, reason = %reason, "closing connection");
+        let reason: String = reason.chars().take(120).collect();
         let _ = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
     }
     metrics::gauge!("livegrid_connections").decrement(1.0);
+}
+
+/// The close frame for a read error: a frame over the limit, text that is not UTF-8, a broken
+/// protocol. `None` when the connection is simply gone.
+fn read_error_close(error: axum::Error, limit: usize) -> Option<(u16, String)> {
+    let inner = error.into_inner();
+    let error = inner.downcast_ref::<tungstenite::Error>()?;
+    match error {
+        tungstenite::Error::Capacity(_) => {
+            Some((CLOSE_TOO_BIG, format!("frame too large: messages may be at most {limit} bytes")))
+        }
+        tungstenite::Error::Utf8(_) => Some((CLOSE_INVALID_DATA, "text frame is not valid UTF-8".to_string())),
+        tungstenite::Error::Protocol(e) => Some((CLOSE_PROTOCOL, format!("protocol error: {e}"))),
+        _ => None,
+    }
 }
 
 fn error(id: Option<String>, code: ErrorCode, message: String) -> ServerMessage {
@@ -110,16 +183,19 @@ struct Active {
     name: String,
 }
 
-fn end(state: &AppState, active: &Active) {
-    state.hub.remove(&active.name);
-    let _ = state.engine.unregister(active.key);
-    metrics::gauge!("livegrid_subscriptions").decrement(1.0);
+fn end(state: &AppState, connection: ConnectionId, active: &Active) {
+    // A subscription resumed on another connection is no longer this connection's to end.
+    if let Some(key) = state.hub.remove(&active.name, connection) {
+        debug_assert_eq!(key, active.key);
+        let _ = state.engine.unregister(key);
+        metrics::gauge!("livegrid_subscriptions").decrement(1.0);
+    }
 }
 
 /// Handles one client message; returns the replies to queue.
 async fn handle(
     state: &AppState,
-    connection: u64,
+    connection: ConnectionId,
     outbox: &Arc<Outbox>,
     subscriptions: &mut HashMap<String, Active>,
     text: &str,
@@ -131,6 +207,8 @@ async fn handle(
             format!("messages may be at most {} bytes", state.config.max_message_bytes),
         )];
     }
+    // Subscriptions that ended in the engine or moved to another connection are not ours.
+    subscriptions.retain(|_, active| state.hub.owns(&active.name, connection));
     let message: ClientMessage = match serde_json::from_str(text) {
         Ok(m) => m,
         Err(e) => return vec![error(None, ErrorCode::BadMessage, format!("invalid message: {e}"))],
@@ -139,7 +217,7 @@ async fn handle(
         ClientMessage::Ping => vec![ServerMessage::Pong],
         ClientMessage::Unsubscribe { id } => match subscriptions.remove(&id) {
             Some(active) => {
-                end(state, &active);
+                end(state, connection, &active);
                 Vec::new()
             }
             None => vec![error(
@@ -157,15 +235,24 @@ async fn handle(
     }
 }
 
+/// A query compiled on the blocking pool, with what it will cost.
+struct Compiled {
+    query: Query,
+    charge: usize,
+}
+
 async fn subscribe_one(
     state: &AppState,
-    connection: u64,
+    connection: ConnectionId,
     outbox: &Arc<Outbox>,
     subscriptions: &mut HashMap<String, Active>,
     subscribe: SubscribeMessage,
 ) -> Result<(), ServerMessage> {
     let id = subscribe.id.clone();
     let fail = |code, message: String| error(Some(id.clone()), code, message);
+    if let Some(reason) = state.health.failure() {
+        return Err(fail(ErrorCode::Unavailable, format!("livegrid failed ({reason}); reconnect later")));
+    }
     if subscriptions.contains_key(&id) {
         return Err(fail(
             ErrorCode::DuplicateSubscription,
@@ -178,7 +265,7 @@ async fn subscribe_one(
             format!("a connection may hold {} subscriptions", state.config.max_subscriptions),
         ));
     }
-    crate::store::check_namespace(&subscribe.ns).map_err(|e| fail(ErrorCode::BadQuery, e.to_string()))?;
+    crate::store::check_namespace(&subscribe.ns).map_err(|e| fail(ErrorCode::BadNamespace, e.to_string()))?;
     let spec = QuerySpec {
         filter: subscribe.filter,
         sort: subscribe.sort,
@@ -186,45 +273,87 @@ async fn subscribe_one(
         limit: subscribe.limit,
         projection: subscribe.projection,
     };
-    Query::compile(&spec).map_err(|e| fail(ErrorCode::BadQuery, e.to_string()))?;
+    let compiled = {
+        let (spec, slack, max_bytes) = (spec.clone(), state.config.window_slack, state.config.max_subscription_bytes);
+        tokio::task::spawn_blocking(move || -> Result<Compiled, (ErrorCode, String)> {
+            let query = Query::compile(&spec).map_err(|e| (ErrorCode::BadQuery, e.to_string()))?;
+            let window = livegrid_engine::window::capacity(&query, slack).unwrap_or(0);
+            let charge = SUBSCRIPTION_BASE_BYTES
+                .saturating_add(query.memory_estimate())
+                .saturating_add(window.saturating_mul(WINDOW_SLOT_BYTES));
+            if charge > max_bytes {
+                return Err((
+                    ErrorCode::QueryTooLarge,
+                    format!("this subscription would hold about {charge} bytes; at most {max_bytes} are allowed"),
+                ));
+            }
+            Ok(Compiled { query, charge })
+        })
+        .await
+        .map_err(|e| fail(ErrorCode::Internal, format!("compiling the query failed: {e}")))?
+        .map_err(|(code, message)| fail(code, message))?
+    };
+    let binding = Binding { ns: subscribe.ns.clone(), query: canonical_query(&spec), principal: None };
     if let Some(resume) = &subscribe.resume {
-        if let Some(resumed) = state.hub.resume(&resume.token, resume.seq, outbox, &id) {
-            subscriptions.insert(id, Active { key: resumed.key, name: resumed.name });
-            metrics::counter!("livegrid_resumes").increment(1);
-            return Ok(());
-        }
-        // Not resumable (expired, or missed messages no longer buffered): start afresh.
-        if let Some(old) = state.hub.take_token(&resume.token) {
-            let _ = state.engine.unregister(old);
-            metrics::gauge!("livegrid_subscriptions").decrement(1.0);
+        match state.hub.resume(&resume.token, resume.seq, &binding, outbox, connection, &id) {
+            Resume::Resumed(resumed) => {
+                subscriptions.insert(id, Active { key: resumed.key, name: resumed.name });
+                metrics::counter!("livegrid_resumes").increment(1);
+                return Ok(());
+            }
+            Resume::Replaced(old) => {
+                // The client's own subscription, whose missed messages are gone: replace it.
+                let _ = state.engine.unregister(old);
+                metrics::gauge!("livegrid_subscriptions").decrement(1.0);
+            }
+            Resume::Unusable => metrics::counter!("livegrid_resumes_refused").increment(1),
         }
     }
-    let engine_name = format!("{connection}/{}", state.next_connection.fetch_add(1, Ordering::Relaxed));
-    state.hub.add(engine_name.clone(), 0, outbox.clone(), id.clone());
+    let name = format!("{connection}/{}", state.next_connection.fetch_add(1, Ordering::Relaxed));
+    state
+        .hub
+        .add(name.clone(), outbox.clone(), connection, id.clone(), binding, compiled.charge)
+        .map_err(|e| fail(ErrorCode::OverCapacity, format!("{e}; retry later")))?;
     let engine = state.engine.clone();
-    let ns = subscribe.ns.clone();
-    let engine_name_for_key = engine_name.clone();
-    let registered = tokio::task::spawn_blocking(move || engine.register(&engine_name, &ns, &spec)).await;
+    let (engine_name, ns) = (name.clone(), subscribe.ns.clone());
+    let registered =
+        tokio::task::spawn_blocking(move || engine.register_query(&engine_name, &ns, &spec, &compiled.query)).await;
     match registered {
         Ok(Ok(key)) => {
-            state.hub.set_key(&engine_name_for_key, key);
-            subscriptions.insert(id, Active { key, name: engine_name_for_key });
+            state.hub.set_key(&name, key);
+            subscriptions.insert(id, Active { key, name });
             metrics::gauge!("livegrid_subscriptions").increment(1.0);
             Ok(())
         }
         Ok(Err(e)) => {
-            state.hub.remove(&engine_name_for_key);
+            state.hub.remove(&name, connection);
             let code = match e {
                 EngineError::BadQuery(_) => ErrorCode::BadQuery,
+                EngineError::StaleSnapshot { .. } => ErrorCode::StaleSnapshot,
+                EngineError::Closed => ErrorCode::Unavailable,
                 _ => ErrorCode::Internal,
             };
             Err(fail(code, e.to_string()))
         }
         Err(e) => {
-            state.hub.remove(&engine_name_for_key);
+            state.hub.remove(&name, connection);
             Err(fail(ErrorCode::Internal, format!("registration failed: {e}")))
         }
     }
+}
+
+/// The query as resume tokens are bound to it: every part in canonical Extended JSON.
+fn canonical_query(spec: &QuerySpec) -> String {
+    use livegrid_protocol::extjson::to_canonical_string;
+    let part = |d: &Option<bson::Document>| d.as_ref().map(to_canonical_string).unwrap_or_default();
+    format!(
+        "{}|{}|{}|{:?}|{}",
+        to_canonical_string(&spec.filter),
+        part(&spec.sort),
+        spec.skip,
+        spec.limit,
+        part(&spec.projection)
+    )
 }
 
 /// How long a session waits between heartbeats by default.

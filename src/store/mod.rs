@@ -2,18 +2,27 @@
 //! redb database.
 //!
 //! Documents live in one table keyed by namespace and `_id`; a second table holds the
-//! position of the last write. Every write (and every batch of writes) is one redb
-//! transaction: it either commits whole, taking the next positions, or changes nothing.
-//! Committed writes become [`ChangeEvent`]s, handed to a listener (the engine) in position
-//! order while the writer lock is still held. Reads run on redb's MVCC snapshots, so a
-//! snapshot read sees exactly the writes up to the position it reports.
+//! position of the last write. Every write request (one document, or a bulk batch) is atomic:
+//! it either applies whole, taking the next positions, or changes nothing. Reads run on redb's
+//! MVCC snapshots, so a snapshot read sees exactly the writes up to the position it reports.
 //!
-//! # Durability
-//! With [`Durability::Immediate`] every commit reaches the disk before the write returns. With
-//! [`Durability::Periodic`] (the default, like MongoDB's 100 ms journal commit interval) commits
-//! are atomic and consistent at once and reach the disk at the next flush, at most one
-//! interval later, and on close; a crash loses at most that interval of writes, never part of
-//! one.
+//! # Durability and group commit
+//! Writes go through one bounded queue to the committer thread ([`commit`]), which applies
+//! every request waiting in the queue in one redb transaction and one fsync, then answers
+//! each. With [`Durability::Durable`] (the default) a write is answered only once it is on
+//! disk: concurrent writers share the fsync, so durability costs latency, not throughput.
+//! [`Durability::Periodic`] (opt-in) answers at once and makes writes durable at the next
+//! flush, at most one interval later: a crash loses at most that interval of acknowledged
+//! writes, never part of one. In both modes the listener (the engine) receives a write only
+//! once it is durable, so no delta is ever sent for a write that a crash rolls back, and
+//! positions are never reused after a restart (a reservation on disk stays ahead of every
+//! position handed out).
+//!
+//! # Limits
+//! MongoDB's: a document is at most 16 MiB of BSON and nests at most 100 levels
+//! ([`limits`]); update paths have at most 100 components and cannot pad an array past
+//! 1,500,000 elements ([`update`]). Requests are checked before they reach the committer where
+//! possible, and stored bytes are checked before they are decoded.
 //!
 //! # Ids
 //! `_id` may be any BSON value except an array; a missing `_id` gets a new ObjectId. A URL
@@ -21,20 +30,30 @@
 //! string, an integer (decimal digits); when none exists, an ObjectId for 24 hexadecimal
 //! digits and a string otherwise.
 
+mod commit;
+pub mod limits;
+pub mod namespace;
 pub mod update;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bson::{Bson, Document, oid::ObjectId};
-use livegrid_engine::{ChangeEvent, ChangeOp, Snapshot, SnapshotError, SnapshotSource};
+use livegrid_engine::{ChangeEvent, Snapshot, SnapshotError, SnapshotSource};
 use livegrid_matcher::{Query, SortKey};
 use livegrid_protocol::Position;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::health::Health;
+pub use namespace::check_namespace;
 
 const DOCS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("docs");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const POSITION: &str = "position";
+/// Positions up to this one may have been handed out; a restart continues above it.
+const RESERVED: &str = "reserved";
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,21 +67,21 @@ pub enum StoreError {
     /// The document or update is not acceptable.
     #[error("{0}")]
     Invalid(String),
+    /// The document is outside MongoDB's size or nesting limits.
+    #[error(transparent)]
+    Limit(#[from] limits::LimitError),
     /// The update is malformed or cannot apply.
     #[error(transparent)]
     Update(#[from] update::UpdateError),
     /// The namespace is not `db.collection` with valid names.
-    #[error("bad namespace {0:?}: {1}")]
-    Namespace(String, &'static str),
+    #[error(transparent)]
+    Namespace(#[from] namespace::NamespaceError),
     /// The database failed.
     #[error("storage: {0}")]
-    Storage(String),
-}
-
-impl<E: Into<redb::Error>> From<E> for StoreError {
-    fn from(e: E) -> Self {
-        StoreError::Storage(e.into().to_string())
-    }
+    Storage(#[from] redb::Error),
+    /// The store cannot take writes: it is closing, or a commit failed and it stopped.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// One write of a batch.
@@ -78,206 +97,183 @@ pub enum Write {
     Delete(Bson),
 }
 
+impl Write {
+    /// Checks what can be checked before the write is queued: ids, sizes, nesting, update
+    /// paths. The committer checks the rest (existence, the updated document's limits).
+    fn precheck(&self) -> Result<(), StoreError> {
+        match self {
+            Write::Insert(doc) => {
+                if matches!(doc.get("_id"), Some(Bson::Array(_))) {
+                    return Err(StoreError::Invalid("_id cannot be an array".into()));
+                }
+                limits::encode_checked(doc)?;
+            }
+            Write::Replace(id, doc) => {
+                if matches!(id, Bson::Array(_)) {
+                    return Err(StoreError::Invalid("_id cannot be an array".into()));
+                }
+                if update::is_operator_update(doc) {
+                    return Err(StoreError::Invalid("a replacement document cannot contain update operators".into()));
+                }
+                limits::encode_checked(doc)?;
+            }
+            Write::Update(_, changes) => {
+                if update::is_operator_update(changes) {
+                    update::validate(changes)?;
+                } else {
+                    limits::encode_checked(changes)?;
+                }
+            }
+            Write::Delete(_) => {}
+        }
+        Ok(())
+    }
+}
+
 type Listener = Box<dyn Fn(Vec<ChangeEvent>) + Send + Sync>;
 
 /// When commits reach the disk (see the module docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
-    /// Before each write returns.
-    Immediate,
-    /// At most this long after each write, and on close.
-    Periodic(std::time::Duration),
-}
-
-impl Default for Durability {
-    fn default() -> Self {
-        Durability::Periodic(std::time::Duration::from_millis(100))
-    }
+    /// Before each write is answered, concurrent writes sharing one fsync (the default).
+    #[default]
+    Durable,
+    /// At most this long after each write is answered, and on close.
+    Periodic(Duration),
 }
 
 impl std::str::FromStr for Durability {
     type Err = String;
 
-    /// `immediate`, or `periodic` / `periodic:<milliseconds>`.
+    /// `durable` (or its old name `immediate`), or `periodic` / `periodic:<milliseconds>`.
     fn from_str(s: &str) -> Result<Self, String> {
         match s.split_once(':') {
-            None if s == "immediate" => Ok(Durability::Immediate),
-            None if s == "periodic" => Ok(Durability::default()),
+            None if s == "durable" || s == "immediate" => Ok(Durability::Durable),
+            None if s == "periodic" => Ok(Durability::Periodic(Duration::from_millis(100))),
             Some(("periodic", ms)) => ms
                 .parse::<u64>()
                 .ok()
-                .filter(|ms| *ms > 0)
-                .map(|ms| Durability::Periodic(std::time::Duration::from_millis(ms)))
-                .ok_or_else(|| format!("bad flush interval {ms:?}")),
-            _ => Err(format!("durability must be immediate or periodic[:ms], found {s:?}")),
+                .filter(|ms| (1..=60_000).contains(ms))
+                .map(|ms| Durability::Periodic(Duration::from_millis(ms)))
+                .ok_or_else(|| format!("bad flush interval {ms:?}: 1 to 60000 milliseconds")),
+            _ => Err(format!("durability must be durable or periodic[:ms], found {s:?}")),
         }
+    }
+}
+
+/// How a store runs.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// When commits reach the disk.
+    pub durability: Durability,
+    /// Write requests that may wait for the committer; writers wait beyond it.
+    pub queue: usize,
+    /// Write requests committed together at most.
+    pub max_group: usize,
+    /// Where a failed commit is reported.
+    pub health: Arc<Health>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { durability: Durability::default(), queue: 4096, max_group: 1024, health: Arc::new(Health::new()) }
     }
 }
 
 /// The store.
 pub struct Store {
     db: Arc<redb::Database>,
-    /// Serialises writes, so that events reach the listener in position order.
-    writer: Arc<Mutex<Unsynced>>,
-    listener: Mutex<Option<Listener>>,
-    durability: Durability,
-    flusher: Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
-}
-
-/// Whether commits since the last flush are not on disk yet.
-struct Unsynced(bool);
-
-fn flush(db: &redb::Database, writer: &Mutex<Unsynced>) -> Result<(), StoreError> {
-    let mut unsynced = writer.lock().expect("writer lock");
-    if unsynced.0 {
-        // An immediate commit makes every earlier commit durable.
-        db.begin_write()?.commit()?;
-        unsynced.0 = false;
-    }
-    Ok(())
+    listener: Arc<Mutex<Option<Listener>>>,
+    jobs: Mutex<Option<mpsc::Sender<commit::Job>>>,
+    committer: Mutex<Option<commit::Handle>>,
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir` with the default durability.
+    /// Opens (or creates) the store in `dir` with the default configuration.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        Store::open_with(dir, Durability::default())
+        Store::open_with(dir, StoreConfig::default())
     }
 
     /// Opens (or creates) the store in `dir`.
-    pub fn open_with(dir: &Path, durability: Durability) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Storage(format!("{}: {e}", dir.display())))?;
-        let db = Arc::new(redb::Database::create(dir.join("livegrid.redb"))?);
-        let txn = db.begin_write()?;
-        txn.open_table(DOCS)?;
-        txn.open_table(META)?;
-        txn.commit()?;
-        let writer = Arc::new(Mutex::new(Unsynced(false)));
-        let flusher = match durability {
-            Durability::Immediate => None,
-            Durability::Periodic(every) => {
-                let (stop, stopped) = std::sync::mpsc::channel::<()>();
-                let (db, writer) = (db.clone(), writer.clone());
-                let thread = std::thread::Builder::new()
-                    .name("livegrid-store-flush".into())
-                    .spawn(move || {
-                        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
-                            if let Err(e) = flush(&db, &writer) {
-                                tracing::error!(error = %e, "store flush failed");
-                            }
-                        }
-                    })
-                    .map_err(|e| StoreError::Storage(e.to_string()))?;
-                Some((stop, thread))
-            }
-        };
-        Ok(Store { db, writer, listener: Mutex::new(None), durability, flusher: Mutex::new(flusher) })
+    pub fn open_with(dir: &Path, config: StoreConfig) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Unavailable(format!("creating {}: {e}", dir.display())))?;
+        let db = Arc::new(redb::Database::create(dir.join("livegrid.redb")).map_err(redb::Error::from)?);
+        let position = recover_position(&db)?;
+        let listener: Arc<Mutex<Option<Listener>>> = Arc::new(Mutex::new(None));
+        let (jobs, handle) = commit::start(db.clone(), listener.clone(), position, &config)?;
+        Ok(Store { db, listener, jobs: Mutex::new(Some(jobs)), committer: Mutex::new(Some(handle)) })
     }
 
-    /// Makes every committed write durable now.
+    /// Makes every committed write durable now and hands pending ones to the listener.
     pub fn sync(&self) -> Result<(), StoreError> {
-        flush(&self.db, &self.writer)
+        let (reply, done) = oneshot::channel();
+        self.sender()?.blocking_send(commit::Job::Sync(reply)).map_err(|_| closed())?;
+        done.blocking_recv().map_err(|_| closed())?
     }
 
-    /// Hands every committed write to `listener`, in position order.
+    /// Hands every durable write to `listener`, in position order, from the committer thread.
     pub fn set_listener(&self, listener: impl Fn(Vec<ChangeEvent>) + Send + Sync + 'static) {
         *self.listener.lock().expect("listener lock") = Some(Box::new(listener));
     }
 
     /// The position of the last committed write.
     pub fn position(&self) -> Result<Position, StoreError> {
-        let txn = self.db.begin_read()?;
-        let meta = txn.open_table(META)?;
-        Ok(meta.get(POSITION)?.map(|v| v.value()).unwrap_or(0))
+        let txn = self.db.begin_read().map_err(redb::Error::from)?;
+        let meta = txn.open_table(META).map_err(redb::Error::from)?;
+        Ok(meta.get(POSITION).map_err(redb::Error::from)?.map(|v| v.value()).unwrap_or(0))
     }
 
     /// Reads one document.
     pub fn get(&self, ns: &str, id: &Bson) -> Result<Option<Document>, StoreError> {
         check_namespace(ns)?;
-        let txn = self.db.begin_read()?;
-        let docs = txn.open_table(DOCS)?;
-        let value = docs.get(doc_key(ns, id)?.as_slice())?;
+        let txn = self.db.begin_read().map_err(redb::Error::from)?;
+        let docs = txn.open_table(DOCS).map_err(redb::Error::from)?;
+        let value = docs.get(doc_key(ns, id)?.as_slice()).map_err(redb::Error::from)?;
         value.map(|v| decode(v.value())).transpose()
     }
 
     /// Applies writes atomically: all commit, each at the next position, or none does.
+    /// Answers once the writes are durable (or committed, with periodic durability). Waits
+    /// while the committer's queue is full.
+    pub async fn write_async(&self, ns: &str, writes: Vec<Write>) -> Result<Vec<ChangeEvent>, StoreError> {
+        let (job, done) = prepare(ns, writes)?;
+        let jobs = self.sender()?;
+        jobs.send(job).await.map_err(|_| closed())?;
+        done.await.map_err(|_| closed())?
+    }
+
+    /// [`Store::write_async`] for threads outside the async runtime.
     pub fn write(&self, ns: &str, writes: Vec<Write>) -> Result<Vec<ChangeEvent>, StoreError> {
-        check_namespace(ns)?;
-        let started = std::time::Instant::now();
-        let mut unsynced = self.writer.lock().expect("writer lock");
-        let mut txn = self.db.begin_write()?;
-        if self.durability != Durability::Immediate {
-            txn.set_durability(redb::Durability::None).map_err(|e| StoreError::Storage(e.to_string()))?;
+        let (job, done) = prepare(ns, writes)?;
+        self.sender()?.blocking_send(job).map_err(|_| closed())?;
+        done.blocking_recv().map_err(|_| closed())?
+    }
+
+    fn sender(&self) -> Result<mpsc::Sender<commit::Job>, StoreError> {
+        self.jobs.lock().expect("jobs lock").clone().ok_or_else(closed)
+    }
+
+    /// Stops taking writes, commits and flushes what was queued, hands it to the listener and
+    /// waits for the committer. Idempotent; also done on drop.
+    pub fn close(&self) {
+        drop(self.jobs.lock().expect("jobs lock").take());
+        if let Some(handle) = self.committer.lock().expect("committer lock").take() {
+            handle.join();
         }
-        let mut events = Vec::with_capacity(writes.len());
-        {
-            let mut docs = txn.open_table(DOCS)?;
-            let mut meta = txn.open_table(META)?;
-            let mut position = meta.get(POSITION)?.map(|v| v.value()).unwrap_or(0);
-            for write in writes {
-                position += 1;
-                let (op, id, after) = match write {
-                    Write::Insert(doc) => {
-                        let doc = with_id(doc)?;
-                        let id = doc.get("_id").cloned().expect("with_id sets _id");
-                        let key = doc_key(ns, &id)?;
-                        if docs.get(key.as_slice())?.is_some() {
-                            return Err(StoreError::Duplicate(id_label(&id), ns.into()));
-                        }
-                        docs.insert(key.as_slice(), encode(&doc)?.as_slice())?;
-                        (ChangeOp::Insert, id, Some(doc))
-                    }
-                    Write::Replace(id, doc) => {
-                        let doc = replacement(&id, doc)?;
-                        let key = doc_key(ns, &id)?;
-                        let existed = docs.get(key.as_slice())?.is_some();
-                        docs.insert(key.as_slice(), encode(&doc)?.as_slice())?;
-                        (if existed { ChangeOp::Replace } else { ChangeOp::Insert }, id, Some(doc))
-                    }
-                    Write::Update(id, changes) => {
-                        let key = doc_key(ns, &id)?;
-                        let before = match docs.get(key.as_slice())? {
-                            Some(v) => decode(v.value())?,
-                            None => return Err(StoreError::NotFound(id_label(&id), ns.into())),
-                        };
-                        let after = if update::is_operator_update(&changes) {
-                            update::apply(&before, &changes)?
-                        } else {
-                            replacement(&id, changes)?
-                        };
-                        docs.insert(key.as_slice(), encode(&after)?.as_slice())?;
-                        (ChangeOp::Update, id, Some(after))
-                    }
-                    Write::Delete(id) => {
-                        let key = doc_key(ns, &id)?;
-                        if docs.remove(key.as_slice())?.is_none() {
-                            return Err(StoreError::NotFound(id_label(&id), ns.into()));
-                        }
-                        (ChangeOp::Delete, id, None)
-                    }
-                };
-                events.push(ChangeEvent { position, ns: ns.to_string(), op, id, doc: after.map(Arc::new) });
-            }
-            meta.insert(POSITION, position)?;
-        }
-        txn.commit()?;
-        unsynced.0 = self.durability != Durability::Immediate;
-        metrics::histogram!("livegrid_store_write_seconds").record(started.elapsed().as_secs_f64());
-        if let Some(listener) = self.listener.lock().expect("listener lock").as_ref() {
-            listener(events.clone());
-        }
-        Ok(events)
     }
 
     /// A consistent read of a query's result (see [`SnapshotSource::read`]).
     pub fn read(&self, ns: &str, query: &Query, k: Option<usize>) -> Result<Snapshot, StoreError> {
         check_namespace(ns)?;
-        let txn = self.db.begin_read()?;
-        let position = txn.open_table(META)?.get(POSITION)?.map(|v| v.value()).unwrap_or(0);
-        let docs = txn.open_table(DOCS)?;
+        let txn = self.db.begin_read().map_err(redb::Error::from)?;
+        let position = txn.open_table(META).map_err(redb::Error::from)?.get(POSITION).map_err(redb::Error::from)?;
+        let position = position.map(|v| v.value()).unwrap_or(0);
+        let docs = txn.open_table(DOCS).map_err(redb::Error::from)?;
         let prefix = namespace_prefix(ns);
         let mut matching: Vec<(SortKey, Document)> = Vec::new();
-        for entry in docs.range(prefix.as_slice()..)? {
-            let (key, value) = entry?;
+        for entry in docs.range(prefix.as_slice()..).map_err(redb::Error::from)? {
+            let (key, value) = entry.map_err(redb::Error::from)?;
             if !key.value().starts_with(&prefix) {
                 break;
             }
@@ -295,33 +291,51 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
-        if let Some((stop, thread)) = self.flusher.get_mut().expect("flusher lock").take() {
-            drop(stop);
-            let _ = thread.join();
-        }
-        if let Err(e) = self.sync() {
-            tracing::error!(error = %e, "final store flush failed");
-        }
+        self.close();
     }
+}
+
+fn closed() -> StoreError {
+    StoreError::Unavailable("the store is closed".into())
+}
+
+/// Where a write request's answer arrives.
+type Answer = oneshot::Receiver<Result<Vec<ChangeEvent>, StoreError>>;
+
+/// Checks a request and wraps it for the committer.
+fn prepare(ns: &str, writes: Vec<Write>) -> Result<(commit::Job, Answer), StoreError> {
+    check_namespace(ns)?;
+    for write in &writes {
+        write.precheck()?;
+    }
+    let (reply, done) = oneshot::channel();
+    Ok((commit::Job::Write(commit::Request { ns: ns.to_string(), writes, reply }), done))
+}
+
+/// The position to continue from: above every position a crashed run may have handed out.
+fn recover_position(db: &redb::Database) -> Result<Position, StoreError> {
+    let txn = db.begin_write().map_err(redb::Error::from)?;
+    let position = {
+        txn.open_table(DOCS).map_err(redb::Error::from)?;
+        let mut meta = txn.open_table(META).map_err(redb::Error::from)?;
+        let stored = meta.get(POSITION).map_err(redb::Error::from)?.map(|v| v.value()).unwrap_or(0);
+        let reserved = meta.get(RESERVED).map_err(redb::Error::from)?.map(|v| v.value()).unwrap_or(0);
+        let position = stored.max(reserved);
+        if position != stored {
+            tracing::warn!(stored, continuing_at = position, "store was not closed cleanly; positions skip ahead");
+        }
+        meta.insert(POSITION, position).map_err(redb::Error::from)?;
+        meta.insert(RESERVED, position).map_err(redb::Error::from)?;
+        position
+    };
+    txn.commit().map_err(redb::Error::from)?;
+    Ok(position)
 }
 
 impl SnapshotSource for Store {
     fn read(&self, ns: &str, query: &Query, k: Option<usize>) -> Result<Snapshot, SnapshotError> {
         Store::read(self, ns, query, k).map_err(|e| SnapshotError(e.to_string()))
     }
-}
-
-/// `db.collection`, each part non-empty, no NUL, `$` or slashes in the database name.
-pub fn check_namespace(ns: &str) -> Result<(), StoreError> {
-    let bad = |why| Err(StoreError::Namespace(ns.to_string(), why));
-    let Some((db, coll)) = ns.split_once('.') else { return bad("expected db.collection") };
-    if db.is_empty() || coll.is_empty() {
-        return bad("database and collection names must not be empty");
-    }
-    if ns.contains('\0') || ns.contains('$') || db.contains(['/', '\\', ' ']) {
-        return bad("names may not contain NUL, $, slashes or spaces");
-    }
-    Ok(())
 }
 
 fn namespace_prefix(ns: &str) -> Vec<u8> {
@@ -358,12 +372,8 @@ fn doc_key(ns: &str, id: &Bson) -> Result<Vec<u8>, StoreError> {
     Ok(key)
 }
 
-fn encode(doc: &Document) -> Result<Vec<u8>, StoreError> {
-    doc.to_vec().map_err(|e| StoreError::Invalid(format!("document cannot be stored: {e}")))
-}
-
 fn decode(bytes: &[u8]) -> Result<Document, StoreError> {
-    Document::from_reader(bytes).map_err(|e| StoreError::Storage(format!("corrupt document: {e}")))
+    Ok(limits::decode_checked(bytes)?)
 }
 
 /// The document with `_id` first, generating an ObjectId when it has none.
@@ -440,6 +450,7 @@ impl Store {
 mod tests {
     use super::*;
     use bson::doc;
+    use livegrid_engine::ChangeOp;
     use livegrid_matcher::QuerySpec;
 
     #[test]
@@ -469,19 +480,101 @@ mod tests {
         assert_eq!(store.get("db.c", &Bson::Int32(1)).unwrap(), Some(doc! {"_id": 1, "n": 6}));
     }
 
+    fn config(durability: Durability) -> StoreConfig {
+        StoreConfig { durability, ..Default::default() }
+    }
+
     #[test]
     fn both_durabilities_persist_across_reopen() {
-        for durability in [Durability::Immediate, "periodic:5".parse().unwrap()] {
+        for durability in [Durability::Durable, "periodic:5".parse().unwrap()] {
             let dir = tempfile::tempdir().unwrap();
-            let store = Store::open_with(dir.path(), durability).unwrap();
+            let store = Store::open_with(dir.path(), config(durability)).unwrap();
             store.write("db.c", vec![Write::Insert(doc! {"_id": 1})]).unwrap();
-            std::thread::sleep(std::time::Duration::from_millis(20));
             drop(store);
-            let store = Store::open_with(dir.path(), durability).unwrap();
+            let store = Store::open_with(dir.path(), config(durability)).unwrap();
             assert!(store.get("db.c", &Bson::Int32(1)).unwrap().is_some(), "{durability:?}");
+            // A clean close continues the positions without a gap.
+            assert_eq!(store.write("db.c", vec![Write::Insert(doc! {"_id": 2})]).unwrap()[0].position, 2);
         }
+        assert_eq!("immediate".parse::<Durability>(), Ok(Durability::Durable));
         assert!("sometimes".parse::<Durability>().is_err());
         assert!("periodic:0".parse::<Durability>().is_err());
+    }
+
+    #[test]
+    fn concurrent_writers_share_commits_and_failures_stay_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        store.set_listener(move |events| sink.lock().unwrap().extend(events.into_iter().map(|e| e.position)));
+        store.write("db.c", vec![Write::Insert(doc! {"_id": "taken"})]).unwrap();
+        let writers: Vec<_> = (0..16)
+            .map(|t| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    let mut ok = 0;
+                    for i in 0..50 {
+                        // Every fifth request of each writer fails and must leave no trace.
+                        let write = if i % 5 == 0 {
+                            vec![Write::Insert(doc! {"_id": format!("{t}-{i}")}), Write::Insert(doc! {"_id": "taken"})]
+                        } else {
+                            vec![Write::Insert(doc! {"_id": format!("{t}-{i}")})]
+                        };
+                        if store.write("db.c", write).is_ok() {
+                            ok += 1;
+                        }
+                    }
+                    ok
+                })
+            })
+            .collect();
+        let ok: usize = writers.into_iter().map(|w| w.join().unwrap()).sum();
+        assert_eq!(ok, 16 * 40);
+        assert!(store.get("db.c", &Bson::String("3-0".into())).unwrap().is_none());
+        assert!(store.get("db.c", &Bson::String("3-1".into())).unwrap().is_some());
+        // Positions are contiguous, each handed to the listener once, in order.
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen, (1..=641).collect::<Vec<u64>>());
+        assert_eq!(store.position().unwrap(), 641);
+    }
+
+    #[test]
+    fn periodic_durability_delivers_only_flushed_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with(dir.path(), config("periodic:60000".parse().unwrap())).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        store.set_listener(move |events| sink.lock().unwrap().extend(events.into_iter().map(|e| e.position)));
+        // The first write also reserves positions on disk, durably; later ones wait for a flush.
+        store.write("db.c", vec![Write::Insert(doc! {"_id": 1})]).unwrap();
+        store.write("db.c", vec![Write::Insert(doc! {"_id": 2})]).unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![1], "an unflushed write reached the listener");
+        store.sync().unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![1, 2]);
+    }
+
+    #[test]
+    fn limits_are_enforced_before_anything_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let big = doc! {"_id": 1, "s": "x".repeat(limits::MAX_BSON_SIZE)};
+        assert!(matches!(store.write("db.c", vec![Write::Insert(big)]), Err(StoreError::Limit(_))));
+        store.write("db.c", vec![Write::Insert(doc! {"_id": 1, "s": "x".repeat(10 << 20), "a": []})]).unwrap();
+        // An update that would grow the document past 16 MiB.
+        let grow = doc! {"$set": {"t": "y".repeat(7 << 20)}};
+        let err = store.write("db.c", vec![Write::Update(Bson::Int32(1), grow)]).unwrap_err();
+        assert!(matches!(err, StoreError::Limit(limits::LimitError::UpdatedTooLarge { .. })), "{err}");
+        // Padding past 1,500,000 elements.
+        let pad = doc! {"$set": {"a.1000000000": 1}};
+        let err = store.write("db.c", vec![Write::Update(Bson::Int32(1), pad)]).unwrap_err();
+        assert!(matches!(err, StoreError::Update(_)), "{err}");
+        // A path of 3,000 components is refused before it is queued, so nothing deep is stored.
+        let deep = vec!["a"; 3_000].join(".");
+        let err = store.write("db.c", vec![Write::Update(Bson::Int32(1), doc! {"$set": {deep.as_str(): 1}})]);
+        assert!(matches!(err, Err(StoreError::Update(_))));
+        assert_eq!(store.position().unwrap(), 1);
+        assert_eq!(store.get("db.c", &Bson::Int32(1)).unwrap().unwrap().get_array("a").unwrap().len(), 0);
     }
 
     #[test]
@@ -497,7 +590,7 @@ mod tests {
         assert!(!snapshot.complete);
         assert_eq!(snapshot.docs.iter().map(|d| d.get_i32("n").unwrap()).collect::<Vec<_>>(), vec![9, 8, 7]);
         assert!(store.read("db.c", &query, None).unwrap().complete);
-        assert!(matches!(store.write("nodot", vec![]), Err(StoreError::Namespace(..))));
+        assert!(matches!(store.write("nodot", vec![]), Err(StoreError::Namespace(_))));
     }
 
     #[test]

@@ -28,6 +28,83 @@ fn op_error(op: &str, path: &str, reason: impl Into<String>) -> UpdateError {
     UpdateError::Operator { op: op.to_string(), path: path.to_string(), reason: reason.into() }
 }
 
+/// The update operators this store applies.
+pub const OPERATORS: &[&str] = &[
+    "$set",
+    "$unset",
+    "$inc",
+    "$mul",
+    "$min",
+    "$max",
+    "$rename",
+    "$currentDate",
+    "$push",
+    "$addToSet",
+    "$pull",
+    "$pop",
+];
+
+/// How far a positional `$set` may pad an array with nulls, as in MongoDB.
+pub const MAX_PADDING: usize = 1_500_000;
+
+/// Checks an operator update's shape and paths without applying it: known operators,
+/// documents of fields, field paths of at most [`livegrid_matcher::MAX_PATH_COMPONENTS`]
+/// non-empty components, no `_id`. Cheap, so it runs before a write is queued.
+pub fn validate(update: &Document) -> Result<(), UpdateError> {
+    if update.is_empty() {
+        return Err(UpdateError::Malformed("empty update".into()));
+    }
+    for (op, arg) in update {
+        if !op.starts_with('$') {
+            return Err(UpdateError::Malformed(format!("cannot mix operators and fields ({})", shorten(op))));
+        }
+        if !OPERATORS.contains(&op.as_str()) {
+            return Err(UpdateError::Malformed(format!("unknown update operator {}", shorten(op))));
+        }
+        let Bson::Document(fields) = arg else {
+            return Err(op_error(op, "(top level)", "needs a document of fields"));
+        };
+        for (path, value) in fields {
+            check_path(op, path)?;
+            if path == "_id" || path.starts_with("_id.") {
+                return Err(op_error(op, path, "cannot modify _id"));
+            }
+            if op == "$rename" {
+                let Bson::String(to) = value else { return Err(op_error(op, path, "the new name must be a string")) };
+                check_path(op, to)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_path(op: &str, path: &str) -> Result<(), UpdateError> {
+    let components = path.split('.').count();
+    if components > livegrid_matcher::MAX_PATH_COMPONENTS {
+        return Err(op_error(
+            op,
+            &shorten(path),
+            format!(
+                "field path has {components} components; at most {} are allowed",
+                livegrid_matcher::MAX_PATH_COMPONENTS
+            ),
+        ));
+    }
+    if path.is_empty() || path.split('.').any(|p| p.is_empty() || p.starts_with('$')) {
+        return Err(op_error(op, &shorten(path), "invalid field path"));
+    }
+    Ok(())
+}
+
+/// A path or name cut to a length fit for an error message.
+fn shorten(text: &str) -> String {
+    if text.len() <= 64 {
+        return text.to_string();
+    }
+    let cut: String = text.chars().take(64).collect();
+    format!("{cut}...")
+}
+
 /// Whether an update document uses operators (`{$set: ...}`) rather than replacing.
 pub fn is_operator_update(update: &Document) -> bool {
     update.keys().next().is_some_and(|k| k.starts_with('$'))
@@ -35,9 +112,7 @@ pub fn is_operator_update(update: &Document) -> bool {
 
 /// Applies `update` (operators only) to `doc`, returning the new document.
 pub fn apply(doc: &Document, update: &Document) -> Result<Document, UpdateError> {
-    if update.is_empty() {
-        return Err(UpdateError::Malformed("empty update".into()));
-    }
+    validate(update)?;
     let mut out = doc.clone();
     for (op, arg) in update {
         let Bson::Document(fields) = arg else {
@@ -275,6 +350,13 @@ fn set_in(target: &mut Bson, rest: &str, value: Bson, op: &str, full: &str) -> R
             };
             let index: usize =
                 head.parse().map_err(|_| op_error(op, full, "array elements are addressed by number"))?;
+            if index >= items.len() && index > MAX_PADDING {
+                return Err(op_error(
+                    op,
+                    &shorten(full),
+                    format!("can't backfill array to larger than {MAX_PADDING} elements"),
+                ));
+            }
             while items.len() <= index {
                 items.push(Bson::Null);
             }
@@ -370,5 +452,26 @@ mod tests {
         assert!(apply(&doc! {}, &doc! {}).is_err());
         assert!(apply(&doc! {}, &doc! {"$set": {"a": 1}, "b": 2}).is_err());
         assert!(apply(&doc! {}, &doc! {"$foo": {"a": 1}}).is_err());
+    }
+
+    #[test]
+    fn mongodb_limits() {
+        // Padding: allowed up to the limit, refused past it without allocating.
+        let padded = up(doc! {"a": [1]}, doc! {"$set": {"a.3": 2}});
+        assert_eq!(padded, doc! {"a": [1, null, null, 2]});
+        let err = apply(&doc! {"a": [1]}, &doc! {"$set": {"a.1000000000": 1}}).unwrap_err();
+        assert!(err.to_string().contains("can't backfill array to larger than 1500000 elements"), "{err}");
+        // An existing element may be set at any index.
+        assert!(apply(&doc! {"a": [1]}, &doc! {"$set": {"a.0": 5}}).is_ok());
+        // Paths: at most 100 components, reported without echoing the whole path.
+        let deep = vec!["a"; 5_000].join(".");
+        let err = validate(&doc! {"$set": {deep.as_str(): 1}}).unwrap_err();
+        assert!(err.to_string().contains("5000 components"), "{err}");
+        assert!(err.to_string().len() < 300);
+        let ok = vec!["a"; 100].join(".");
+        assert!(validate(&doc! {"$set": {ok.as_str(): 1}}).is_ok());
+        assert!(validate(&doc! {"$rename": {"a": deep.as_str()}}).is_err());
+        assert!(validate(&doc! {"$set": {"a..b": 1}}).is_err());
+        assert!(validate(&doc! {"$where": {"a": 1}}).is_err());
     }
 }

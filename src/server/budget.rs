@@ -1,0 +1,77 @@
+//! The memory budget for subscriptions: what their compiled queries, windows and resume
+//! buffers hold, counted against one limit for the whole server.
+//!
+//! New subscriptions are refused (`over_capacity`) while the budget is spent; subscriptions
+//! that exist keep working, and what they hold beyond their charge (resume buffers) is
+//! counted as it grows and shrinks, so that the figure on `/metrics`
+//! (`livegrid_subscription_memory_bytes`) is what subscriptions really hold.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// A shared byte budget.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl MemoryBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        MemoryBudget { used: AtomicUsize::new(0), limit }
+    }
+
+    /// Takes `bytes` if they fit.
+    pub fn try_charge(&self, bytes: usize) -> bool {
+        let taken = self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+            used.checked_add(bytes).filter(|total| *total <= self.limit)
+        });
+        self.report();
+        taken.is_ok()
+    }
+
+    /// Takes `bytes` whether or not they fit (memory already held).
+    pub fn charge(&self, bytes: usize) {
+        self.used.fetch_add(bytes, Ordering::AcqRel);
+        self.report();
+    }
+
+    /// Gives `bytes` back.
+    pub fn release(&self, bytes: usize) {
+        let _ = self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| Some(used.saturating_sub(bytes)));
+        self.report();
+    }
+
+    /// Bytes in use.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// The limit.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    fn report(&self) {
+        metrics::gauge!("livegrid_subscription_memory_bytes").set(self.used() as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charges_within_the_limit() {
+        let budget = MemoryBudget::new(100);
+        assert!(budget.try_charge(60));
+        assert!(!budget.try_charge(50));
+        budget.charge(50);
+        assert_eq!(budget.used(), 110);
+        assert!(!budget.try_charge(1));
+        budget.release(110);
+        assert!(budget.try_charge(100));
+        budget.release(1000);
+        assert_eq!(budget.used(), 0);
+    }
+}
