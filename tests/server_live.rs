@@ -10,83 +10,38 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
-type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+mod common;
+use common::{connect, http, next, send, server_with};
 
 async fn server(data: &std::path::Path, queue_capacity: usize) -> RunningServer {
     server_with(data, ServerConfig { queue_capacity, ..Default::default() }).await
-}
-
-async fn server_with(data: &std::path::Path, config: ServerConfig) -> RunningServer {
-    start(ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data: data.to_path_buf(),
-        heartbeat: Duration::from_secs(60),
-        ..config
-    })
-    .await
-    .unwrap()
-}
-
-/// A minimal HTTP/1.1 client: one request per connection.
-async fn http(server: &RunningServer, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response)).await.unwrap().unwrap();
-    let text = String::from_utf8(response).unwrap();
-    let status: u16 = text[9..12].parse().unwrap();
-    let (_, body) = text.split_once("\r\n\r\n").unwrap();
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
-}
-
-async fn connect(server: &RunningServer) -> Socket {
-    let (socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", server.addr)).await.unwrap();
-    socket
-}
-
-async fn send(socket: &mut Socket, message: Value) {
-    socket.send(Message::Text(message.to_string().into())).await.unwrap();
-}
-
-async fn next(socket: &mut Socket) -> ServerMessage {
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(10), socket.next())
-            .await
-            .expect("a message in time")
-            .unwrap()
-            .unwrap();
-        if let Message::Text(text) = message {
-            return serde_json::from_str(&text).unwrap();
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_round_trips_and_errors() {
     let dir = tempfile::tempdir().unwrap();
     let server = server(dir.path(), 1024).await;
-    let (status, body) = http(&server, "POST", "/v1/db/shop/items", Some(json!({"_id": "a", "price": 5}))).await;
+    let (status, body) = http(server.addr, "POST", "/v1/db/shop/items", Some(json!({"_id": "a", "price": 5}))).await;
     assert_eq!((status, &body["_id"]), (201, &json!("a")));
-    let (status, body) = http(&server, "POST", "/v1/db/shop/items", Some(json!({"price": 7}))).await;
+    let (status, body) = http(server.addr, "POST", "/v1/db/shop/items", Some(json!({"price": 7}))).await;
     assert_eq!(status, 201);
     let generated = body["_id"]["$oid"].as_str().unwrap().to_string();
-    let (status, body) = http(&server, "GET", &format!("/v1/db/shop/items/{generated}"), None).await;
+    let (status, body) = http(server.addr, "GET", &format!("/v1/db/shop/items/{generated}"), None).await;
     assert_eq!((status, &body["price"]), (200, &json!(7)));
-    let (status, _) =
-        http(&server, "PATCH", "/v1/db/shop/items/a", Some(json!({"$inc": {"price": 10}, "$push": {"tags": "new"}})))
-            .await;
+    let (status, _) = http(
+        server.addr,
+        "PATCH",
+        "/v1/db/shop/items/a",
+        Some(json!({"$inc": {"price": 10}, "$push": {"tags": "new"}})),
+    )
+    .await;
     assert_eq!(status, 200);
-    let (_, body) = http(&server, "GET", "/v1/db/shop/items/a", None).await;
+    let (_, body) = http(server.addr, "GET", "/v1/db/shop/items/a", None).await;
     assert_eq!(body, json!({"_id": "a", "price": 15, "tags": ["new"]}));
-    let (status, _) = http(&server, "PUT", "/v1/db/shop/items/b", Some(json!({"price": 1}))).await;
+    let (status, _) = http(server.addr, "PUT", "/v1/db/shop/items/b", Some(json!({"price": 1}))).await;
     assert_eq!(status, 201);
     let (status, body) = http(
-        &server,
+        server.addr,
         "GET",
         "/v1/db/shop/items?filter=%7B%22price%22%3A%7B%22%24gt%22%3A2%7D%7D&sort=%7B%22price%22%3A-1%7D",
         None,
@@ -98,7 +53,7 @@ async fn rest_round_trips_and_errors() {
         vec![json!(15), json!(7)]
     );
     let (status, body) = http(
-        &server,
+        server.addr,
         "POST",
         "/v1/db/shop/items/_bulk",
         Some(json!({"writes": [{"insert": {"_id": "c"}}, {"delete": {"_id": "b"}}]})),
@@ -108,25 +63,25 @@ async fn rest_round_trips_and_errors() {
     assert_eq!(body["positions"].as_array().unwrap().len(), 2);
 
     // Errors: JSON bodies with the right status, nothing half-applied.
-    let (status, body) = http(&server, "POST", "/v1/db/shop/items", Some(json!({"_id": "a"}))).await;
+    let (status, body) = http(server.addr, "POST", "/v1/db/shop/items", Some(json!({"_id": "a"}))).await;
     assert_eq!((status, body["code"].as_str()), (409, Some("duplicate_key")));
-    let (status, body) = http(&server, "GET", "/v1/db/shop/items/zzz", None).await;
+    let (status, body) = http(server.addr, "GET", "/v1/db/shop/items/zzz", None).await;
     assert_eq!((status, body["code"].as_str()), (404, Some("not_found")));
-    let (status, body) = http(&server, "PATCH", "/v1/db/shop/items/a", Some(json!({"$inc": {"price": "x"}}))).await;
+    let (status, body) = http(server.addr, "PATCH", "/v1/db/shop/items/a", Some(json!({"$inc": {"price": "x"}}))).await;
     assert_eq!((status, body["code"].as_str()), (400, Some("bad_update")));
     let (status, body) = http(
-        &server,
+        server.addr,
         "POST",
         "/v1/db/shop/items/_bulk",
         Some(json!({"writes": [{"insert": {"_id": "d"}}, {"insert": {"_id": "a"}}]})),
     )
     .await;
     assert_eq!((status, body["code"].as_str()), (409, Some("duplicate_key")));
-    let (status, _) = http(&server, "GET", "/v1/db/shop/items/d", None).await;
+    let (status, _) = http(server.addr, "GET", "/v1/db/shop/items/d", None).await;
     assert_eq!(status, 404, "a failed bulk write applied part of itself");
-    let (status, body) = http(&server, "GET", "/v1/db/shop/items?filter=%7Bnot", None).await;
+    let (status, body) = http(server.addr, "GET", "/v1/db/shop/items?filter=%7Bnot", None).await;
     assert_eq!((status, body["code"].as_str()), (400, Some("bad_query")));
-    let (status, body) = http(&server, "GET", "/healthz", None).await;
+    let (status, body) = http(server.addr, "GET", "/healthz", None).await;
     assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
     server.shutdown().await;
 }
@@ -135,8 +90,8 @@ async fn rest_round_trips_and_errors() {
 async fn live_queries_over_websocket() {
     let dir = tempfile::tempdir().unwrap();
     let server = server(dir.path(), 1024).await;
-    http(&server, "POST", "/v1/db/app/todos", Some(json!({"_id": 1, "done": false, "rank": 5}))).await;
-    let mut socket = connect(&server).await;
+    http(server.addr, "POST", "/v1/db/app/todos", Some(json!({"_id": 1, "done": false, "rank": 5}))).await;
+    let mut socket = connect(server.addr).await;
 
     send(&mut socket, json!({"type": "subscribe", "id": "open", "ns": "app.todos", "filter": {"done": false}})).await;
     send(
@@ -153,11 +108,11 @@ async fn live_queries_over_websocket() {
     assert_eq!(live["open"].docs().len(), 1);
 
     // Every kind of delta, on the unsorted and the sorted query.
-    http(&server, "POST", "/v1/db/app/todos", Some(json!({"_id": 2, "done": false, "rank": 9}))).await;
-    http(&server, "PATCH", "/v1/db/app/todos/1", Some(json!({"$set": {"rank": 10}}))).await;
-    http(&server, "POST", "/v1/db/app/todos", Some(json!({"_id": 3, "done": true, "rank": 7}))).await;
-    http(&server, "PATCH", "/v1/db/app/todos/2", Some(json!({"$set": {"done": true}}))).await;
-    http(&server, "DELETE", "/v1/db/app/todos/1", None).await;
+    http(server.addr, "POST", "/v1/db/app/todos", Some(json!({"_id": 2, "done": false, "rank": 9}))).await;
+    http(server.addr, "PATCH", "/v1/db/app/todos/1", Some(json!({"$set": {"rank": 10}}))).await;
+    http(server.addr, "POST", "/v1/db/app/todos", Some(json!({"_id": 3, "done": true, "rank": 7}))).await;
+    http(server.addr, "PATCH", "/v1/db/app/todos/2", Some(json!({"$set": {"done": true}}))).await;
+    http(server.addr, "DELETE", "/v1/db/app/todos/1", None).await;
     let mut ops = std::collections::HashSet::new();
     let expected = |live: &std::collections::HashMap<String, LiveResult>| {
         live["open"].docs().is_empty()
@@ -192,7 +147,7 @@ async fn live_queries_over_websocket() {
     send(&mut socket, json!({"type": "unsubscribe", "id": "open"})).await;
     send(&mut socket, json!({"type": "ping"})).await;
     assert_eq!(next(&mut socket).await, ServerMessage::Pong);
-    http(&server, "POST", "/v1/db/app/todos", Some(json!({"_id": 4, "done": false, "rank": 1}))).await;
+    http(server.addr, "POST", "/v1/db/app/todos", Some(json!({"_id": 4, "done": false, "rank": 1}))).await;
     send(&mut socket, json!({"type": "ping"})).await;
     loop {
         match next(&mut socket).await {
@@ -209,19 +164,19 @@ async fn data_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let server_one = server(dir.path(), 1024).await;
     for i in 0..20 {
-        http(&server_one, "POST", "/v1/db/app/notes", Some(json!({"_id": i, "n": i}))).await;
+        http(server_one.addr, "POST", "/v1/db/app/notes", Some(json!({"_id": i, "n": i}))).await;
     }
     server_one.shutdown().await;
     let server_two = server(dir.path(), 1024).await;
-    let (_, body) = http(&server_two, "GET", "/v1/db/app/notes/7", None).await;
+    let (_, body) = http(server_two.addr, "GET", "/v1/db/app/notes/7", None).await;
     assert_eq!(body, json!({"_id": 7, "n": 7}));
-    let mut socket = connect(&server_two).await;
+    let mut socket = connect(server_two.addr).await;
     send(&mut socket, json!({"type": "subscribe", "id": "all", "ns": "app.notes", "filter": {"n": {"$gte": 10}}}))
         .await;
     let ServerMessage::Result(r) = next(&mut socket).await else { panic!("expected a result") };
     assert_eq!(r.docs.len(), 10);
     assert_eq!(r.position, 20);
-    http(&server_two, "POST", "/v1/db/app/notes", Some(json!({"_id": 100, "n": 100}))).await;
+    http(server_two.addr, "POST", "/v1/db/app/notes", Some(json!({"_id": 100, "n": 100}))).await;
     let ServerMessage::Delta(d) = next(&mut socket).await else { panic!("expected a delta") };
     assert_eq!((d.op, d.position), (DeltaOp::Add, 21));
     server_two.shutdown().await;
@@ -231,22 +186,22 @@ async fn data_survives_a_restart() {
 async fn resume_sends_exactly_the_missed_messages() {
     let dir = tempfile::tempdir().unwrap();
     let server = server(dir.path(), 1024).await;
-    let mut first = connect(&server).await;
+    let mut first = connect(server.addr).await;
     send(&mut first, json!({"type": "subscribe", "id": "s", "ns": "app.items", "filter": {}, "sort": {"n": 1}})).await;
     let mut live = LiveResult::default();
     let result = next(&mut first).await;
     let ServerMessage::Result(r) = &result else { panic!("expected a result") };
     let token = r.token.clone().expect("results carry a resume token");
     live.apply(&result).unwrap();
-    http(&server, "POST", "/v1/db/app/items", Some(json!({"_id": 1, "n": 1}))).await;
+    http(server.addr, "POST", "/v1/db/app/items", Some(json!({"_id": 1, "n": 1}))).await;
     live.apply(&next(&mut first).await).unwrap();
     assert_eq!(live.seq(), 2);
     // The connection drops; writes go on.
     drop(first);
     for i in 2..=4 {
-        http(&server, "POST", "/v1/db/app/items", Some(json!({"_id": i, "n": -i}))).await;
+        http(server.addr, "POST", "/v1/db/app/items", Some(json!({"_id": i, "n": -i}))).await;
     }
-    let mut second = connect(&server).await;
+    let mut second = connect(server.addr).await;
     send(&mut second, json!({"type": "subscribe", "id": "s", "ns": "app.items", "filter": {}, "sort": {"n": 1}, "resume": {"token": token, "seq": 2}})).await;
     // Exactly the missed deltas, numbered on from 2, then live ones.
     for expected_seq in 3..=5 {
@@ -255,7 +210,7 @@ async fn resume_sends_exactly_the_missed_messages() {
         assert_eq!(d.seq, expected_seq);
         live.apply(&message).unwrap();
     }
-    http(&server, "PATCH", "/v1/db/app/items/1", Some(json!({"$set": {"n": -10}}))).await;
+    http(server.addr, "PATCH", "/v1/db/app/items/1", Some(json!({"$set": {"n": -10}}))).await;
     live.apply(&next(&mut second).await).unwrap();
     let ids: Vec<i32> = live.docs().iter().map(|d| d.get_i32("_id").unwrap()).collect();
     assert_eq!(ids, vec![1, 4, 3, 2]);
@@ -271,8 +226,8 @@ async fn a_client_that_never_reads_is_closed_and_others_are_unaffected() {
     let dir = tempfile::tempdir().unwrap();
     let config = ServerConfig { queue_capacity: 16, resume_grace: Duration::from_millis(300), ..Default::default() };
     let server = server_with(dir.path(), config).await;
-    let mut slow = connect(&server).await;
-    let mut reader = connect(&server).await;
+    let mut slow = connect(server.addr).await;
+    let mut reader = connect(server.addr).await;
     send(&mut slow, json!({"type": "subscribe", "id": "all", "ns": "app.big", "filter": {}})).await;
     send(&mut reader, json!({"type": "subscribe", "id": "all", "ns": "app.big", "filter": {}})).await;
     assert!(matches!(next(&mut reader).await, ServerMessage::Result(_)));
@@ -292,7 +247,7 @@ async fn a_client_that_never_reads_is_closed_and_others_are_unaffected() {
     for batch in 0..40 {
         let writes: Vec<Value> =
             (0..total / 40).map(|i| json!({"insert": {"_id": batch * 1000 + i, "pad": padding}})).collect();
-        let (status, _) = http(&server, "POST", "/v1/db/app/big/_bulk", Some(json!({"writes": writes}))).await;
+        let (status, _) = http(server.addr, "POST", "/v1/db/app/big/_bulk", Some(json!({"writes": writes}))).await;
         assert_eq!(status, 200);
     }
     // The reader got every delta.
@@ -317,7 +272,7 @@ async fn a_client_that_never_reads_is_closed_and_others_are_unaffected() {
     // Its detached subscription ends after the grace window: only the reader's remains.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, health) = http(&server, "GET", "/healthz", None).await;
+        let (_, health) = http(server.addr, "GET", "/healthz", None).await;
         if health["subscriptions"] == json!(1) {
             break;
         }
@@ -331,10 +286,10 @@ async fn a_client_that_never_reads_is_closed_and_others_are_unaffected() {
 async fn metrics_are_exported() {
     let dir = tempfile::tempdir().unwrap();
     let server = server(dir.path(), 1024).await;
-    let mut socket = connect(&server).await;
+    let mut socket = connect(server.addr).await;
     send(&mut socket, json!({"type": "subscribe", "id": "m", "ns": "app.m", "filter": {}})).await;
     assert!(matches!(next(&mut socket).await, ServerMessage::Result(_)));
-    http(&server, "POST", "/v1/db/app/m", Some(json!({"_id": 1}))).await;
+    http(server.addr, "POST", "/v1/db/app/m", Some(json!({"_id": 1}))).await;
     assert!(matches!(next(&mut socket).await, ServerMessage::Delta(_)));
     let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
@@ -359,7 +314,7 @@ async fn limits_answer_with_errors_and_keep_the_connection() {
     let dir = tempfile::tempdir().unwrap();
     let config = ServerConfig { max_subscriptions: 2, max_message_bytes: 512, ..Default::default() };
     let server = server_with(dir.path(), config).await;
-    let mut socket = connect(&server).await;
+    let mut socket = connect(server.addr).await;
     for id in ["a", "b"] {
         send(&mut socket, json!({"type": "subscribe", "id": id, "ns": "app.x"})).await;
         assert!(matches!(next(&mut socket).await, ServerMessage::Result(_)));
@@ -387,7 +342,7 @@ async fn heartbeats_drop_a_silent_peer() {
     })
     .await
     .unwrap();
-    let mut socket = connect(&server).await;
+    let mut socket = connect(server.addr).await;
     send(&mut socket, json!({"type": "ping"})).await;
     assert_eq!(next(&mut socket).await, ServerMessage::Pong);
     // Not polling the socket means not answering the server's pings.

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use livegrid_engine::{EngineEvent, QueryKey};
-use livegrid_protocol::{ErrorCode, ErrorMessage, ServerMessage};
+use livegrid_protocol::{ErrorMessage, ServerMessage};
 use tokio::sync::mpsc;
 
 use super::budget::MemoryBudget;
@@ -287,25 +287,15 @@ impl Hub {
             .collect()
     }
 
-    /// Ends every subscription with an error: the server failed and its results can no longer
-    /// be trusted. Returns the engine keys.
-    pub fn fail_all(&self, reason: &str) -> Vec<QueryKey> {
+    /// Ends every subscription: the server failed and its results can no longer be trusted
+    /// (sessions tell their clients). Returns the engine keys.
+    pub fn fail_all(&self) -> Vec<QueryKey> {
         let names: Vec<String> = self.routes.iter().map(|r| r.key().clone()).collect();
-        let mut keys = Vec::with_capacity(names.len());
-        for name in names {
-            let Some((_, route)) = self.routes.remove(&name) else { continue };
-            let route = self.forget(route);
-            if let Some(outbox) = &route.outbox {
-                let error = ServerMessage::Error(ErrorMessage {
-                    id: Some(route.client_id.clone()),
-                    code: ErrorCode::Unavailable,
-                    message: format!("livegrid failed ({reason}); results are no longer kept, reconnect later"),
-                });
-                outbox.deliver(error.to_json());
-            }
-            keys.push(route.key);
-        }
-        keys
+        names
+            .into_iter()
+            .filter_map(|name| self.routes.remove(&name))
+            .map(|(_, route)| self.forget(route).key)
+            .collect()
     }
 
     /// How many subscriptions are routed (attached or detached).

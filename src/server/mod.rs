@@ -243,14 +243,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let (stop, shutdown) = watch::channel(false);
     spawn_expiry(hub.clone(), engine.clone(), config.resume_grace, shutdown.clone());
     {
-        // On failure: every subscription gets an error and ends.
+        // On failure: every subscription ends (sessions tell their clients why).
         let (hub, engine, health, mut until) = (hub.clone(), engine.clone(), health.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let reason = tokio::select! {
-                reason = health.failed() => reason.to_string(),
+            tokio::select! {
+                _ = health.failed() => {}
                 _ = until.changed() => return,
             };
-            for key in hub.fail_all(&reason) {
+            for key in hub.fail_all() {
                 let _ = engine.unregister(key);
             }
         });

@@ -131,9 +131,11 @@ pub async fn run(socket: WebSocket, state: AppState, permit: Option<ConnectionPe
             }
             _ = shutdown.changed() => break Some((CLOSE_GOING_AWAY, "server shutting down".to_string())),
             reason = health.failed() => {
-                // The hub already queued an `unavailable` error per subscription; send them.
-                while let Ok(text) = outgoing.try_recv() {
-                    let _ = sink.send(Message::Text(text.into())).await;
+                // Every subscription learns that its result is no longer kept.
+                for id in subscriptions.keys() {
+                    let message = format!("livegrid failed ({reason}); results are no longer kept, reconnect later");
+                    let error = error(Some(id.clone()), ErrorCode::Unavailable, message);
+                    let _ = sink.send(Message::Text(error.to_json().into())).await;
                 }
                 break Some((CLOSE_INTERNAL, format!("livegrid failed: {reason}")));
             }

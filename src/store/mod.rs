@@ -186,6 +186,8 @@ pub struct Store {
     listener: Arc<Mutex<Option<Listener>>>,
     jobs: Mutex<Option<mpsc::Sender<commit::Job>>>,
     committer: Mutex<Option<commit::Handle>>,
+    /// Snapshot reads still to fail (fault injection for tests).
+    failing_reads: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -202,7 +204,20 @@ impl Store {
         let position = recover_position(&db)?;
         let listener: Arc<Mutex<Option<Listener>>> = Arc::new(Mutex::new(None));
         let (jobs, handle) = commit::start(db.clone(), listener.clone(), position, &config)?;
-        Ok(Store { db, listener, jobs: Mutex::new(Some(jobs)), committer: Mutex::new(Some(handle)) })
+        Ok(Store {
+            db,
+            listener,
+            jobs: Mutex::new(Some(jobs)),
+            committer: Mutex::new(Some(handle)),
+            failing_reads: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Makes the next `n` snapshot reads fail, to exercise re-read failures in tests. Never
+    /// use otherwise.
+    #[doc(hidden)]
+    pub fn inject_read_failures(&self, n: u64) {
+        self.failing_reads.store(n, std::sync::atomic::Ordering::Release);
     }
 
     /// Makes every committed write durable now and hands pending ones to the listener.
@@ -266,6 +281,14 @@ impl Store {
     /// A consistent read of a query's result (see [`SnapshotSource::read`]).
     pub fn read(&self, ns: &str, query: &Query, k: Option<usize>) -> Result<Snapshot, StoreError> {
         check_namespace(ns)?;
+        let injected = self.failing_reads.fetch_update(
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+            |n| n.checked_sub(1),
+        );
+        if injected.is_ok() {
+            return Err(StoreError::Unavailable("injected read failure".into()));
+        }
         let txn = self.db.begin_read().map_err(redb::Error::from)?;
         let position = txn.open_table(META).map_err(redb::Error::from)?.get(POSITION).map_err(redb::Error::from)?;
         let position = position.map(|v| v.value()).unwrap_or(0);
