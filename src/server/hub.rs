@@ -22,7 +22,9 @@
 //! window. A subscribe with `{"resume": {"token", "seq"}}` moves the subscription to the new
 //! connection, even while the old one is still open (a client that switched networks), and
 //! sends exactly the messages after `seq`, continuing the numbering. Ownership moves with it:
-//! the old connection's later close or `unsubscribe` no longer touches the subscription.
+//! the old connection's later close or `unsubscribe` no longer touches the subscription. A
+//! subscription only moves to a connection opened after the one holding it, so a resume that
+//! arrives late on a connection the client has already abandoned cannot pull it back.
 //!
 //! A token that cannot be honoured (unknown, expired, bound to something else) or an
 //! impossible `seq` is treated as no token: the caller starts a fresh subscription and nothing
@@ -248,7 +250,10 @@ impl Hub {
         let Some(name) = self.tokens.get(token).map(|n| n.clone()) else { return Resume::Unusable };
         let Some(entry) = self.routes.get(&name) else { return Resume::Unusable };
         let mut route = entry.lock().expect("route lock");
-        if route.binding != *binding || route.key == 0 || seq > route.last_seq {
+        // A subscription only moves forward, to a connection opened after the one holding it:
+        // a resume that arrives late on a connection the client already left behind must not
+        // pull the subscription back onto it.
+        if route.binding != *binding || route.key == 0 || seq > route.last_seq || owner < route.owner {
             return Resume::Unusable;
         }
         let first = route.buffer.front().map_or(route.last_seq + 1, |(m, _)| seq_of(m));
@@ -421,6 +426,9 @@ mod tests {
         assert!(hub.owns("1/1", 1));
         // The right token moves the subscription; the old connection can no longer touch it.
         assert!(matches!(hub.resume(&token, 1, &binding("{}"), &other, 2, "z"), Resume::Resumed(_)));
+        assert!(hub.owns("1/1", 2));
+        // A late resume from the older connection cannot pull it back.
+        assert!(matches!(hub.resume(&token, 1, &binding("{}"), &outbox, 1, "a"), Resume::Unusable));
         assert!(hub.owns("1/1", 2));
         hub.detach("1/1", 1);
         assert_eq!(hub.remove("1/1", 1), None);
