@@ -97,6 +97,7 @@ pub fn free_port() -> u16 {
 }
 
 /// The real binary serving `data` on `port`, with extra flags; waits until it answers.
+#[allow(clippy::zombie_processes, reason = "the caller owns the child and waits for it")]
 pub async fn spawn_server(data: &std::path::Path, port: u16, extra: &[&str]) -> Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_livegrid"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
