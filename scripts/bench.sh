@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs the benchmarks whose figures README.md records.
-# Usage: scripts/bench.sh [matcher|grid|replay|load|all]
+# Usage: scripts/bench.sh [matcher|grid|replay|load|writes|all]
 #   matcher  criterion: filter evaluation and compilation
 #   grid     events/s, write-to-delta latency and memory per query with 1k/10k/100k queries
 #            (LIVEGRID_BENCH_QUERIES, LIVEGRID_BENCH_GRID, LIVEGRID_BENCH_RATE to vary it)
 #   replay   livegrid replay end to end on a generated workload (JSON parsing included)
 #   load     livegrid serve with 1,000 WebSocket connections and 10,000 subscriptions
 #            (LIVEGRID_LOAD_RATE, LIVEGRID_LOAD_SECONDS, LIVEGRID_DURABILITY)
+#   writes   acknowledged single-document writes/s from 64 concurrent keep-alive clients,
+#            durable (group commit) and periodic (LIVEGRID_WRITERS, LIVEGRID_WRITES_SECONDS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,8 +33,14 @@ run_replay() {
 }
 run_load() {
   echo "== load: livegrid serve, 1,000 connections, 10,000 subscriptions"
-  for durability in periodic immediate; do
+  for durability in durable periodic; do
     LIVEGRID_DURABILITY=$durability cargo bench --bench load
+  done
+}
+run_writes() {
+  echo "== writes: 64 concurrent keep-alive writers, each durability mode"
+  for durability in durable periodic; do
+    LIVEGRID_DURABILITY=$durability cargo bench --bench writes
   done
 }
 case "$what" in
@@ -40,6 +48,7 @@ case "$what" in
   grid) run_grid ;;
   replay) run_replay ;;
   load) run_load ;;
-  all) run_matcher; run_grid; run_replay; run_load ;;
-  *) echo "usage: scripts/bench.sh [matcher|grid|replay|load|all]" >&2; exit 2 ;;
+  writes) run_writes ;;
+  all) run_matcher; run_grid; run_replay; run_load; run_writes ;;
+  *) echo "usage: scripts/bench.sh [matcher|grid|replay|load|writes|all]" >&2; exit 2 ;;
 esac
