@@ -147,7 +147,7 @@ fn main() {
         let mut all = std::mem::take(&mut *latencies.lock().unwrap());
         all.sort_unstable();
         let pct = |p: f64| all.get(((all.len().saturating_sub(1)) as f64 * p).round() as usize).map_or(f64::NAN, |v| *v as f64 / 1000.0);
-        let durability = std::env::var("LIVEGRID_DURABILITY").unwrap_or_else(|_| "periodic".into());
+        let durability = std::env::var("LIVEGRID_DURABILITY").unwrap_or_else(|_| "durable".into());
         println!("| durability | connections | subscriptions | offered writes/s | delivered deltas | deltas/s | p50 ms | p99 ms | max ms |");
         println!("|---|---|---|---|---|---|---|---|---|");
         println!(
