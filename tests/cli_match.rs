@@ -84,3 +84,13 @@ fn bad_input_names_the_line() {
     assert_eq!(code, 1);
     assert!(err.contains("line 2") && err.contains("expected a json object"), "{err}");
 }
+
+#[test]
+fn the_largest_limit_does_not_wrap() {
+    // Regression: skip + limit used to wrap around and return nothing.
+    let max = u64::MAX.to_string();
+    let (code, out, _) = run(&["--sort", r#"{"_id": 1}"#, "--skip", "1", "--limit", &max], DOCS);
+    assert_eq!((code, out.lines().count()), (0, 3), "{out}");
+    let (code, out, _) = run(&["--skip", "1", "--limit", &max], DOCS);
+    assert_eq!((code, out.lines().count()), (0, 3), "{out}");
+}

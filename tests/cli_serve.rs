@@ -73,3 +73,73 @@ fn bad_configuration_exits_2() {
     let out = Command::new(env!("CARGO_BIN_EXE_livegrid")).args(["serve", "--config"]).arg(&config).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Starts the binary with a grid worker made to panic, and a subscriber.
+async fn failing_server(exit_on_fatal: bool) -> (std::process::Child, u16, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new(env!("CARGO_BIN_EXE_livegrid"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--exit-on-fatal", &exit_on_fatal.to_string()])
+        .arg("--data")
+        .arg(dir.path())
+        .env("LIVEGRID_TEST_FAULT", "worker-panic")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (child, port, dir)
+}
+
+async fn subscribe_and_see_the_failure(port: u16) {
+    let url = format!("ws://127.0.0.1:{port}/v1/ws");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut socket = loop {
+        match tokio_tungstenite::connect_async(&url).await {
+            Ok((socket, _)) => break socket,
+            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => panic!("server did not start: {e}"),
+        }
+    };
+    socket.send(Message::Text(r#"{"type":"subscribe","id":"a","ns":"db.c"}"#.into())).await.unwrap();
+    let mut saw_error = false;
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(20), socket.next()).await.expect("the failure is reported") {
+            Some(Ok(Message::Text(text))) => saw_error |= text.contains("\"unavailable\""),
+            Some(Ok(Message::Close(frame))) => break frame.expect("a reason"),
+            Some(Ok(_)) => continue,
+            other => panic!("connection ended without a close frame: {other:?}"),
+        }
+    };
+    assert!(saw_error, "the subscription got no unavailable error");
+    assert_eq!(u16::from(close.code), 1011, "{}", close.reason);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_failure_is_reported_and_exits_non_zero() {
+    let (mut child, port, _dir) = failing_server(true).await;
+    subscribe_and_see_the_failure(port).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the failed server did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_exit_on_fatal_the_failure_stays_visible_on_healthz() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut child, port, _dir) = failing_server(false).await;
+    subscribe_and_see_the_failure(port).await;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    assert!(response.contains("panicked"), "{response}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

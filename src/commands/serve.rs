@@ -3,7 +3,10 @@
 //! Configuration, strongest first: flags, environment variables (`LIVEGRID_LISTEN`,
 //! `LIVEGRID_DATA`, `LIVEGRID_GRID`, ...), the TOML file given with `--config`, defaults.
 //! SIGTERM or Ctrl-C stops it gracefully: no new connections, every WebSocket closed with a
-//! reason, the grid drained.
+//! reason, the grid drained. When the server fails (see [`crate::health`]) it exits with
+//! status 1 under `--exit-on-fatal` (the default). `LIVEGRID_TEST_FAULT=worker-panic` makes a
+//! grid worker panic half a second after start, so tests can exercise that path on the real
+//! binary.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -133,6 +136,15 @@ pub fn run(args: &ServeArgs) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        if std::env::var("LIVEGRID_TEST_FAULT").as_deref() == Ok("worker-panic") {
+            // Fault injection for the tests of the failure path (tests/cli_serve.rs).
+            let engine = server.engine().clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                tracing::warn!("LIVEGRID_TEST_FAULT: making a grid worker panic");
+                let _ = engine.inject_worker_panic();
+            });
+        }
         let health = server.health().clone();
         let failed = async {
             if config.exit_on_fatal { health.failed().await.to_string() } else { std::future::pending().await }
