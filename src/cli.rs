@@ -48,6 +48,9 @@ pub struct ServeArgs {
     /// Messages a connection may have queued before it is closed as too slow [default: 4096].
     #[arg(long, env = "LIVEGRID_QUEUE_CAPACITY")]
     pub queue_capacity: Option<usize>,
+    /// Bytes a connection may have queued before it is closed as too slow [default: 67108864].
+    #[arg(long, env = "LIVEGRID_QUEUE_BYTES")]
+    pub queue_bytes: Option<usize>,
     /// Subscriptions per connection [default: 1000].
     #[arg(long, env = "LIVEGRID_MAX_SUBSCRIPTIONS")]
     pub max_subscriptions: Option<usize>,

@@ -224,7 +224,12 @@ async fn resume_sends_exactly_the_missed_messages() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_is_closed_and_others_are_unaffected() {
     let dir = tempfile::tempdir().unwrap();
-    let config = ServerConfig { queue_capacity: 16, resume_grace: Duration::from_millis(300), ..Default::default() };
+    let config = ServerConfig {
+        queue_capacity: 16,
+        resume_buffer: 8,
+        resume_grace: Duration::from_millis(300),
+        ..Default::default()
+    };
     let server = server_with(dir.path(), config).await;
     let mut slow = connect(server.addr).await;
     let mut reader = connect(server.addr).await;

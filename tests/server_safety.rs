@@ -407,3 +407,66 @@ async fn an_engine_failure_turns_healthz_to_503_and_tells_every_subscriber() {
     assert!(reason.contains("failed"), "{reason}");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_larger_than_a_subscription_may_hold_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig { max_subscription_bytes: 64 * 1024, ..Default::default() };
+    let server = server_with(dir.path(), config).await;
+    let pad = "x".repeat(10_000);
+    for i in 0..10 {
+        http(server.addr, "POST", "/v1/db/app/big", Some(json!({"_id": i, "pad": pad}))).await;
+    }
+    let mut socket = connect(server.addr).await;
+    send(&mut socket, json!({"type": "subscribe", "id": "all", "ns": "app.big"})).await;
+    let message = expect_error(&next(&mut socket).await, ErrorCode::QueryTooLarge);
+    assert!(message.contains("65536"), "{message}");
+    // A narrower query on the same connection is fine, and nothing is left behind.
+    send(&mut socket, json!({"type": "subscribe", "id": "one", "ns": "app.big", "filter": {"_id": 1}})).await;
+    assert!(matches!(next(&mut socket).await, ServerMessage::Result(_)));
+    let (_, health) = http(server.addr, "GET", "/healthz", None).await;
+    assert_eq!(health["subscriptions"], json!(1), "{health}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_even_with_a_large_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        queue_capacity: 1 << 20,
+        queue_bytes: 1 << 30,
+        heartbeat: Duration::from_millis(500),
+        resume_grace: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let server = livegrid::server::start(ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data: dir.path().to_path_buf(),
+        ..config
+    })
+    .await
+    .unwrap();
+    // The stalled client subscribes, then never reads again (not even pings).
+    let mut stalled = connect(server.addr).await;
+    send(&mut stalled, json!({"type": "subscribe", "id": "all", "ns": "app.flood"})).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pad = "x".repeat(64 * 1024);
+    for batch in 0..40 {
+        let writes: Vec<_> = (0..10).map(|i| json!({"insert": {"_id": batch * 100 + i, "pad": pad}})).collect();
+        let (status, _) = http(server.addr, "POST", "/v1/db/app/flood/_bulk", Some(json!({"writes": writes}))).await;
+        assert_eq!(status, 200);
+    }
+    // The server's send to it times out, the connection is cut, and its subscription is
+    // released after the grace window instead of being held forever.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, health) = http(server.addr, "GET", "/healthz", None).await;
+        if health["subscriptions"] == json!(0) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the stalled client was never cut: {health}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(stalled);
+    server.shutdown().await;
+}

@@ -5,9 +5,11 @@
 //! Timely workers run on their own threads. The handle's methods may be called from any
 //! thread; they hand records to worker 0 through a channel and wake it. A router thread
 //! receives what the workers deliver, names each message with its subscription's id and
-//! passes everything on to [`Engine::messages`]. Window re-reads run on a re-read thread of
-//! their own (through the [`SnapshotSource`]), fed by a bounded queue, so a slow read never
-//! holds up other subscriptions' messages.
+//! passes everything on to [`Engine::messages`]. Window re-reads run on two re-read threads of
+//! their own (through the [`SnapshotSource`]), fed by a queue the router never blocks on (a
+//! window asks for one re-read at a time, so it holds at most one entry per window): a slow
+//! read never holds up other subscriptions' messages. A panic on any of these threads is
+//! reported as [`EngineEvent::Failed`].
 //!
 //! # Failure
 //! A worker that panics, or a grid that stops while nobody asked it to, is reported as
@@ -118,8 +120,8 @@ pub enum EngineEvent {
     Failed(String),
 }
 
-/// Re-reads queued for the re-read thread at most; the router waits beyond it.
-const REREAD_QUEUE: usize = 1024;
+/// Threads serving window re-reads.
+const REREAD_THREADS: usize = 2;
 /// Waits between attempts of a failing re-read; after the last, the subscription ends.
 const REREAD_BACKOFF: [Duration; 5] = [
     Duration::from_millis(0),
@@ -291,33 +293,40 @@ impl Engine {
             *shared.worker0.lock().expect("worker0 lock") = Some(thread);
         }
         let (event_tx, event_rx) = crossbeam_channel::unbounded();
-        let (reread_tx, reread_rx) = crossbeam_channel::bounded(REREAD_QUEUE);
-        let router = {
-            let (shared, events) = (shared.clone(), event_tx.clone());
+        // Unbounded, yet bounded by the number of windows: a window asks for one re-read at a
+        // time (it waits for it before asking again), and the router never blocks on it.
+        let (reread_tx, reread_rx) = crossbeam_channel::unbounded();
+        let mut threads = Vec::with_capacity(1 + REREAD_THREADS);
+        let spawn = |name: &str, shared: Arc<Shared>, events: Sender<EngineEvent>, body: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
-                .name("livegrid-router".into())
-                .spawn(move || route(&shared, &delivery_rx, &events, &reread_tx))
-                .map_err(|e| EngineError::Start(e.to_string()))?
-        };
-        let rereader = {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("livegrid-reread".into())
+                .name(name.into())
                 .spawn(move || {
-                    for key in reread_rx {
-                        reread(&shared, key, &event_tx);
-                        shared.pending_rereads.fetch_sub(1, Ordering::AcqRel);
+                    let thread = std::thread::current().name().unwrap_or("engine").to_string();
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).is_err()
+                        && !shared.failed.swap(true, Ordering::AcqRel)
+                    {
+                        let _ = events.send(EngineEvent::Failed(format!("the {thread} thread panicked")));
                     }
                 })
-                .map_err(|e| EngineError::Start(e.to_string()))?
+                .map_err(|e| EngineError::Start(e.to_string()))
         };
-        Ok(Engine {
-            shared,
-            events: event_rx,
-            guards: Mutex::new(Some(guards)),
-            threads: Mutex::new(vec![router, rereader]),
-            feeds,
-        })
+        {
+            let (owned, events) = (shared.clone(), event_tx.clone());
+            let body = Box::new(move || route(&owned, &delivery_rx, &events, &reread_tx));
+            threads.push(spawn("livegrid-router", shared.clone(), event_tx.clone(), body)?);
+        }
+        for _ in 0..REREAD_THREADS {
+            let (owned, events, queue) = (shared.clone(), event_tx.clone(), reread_rx.clone());
+            let body = Box::new(move || {
+                for key in queue {
+                    reread(&owned, key, &events);
+                    owned.pending_rereads.fetch_sub(1, Ordering::AcqRel);
+                }
+            });
+            threads.push(spawn("livegrid-reread", shared.clone(), event_tx.clone(), body)?);
+        }
+        drop(event_tx);
+        Ok(Engine { shared, events: event_rx, guards: Mutex::new(Some(guards)), threads: Mutex::new(threads), feeds })
     }
 
     /// What the engine emits, in order.

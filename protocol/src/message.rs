@@ -24,8 +24,8 @@ pub enum ClientMessage {
         /// The subscription.
         id: SubscriptionId,
     },
-    /// Ask for a `pong`.
-    Ping,
+    /// Ask for a `pong` (a struct variant, so that unknown fields are refused here too).
+    Ping {},
 }
 
 /// A live query request.
@@ -274,6 +274,12 @@ mod tests {
     use super::*;
     use bson::doc;
 
+    impl ClientMessage {
+        fn to_json_for_test(&self) -> String {
+            serde_json::to_string(self).unwrap()
+        }
+    }
+
     #[test]
     fn delta_json_shape() {
         let delta = ServerMessage::Delta(DeltaMessage {
@@ -305,7 +311,7 @@ mod tests {
         assert_eq!(s.filter, doc! {"a": {"$gt": 5i64}});
         assert_eq!(s.limit, Some(10));
         assert_eq!(s.resume, Some(Resume { token: "t".into(), seq: 4 }));
-        assert_eq!(serde_json::from_str::<ClientMessage>(r#"{"type":"ping"}"#).unwrap(), ClientMessage::Ping);
+        assert_eq!(serde_json::from_str::<ClientMessage>(r#"{"type":"ping"}"#).unwrap(), ClientMessage::Ping {});
         assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"subscribe","ns":"db.c"}"#).is_err());
     }
 
@@ -319,6 +325,8 @@ mod tests {
         let resume = r#"{"type":"subscribe","id":"s","ns":"db.c","resume":{"token":"t","seq":1,"sek":2}}"#;
         assert!(serde_json::from_str::<ClientMessage>(resume).is_err());
         assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"ping"}"#).is_ok());
+        assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"ping","x":1}"#).is_err());
+        assert_eq!(ClientMessage::Ping {}.to_json_for_test(), r#"{"type":"ping"}"#);
     }
 
     #[test]

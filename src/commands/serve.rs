@@ -4,9 +4,9 @@
 //! `LIVEGRID_DATA`, `LIVEGRID_GRID`, ...), the TOML file given with `--config`, defaults.
 //! SIGTERM or Ctrl-C stops it gracefully: no new connections, every WebSocket closed with a
 //! reason, the grid drained. When the server fails (see [`crate::health`]) it exits with
-//! status 1 under `--exit-on-fatal` (the default). `LIVEGRID_TEST_FAULT=worker-panic` makes a
-//! grid worker panic half a second after start, so tests can exercise that path on the real
-//! binary.
+//! status 1 under `--exit-on-fatal` (the default), after committing and flushing the writes it
+//! acknowledged. In debug builds (the tests'), `LIVEGRID_TEST_FAULT=worker-panic` makes a grid
+//! worker panic half a second after start, so tests can exercise that path on the real binary.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -24,6 +24,7 @@ pub struct FileConfig {
     data: Option<String>,
     grid: Option<String>,
     queue_capacity: Option<usize>,
+    queue_bytes: Option<usize>,
     max_subscriptions: Option<usize>,
     max_message_bytes: Option<usize>,
     heartbeat_seconds: Option<u64>,
@@ -76,6 +77,7 @@ pub fn config(args: &ServeArgs) -> Result<ServeConfig, String> {
         data: args.data.clone().or(file.data.map(Into::into)).unwrap_or(defaults.data),
         grid,
         queue_capacity: args.queue_capacity.or(file.queue_capacity).unwrap_or(defaults.queue_capacity),
+        queue_bytes: args.queue_bytes.or(file.queue_bytes).unwrap_or(defaults.queue_bytes),
         max_subscriptions: args.max_subscriptions.or(file.max_subscriptions).unwrap_or(defaults.max_subscriptions),
         max_message_bytes: args.max_message_bytes.or(file.max_message_bytes).unwrap_or(defaults.max_message_bytes),
         heartbeat: secs(args.heartbeat_seconds, file.heartbeat_seconds, defaults.heartbeat),
@@ -136,6 +138,7 @@ pub fn run(args: &ServeArgs) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        #[cfg(debug_assertions)]
         if std::env::var("LIVEGRID_TEST_FAULT").as_deref() == Ok("worker-panic") {
             // Fault injection for the tests of the failure path (tests/cli_serve.rs).
             let engine = server.engine().clone();
@@ -156,8 +159,11 @@ pub fn run(args: &ServeArgs) -> ExitCode {
                 ExitCode::SUCCESS
             }
             reason = failed => {
-                // Give sessions a moment to send their `unavailable` errors and close frames.
+                // Give sessions a moment to send their `unavailable` errors and close frames,
+                // and flush what the store acknowledged.
                 tokio::time::sleep(Duration::from_millis(200)).await;
+                let store = server.store().clone();
+                let _ = tokio::time::timeout(Duration::from_secs(5), tokio::task::spawn_blocking(move || store.close())).await;
                 tracing::error!(reason = %reason, "exiting: livegrid failed (--exit-on-fatal)");
                 ExitCode::from(1)
             }

@@ -4,7 +4,7 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::{PathRejection, QueryRejection};
 
 use crate::store::StoreError;
 use crate::store::limits::LimitError;
@@ -51,7 +51,7 @@ impl From<StoreError> for ApiError {
             StoreError::Limit(LimitError::Malformed(_)) => (StatusCode::BAD_REQUEST, "bad_document"),
             StoreError::Update(_) => (StatusCode::BAD_REQUEST, "bad_update"),
             StoreError::Namespace(_) => (StatusCode::BAD_REQUEST, "bad_namespace"),
-            StoreError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            StoreError::Storage(_) | StoreError::Corrupt(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             StoreError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         ApiError { status, code, message: e.to_string() }
@@ -61,18 +61,6 @@ impl From<StoreError> for ApiError {
 impl From<NamespaceError> for ApiError {
     fn from(e: NamespaceError) -> Self {
         ApiError::bad_request("bad_namespace", e.to_string())
-    }
-}
-
-impl From<JsonRejection> for ApiError {
-    fn from(rejection: JsonRejection) -> Self {
-        let status = rejection.status();
-        let code = match status {
-            StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-            _ => "bad_json",
-        };
-        ApiError { status, code, message: rejection.body_text().to_lowercase() }
     }
 }
 

@@ -1,10 +1,11 @@
 //! The memory budget for subscriptions: what their compiled queries, windows and resume
 //! buffers hold, counted against one limit for the whole server.
 //!
-//! New subscriptions are refused (`over_capacity`) while the budget is spent; subscriptions
-//! that exist keep working, and what they hold beyond their charge (resume buffers) is
-//! counted as it grows and shrinks, so that the figure on `/metrics`
-//! (`livegrid_subscription_memory_bytes`) is what subscriptions really hold.
+//! New subscriptions are refused (`over_capacity`) while the budget is spent, and so is an
+//! initial result that does not fit it; subscriptions that exist keep working, and what their
+//! resume buffers hold is counted as it grows and shrinks. Windows and compiled queries are
+//! estimates; outgoing queues are bounded per connection (`--queue-bytes`) instead.
+//! `/metrics` shows the figure as `livegrid_subscription_memory_bytes`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 

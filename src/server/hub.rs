@@ -32,18 +32,18 @@
 //! missed messages does the old subscription end, replaced by the fresh one.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use livegrid_engine::{EngineEvent, QueryKey};
-use livegrid_protocol::{ErrorMessage, ServerMessage};
+use livegrid_protocol::{ErrorCode, ErrorMessage, ServerMessage};
 use tokio::sync::mpsc;
 
 use super::budget::MemoryBudget;
 
-/// A connection's side of the hub.
+/// A connection's side of the hub: a queue bounded in messages and in bytes.
 #[derive(Debug)]
 pub struct Outbox {
     /// Messages for the client, as JSON text.
@@ -52,23 +52,45 @@ pub struct Outbox {
     pub overflowed: AtomicBool,
     /// Wakes the session when `overflowed` is set.
     pub overflow: tokio::sync::Notify,
+    /// Bytes queued and not yet taken by the session.
+    queued_bytes: AtomicUsize,
+    /// At most this many bytes queued.
+    max_bytes: usize,
 }
 
 impl Outbox {
-    /// An outbox queueing at most `capacity` messages, and its receiving end.
-    pub fn new(capacity: usize) -> (Arc<Outbox>, mpsc::Receiver<String>) {
+    /// An outbox queueing at most `capacity` messages and `max_bytes` bytes, and its
+    /// receiving end.
+    pub fn new(capacity: usize, max_bytes: usize) -> (Arc<Outbox>, mpsc::Receiver<String>) {
         let (queue, outgoing) = mpsc::channel(capacity);
-        (Arc::new(Outbox { queue, overflowed: AtomicBool::new(false), overflow: tokio::sync::Notify::new() }), outgoing)
+        let outbox = Outbox {
+            queue,
+            overflowed: AtomicBool::new(false),
+            overflow: tokio::sync::Notify::new(),
+            queued_bytes: AtomicUsize::new(0),
+            max_bytes,
+        };
+        (Arc::new(outbox), outgoing)
     }
 
     /// Queues a message, or marks the connection as too slow.
     pub fn deliver(&self, json: String) {
         let queued = self.queue.max_capacity() - self.queue.capacity();
         metrics::histogram!("livegrid_outbox_depth").record(queued as f64);
-        if self.queue.try_send(json).is_err() && !self.overflowed.swap(true, Ordering::AcqRel) {
-            metrics::counter!("livegrid_slow_consumers_cut").increment(1);
-            self.overflow.notify_one();
+        let bytes = json.len();
+        let fits = self.queued_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes <= self.max_bytes;
+        if !fits || self.queue.try_send(json).is_err() {
+            self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            if !self.overflowed.swap(true, Ordering::AcqRel) {
+                metrics::counter!("livegrid_slow_consumers_cut").increment(1);
+                self.overflow.notify_one();
+            }
         }
+    }
+
+    /// Records that the session took a message of `bytes` off the queue.
+    pub fn taken(&self, bytes: usize) {
+        self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
     }
 }
 
@@ -128,21 +150,29 @@ pub enum Resume {
 #[error("the server's memory budget for subscriptions is spent")]
 pub struct OverCapacity;
 
-/// How much a hub keeps for resuming.
+/// What a hub keeps per subscription, at most.
 #[derive(Debug, Clone, Copy)]
-pub struct ResumeLimits {
-    /// Messages kept per subscription.
+pub struct HubLimits {
+    /// Messages kept for resuming.
     pub messages: usize,
-    /// Bytes of messages kept per subscription.
+    /// Bytes of messages kept for resuming.
     pub bytes: usize,
+    /// Bytes of an initial result; a larger one ends the subscription with
+    /// `query_too_large`.
+    pub result_bytes: usize,
 }
 
 /// Routes engine messages to connections.
 pub struct Hub {
     routes: DashMap<String, Mutex<Route>>,
     tokens: DashMap<String, String>,
-    limits: ResumeLimits,
+    limits: HubLimits,
     budget: MemoryBudget,
+}
+
+/// Why a subscription's result was refused.
+fn refusal(code: ErrorCode, message: String) -> ServerMessage {
+    ServerMessage::Error(ErrorMessage { id: None, code, message })
 }
 
 /// A fresh resume token: 128 bits from the operating system's CSPRNG, as hex.
@@ -155,7 +185,7 @@ fn new_token() -> String {
 impl Hub {
     /// A hub keeping `limits` per subscription for resuming, with `budget` bytes for all
     /// subscriptions.
-    pub fn new(limits: ResumeLimits, budget: usize) -> Self {
+    pub fn new(limits: HubLimits, budget: usize) -> Self {
         Hub { routes: DashMap::new(), tokens: DashMap::new(), limits, budget: MemoryBudget::new(budget) }
     }
 
@@ -206,10 +236,15 @@ impl Hub {
         route
     }
 
-    /// Sets the engine key of `name` once registration returned it.
-    pub fn set_key(&self, name: &str, key: QueryKey) {
-        if let Some(route) = self.routes.get(name) {
-            route.lock().expect("route lock").key = key;
+    /// Sets the engine key of `name` once registration returned it; `false` when the route
+    /// is gone meanwhile (the caller then ends the engine subscription itself).
+    pub fn set_key(&self, name: &str, key: QueryKey) -> bool {
+        match self.routes.get(name) {
+            Some(route) => {
+                route.lock().expect("route lock").key = key;
+                true
+            }
+            None => false,
         }
     }
 
@@ -250,21 +285,22 @@ impl Hub {
         let Some(name) = self.tokens.get(token).map(|n| n.clone()) else { return Resume::Unusable };
         let Some(entry) = self.routes.get(&name) else { return Resume::Unusable };
         let mut route = entry.lock().expect("route lock");
-        // A subscription only moves forward, to a connection opened after the one holding it:
-        // a resume that arrives late on a connection the client already left behind must not
-        // pull the subscription back onto it.
-        if route.binding != *binding || route.key == 0 || seq > route.last_seq || owner < route.owner {
-            return Resume::Unusable;
-        }
-        let first = route.buffer.front().map_or(route.last_seq + 1, |(m, _)| seq_of(m));
-        if first > seq + 1 {
-            let key = route.key;
-            drop(route);
-            drop(entry);
-            if let Some((_, route)) = self.routes.remove(&name) {
-                self.forget(route);
+        match resumable(&route, seq, binding, owner) {
+            Some(true) => {}
+            None => return Resume::Unusable,
+            Some(false) => {
+                // The missed messages are gone: replace the subscription, unless someone else
+                // moved or ended it in the meantime (the check is repeated under the map's lock).
+                drop(route);
+                drop(entry);
+                let removed = self.routes.remove_if(&name, |_, route| {
+                    resumable(&route.lock().expect("route lock"), seq, binding, owner) == Some(false)
+                });
+                return match removed {
+                    Some((_, route)) => Resume::Replaced(self.forget(route).key),
+                    None => Resume::Unusable,
+                };
             }
-            return Resume::Replaced(key);
         }
         route.client_id = client_id.to_string();
         for (message, _) in route.buffer.iter().filter(|(m, _)| seq_of(m) > seq) {
@@ -287,7 +323,11 @@ impl Hub {
             .collect();
         expired
             .into_iter()
-            .filter_map(|name| self.routes.remove_if(&name, |_, r| r.lock().expect("route lock").detached_at.is_some()))
+            .filter_map(|name| {
+                self.routes.remove_if(&name, |_, r| {
+                    r.lock().expect("route lock").detached_at.is_some_and(|at| at.elapsed() >= grace)
+                })
+            })
             .map(|(_, route)| self.forget(route).key)
             .collect()
     }
@@ -300,6 +340,7 @@ impl Hub {
             .into_iter()
             .filter_map(|name| self.routes.remove(&name))
             .map(|(_, route)| self.forget(route).key)
+            .filter(|key| *key != 0)
             .collect()
     }
 
@@ -314,8 +355,14 @@ impl Hub {
     }
 
     /// Delivers engine events until the engine stops (run on a thread of its own); calls
-    /// `failed` if the engine reports a failure.
-    pub fn run(&self, events: crossbeam_channel::Receiver<EngineEvent>, failed: impl Fn(String)) {
+    /// `failed` if the engine reports a failure, and `end` for subscriptions the hub ends
+    /// itself (a result too large for the limits or the budget).
+    pub fn run(
+        &self,
+        events: crossbeam_channel::Receiver<EngineEvent>,
+        failed: impl Fn(String),
+        end: impl Fn(QueryKey),
+    ) {
         for event in events {
             let (message, latency) = match event {
                 EngineEvent::Message { message, latency, .. } => (message, latency),
@@ -342,8 +389,8 @@ impl Hub {
                 }
                 continue;
             }
-            let Some(route) = self.routes.get(&name) else { continue };
-            let mut route = route.lock().expect("route lock");
+            let Some(entry) = self.routes.get(&name) else { continue };
+            let mut route = entry.lock().expect("route lock");
             let message = named(message, &route.client_id, Some(&route.token));
             if let Some(latency) = latency {
                 metrics::histogram!("livegrid_event_to_delta_seconds").record(latency.as_secs_f64());
@@ -351,6 +398,40 @@ impl Hub {
             }
             let json = message.to_json();
             let bytes = json.len();
+            if matches!(message, ServerMessage::Result(_)) {
+                // An initial result is charged before anyone holds on to it.
+                let refused = if bytes > self.limits.result_bytes {
+                    Some(refusal(
+                        ErrorCode::QueryTooLarge,
+                        format!(
+                            "the result is {bytes} bytes; a subscription may hold at most {}",
+                            self.limits.result_bytes
+                        ),
+                    ))
+                } else if !self.budget.try_charge(bytes) {
+                    Some(refusal(
+                        ErrorCode::OverCapacity,
+                        "the server's memory budget for subscriptions is spent; retry later".into(),
+                    ))
+                } else {
+                    self.budget.release(bytes);
+                    None
+                };
+                if let Some(error) = refused {
+                    let (client_id, outbox) = (route.client_id.clone(), route.outbox.clone());
+                    drop(route);
+                    drop(entry);
+                    if let Some((_, route)) = self.routes.remove(&name) {
+                        let route = self.forget(route);
+                        end(route.key);
+                        metrics::gauge!("livegrid_subscriptions").decrement(1.0);
+                    }
+                    if let Some(outbox) = outbox {
+                        outbox.deliver(named(error, &client_id, None).to_json());
+                    }
+                    continue;
+                }
+            }
             if let Some(outbox) = &route.outbox {
                 outbox.deliver(json);
             }
@@ -367,6 +448,18 @@ impl Hub {
             }
         }
     }
+}
+
+/// Whether a resume to `seq` by connection `owner` with `binding` can be honoured: `Some(true)`
+/// from the buffer, `Some(false)` by the right client whose missed messages are gone, `None`
+/// not at all. A subscription only moves forward, to a connection opened after the one holding
+/// it: a resume arriving late on a connection the client already left must not pull it back.
+fn resumable(route: &Route, seq: u64, binding: &Binding, owner: ConnectionId) -> Option<bool> {
+    if route.binding != *binding || route.key == 0 || seq > route.last_seq || owner < route.owner {
+        return None;
+    }
+    let first = route.buffer.front().map_or(route.last_seq + 1, |(m, _)| seq_of(m));
+    Some(first <= seq + 1)
 }
 
 fn seq_of(message: &ServerMessage) -> u64 {
@@ -403,8 +496,8 @@ mod tests {
 
     #[test]
     fn tokens_are_random_and_bound() {
-        let hub = Hub::new(ResumeLimits { messages: 8, bytes: 1 << 20 }, 1000);
-        let (outbox, _rx) = Outbox::new(16);
+        let hub = Hub::new(HubLimits { messages: 8, bytes: 1 << 20, result_bytes: 1 << 20 }, 1000);
+        let (outbox, _rx) = Outbox::new(16, 1 << 20);
         hub.add("1/1".into(), outbox.clone(), 1, "a".into(), binding("{}"), 400).unwrap();
         hub.set_key("1/1", 7);
         hub.add("1/2".into(), outbox.clone(), 1, "b".into(), binding("{}"), 400).unwrap();
@@ -415,7 +508,7 @@ mod tests {
         assert_ne!(tokens[0], tokens[1]);
         let token = hub.routes.get("1/1").unwrap().lock().unwrap().token.clone();
         hub.routes.get("1/1").unwrap().lock().unwrap().last_seq = 1;
-        let (other, _rx2) = Outbox::new(16);
+        let (other, _rx2) = Outbox::new(16, 1 << 20);
         // Another query, a guessed token, an impossible seq: unusable, nothing touched.
         assert!(matches!(hub.resume(&token, 1, &binding("{\"x\":1}"), &other, 2, "z"), Resume::Unusable));
         assert!(matches!(

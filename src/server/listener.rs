@@ -71,7 +71,8 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ListenLimits, mut
             request.extensions_mut().insert(permit.clone());
             request.map(axum::body::Body::new)
         }));
-        let mut builder = Builder::new(TokioExecutor::new());
+        // HTTP/1.1 only: the header timeout below is an HTTP/1 setting.
+        let mut builder = Builder::new(TokioExecutor::new()).http1_only();
         builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
         let (open, mut stop) = (open_rx.clone(), stop.clone());

@@ -31,7 +31,7 @@ use tokio::sync::watch;
 use crate::health::Health;
 use crate::store::{Durability, Store, StoreConfig};
 use api_error::ApiError;
-use hub::{Hub, ResumeLimits};
+use hub::{Hub, HubLimits};
 
 /// How the server runs.
 #[derive(Debug, Clone)]
@@ -44,6 +44,8 @@ pub struct ServerConfig {
     pub grid: GridShape,
     /// Messages a connection may have queued before it is closed as too slow.
     pub queue_capacity: usize,
+    /// Bytes a connection may have queued before it is closed as too slow.
+    pub queue_bytes: usize,
     /// Subscriptions a connection may hold.
     pub max_subscriptions: usize,
     /// Largest client message, in bytes.
@@ -84,6 +86,7 @@ impl Default for ServerConfig {
             data: PathBuf::from("data"),
             grid: GridShape { query_partitions: 1, write_partitions: 1 },
             queue_capacity: 4096,
+            queue_bytes: 64 << 20,
             max_subscriptions: 1000,
             max_message_bytes: 1 << 20,
             heartbeat: session::DEFAULT_HEARTBEAT,
@@ -127,6 +130,13 @@ impl ServerConfig {
         range("subscription_memory", self.subscription_memory as u128, 1 << 20, 1 << 44)?;
         range("max_subscription_bytes", self.max_subscription_bytes as u128, 4096, 1 << 40)?;
         range("window_slack", self.window_slack as u128, 0, 1 << 20)?;
+        range("queue_bytes", self.queue_bytes as u128, self.max_subscription_bytes as u128, 1 << 40)?;
+        if self.resume_buffer >= self.queue_capacity {
+            return Err(format!(
+                "resume_buffer ({}) must be smaller than queue_capacity ({}): a resume must fit the queue",
+                self.resume_buffer, self.queue_capacity
+            ));
+        }
         range("write_queue", self.write_queue as u128, 1, 1 << 20)?;
         range("grid workers", self.grid.workers() as u128, 1, 1024)?;
         Ok(())
@@ -230,14 +240,31 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         });
     }
     let hub = Arc::new(Hub::new(
-        ResumeLimits { messages: config.resume_buffer, bytes: config.resume_buffer_bytes },
+        HubLimits {
+            messages: config.resume_buffer,
+            bytes: config.resume_buffer_bytes,
+            result_bytes: config.max_subscription_bytes,
+        },
         config.subscription_memory,
     ));
     let hub_thread = {
-        let (hub, events, health) = (hub.clone(), engine.messages().clone(), health.clone());
+        let (hub, events, health, engine) = (hub.clone(), engine.messages().clone(), health.clone(), engine.clone());
         std::thread::Builder::new()
             .name("livegrid-hub".into())
-            .spawn(move || hub.run(events, |reason| health.fail(format!("engine: {reason}"))))
+            .spawn(move || {
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    hub.run(
+                        events,
+                        |reason| health.fail(format!("engine: {reason}")),
+                        |key| {
+                            let _ = engine.unregister(key);
+                        },
+                    )
+                }));
+                if ran.is_err() {
+                    health.fail("the hub thread panicked: deltas no longer reach clients");
+                }
+            })
             .map_err(|e| ServerError::Config(format!("starting the hub: {e}")))?
     };
     let (stop, shutdown) = watch::channel(false);
@@ -250,9 +277,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
                 _ = health.failed() => {}
                 _ = until.changed() => return,
             };
-            for key in hub.fail_all() {
-                let _ = engine.unregister(key);
-            }
+            let _ = tokio::task::spawn_blocking(move || {
+                for key in hub.fail_all() {
+                    let _ = engine.unregister(key);
+                }
+            })
+            .await;
         });
     }
     let state = AppState {
@@ -299,10 +329,15 @@ fn spawn_expiry(hub: Arc<Hub>, engine: Arc<Engine>, grace: Duration, mut until: 
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    for key in hub.expire(grace) {
-                        let _ = engine.unregister(key);
-                        metrics::gauge!("livegrid_subscriptions").decrement(1.0);
-                    }
+                    // A scan of every route and engine calls: not on the runtime's threads.
+                    let (hub, engine) = (hub.clone(), engine.clone());
+                    let _ = tokio::task::spawn_blocking(move || {
+                        for key in hub.expire(grace) {
+                            let _ = engine.unregister(key);
+                            metrics::gauge!("livegrid_subscriptions").decrement(1.0);
+                        }
+                    })
+                    .await;
                 }
                 _ = until.changed() => break,
             }
@@ -327,7 +362,8 @@ impl RunningServer {
     }
 
     /// Stops accepting, closes every connection with a reason, drains the store into the
-    /// engine, and joins the store's, the engine's and the hub's threads.
+    /// engine, and joins the store's, the engine's and the hub's threads (after a failure,
+    /// the grid's threads may be stuck waiting for a dead worker: they are left behind).
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         if let Err(e) = (&mut self.serving).await {
@@ -365,10 +401,16 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn websocket(
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
     State(state): State<AppState>,
     permit: Option<axum::Extension<listener::ConnectionPermit>>,
-) -> impl IntoResponse {
+) -> axum::response::Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => {
+            return ApiError::new(rejection.status(), "bad_upgrade", rejection.body_text()).into_response();
+        }
+    };
     // Messages over `max_message_bytes` get a `message_too_large` error; frames far beyond it
     // end the connection with 1009 before they are buffered.
     let limit = state.config.frame_limit();

@@ -32,14 +32,56 @@ use crate::store::{Store, Write, id_label};
 
 type Reply = Result<(StatusCode, Json<Value>), ApiError>;
 
-/// A JSON body; its rejections are API errors.
-pub struct JsonBody(pub Value);
+/// Bodies larger than this are parsed and checked on the blocking pool, not the runtime.
+const LARGE_BODY: usize = 64 * 1024;
+
+/// A JSON body as a BSON document, and whether it was large; its rejections are API errors.
+pub struct JsonBody {
+    /// The document.
+    pub doc: Document,
+    /// Whether the body was large enough that its checks belong on the blocking pool.
+    pub large: bool,
+}
 
 impl<S: Send + Sync> FromRequest<S> for JsonBody {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        Ok(JsonBody(Json::<Value>::from_request(request, state).await?.0))
+        let json = request
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|mime| {
+                let mime = mime.trim().to_ascii_lowercase();
+                mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+            });
+        if !json {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "expected a body with content-type application/json",
+            ));
+        }
+        let bytes = axum::body::Bytes::from_request(request, state).await.map_err(|rejection| {
+            let status = rejection.status();
+            let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "body_too_large" } else { "bad_body" };
+            ApiError::new(status, code, rejection.body_text().to_lowercase())
+        })?;
+        let large = bytes.len() > LARGE_BODY;
+        let parse = move || -> Result<Document, ApiError> {
+            let value: Value = serde_json::from_slice(&bytes)
+                .map_err(|e| ApiError::bad_request("bad_json", format!("invalid JSON body: {e}")))?;
+            body_document(value)
+        };
+        let doc = if large {
+            tokio::task::spawn_blocking(parse)
+                .await
+                .map_err(|e| ApiError::internal(format!("parsing the body failed: {e}")))??
+        } else {
+            parse()?
+        };
+        Ok(JsonBody { doc, large })
     }
 }
 
@@ -99,9 +141,8 @@ fn written(events: &[livegrid_engine::ChangeEvent]) -> Value {
 
 /// `POST /v1/db/{db}/{coll}`
 pub async fn insert(State(state): State<AppState>, Path((db, coll)): Path<(String, String)>, body: JsonBody) -> Reply {
-    let doc = body_document(body.0)?;
     let ns = namespace(&db, &coll)?;
-    let events = state.store.write_async(&ns, vec![Write::Insert(doc)]).await?;
+    let events = state.store.write_async(&ns, vec![Write::Insert(body.doc)], body.large).await?;
     Ok((StatusCode::CREATED, Json(written(&events))))
 }
 
@@ -122,10 +163,9 @@ pub async fn replace(
     Path((db, coll, id)): Path<(String, String, String)>,
     body: JsonBody,
 ) -> Reply {
-    let doc = body_document(body.0)?;
     let ns = namespace(&db, &coll)?;
     let id = resolve(&state, &ns, id).await?;
-    let events = state.store.write_async(&ns, vec![Write::Replace(id, doc)]).await?;
+    let events = state.store.write_async(&ns, vec![Write::Replace(id, body.doc)], body.large).await?;
     let created = events.first().is_some_and(|e| e.op == livegrid_engine::ChangeOp::Insert);
     Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(written(&events))))
 }
@@ -136,7 +176,7 @@ pub async fn update(
     Path((db, coll, id)): Path<(String, String, String)>,
     body: JsonBody,
 ) -> Reply {
-    let changes = body_document(body.0)?;
+    let (changes, large) = (body.doc, body.large);
     if !crate::store::update::is_operator_update(&changes) {
         return Err(ApiError::bad_request(
             "bad_update",
@@ -145,7 +185,7 @@ pub async fn update(
     }
     let ns = namespace(&db, &coll)?;
     let id = resolve(&state, &ns, id).await?;
-    let events = state.store.write_async(&ns, vec![Write::Update(id, changes)]).await?;
+    let events = state.store.write_async(&ns, vec![Write::Update(id, changes)], large).await?;
     Ok((StatusCode::OK, Json(written(&events))))
 }
 
@@ -153,7 +193,7 @@ pub async fn update(
 pub async fn delete(State(state): State<AppState>, Path((db, coll, id)): Path<(String, String, String)>) -> Reply {
     let ns = namespace(&db, &coll)?;
     let id = resolve(&state, &ns, id).await?;
-    let events = state.store.write_async(&ns, vec![Write::Delete(id)]).await?;
+    let events = state.store.write_async(&ns, vec![Write::Delete(id)], false).await?;
     Ok((StatusCode::OK, Json(written(&events))))
 }
 
@@ -185,11 +225,13 @@ pub async fn query(
         limit: params.limit,
         projection: parse("projection", &params.projection)?,
     };
-    let query = Query::compile(&spec).map_err(|e| ApiError::bad_request("bad_query", e.to_string()))?;
     let ns = namespace(&db, &coll)?;
-    let k = query.limit.map(|l| usize::try_from(query.skip.saturating_add(l)).unwrap_or(usize::MAX));
+    // Compiling (regexes) and scanning belong on the blocking pool.
     let (docs, position) = blocking(&state.store, move |s| {
-        s.read(&ns, &query, k).map(|snapshot| (query.evaluate(&snapshot.docs), snapshot.position))
+        let query = Query::compile(&spec).map_err(|e| ApiError::bad_request("bad_query", e.to_string()))?;
+        let k = query.window_end().map(|end| usize::try_from(end).unwrap_or(usize::MAX));
+        let snapshot = s.read(&ns, &query, k)?;
+        Ok::<_, ApiError>((query.evaluate(&snapshot.docs), snapshot.position))
     })
     .await??;
     let docs: Vec<Value> = docs.iter().map(extjson::document_to_relaxed_json).collect();
@@ -199,10 +241,11 @@ pub async fn query(
 /// `POST /v1/db/{db}/{coll}/_bulk` with `{"writes": [{"insert": doc} | {"replace": {"_id", "doc"}}
 /// | {"update": {"_id", "update"}} | {"delete": {"_id"}}]}`
 pub async fn bulk(State(state): State<AppState>, Path((db, coll)): Path<(String, String)>, body: JsonBody) -> Reply {
-    let body = body_document(body.0)?;
+    let (large, body) = (body.large, body.doc);
     let Ok(items) = body.get_array("writes") else {
         return Err(ApiError::bad_request("bad_bulk", "expected {\"writes\": [...]}"));
     };
+    let items_len = items.len();
     let mut writes = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let bad = |why: &str| ApiError::bad_request("bad_bulk", format!("writes[{i}]: {why}"));
@@ -228,7 +271,7 @@ pub async fn bulk(State(state): State<AppState>, Path((db, coll)): Path<(String,
         });
     }
     let ns = namespace(&db, &coll)?;
-    let events = state.store.write_async(&ns, writes).await?;
+    let events = state.store.write_async(&ns, writes, large || items_len > 64).await?;
     let positions: Vec<u64> = events.iter().map(|e| e.position).collect();
     let ids: Vec<Value> = events.iter().map(|e| extjson::to_relaxed_json(&e.id)).collect();
     Ok((StatusCode::OK, Json(json!({"positions": positions, "ids": ids}))))

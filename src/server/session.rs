@@ -65,7 +65,10 @@ const SUBSCRIPTION_BASE_BYTES: usize = 2048;
 pub async fn run(socket: WebSocket, state: AppState, permit: Option<ConnectionPermit>) {
     let _permit = permit;
     let connection: ConnectionId = state.next_connection.fetch_add(1, Ordering::Relaxed);
-    let (outbox, mut outgoing) = Outbox::new(state.config.queue_capacity);
+    let (outbox, mut outgoing) = Outbox::new(state.config.queue_capacity, state.config.queue_bytes);
+    // A peer that stops reading blocks a send once socket buffers fill: such a send fails
+    // after a heartbeat interval, so that the connection is cut rather than stuck.
+    let send_timeout = state.config.heartbeat;
     let (mut sink, mut stream) = socket.split();
     let mut subscriptions: HashMap<String, Active> = HashMap::new();
     let interval = state.config.heartbeat;
@@ -104,9 +107,15 @@ pub async fn run(socket: WebSocket, state: AppState, permit: Option<ConnectionPe
                 }
             }
             Some(text) = outgoing.recv() => {
+                outbox.taken(text.len());
                 metrics::counter!("livegrid_messages_out").increment(1);
-                if sink.send(Message::Text(text.into())).await.is_err() {
-                    break None;
+                match tokio::time::timeout(send_timeout, sink.send(Message::Text(text.into()))).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break None,
+                    Err(_) => {
+                        metrics::counter!("livegrid_slow_consumers_cut").increment(1);
+                        break Some((CLOSE_POLICY, "client too slow: not reading; reconnect and resume".to_string()));
+                    }
                 }
             }
             _ = outbox.overflow.notified() => {
@@ -125,7 +134,7 @@ pub async fn run(socket: WebSocket, state: AppState, permit: Option<ConnectionPe
                     break Some((CLOSE_POLICY, "no frame since the last ping".to_string()));
                 }
                 ping_sent = Some(now);
-                if sink.send(Message::Ping(Vec::new().into())).await.is_err() {
+                if !matches!(tokio::time::timeout(send_timeout, sink.send(Message::Ping(Vec::new().into()))).await, Ok(Ok(()))) {
                     break None;
                 }
             }
@@ -135,7 +144,7 @@ pub async fn run(socket: WebSocket, state: AppState, permit: Option<ConnectionPe
                 for id in subscriptions.keys() {
                     let message = format!("livegrid failed ({reason}); results are no longer kept, reconnect later");
                     let error = error(Some(id.clone()), ErrorCode::Unavailable, message);
-                    let _ = sink.send(Message::Text(error.to_json().into())).await;
+                    let _ = tokio::time::timeout(send_timeout, sink.send(Message::Text(error.to_json().into()))).await;
                 }
                 break Some((CLOSE_INTERNAL, format!("livegrid failed: {reason}")));
             }
@@ -154,10 +163,19 @@ pub async fn run(socket: WebSocket, state: AppState, permit: Option<ConnectionPe
     }
     if let Some((code, reason)) = close {
         tracing::info!(connection, code, reason = %reason, "closing connection");
-        let reason: String = reason.chars().take(120).collect();
-        let _ = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+        let frame = CloseFrame { code, reason: close_reason(&reason).into() };
+        let _ = tokio::time::timeout(send_timeout, sink.send(Message::Close(Some(frame)))).await;
     }
     metrics::gauge!("livegrid_connections").decrement(1.0);
+}
+
+/// A close reason within the 123 bytes a close frame allows, cut at a character boundary.
+fn close_reason(reason: &str) -> String {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_string()
 }
 
 /// The close frame for a read error: a frame over the limit, text that is not UTF-8, a broken
@@ -188,10 +206,18 @@ struct Active {
 fn end(state: &AppState, connection: ConnectionId, active: &Active) {
     // A subscription resumed on another connection is no longer this connection's to end.
     if let Some(key) = state.hub.remove(&active.name, connection) {
-        debug_assert_eq!(key, active.key);
-        let _ = state.engine.unregister(key);
+        debug_assert!(key == active.key || key == 0);
+        unregister(state, key);
         metrics::gauge!("livegrid_subscriptions").decrement(1.0);
     }
+}
+
+/// Ends an engine subscription on the blocking pool (it may wait for the engine's ingest lock).
+fn unregister(state: &AppState, key: QueryKey) {
+    let engine = state.engine.clone();
+    tokio::task::spawn_blocking(move || {
+        let _ = engine.unregister(key);
+    });
 }
 
 /// Handles one client message; returns the replies to queue.
@@ -216,7 +242,7 @@ async fn handle(
         Err(e) => return vec![error(None, ErrorCode::BadMessage, format!("invalid message: {e}"))],
     };
     match message {
-        ClientMessage::Ping => vec![ServerMessage::Pong],
+        ClientMessage::Ping {} => vec![ServerMessage::Pong],
         ClientMessage::Unsubscribe { id } => match subscriptions.remove(&id) {
             Some(active) => {
                 end(state, connection, &active);
@@ -299,13 +325,16 @@ async fn subscribe_one(
     if let Some(resume) = &subscribe.resume {
         match state.hub.resume(&resume.token, resume.seq, &binding, outbox, connection, &id) {
             Resume::Resumed(resumed) => {
+                // Resumed twice on this connection under different ids: the newest id wins.
+                subscriptions.retain(|_, active| active.name != resumed.name);
                 subscriptions.insert(id, Active { key: resumed.key, name: resumed.name });
                 metrics::counter!("livegrid_resumes").increment(1);
                 return Ok(());
             }
             Resume::Replaced(old) => {
                 // The client's own subscription, whose missed messages are gone: replace it.
-                let _ = state.engine.unregister(old);
+                subscriptions.retain(|_, active| active.key != old);
+                unregister(state, old);
                 metrics::gauge!("livegrid_subscriptions").decrement(1.0);
             }
             Resume::Unusable => metrics::counter!("livegrid_resumes_refused").increment(1),
@@ -322,7 +351,11 @@ async fn subscribe_one(
         tokio::task::spawn_blocking(move || engine.register_query(&engine_name, &ns, &spec, &compiled.query)).await;
     match registered {
         Ok(Ok(key)) => {
-            state.hub.set_key(&name, key);
+            if !state.hub.set_key(&name, key) {
+                // Ended while registering (the server failed, or its result was refused).
+                unregister(state, key);
+                return Ok(());
+            }
             subscriptions.insert(id, Active { key, name });
             metrics::gauge!("livegrid_subscriptions").increment(1.0);
             Ok(())

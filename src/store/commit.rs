@@ -93,10 +93,17 @@ pub(crate) fn start(
         unsynced: false,
         pending: Vec::new(),
         failed: None,
+        flushed: Instant::now(),
     };
     let committer = std::thread::Builder::new()
         .name("livegrid-commit".into())
-        .spawn(move || committer.run(queue))
+        .spawn(move || {
+            let health = committer.health.clone();
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| committer.run(queue))).is_err() {
+                // Every queued writer gets "unavailable" as the queue drops; say why, loudly.
+                health.fail("store: the committer thread panicked");
+            }
+        })
         .map_err(spawn_error)?;
     let ticker = match config.durability {
         Durability::Durable => None,
@@ -135,6 +142,8 @@ struct Committer {
     pending: Vec<ChangeEvent>,
     /// Why the store stopped, once it did.
     failed: Option<String>,
+    /// When commits last became durable.
+    flushed: Instant,
 }
 
 impl Committer {
@@ -213,7 +222,12 @@ impl Committer {
             metrics::histogram!("livegrid_store_write_seconds").record(started.elapsed().as_secs_f64());
             let _ = request.reply.send(answer);
         }
-        if tick || !syncs.is_empty() || self.pending.len() >= MAX_PENDING {
+        // A busy committer flushes on time by itself: the ticker's nudge may not fit the queue.
+        let due = match self.durability {
+            Durability::Periodic(every) => self.unsynced && self.flushed.elapsed() >= every,
+            Durability::Durable => false,
+        };
+        if tick || due || !syncs.is_empty() || self.pending.len() >= MAX_PENDING {
             let flushed = self.flush();
             if let Err(e) = &flushed {
                 self.fail(format!("flush failed: {e}"));
@@ -275,6 +289,9 @@ impl Committer {
         self.reserved = reserved;
         // An fsync makes every earlier commit durable too.
         self.unsynced = !durable;
+        if durable {
+            self.flushed = Instant::now();
+        }
         Ok(answers)
     }
 
@@ -287,6 +304,7 @@ impl Committer {
             txn.commit()?;
             self.unsynced = false;
         }
+        self.flushed = Instant::now();
         let pending = std::mem::take(&mut self.pending);
         self.deliver(pending);
         Ok(())

@@ -4,10 +4,13 @@
 //! Documents live in one table keyed by namespace and `_id`; a second table holds the
 //! position of the last write. Every write request (one document, or a bulk batch) is atomic:
 //! it either applies whole, taking the next positions, or changes nothing. Reads run on redb's
-//! MVCC snapshots, so a snapshot read sees exactly the writes up to the position it reports.
+//! MVCC snapshots, so a snapshot read sees exactly the writes up to the position it reports
+//! (with periodic durability that includes committed writes not yet on disk, which a crash
+//! can roll back; deltas, by contrast, only ever announce durable writes).
 //!
 //! # Durability and group commit
-//! Writes go through one bounded queue to the committer thread ([`commit`]), which applies
+//! Writes go through one queue, bounded in requests and in bytes (256 MiB of documents), to the
+//! committer thread ([`commit`]), which applies
 //! every request waiting in the queue in one redb transaction and one fsync, then answers
 //! each. With [`Durability::Durable`] (the default) a write is answered only once it is on
 //! disk: concurrent writers share the fsync, so durability costs latency, not throughput.
@@ -82,6 +85,9 @@ pub enum StoreError {
     /// The store cannot take writes: it is closing, or a commit failed and it stopped.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// Stored bytes cannot be read back (written by something else, or damaged).
+    #[error("stored document cannot be read: {0}")]
+    Corrupt(limits::LimitError),
 }
 
 /// One write of a batch.
@@ -100,13 +106,14 @@ pub enum Write {
 impl Write {
     /// Checks what can be checked before the write is queued: ids, sizes, nesting, update
     /// paths. The committer checks the rest (existence, the updated document's limits).
-    fn precheck(&self) -> Result<(), StoreError> {
-        match self {
+    /// Returns the request's size in bytes of BSON (what it holds while queued).
+    fn precheck(&self) -> Result<usize, StoreError> {
+        Ok(match self {
             Write::Insert(doc) => {
                 if matches!(doc.get("_id"), Some(Bson::Array(_))) {
                     return Err(StoreError::Invalid("_id cannot be an array".into()));
                 }
-                limits::encode_checked(doc)?;
+                limits::encode_checked(doc)?.len()
             }
             Write::Replace(id, doc) => {
                 if matches!(id, Bson::Array(_)) {
@@ -115,18 +122,18 @@ impl Write {
                 if update::is_operator_update(doc) {
                     return Err(StoreError::Invalid("a replacement document cannot contain update operators".into()));
                 }
-                limits::encode_checked(doc)?;
+                limits::encode_checked(doc)?.len()
             }
             Write::Update(_, changes) => {
                 if update::is_operator_update(changes) {
                     update::validate(changes)?;
+                    changes.to_vec().map(|b| b.len()).unwrap_or(0)
                 } else {
-                    limits::encode_checked(changes)?;
+                    limits::encode_checked(changes)?.len()
                 }
             }
-            Write::Delete(_) => {}
-        }
-        Ok(())
+            Write::Delete(_) => 64,
+        })
     }
 }
 
@@ -188,7 +195,12 @@ pub struct Store {
     committer: Mutex<Option<commit::Handle>>,
     /// Snapshot reads still to fail (fault injection for tests).
     failing_reads: std::sync::atomic::AtomicU64,
+    /// Room, in KiB, for the documents of queued write requests.
+    queue_bytes: tokio::sync::Semaphore,
 }
+
+/// KiB of documents that queued write requests may hold together.
+const QUEUE_KIB: u32 = 256 * 1024;
 
 impl Store {
     /// Opens (or creates) the store in `dir` with the default configuration.
@@ -210,6 +222,7 @@ impl Store {
             jobs: Mutex::new(Some(jobs)),
             committer: Mutex::new(Some(handle)),
             failing_reads: std::sync::atomic::AtomicU64::new(0),
+            queue_bytes: tokio::sync::Semaphore::new(QUEUE_KIB as usize),
         })
     }
 
@@ -251,8 +264,20 @@ impl Store {
     /// Applies writes atomically: all commit, each at the next position, or none does.
     /// Answers once the writes are durable (or committed, with periodic durability). Waits
     /// while the committer's queue is full.
-    pub async fn write_async(&self, ns: &str, writes: Vec<Write>) -> Result<Vec<ChangeEvent>, StoreError> {
-        let (job, done) = prepare(ns, writes)?;
+    /// With `large`, the request's checks (which encode its documents) run on the blocking
+    /// pool rather than on the caller's async thread.
+    pub async fn write_async(&self, ns: &str, writes: Vec<Write>, large: bool) -> Result<Vec<ChangeEvent>, StoreError> {
+        let (job, done, bytes) = if large {
+            let ns = ns.to_string();
+            tokio::task::spawn_blocking(move || prepare(&ns, writes))
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("checking the write failed: {e}")))??
+        } else {
+            prepare(ns, writes)?
+        };
+        // Queued requests hold their documents: they wait for room in a byte budget too.
+        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX).clamp(1, QUEUE_KIB);
+        let _room = self.queue_bytes.acquire_many(kib).await.map_err(|_| closed())?;
         let jobs = self.sender()?;
         jobs.send(job).await.map_err(|_| closed())?;
         done.await.map_err(|_| closed())?
@@ -260,7 +285,7 @@ impl Store {
 
     /// [`Store::write_async`] for threads outside the async runtime.
     pub fn write(&self, ns: &str, writes: Vec<Write>) -> Result<Vec<ChangeEvent>, StoreError> {
-        let (job, done) = prepare(ns, writes)?;
+        let (job, done, _) = prepare(ns, writes)?;
         self.sender()?.blocking_send(job).map_err(|_| closed())?;
         done.blocking_recv().map_err(|_| closed())?
     }
@@ -326,13 +351,14 @@ fn closed() -> StoreError {
 type Answer = oneshot::Receiver<Result<Vec<ChangeEvent>, StoreError>>;
 
 /// Checks a request and wraps it for the committer.
-fn prepare(ns: &str, writes: Vec<Write>) -> Result<(commit::Job, Answer), StoreError> {
+fn prepare(ns: &str, writes: Vec<Write>) -> Result<(commit::Job, Answer, usize), StoreError> {
     check_namespace(ns)?;
+    let mut bytes = 0usize;
     for write in &writes {
-        write.precheck()?;
+        bytes = bytes.saturating_add(write.precheck()?);
     }
     let (reply, done) = oneshot::channel();
-    Ok((commit::Job::Write(commit::Request { ns: ns.to_string(), writes, reply }), done))
+    Ok((commit::Job::Write(commit::Request { ns: ns.to_string(), writes, reply }), done, bytes))
 }
 
 /// The position to continue from: above every position a crashed run may have handed out.
@@ -396,7 +422,7 @@ fn doc_key(ns: &str, id: &Bson) -> Result<Vec<u8>, StoreError> {
 }
 
 fn decode(bytes: &[u8]) -> Result<Document, StoreError> {
-    Ok(limits::decode_checked(bytes)?)
+    limits::decode_checked(bytes).map_err(StoreError::Corrupt)
 }
 
 /// The document with `_id` first, generating an ObjectId when it has none.

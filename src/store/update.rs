@@ -72,6 +72,9 @@ pub fn validate(update: &Document) -> Result<(), UpdateError> {
             if op == "$rename" {
                 let Bson::String(to) = value else { return Err(op_error(op, path, "the new name must be a string")) };
                 check_path(op, to)?;
+                if to == "_id" || to.starts_with("_id.") {
+                    return Err(op_error(op, to, "cannot modify _id"));
+                }
             }
         }
     }
@@ -114,6 +117,9 @@ pub fn is_operator_update(update: &Document) -> bool {
 pub fn apply(doc: &Document, update: &Document) -> Result<Document, UpdateError> {
     validate(update)?;
     let mut out = doc.clone();
+    // Null elements this update may still add to pad arrays, over all its paths together: one
+    // element costs far more in memory than in BSON, so the 16 MiB check alone does not bound it.
+    let mut padding = MAX_PADDING;
     for (op, arg) in update {
         let Bson::Document(fields) = arg else {
             return Err(op_error(op, "(top level)", "needs a document of fields"));
@@ -125,13 +131,14 @@ pub fn apply(doc: &Document, update: &Document) -> Result<Document, UpdateError>
             if path == "_id" || path.starts_with("_id.") {
                 return Err(op_error(op, path, "cannot modify _id"));
             }
-            apply_one(&mut out, op, path, value)?;
+            apply_one(&mut out, op, path, value, &mut padding)?;
         }
     }
     Ok(out)
 }
 
-fn apply_one(doc: &mut Document, op: &str, path: &str, value: &Bson) -> Result<(), UpdateError> {
+fn apply_one(doc: &mut Document, op: &str, path: &str, value: &Bson, padding: &mut usize) -> Result<(), UpdateError> {
+    let mut set = |doc: &mut Document, path: &str, value: Bson, op: &str| set_padded(doc, path, value, op, padding);
     match op {
         "$set" => set(doc, path, value.clone(), op),
         "$unset" => {
@@ -321,6 +328,12 @@ pub fn get_mut<'a>(doc: &'a mut Document, path: &str) -> Option<&'a mut Bson> {
 
 /// Sets a dotted path, creating documents on the way; fails across a non-document.
 pub fn set(doc: &mut Document, path: &str, value: Bson, op: &str) -> Result<(), UpdateError> {
+    let mut padding = MAX_PADDING;
+    set_padded(doc, path, value, op, &mut padding)
+}
+
+/// [`set`], padding arrays by at most `padding` null elements (and counting them down).
+fn set_padded(doc: &mut Document, path: &str, value: Bson, op: &str, padding: &mut usize) -> Result<(), UpdateError> {
     if path.is_empty() || path.split('.').any(|p| p.is_empty() || p.starts_with('$')) {
         return Err(op_error(op, path, "invalid field path"));
     }
@@ -335,14 +348,21 @@ pub fn set(doc: &mut Document, path: &str, value: Bson, op: &str) -> Result<(), 
         }
         Some(rest) => {
             let child = doc.entry(head.to_string()).or_insert_with(|| Bson::Document(Document::new()));
-            set_in(child, rest, value, op, path)
+            set_in(child, rest, value, op, path, padding)
         }
     }
 }
 
-fn set_in(target: &mut Bson, rest: &str, value: Bson, op: &str, full: &str) -> Result<(), UpdateError> {
+fn set_in(
+    target: &mut Bson,
+    rest: &str,
+    value: Bson,
+    op: &str,
+    full: &str,
+    padding: &mut usize,
+) -> Result<(), UpdateError> {
     match target {
-        Bson::Document(d) => set(d, rest, value, op),
+        Bson::Document(d) => set_padded(d, rest, value, op, padding),
         Bson::Array(items) => {
             let (head, tail) = match rest.split_once('.') {
                 Some((h, t)) => (h, Some(t)),
@@ -350,12 +370,16 @@ fn set_in(target: &mut Bson, rest: &str, value: Bson, op: &str, full: &str) -> R
             };
             let index: usize =
                 head.parse().map_err(|_| op_error(op, full, "array elements are addressed by number"))?;
-            if index >= items.len() && index > MAX_PADDING {
-                return Err(op_error(
-                    op,
-                    &shorten(full),
-                    format!("can't backfill array to larger than {MAX_PADDING} elements"),
-                ));
+            if index >= items.len() {
+                let added = index - items.len();
+                if index > MAX_PADDING || added > *padding {
+                    return Err(op_error(
+                        op,
+                        &shorten(full),
+                        format!("can't backfill array to larger than {MAX_PADDING} elements"),
+                    ));
+                }
+                *padding -= added;
             }
             while items.len() <= index {
                 items.push(Bson::Null);
@@ -369,7 +393,7 @@ fn set_in(target: &mut Bson, rest: &str, value: Bson, op: &str, full: &str) -> R
                     if matches!(items[index], Bson::Null) {
                         items[index] = Bson::Document(Document::new());
                     }
-                    set_in(&mut items[index], tail, value, op, full)
+                    set_in(&mut items[index], tail, value, op, full, padding)
                 }
             }
         }
@@ -461,6 +485,11 @@ mod tests {
         assert_eq!(padded, doc! {"a": [1, null, null, 2]});
         let err = apply(&doc! {"a": [1]}, &doc! {"$set": {"a.1000000000": 1}}).unwrap_err();
         assert!(err.to_string().contains("can't backfill array to larger than 1500000 elements"), "{err}");
+        // Padding adds up over all the paths of one update.
+        let many: Document = (0..3).map(|i| (format!("a{i}.1000000"), Bson::Int32(1))).collect();
+        let err = apply(&doc! {"a0": [], "a1": [], "a2": []}, &doc! {"$set": many}).unwrap_err();
+        assert!(err.to_string().contains("can't backfill"), "{err}");
+        assert!(apply(&doc! {"_id": 1, "a": 1}, &doc! {"$rename": {"a": "_id"}}).is_err());
         // An existing element may be set at any index.
         assert!(apply(&doc! {"a": [1]}, &doc! {"$set": {"a.0": 5}}).is_ok());
         // Paths: at most 100 components, reported without echoing the whole path.
