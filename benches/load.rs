@@ -8,6 +8,11 @@
 //!
 //! Run with `scripts/bench.sh load` (or `cargo bench --bench load`).
 
+
+/// The allocator the `livegrid` binary uses, so that the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
