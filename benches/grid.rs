@@ -127,8 +127,8 @@ fn run(queries: usize, shape: GridShape, rate: u64) {
 
     let specs: Vec<_> = (0..queries).map(|_| workload.query()).collect();
     let (rss_before, live_before) = (resident_bytes(), live_bytes());
-    for (i, spec) in specs.iter().enumerate() {
-        engine.register(&format!("q{i}"), NAMESPACE, spec).unwrap();
+    for spec in &specs {
+        engine.register(NAMESPACE, spec).unwrap();
     }
     assert!(engine.settle(Duration::from_secs(600)));
     let per_query = (live_bytes() - live_before) as f64 / queries as f64;

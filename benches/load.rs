@@ -8,7 +8,6 @@
 //!
 //! Run with `scripts/bench.sh load` (or `cargo bench --bench load`).
 
-
 /// The allocator the `livegrid` binary uses, so that the figures are the binary's.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

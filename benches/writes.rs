@@ -8,7 +8,6 @@
 //! The server and the clients share this process and its cores, so the figures are
 //! conservative. Run with `scripts/bench.sh writes`.
 
-
 /// The allocator the `livegrid` binary uses, so that the figures are the binary's.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -4,8 +4,8 @@
 //! # Threads
 //! Timely workers run on their own threads. The handle's methods may be called from any
 //! thread; they hand records to worker 0 through a channel and wake it. A router thread
-//! receives what the workers deliver, names each message with its subscription's id and
-//! passes everything on to [`Engine::messages`]. Window re-reads run on two re-read threads of
+//! receives what the workers deliver and passes every message on to [`Engine::messages`], keyed
+//! by subscription (callers route by key, see [`Engine::reserve_key`]). Window re-reads run on two re-read threads of
 //! their own (through the [`SnapshotSource`]), fed by a queue the router never blocks on (a
 //! window asks for one re-read at a time, so it holds at most one entry per window): a slow
 //! read never holds up other subscriptions' messages. A panic on any of these threads is
@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use livegrid_matcher::{Query, QueryError, QuerySpec};
-use livegrid_protocol::{DeltaMessage, ErrorCode, ErrorMessage, Position, ResultMessage, ServerMessage};
+use livegrid_protocol::{ErrorCode, Frame, Position};
 
 use crate::doc_id::DocId;
 use crate::event::ChangeEvent;
@@ -101,16 +101,25 @@ pub enum EngineError {
 
 /// What the engine tells its user.
 #[derive(Debug, Clone)]
-#[expect(clippy::large_enum_variant, reason = "messages dominate the stream; boxing them would add an allocation each")]
 pub enum EngineEvent {
-    /// A message for a subscription's client.
+    /// A message for a subscription's client, its documents already encoded.
     Message {
         /// The subscription.
         key: QueryKey,
-        /// The message (`result` or `delta`).
-        message: ServerMessage,
+        /// The message (`result` or `delta`), without the client's id.
+        frame: Frame,
         /// For deltas: the time from the write entering the engine to here.
         latency: Option<Duration>,
+    },
+    /// The engine ended a subscription it could no longer keep exact (its window could not
+    /// be refilled); its client must subscribe again.
+    Ended {
+        /// The subscription.
+        key: QueryKey,
+        /// The error code for the client.
+        code: ErrorCode,
+        /// Why, for people.
+        message: String,
     },
     /// Every write at or below this position has been processed; all their messages came
     /// before this event.
@@ -133,7 +142,6 @@ const REREAD_BACKOFF: [Duration; 5] = [
 
 /// What the engine keeps per subscription: little, since there may be millions.
 struct Subscribed {
-    id: Arc<str>,
     ns: Arc<str>,
     /// The query partition.
     column: u32,
@@ -146,7 +154,6 @@ struct Ingest {
     retention: Retention,
     subscriptions: HashMap<QueryKey, Subscribed>,
     namespaces: HashMap<String, Arc<str>>,
-    next_key: QueryKey,
     commands: Option<Sender<Command>>,
 }
 
@@ -161,6 +168,8 @@ struct Shared {
     sent: AtomicU64,
     /// Feed commands fully processed, with a signal for waiters.
     progress: (Mutex<u64>, Condvar),
+    /// The next subscription key.
+    next_key: AtomicU64,
     /// Window re-reads fed (or given up) so far.
     rereads: AtomicU64,
     /// Window re-reads asked for and not yet fed or given up.
@@ -272,7 +281,6 @@ impl Engine {
                 retention: Retention::new(config.retention),
                 subscriptions: HashMap::default(),
                 namespaces: HashMap::default(),
-                next_key: 1,
                 commands: feeds.then_some(command_tx),
             }),
             snapshot,
@@ -280,6 +288,7 @@ impl Engine {
             processed: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             progress: (Mutex::new(0), Condvar::new()),
+            next_key: AtomicU64::new(1),
             rereads: AtomicU64::new(0),
             pending_rereads: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
@@ -365,20 +374,29 @@ impl Engine {
         Ok(ignored)
     }
 
-    /// Registers a subscription, reading its initial result from the snapshot source (and
-    /// reading again if the grid has moved on past the retention buffer meanwhile).
-    pub fn register(&self, id: &str, ns: &str, spec: &QuerySpec) -> Result<QueryKey, EngineError> {
-        let query = Query::compile(spec)?;
-        self.register_query(id, ns, spec, &query)
+    /// A fresh subscription key: callers that route messages by key learn it before the
+    /// first message can arrive, then register with [`Engine::register_as`].
+    pub fn reserve_key(&self) -> QueryKey {
+        self.shared.next_key.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// [`Engine::register`] for a query the caller compiled from `spec` already.
-    pub fn register_query(&self, id: &str, ns: &str, spec: &QuerySpec, query: &Query) -> Result<QueryKey, EngineError> {
+    /// Registers a subscription, reading its initial result from the snapshot source (and
+    /// reading again if the grid has moved on past the retention buffer meanwhile).
+    pub fn register(&self, ns: &str, spec: &QuerySpec) -> Result<QueryKey, EngineError> {
+        let query = Query::compile(spec)?;
+        let key = self.reserve_key();
+        self.register_as(key, ns, spec, &query)?;
+        Ok(key)
+    }
+
+    /// [`Engine::register`] under a key from [`Engine::reserve_key`], for a query the caller
+    /// compiled from `spec` already.
+    pub fn register_as(&self, key: QueryKey, ns: &str, spec: &QuerySpec, query: &Query) -> Result<(), EngineError> {
         let k = self.window_capacity(query);
         let mut attempts = 0;
         loop {
             let snapshot = self.shared.snapshot.read(ns, query, k)?;
-            match self.register_compiled(id, ns, spec, query, snapshot) {
+            match self.register_compiled(key, ns, spec, query, snapshot) {
                 Err(EngineError::StaleSnapshot { .. }) if attempts < 3 => attempts += 1,
                 other => return other,
             }
@@ -395,42 +413,39 @@ impl Engine {
     /// in sort order.
     pub fn register_with_snapshot(
         &self,
-        id: &str,
         ns: &str,
         spec: &QuerySpec,
         snapshot: Snapshot,
     ) -> Result<QueryKey, EngineError> {
         let query = Query::compile(spec)?;
-        self.register_compiled(id, ns, spec, &query, snapshot)
+        let key = self.reserve_key();
+        self.register_compiled(key, ns, spec, &query, snapshot)?;
+        Ok(key)
     }
 
     fn register_compiled(
         &self,
-        id: &str,
+        key: QueryKey,
         ns: &str,
         spec: &QuerySpec,
         query: &Query,
         snapshot: Snapshot,
-    ) -> Result<QueryKey, EngineError> {
+    ) -> Result<(), EngineError> {
         let mut ingest = self.shared.ingest.lock().expect("ingest lock");
         let replay = ingest
             .retention
             .since(snapshot.position)
             .ok_or(EngineError::StaleSnapshot { position: snapshot.position })?;
-        let key = ingest.next_key;
-        ingest.next_key += 1;
         let records = build_registration(self.shared.shape, key, ns, spec, query, snapshot, &replay, false);
         // Only a limited window can drain and need a re-read of its query.
         let windowed = crate::window::capacity(query, self.shared.slack).is_some();
         let ns = ingest.namespace(ns);
         let column = query_partition(&ns, spec, self.shared.shape) as u32;
-        ingest.subscriptions.insert(
-            key,
-            Subscribed { id: Arc::from(id), ns, column, window_spec: windowed.then(|| Box::new(spec.clone())) },
-        );
+        ingest
+            .subscriptions
+            .insert(key, Subscribed { ns, column, window_spec: windowed.then(|| Box::new(spec.clone())) });
         let position = ingest.retention.last_position();
-        self.send(&ingest, Command::Feed(records, position))?;
-        Ok(key)
+        self.send(&ingest, Command::Feed(records, position))
     }
 
     /// Ends a subscription; messages already under way may still arrive.
@@ -620,30 +635,19 @@ fn route(shared: &Shared, deliveries: &Receiver<Delivery>, events: &Sender<Engin
                 let _ = events.send(EngineEvent::Processed(position));
             }
             Delivery::Outputs(outputs) => {
-                let mut rereads_wanted = Vec::new();
-                let mut named = Vec::with_capacity(outputs.len());
-                {
-                    // Names are looked up once per delivered batch, not kept twice.
-                    let ingest = shared.ingest.lock().expect("ingest lock");
-                    for output in outputs {
-                        match &output {
-                            StageOutput::NeedsReload { key } => rereads_wanted.push(*key),
-                            StageOutput::Result { key, .. } | StageOutput::Delta { key, .. } => {
-                                if let Some(sub) = ingest.subscriptions.get(key) {
-                                    named.push((*key, sub.id.clone(), output));
-                                }
+                for output in outputs {
+                    match output {
+                        StageOutput::NeedsReload { key } => {
+                            shared.pending_rereads.fetch_add(1, Ordering::AcqRel);
+                            if rereads.send(key).is_err() {
+                                shared.pending_rereads.fetch_sub(1, Ordering::AcqRel);
                             }
                         }
-                    }
-                }
-                for (key, name, output) in named {
-                    let (message, latency) = to_message(shared, &name, output);
-                    let _ = events.send(EngineEvent::Message { key, message, latency });
-                }
-                for key in rereads_wanted {
-                    shared.pending_rereads.fetch_add(1, Ordering::AcqRel);
-                    if rereads.send(key).is_err() {
-                        shared.pending_rereads.fetch_sub(1, Ordering::AcqRel);
+                        StageOutput::Frame { key, frame, entered } => {
+                            let latency = (entered > 0)
+                                .then(|| shared.started.elapsed().saturating_sub(Duration::from_nanos(entered)));
+                            let _ = events.send(EngineEvent::Message { key, frame, latency });
+                        }
                     }
                 }
             }
@@ -655,46 +659,13 @@ fn route(shared: &Shared, deliveries: &Receiver<Delivery>, events: &Sender<Engin
     }
 }
 
-fn to_message(shared: &Shared, name: &str, output: StageOutput) -> (ServerMessage, Option<Duration>) {
-    match output {
-        StageOutput::Result { seq, docs, position, .. } => (
-            ServerMessage::Result(ResultMessage {
-                id: name.to_string(),
-                seq,
-                docs: docs.into_iter().map(|d| Arc::unwrap_or_clone(d.0)).collect(),
-                position,
-                token: None,
-            }),
-            None,
-        ),
-        StageOutput::Delta { seq, op, id, doc, index, old_index, cause, position, entered, .. } => {
-            let latency = (entered > 0).then(|| shared.started.elapsed().saturating_sub(Duration::from_nanos(entered)));
-            (
-                ServerMessage::Delta(DeltaMessage {
-                    id: name.to_string(),
-                    seq,
-                    op,
-                    doc_id: id.0,
-                    doc: doc.map(|d| Arc::unwrap_or_clone(d.0)),
-                    index,
-                    old_index,
-                    cause,
-                    position,
-                }),
-                latency,
-            )
-        }
-        StageOutput::NeedsReload { .. } => unreachable!("handled by the router"),
-    }
-}
-
 /// Re-reads the top of a drained window and feeds it to the grid, retrying with backoff; a
 /// subscription whose re-read keeps failing ends with an error its client can act on.
 fn reread(shared: &Shared, key: QueryKey, events: &Sender<EngineEvent>) {
-    let (id, ns, spec) = {
+    let (ns, spec) = {
         let ingest = shared.ingest.lock().expect("ingest lock");
-        let Some(Subscribed { id, ns, window_spec: Some(spec), .. }) = ingest.subscriptions.get(&key) else { return };
-        (id.clone(), ns.clone(), (**spec).clone())
+        let Some(Subscribed { ns, window_spec: Some(spec), .. }) = ingest.subscriptions.get(&key) else { return };
+        (ns.clone(), (**spec).clone())
     };
     let mut last_error = String::new();
     let compiled = Query::compile(&spec);
@@ -741,10 +712,9 @@ fn reread(shared: &Shared, key: QueryKey, events: &Sender<EngineEvent>) {
         }
     }
     shared.rereads.fetch_add(1, Ordering::AcqRel);
-    let message = ServerMessage::Error(ErrorMessage {
-        id: Some(id.to_string()),
+    let _ = events.send(EngineEvent::Ended {
+        key,
         code: ErrorCode::Resubscribe,
         message: format!("the sorted window could not be refilled ({last_error}); subscribe again"),
     });
-    let _ = events.send(EngineEvent::Message { key, message, latency: None });
 }

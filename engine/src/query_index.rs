@@ -6,13 +6,17 @@
 //! with no usable predicate in a scan list. For a document, the index returns the *candidate*
 //! queries: those whose plan the document meets, plus every scan query. Candidates are then
 //! evaluated in full; the index only has to never miss a match (see `IndexPlan::admits`).
+//!
+//! Which keys a plan and a document have, and when a document's values meet a range, is the
+//! matcher's rule ([`livegrid_matcher::index_plan`]); this module holds only the tables that
+//! find them fast.
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::cmp::Ordering;
 
 use bson::{Bson, Document};
-use livegrid_matcher::bson_order::canonical_rank;
-use livegrid_matcher::{Bound, FieldPath, IndexPlan, LeafArrays, compare_values, value_hash};
+use livegrid_matcher::index_plan::{Span, document_values, equality_key, equality_keys, range_rank};
+use livegrid_matcher::{Bound, FieldPath, IndexPlan, compare_values};
 
 /// A registered query, as the index knows it.
 pub type QueryKey = u64;
@@ -25,8 +29,9 @@ pub struct QueryIndex {
 
 #[derive(Default)]
 struct NamespaceIndex {
-    /// Value hash → queries.
+    /// Path → equality key → queries.
     equality: HashMap<FieldPath, HashMap<u64, Bucket>>,
+    /// (Path, range rank) → ranges.
     ranges: HashMap<(FieldPath, u8), RangeList>,
     scan: HashSet<QueryKey>,
 }
@@ -52,28 +57,16 @@ impl QueryIndex {
     pub fn candidates(&mut self, ns: &str, doc: &Document, out: &mut Vec<QueryKey>) {
         let Some(index) = self.namespaces.get_mut(ns) else { return };
         for (path, buckets) in &index.equality {
-            path.any(doc, LeafArrays::Expand, &mut |candidate| {
-                if let Some(bucket) = candidate.and_then(|v| buckets.get(&value_hash(v))) {
+            document_values(path, doc, |v| {
+                if let Some(bucket) = buckets.get(&equality_key(v)) {
                     out.extend_from_slice(bucket.as_slice());
                 }
                 false
             });
         }
         for ((path, rank), list) in &mut index.ranges {
-            let (mut min, mut max): (Option<&Bson>, Option<&Bson>) = (None, None);
-            path.any(doc, LeafArrays::Expand, &mut |candidate| {
-                if let Some(v) = candidate.filter(|v| canonical_rank(v) == *rank) {
-                    if min.is_none_or(|m| compare_values(v, m) == Ordering::Less) {
-                        min = Some(v);
-                    }
-                    if max.is_none_or(|m| compare_values(v, m) == Ordering::Greater) {
-                        max = Some(v);
-                    }
-                }
-                false
-            });
-            if let (Some(min), Some(max)) = (min, max) {
-                list.candidates(min, max, out);
+            if let Some(span) = Span::of(path, doc, *rank) {
+                list.candidates(span, out);
             }
         }
         out.extend(index.scan.iter().copied());
@@ -85,15 +78,12 @@ impl NamespaceIndex {
         match plan {
             IndexPlan::Equality { path, values } => {
                 let buckets = self.equality.entry(path.clone()).or_default();
-                let mut hashes: Vec<u64> = values.iter().map(value_hash).collect();
-                hashes.sort_unstable();
-                hashes.dedup();
-                for hash in hashes {
-                    buckets.entry(hash).and_modify(|b| b.push(query)).or_insert(Bucket::One(query));
+                for key in equality_keys(values) {
+                    buckets.entry(key).and_modify(|b| b.push(query)).or_insert(Bucket::One(query));
                 }
             }
             IndexPlan::Range { path, lower, upper } => {
-                let rank = canonical_rank(&lower.as_ref().or(upper.as_ref()).expect("a range has a bound").value);
+                let rank = range_rank(lower.as_ref(), upper.as_ref()).expect("a range has a bound");
                 self.ranges.entry((path.clone(), rank)).or_default().insert(query, lower.clone(), upper.clone());
             }
             IndexPlan::Union(plans) => plans.iter().for_each(|p| self.insert(query, p)),
@@ -107,12 +97,11 @@ impl NamespaceIndex {
         match plan {
             IndexPlan::Equality { path, values } => {
                 if let Some(buckets) = self.equality.get_mut(path) {
-                    for value in values {
-                        let hash = value_hash(value);
-                        if let Some(bucket) = buckets.get_mut(&hash)
+                    for key in equality_keys(values) {
+                        if let Some(bucket) = buckets.get_mut(&key)
                             && bucket.remove(query)
                         {
-                            buckets.remove(&hash);
+                            buckets.remove(&key);
                         }
                     }
                     if buckets.is_empty() {
@@ -121,7 +110,7 @@ impl NamespaceIndex {
                 }
             }
             IndexPlan::Range { path, lower, upper } => {
-                let rank = canonical_rank(&lower.as_ref().or(upper.as_ref()).expect("a range has a bound").value);
+                let rank = range_rank(lower.as_ref(), upper.as_ref()).expect("a range has a bound");
                 if let Some(list) = self.ranges.get_mut(&(path.clone(), rank)) {
                     list.remove(query);
                     if list.is_empty() {
@@ -288,14 +277,14 @@ impl RangeList {
         self.stab(2 * node + 1, (mid, span.1), end, min, out);
     }
 
-    /// Ranges that values spanning `[min, max]` may meet (inclusive bounds are assumed, so
-    /// candidates are a superset).
-    fn candidates(&mut self, min: &Bson, max: &Bson, out: &mut Vec<QueryKey>) {
+    /// Ranges that a document's values spanning `span` may meet: the sorted lists assume
+    /// inclusive bounds and round outward, so they find a superset of those it meets;
+    /// pending ranges are checked exactly.
+    fn candidates(&mut self, span: Span<'_>, out: &mut Vec<QueryKey>) {
         if self.pending.len() + self.removed.len() > 16 + self.sorted_len() / 8 {
             self.rebuild();
         }
-        let le = |bound: &Bson, v: &Bson| compare_values(bound, v) != Ordering::Greater;
-        let (min_key, max_key) = (RangeKey::of(min, Round::Down), RangeKey::of(max, Round::Up));
+        let (min_key, max_key) = (RangeKey::of(span.min, Round::Down), RangeKey::of(span.max, Round::Up));
         let end = self.lower_only.partition_point(|(l, _)| *l <= max_key);
         out.extend(self.lower_only[..end].iter().map(|(_, q)| *q).filter(|q| !self.removed.contains(q)));
         let start = self.upper_only.partition_point(|(u, _)| *u < min_key);
@@ -305,9 +294,7 @@ impl RangeList {
             self.stab(1, (0, self.leaves), end, &min_key, out);
         }
         for (lower, upper, q) in &self.pending {
-            let above = lower.as_ref().is_none_or(|l| le(&l.value, max));
-            let below = upper.as_ref().is_none_or(|u| compare_values(&u.value, min) != Ordering::Less);
-            if above && below && !self.removed.contains(q) {
+            if span.meets(lower.as_ref(), upper.as_ref()) && !self.removed.contains(q) {
                 out.push(*q);
             }
         }

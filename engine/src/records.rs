@@ -6,7 +6,7 @@
 
 use bson::Document;
 use livegrid_matcher::QuerySpec;
-use livegrid_protocol::{Cause, DeltaOp, Position};
+use livegrid_protocol::{Cause, Frame, Position};
 use serde::{Deserialize, Serialize};
 
 use crate::query_index::QueryKey;
@@ -176,38 +176,13 @@ impl StageInput {
 /// What the subscription stage emits.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum StageOutput {
-    /// The initial result of a subscription.
-    Result {
+    /// A message of a subscription: its initial result or a delta, documents encoded.
+    Frame {
         /// The subscription.
         key: QueryKey,
-        /// Always 1.
-        seq: u64,
-        /// The visible documents, projected, in result order.
-        docs: Vec<WireDoc>,
-        /// The snapshot position.
-        position: Position,
-    },
-    /// A change to the result.
-    Delta {
-        /// The subscription.
-        key: QueryKey,
-        /// The message number.
-        seq: u64,
-        /// What happens.
-        op: DeltaOp,
-        /// The document id.
-        id: WireValue,
-        /// The projected document, absent on remove.
-        doc: Option<WireDoc>,
-        /// Position in the window after the operation.
-        index: Option<u64>,
-        /// Position in the window before the operation.
-        old_index: Option<u64>,
-        /// The write behind it.
-        cause: Cause,
-        /// That write's position.
-        position: Position,
-        /// When that write entered the engine (0 when unknown).
+        /// The message.
+        frame: Frame,
+        /// When the write behind a delta entered the engine (0 for results and when unknown).
         entered: u64,
     },
     /// The window of a subscription drained: read its top documents again.

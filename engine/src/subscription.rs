@@ -13,23 +13,41 @@
 //! removed before others are added. While a window waits for a re-read, its messages are
 //! held back and then sent as one reconciliation, so the client never sees a window that is
 //! short of documents it should show.
+//!
+//! # Encoding once
+//! Messages leave as [`Frame`]s whose documents are already relaxed Extended JSON. Within one
+//! timestamp, a document is encoded once per projection and the text is shared by every
+//! subscription that shows it (without a projection, windows keep the written document itself,
+//! so they share it too).
+//!
+//! # Unchanged documents
+//! An unsorted subscription keeps, per document, a 64-bit hash of the text its client holds
+//! (ids and hashes, no copies); a `change` whose projected text equals it is not sent, so five
+//! updates of a field a projection leaves out send nothing. Windows compare documents
+//! themselves.
 
-use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use rustc_hash::FxHashMap as HashMap;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use bson::Document;
 use livegrid_matcher::{Projection, Query};
-use livegrid_protocol::{Cause, DeltaOp, Position};
+use livegrid_protocol::{Cause, DeltaFrame, DeltaOp, Encoded, Frame, Position, ResultFrame};
 
 use crate::doc_id::DocId;
 use crate::query_index::QueryKey;
 use crate::records::{StageInit, StageInput, StageOutput};
 use crate::window::{Window, WindowOp};
-use crate::wire::{WireDoc, WireValue};
+
+/// A projection with a fingerprint, so that equal projections share encodings.
+struct Shown {
+    projection: Projection,
+    fingerprint: u64,
+}
 
 enum Mode {
-    /// No sort, skip or limit: the result is a set.
-    Set { ids: HashSet<DocId>, projection: Option<Box<Projection>> },
+    /// No sort, skip or limit: the result is a set; per document, the hash of the text shown.
+    Set { shown: HashMap<DocId, u64>, projection: Option<Box<Shown>> },
     /// A sorted (or skipped, or limited) window.
     Window(Box<Window>),
 }
@@ -45,12 +63,23 @@ struct Subscription {
 pub struct Subscriptions {
     subs: HashMap<QueryKey, Subscription>,
     slack: usize,
+    /// Encodings made during the current timestamp, by document (its address) and projection.
+    encoded: HashMap<(usize, u64), Encoded>,
+    /// The documents behind `encoded`'s addresses, kept alive while the addresses are keys.
+    pinned: Vec<Arc<Document>>,
+}
+
+/// The hash of an encoded text (for the unchanged-document check).
+fn text_hash(text: &Encoded) -> u64 {
+    let mut hasher = rustc_hash::FxHasher::default();
+    text.as_str().hash(&mut hasher);
+    hasher.finish()
 }
 
 impl Subscriptions {
     /// A stage whose windows keep `slack` documents beyond their visible end.
     pub fn new(slack: usize) -> Self {
-        Subscriptions { subs: HashMap::default(), slack }
+        Subscriptions { subs: HashMap::default(), slack, encoded: HashMap::default(), pinned: Vec::new() }
     }
 
     /// How many subscriptions this worker holds.
@@ -66,6 +95,8 @@ impl Subscriptions {
     /// Applies the inputs of one complete timestamp.
     pub fn apply(&mut self, mut inputs: Vec<StageInput>, out: &mut Vec<StageOutput>) {
         inputs.sort_by_key(StageInput::order);
+        self.encoded.clear();
+        self.pinned.clear();
         for input in inputs {
             match input {
                 StageInput::Init { key, query, init, reload } => {
@@ -86,32 +117,52 @@ impl Subscriptions {
         }
     }
 
+    /// The text of `doc` as shown through `projection`, encoded once per timestamp.
+    fn encode(&mut self, doc: &Arc<Document>, projection: Option<&Shown>) -> Encoded {
+        let slot = (Arc::as_ptr(doc) as usize, projection.map_or(0, |p| p.fingerprint));
+        if let Some(text) = self.encoded.get(&slot) {
+            return text.clone();
+        }
+        let text = match projection {
+            Some(p) => Encoded::document(&p.projection.apply(doc)),
+            None => Encoded::document(doc),
+        };
+        self.pinned.push(doc.clone());
+        self.encoded.insert(slot, text.clone());
+        text
+    }
+
     fn start(&mut self, key: QueryKey, query: &Query, init: StageInit, out: &mut Vec<StageOutput>) {
         let docs = init.docs.into_iter().map(|d| d.0);
         let (mode, shown) = if !crate::window::is_window(query) {
-            let docs: Vec<Arc<Document>> = docs.collect();
-            let ids = docs.iter().filter_map(|d| d.get("_id").cloned()).map(DocId).collect();
-            let shown: Vec<Arc<Document>> = docs.iter().map(|d| project(&query.projection, d)).collect();
-            (
-                Mode::Set {
-                    ids,
-                    projection: (!query.projection.is_identity()).then(|| Box::new(query.projection.clone())),
-                },
-                shown,
-            )
+            let projection = (!query.projection.is_identity()).then(|| {
+                let fingerprint = {
+                    let mut hasher = rustc_hash::FxHasher::default();
+                    format!("{:?}", query.projection).hash(&mut hasher);
+                    hasher.finish() | 1
+                };
+                Box::new(Shown { projection: query.projection.clone(), fingerprint })
+            });
+            let mut shown = HashMap::default();
+            let mut texts = Vec::new();
+            for doc in docs {
+                let text = self.encode(&doc, projection.as_deref());
+                if let Some(id) = doc.get("_id") {
+                    shown.insert(DocId(id.clone()), text_hash(&text));
+                }
+                texts.push(text);
+            }
+            (Mode::Set { shown, projection }, texts)
         } else {
             let mut window = Window::new(query, self.slack);
             window.load(docs, init.complete);
             window.mark_shown();
-            let shown: Vec<Arc<Document>> = window.visible().cloned().collect();
-            (Mode::Window(Box::new(window)), shown)
+            let visible: Vec<Arc<Document>> = window.visible().cloned().collect();
+            let texts = visible.iter().map(|d| self.encode(d, None)).collect();
+            (Mode::Window(Box::new(window)), texts)
         };
-        out.push(StageOutput::Result {
-            key,
-            seq: 1,
-            docs: shown.into_iter().map(WireDoc).collect(),
-            position: init.position,
-        });
+        let frame = Frame::Result(ResultFrame { seq: 1, docs: shown, position: init.position });
+        out.push(StageOutput::Frame { key, frame, entered: 0 });
         self.subs.insert(key, Subscription { seq: 1, skip_until: init.position, mode, reload_pending: false });
     }
 
@@ -121,7 +172,8 @@ impl Subscriptions {
         window.load(init.docs.into_iter().map(|d| d.0), init.complete);
         sub.skip_until = sub.skip_until.max(init.position);
         sub.reload_pending = false;
-        Self::flush(key, sub, (init.position, 0), out);
+        let ops = window.flush();
+        self.emit(key, ops, (init.position, 0), out);
     }
 
     fn transition(
@@ -138,40 +190,41 @@ impl Subscriptions {
             return;
         }
         match &mut sub.mode {
-            Mode::Set { ids, projection } => {
-                let op = match (&doc, ids.contains(&id)) {
-                    (Some(_), true) => DeltaOp::Change,
-                    (Some(_), false) => DeltaOp::Add,
-                    (None, true) => DeltaOp::Remove,
-                    (None, false) => return,
+            Mode::Set { shown, projection } => {
+                let held = shown.get(&id).copied();
+                let (op, text) = match (&doc, held) {
+                    (Some(doc), held) => {
+                        let projection = projection.as_deref().map(|p| (p.projection.clone(), p.fingerprint));
+                        let text = self.encode_owned(doc, projection);
+                        let hash = text_hash(&text);
+                        if held == Some(hash) {
+                            // What the client holds already: nothing to send.
+                            return;
+                        }
+                        let Some(sub) = self.subs.get_mut(&key) else { return };
+                        let Mode::Set { shown, .. } = &mut sub.mode else { return };
+                        shown.insert(id.clone(), hash);
+                        (if held.is_some() { DeltaOp::Change } else { DeltaOp::Add }, Some(text))
+                    }
+                    (None, Some(_)) => {
+                        shown.remove(&id);
+                        (DeltaOp::Remove, None)
+                    }
+                    (None, None) => return,
                 };
-                match op {
-                    DeltaOp::Add => {
-                        ids.insert(id.clone());
-                    }
-                    DeltaOp::Remove => {
-                        ids.remove(&id);
-                    }
-                    _ => {}
-                }
+                let Some(sub) = self.subs.get_mut(&key) else { return };
                 sub.seq += 1;
-                out.push(StageOutput::Delta {
-                    key,
+                let frame = Frame::Delta(DeltaFrame {
                     seq: sub.seq,
                     op,
-                    id: WireValue(id.0),
-                    doc: doc.map(|d| {
-                        WireDoc(match projection {
-                            Some(p) => Arc::new(p.apply(&d)),
-                            None => d,
-                        })
-                    }),
+                    doc_id: Encoded::value(&id.0),
+                    doc: text,
                     index: None,
                     old_index: None,
                     cause,
                     position,
-                    entered,
                 });
+                out.push(StageOutput::Frame { key, frame, entered });
             }
             Mode::Window(window) => {
                 if sub.reload_pending {
@@ -197,42 +250,39 @@ impl Subscriptions {
                     return;
                 }
                 ops.extend(window.flush());
-                Self::emit(key, sub, ops, (position, entered), out);
+                self.emit(key, ops, (position, entered), out);
             }
         }
     }
 
-    fn flush(key: QueryKey, sub: &mut Subscription, at: (Position, u64), out: &mut Vec<StageOutput>) {
-        let Mode::Window(window) = &mut sub.mode else { return };
-        let ops = window.flush();
-        Self::emit(key, sub, ops, at, out);
+    /// [`Subscriptions::encode`] with the projection passed by value (to end a borrow).
+    fn encode_owned(&mut self, doc: &Arc<Document>, projection: Option<(Projection, u64)>) -> Encoded {
+        let shown = projection.map(|(projection, fingerprint)| Shown { projection, fingerprint });
+        self.encode(doc, shown.as_ref())
     }
 
     fn emit(
+        &mut self,
         key: QueryKey,
-        sub: &mut Subscription,
         ops: Vec<WindowOp>,
         (position, entered): (Position, u64),
         out: &mut Vec<StageOutput>,
     ) {
         for op in ops {
+            let doc = op.doc.as_ref().map(|d| self.encode(d, None));
+            let Some(sub) = self.subs.get_mut(&key) else { return };
             sub.seq += 1;
-            out.push(StageOutput::Delta {
-                key,
+            let frame = Frame::Delta(DeltaFrame {
                 seq: sub.seq,
                 op: op.op,
-                id: WireValue(op.id),
-                doc: op.doc.map(WireDoc),
+                doc_id: Encoded::value(&op.id),
+                doc,
                 index: op.index,
                 old_index: op.old_index,
                 cause: op.cause,
                 position,
-                entered,
             });
+            out.push(StageOutput::Frame { key, frame, entered });
         }
     }
-}
-
-fn project(projection: &Projection, doc: &Arc<Document>) -> Arc<Document> {
-    if projection.is_identity() { doc.clone() } else { Arc::new(projection.apply(doc)) }
 }

@@ -109,7 +109,7 @@ impl Window {
     pub fn load(&mut self, docs: impl IntoIterator<Item = Arc<Document>>, complete: bool) {
         self.buffer.clear();
         self.keys.clear();
-        let mut entries: Vec<Entry> = docs.into_iter().map(|doc| self.entry(&doc)).collect();
+        let mut entries: Vec<Entry> = docs.into_iter().map(|doc| self.entry(doc)).collect();
         entries.sort_by(|a, b| a.key.cmp(&b.key));
         self.complete = complete || self.limit.is_none();
         if entries.len() > self.capacity {
@@ -122,11 +122,12 @@ impl Window {
         self.buffer = entries;
     }
 
-    fn entry(&self, doc: &Document) -> Entry {
-        let key = self.sort.key(doc);
+    /// The entry of a document: without a projection it shares the document itself (so that
+    /// its encoding is shared too), with one it holds the projected copy.
+    fn entry(&self, doc: Arc<Document>) -> Entry {
+        let key = self.sort.key(&doc);
         let id = DocId(key.id().clone());
-        let doc =
-            if self.projection.is_identity() { Arc::new(doc.clone()) } else { Arc::new(self.projection.apply(doc)) };
+        let doc = if self.projection.is_identity() { doc } else { Arc::new(self.projection.apply(&doc)) };
         Entry { key, id, doc }
     }
 
@@ -136,8 +137,8 @@ impl Window {
 
     /// The document now matches the query, with this content. Returns the client's list
     /// operations (none while desynced).
-    pub fn upsert(&mut self, doc: &Document, cause: Cause) -> Vec<WindowOp> {
-        let entry = self.entry(doc);
+    pub fn upsert(&mut self, doc: &Arc<Document>, cause: Cause) -> Vec<WindowOp> {
+        let entry = self.entry(doc.clone());
         let mut ops = Vec::new();
         if self.shown.is_some() {
             self.dirty.insert(entry.id.clone(), cause);
@@ -446,7 +447,7 @@ mod tests {
     fn insert_pushes_out_the_last() {
         let q = query(doc! {"n": 1}, 0, Some(2));
         let (mut w, mut client) = loaded(&q, 2, (1..=4).map(|i| doc! {"_id": i, "n": i * 10}), true);
-        let ops = w.upsert(&doc! {"_id": 9, "n": 5}, Cause::Insert);
+        let ops = w.upsert(&Arc::new(doc! {"_id": 9, "n": 5}), Cause::Insert);
         check(&w, &mut client, 2, &ops);
         assert_eq!(ops[0].op, DeltaOp::Remove);
         assert_eq!(ops[0].cause, Cause::None);
@@ -460,19 +461,19 @@ mod tests {
     fn moves_inside_the_window_are_one_operation() {
         let q = query(doc! {"n": 1}, 0, Some(4));
         let (mut w, mut client) = loaded(&q, 2, (1..=6).map(|i| doc! {"_id": i, "n": i}), true);
-        let ops = w.upsert(&doc! {"_id": 1, "n": 3}, Cause::Update);
+        let ops = w.upsert(&Arc::new(doc! {"_id": 1, "n": 3}), Cause::Update);
         check(&w, &mut client, 4, &ops);
         assert_eq!(ops.len(), 1, "{ops:?}");
         // n ties with document 3: ties break by _id.
         assert_eq!((ops[0].op, ops[0].old_index, ops[0].index), (DeltaOp::ChangeIndex, Some(0), Some(1)));
-        let ops = w.upsert(&doc! {"_id": 4, "n": 0}, Cause::Update);
+        let ops = w.upsert(&Arc::new(doc! {"_id": 4, "n": 0}), Cause::Update);
         check(&w, &mut client, 4, &ops);
         assert_eq!((ops[0].op, ops[0].old_index, ops[0].index), (DeltaOp::ChangeIndex, Some(3), Some(0)));
-        let ops = w.upsert(&doc! {"_id": 2, "n": 2, "x": 1}, Cause::Update);
+        let ops = w.upsert(&Arc::new(doc! {"_id": 2, "n": 2, "x": 1}), Cause::Update);
         check(&w, &mut client, 4, &ops);
         assert_eq!((ops.len(), ops[0].op), (1, DeltaOp::Change));
         // Out of the window: the next document slides in.
-        let ops = w.upsert(&doc! {"_id": 4, "n": 100}, Cause::Update);
+        let ops = w.upsert(&Arc::new(doc! {"_id": 4, "n": 100}), Cause::Update);
         check(&w, &mut client, 4, &ops);
         assert_eq!(ids(&client), vec![2, 1, 3, 5]);
     }
@@ -485,7 +486,7 @@ mod tests {
         let ops = w.remove(&DocId(Bson::Int32(1)), Cause::Delete);
         check(&w, &mut client, 2, &ops);
         assert_eq!(ids(&client), vec![3, 4]);
-        let ops = w.upsert(&doc! {"_id": 0, "n": 0}, Cause::Insert);
+        let ops = w.upsert(&Arc::new(doc! {"_id": 0, "n": 0}), Cause::Insert);
         check(&w, &mut client, 2, &ops);
         assert_eq!(ids(&client), vec![2, 3]);
     }
@@ -496,7 +497,7 @@ mod tests {
         let (mut w, mut client) = loaded(&q, 1, (1..=3).map(|i| doc! {"_id": i, "n": i}), false);
         assert!(!w.needs_reload());
         // A document sorting after the known top cannot be placed.
-        let ops = w.upsert(&doc! {"_id": 7, "n": 70}, Cause::Insert);
+        let ops = w.upsert(&Arc::new(doc! {"_id": 7, "n": 70}), Cause::Insert);
         assert!(ops.is_empty());
         assert_eq!(w.buffer.len(), 3);
         let ops = w.remove(&DocId(Bson::Int32(1)), Cause::Delete);
@@ -548,7 +549,7 @@ mod tests {
                 let mut ops = match s {
                     Step::Upsert(id, n) => {
                         truth.insert(id, n);
-                        w.upsert(&doc! {"_id": id, "n": n}, Cause::Update)
+                        w.upsert(&Arc::new(doc! {"_id": id, "n": n}), Cause::Update)
                     }
                     Step::Remove(id) => {
                         truth.remove(&id);

@@ -159,12 +159,12 @@ fn run_scenario(seed: u64, engine: &Engine, memory: &Arc<SharedMemory>) {
         let key = match stale {
             Some(old) => {
                 let snapshot = old.read(ns, &query, engine.window_capacity(&query));
-                match engine.register_with_snapshot(name, ns, spec, snapshot) {
+                match engine.register_with_snapshot(ns, spec, snapshot) {
                     Ok(key) => key,
                     Err(e) => panic!("stale registration failed: {e}"),
                 }
             }
-            None => engine.register(name, ns, spec).unwrap(),
+            None => engine.register(ns, spec).unwrap(),
         };
         registered.insert(key, (name.clone(), ns.to_string()));
         copies.insert(name.clone(), ClientCopy { query, live: LiveResult::default() });
@@ -224,10 +224,10 @@ fn run_scenario(seed: u64, engine: &Engine, memory: &Arc<SharedMemory>) {
         if batch_no % 4 == 0 || fed >= events_total {
             assert!(engine.settle(Duration::from_secs(30)), "engine did not settle (seed {seed})");
             while let Ok(event) = engine.messages().try_recv() {
-                if let EngineEvent::Message { key, message, .. } = event
+                if let EngineEvent::Message { key, frame, .. } = event
                     && let Some((name, _)) = registered.get(&key)
                 {
-                    copies.get_mut(name).unwrap().apply(&message);
+                    copies.get_mut(name).unwrap().apply(&frame.to_message(name, None));
                 }
             }
             let state = memory.0.lock().unwrap();

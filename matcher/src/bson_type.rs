@@ -49,7 +49,7 @@ impl TypeSet {
                 return Err(QueryError::bad_argument(
                     "$type",
                     path,
-                    format!("expected a type name or number, found {}", crate::parse::type_label(other)),
+                    format!("expected a type name or number, found {}", type_label(other)),
                 ));
             }
         };
@@ -130,5 +130,32 @@ pub fn type_code(value: &Bson) -> i32 {
         Bson::Decimal128(_) => 19,
         Bson::MinKey => -1,
         Bson::MaxKey => 127,
+    }
+}
+
+/// The alias of a value's type (what `$type` accepts for it), for error messages.
+pub(crate) fn type_label(value: &Bson) -> &'static str {
+    match value {
+        Bson::Double(_) => "double",
+        Bson::String(_) => "string",
+        Bson::Document(_) => "object",
+        Bson::Array(_) => "array",
+        Bson::Binary(_) => "binData",
+        Bson::Undefined => "undefined",
+        Bson::ObjectId(_) => "objectId",
+        Bson::Boolean(_) => "bool",
+        Bson::DateTime(_) => "date",
+        Bson::Null => "null",
+        Bson::RegularExpression(_) => "regex",
+        Bson::DbPointer(_) => "dbPointer",
+        Bson::JavaScriptCode(_) => "javascript",
+        Bson::Symbol(_) => "symbol",
+        Bson::JavaScriptCodeWithScope(_) => "javascriptWithScope",
+        Bson::Int32(_) => "int",
+        Bson::Timestamp(_) => "timestamp",
+        Bson::Int64(_) => "long",
+        Bson::Decimal128(_) => "decimal",
+        Bson::MinKey => "minKey",
+        Bson::MaxKey => "maxKey",
     }
 }

@@ -1,5 +1,14 @@
 //! Errors of query parsing: every malformed or unsupported query is rejected here, naming
 //! the operator and the path, instead of panicking or silently matching nothing.
+//!
+//! Where another library's error is the cause (Extended JSON, the regex compiler, a field
+//! path inside a sort), it stays reachable through [`std::error::Error::source`]; messages
+//! still say the cause too, since clients see only the message.
+
+use std::sync::Arc;
+
+use livegrid_protocol::extjson::ExtJsonError;
+use regex_automata::meta::BuildError;
 
 /// Why a filter, sort or projection was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -35,8 +44,11 @@ pub enum QueryError {
     Regex {
         /// The path the regex was used on.
         path: String,
-        /// Why the regex was rejected.
+        /// Why the regex was rejected, in one line.
         reason: String,
+        /// The regex compiler's error, when it was the compiler that refused.
+        #[source]
+        source: Option<RegexBuildError>,
     },
     /// A malformed field path such as `a..b`.
     #[error("bad field path {path:?}: {reason}")]
@@ -48,12 +60,14 @@ pub enum QueryError {
     },
     /// A field path with more components than [`crate::MAX_PATH_COMPONENTS`]; the path itself
     /// may be huge, so only its start is kept.
-    #[error("field path starting {path_prefix:?} has {components} components; at most {max} are allowed", max = crate::MAX_PATH_COMPONENTS)]
+    #[error("field path starting {path_prefix:?} has {components} components; at most {max} are allowed")]
     PathTooDeep {
         /// The first 64 characters of the path.
         path_prefix: String,
         /// How many components the path has.
         components: usize,
+        /// The limit.
+        max: usize,
     },
     /// A filter, sort or projection document nested deeper than
     /// [`crate::MAX_NESTING_DEPTH`] levels.
@@ -81,6 +95,15 @@ pub enum QueryError {
         /// What is wrong.
         reason: String,
     },
+    /// A sort field that is not a valid field path.
+    #[error("bad sort at {path}: {source}")]
+    SortPath {
+        /// The sort field as written.
+        path: String,
+        /// Why it is not a path.
+        #[source]
+        source: Box<QueryError>,
+    },
     /// A malformed projection.
     #[error("bad projection at {path}: {reason}")]
     Projection {
@@ -92,7 +115,44 @@ pub enum QueryError {
     /// The query is not valid (Extended) JSON, or a part of it has the wrong JSON type.
     #[error("bad query json: {0}")]
     Json(String),
+    /// The query text is not valid (Extended) JSON.
+    #[error("bad query json: {0}")]
+    ExtJson(#[source] Arc<ExtJsonError>),
 }
+
+impl From<ExtJsonError> for QueryError {
+    fn from(error: ExtJsonError) -> Self {
+        QueryError::ExtJson(Arc::new(error))
+    }
+}
+
+/// The regex compiler's error, shared so that [`QueryError`] stays cheap to clone. Two are
+/// equal when they say the same (the compiler's error has no equality of its own).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(transparent)]
+pub struct RegexBuildError(Arc<BuildError>);
+
+impl RegexBuildError {
+    /// The compiler's error, with its details ([`BuildError::size_limit`],
+    /// [`BuildError::syntax_error`]).
+    pub fn get(&self) -> &BuildError {
+        &self.0
+    }
+}
+
+impl From<BuildError> for RegexBuildError {
+    fn from(error: BuildError) -> Self {
+        RegexBuildError(Arc::new(error))
+    }
+}
+
+impl PartialEq for RegexBuildError {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl Eq for RegexBuildError {}
 
 impl QueryError {
     pub(crate) fn bad_argument(op: &str, path: &str, reason: impl Into<String>) -> Self {

@@ -1,45 +1,12 @@
-//! Compiled filters: the tree a query's filter document parses into, and its evaluation.
+//! Compiled filters: a query's filter document parsed into an [`Expr`] tree, the questions
+//! the engine asks of it, and the limits it is parsed within.
 
 use bson::Document;
 
 use crate::error::QueryError;
+use crate::expr::Expr;
 use crate::index_plan::IndexPlan;
-use crate::operator::OpTree;
-use crate::path::FieldPath;
 use crate::regex::RegexBudget;
-
-/// A node of a compiled filter.
-#[derive(Debug, Clone)]
-pub enum Expr {
-    /// Always this answer (the empty filter is `Const(true)`).
-    Const(bool),
-    /// Every child matches (`$and`, and the fields of one filter document).
-    And(Vec<Expr>),
-    /// Some child matches.
-    Or(Vec<Expr>),
-    /// No child matches.
-    Nor(Vec<Expr>),
-    /// Operators on one field path.
-    Path {
-        /// The field path.
-        path: FieldPath,
-        /// The operators applied to its candidates.
-        ops: OpTree,
-    },
-}
-
-impl Expr {
-    /// Whether `doc` satisfies this expression.
-    pub fn matches(&self, doc: &Document) -> bool {
-        match self {
-            Expr::Const(answer) => *answer,
-            Expr::And(children) => children.iter().all(|c| c.matches(doc)),
-            Expr::Or(children) => children.iter().any(|c| c.matches(doc)),
-            Expr::Nor(children) => !children.iter().any(|c| c.matches(doc)),
-            Expr::Path { path, ops } => ops.matches_path(path, doc),
-        }
-    }
-}
 
 /// A compiled MongoDB filter.
 ///
@@ -72,7 +39,7 @@ impl Filter {
 
     /// Parses a filter from (canonical or relaxed Extended) JSON text.
     pub fn from_json(text: &str) -> Result<Self, QueryError> {
-        let doc = livegrid_protocol::extjson::parse_document(text).map_err(|e| QueryError::Json(e.to_string()))?;
+        let doc = livegrid_protocol::extjson::parse_document(text)?;
         Self::parse(&doc)
     }
 
@@ -106,6 +73,7 @@ impl Filter {
 mod tests {
     use super::*;
     use bson::{Bson, doc};
+    use livegrid_protocol::extjson::ExtJsonError;
 
     use crate::limits::{MAX_NESTING_DEPTH, QUERY_REGEX_BUDGET};
 
@@ -153,6 +121,21 @@ mod tests {
 
     fn too_deep() -> QueryError {
         QueryError::NestingTooDeep { part: "filter".into(), max: MAX_NESTING_DEPTH }
+    }
+
+    #[test]
+    fn json_errors_keep_their_cause() {
+        use std::error::Error;
+
+        let err = Filter::from_json(r#"{"a": {"$oid": "zz"}}"#).unwrap_err();
+        assert!(err.to_string().starts_with("bad query json: invalid extended json: "), "{err}");
+        assert!(err.source().is_some_and(|s| s.to_string().starts_with("invalid extended json: ")), "{err:?}");
+        let QueryError::ExtJson(cause) = &err else { panic!("{err:?}") };
+        assert!(matches!(**cause, ExtJsonError::ExtJson(_)), "{cause}");
+        assert_eq!(
+            Filter::from_json("[1]").unwrap_err().to_string(),
+            "bad query json: expected a json object, found an array"
+        );
     }
 
     #[test]

@@ -7,20 +7,26 @@
 //! is a necessary condition, never a sufficient one: candidates are always evaluated.
 //!
 //! Document side: the values a document offers for a plan's path are the path's candidates
-//! with leaf arrays expanded ([`crate::FieldPath::candidates`] with
-//! [`crate::LeafArrays::Expand`]). An [`IndexPlan::Equality`] holds when one of them equals one
-//! of the plan's values (hash with [`crate::value_hash`]). An [`IndexPlan::Range`] holds when,
-//! among the candidates of the bounds' canonical type, the largest is not below the lower
-//! bound and the smallest is not above the upper bound; one value need not satisfy both, as
-//! in MongoDB (`{a: {$gt: 1, $lt: 5}}` matches `{a: [0, 9]}`).
+//! with leaf arrays expanded ([`document_values`]). An [`IndexPlan::Equality`] holds when one
+//! of them equals one of the plan's values. An [`IndexPlan::Range`] holds when the [`Span`]
+//! of those of the bounds' canonical type ([`range_rank`]) meets the bounds: the largest is
+//! not below the lower bound and the smallest is not above the upper bound; one value need
+//! not satisfy both, as in MongoDB (`{a: {$gt: 1, $lt: 5}}` matches `{a: [0, 9]}`).
+//!
+//! # For indexes
+//! This module owns the rule; an index owns only its data structures. It files an equality
+//! plan's query under [`equality_keys`] and looks a document up by the [`equality_key`] of
+//! each of its [`document_values`] (equal values have equal keys). It files a range plan by
+//! path and [`range_rank`], and asks, for a document's [`Span::of`] that path and rank,
+//! which ranges the span [`meets`](Span::meets) (or a superset of them).
 
 use std::cmp::Ordering;
 
-use bson::Bson;
+use bson::{Bson, Document};
 
-use crate::bson_order::{Number, canonical_rank, compare_values};
-use crate::filter::Expr;
-use crate::operator::{CmpOp, OpTree, Pred};
+use crate::bson_order::{Number, canonical_rank, compare_values, value_hash, values_equal};
+use crate::expr::{Expr, OpTree, Pred};
+use crate::operator::CmpOp;
 use crate::path::{FieldPath, LeafArrays};
 
 /// One end of a range.
@@ -69,38 +75,14 @@ impl IndexPlan {
 
     /// Whether `doc` satisfies the plan, by the document-side rules in the module docs. Every
     /// document the filter matches is admitted; an index must find at least these.
-    pub fn admits(&self, doc: &bson::Document) -> bool {
+    pub fn admits(&self, doc: &Document) -> bool {
         match self {
-            IndexPlan::Equality { path, values } => path.any(doc, LeafArrays::Expand, &mut |candidate| {
-                candidate.is_some_and(|v| values.iter().any(|x| crate::values_equal(x, v)))
-            }),
-            IndexPlan::Range { path, lower, upper } => {
-                let rank = lower.as_ref().or(upper.as_ref()).map(|b| canonical_rank(&b.value));
-                let (mut min, mut max): (Option<&Bson>, Option<&Bson>) = (None, None);
-                path.any(doc, LeafArrays::Expand, &mut |candidate| {
-                    if let Some(v) = candidate.filter(|v| Some(canonical_rank(v)) == rank) {
-                        if min.is_none_or(|m| compare_values(v, m) == Ordering::Less) {
-                            min = Some(v);
-                        }
-                        if max.is_none_or(|m| compare_values(v, m) == Ordering::Greater) {
-                            max = Some(v);
-                        }
-                    }
-                    false
-                });
-                let (Some(min), Some(max)) = (min, max) else { return false };
-                let above = |b: &Bound, v: &Bson| match compare_values(v, &b.value) {
-                    Ordering::Greater => true,
-                    Ordering::Equal => b.inclusive,
-                    Ordering::Less => false,
-                };
-                let below = |b: &Bound, v: &Bson| match compare_values(v, &b.value) {
-                    Ordering::Less => true,
-                    Ordering::Equal => b.inclusive,
-                    Ordering::Greater => false,
-                };
-                lower.as_ref().is_none_or(|b| above(b, max)) && upper.as_ref().is_none_or(|b| below(b, min))
+            IndexPlan::Equality { path, values } => {
+                document_values(path, doc, |v| values.iter().any(|x| values_equal(x, v)))
             }
+            IndexPlan::Range { path, lower, upper } => range_rank(lower.as_ref(), upper.as_ref())
+                .and_then(|rank| Span::of(path, doc, rank))
+                .is_some_and(|span| span.meets(lower.as_ref(), upper.as_ref())),
             IndexPlan::Union(plans) => plans.iter().any(|p| p.admits(doc)),
             IndexPlan::Scan => true,
         }
@@ -125,6 +107,84 @@ impl IndexPlan {
             IndexPlan::Union(plans) => IndexPlan::Union(plans.into_iter().map(|p| p.under(prefix)).collect()),
             IndexPlan::Scan => IndexPlan::Scan,
         }
+    }
+}
+
+/// Calls `visit` with each value `doc` offers a plan on `path` (its candidates with leaf
+/// arrays expanded; missing ones offer nothing) until it returns `true`; returns whether it
+/// did.
+pub fn document_values<'d>(path: &FieldPath, doc: &'d Document, mut visit: impl FnMut(&'d Bson) -> bool) -> bool {
+    path.any(doc, LeafArrays::Expand, &mut |candidate| candidate.is_some_and(&mut visit))
+}
+
+/// The key of a value in an equality index: equal values (in MongoDB's sense) have equal
+/// keys, so a document meets an equality plan only if the key of one of its values is among
+/// the plan's [`equality_keys`].
+#[inline]
+pub fn equality_key(value: &Bson) -> u64 {
+    value_hash(value)
+}
+
+/// The keys an index files an equality plan's query under: the [`equality_key`] of each of
+/// its values, once each, in ascending order.
+pub fn equality_keys(values: &[Bson]) -> Vec<u64> {
+    let mut keys: Vec<u64> = values.iter().map(equality_key).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+/// The canonical type ([`canonical_rank`]) of a range's bounds, which they share: only values
+/// of this rank can meet the range, so an index files ranges by path and rank. `None` only
+/// for a range without bounds, which plans never hold.
+pub fn range_rank(lower: Option<&Bound>, upper: Option<&Bound>) -> Option<u8> {
+    lower.or(upper).map(|b| canonical_rank(&b.value))
+}
+
+/// The smallest and the largest of the values a document offers a range plan on one path,
+/// among those of the range's rank.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Span<'d> {
+    /// The smallest value.
+    pub min: &'d Bson,
+    /// The largest value.
+    pub max: &'d Bson,
+}
+
+impl<'d> Span<'d> {
+    /// The span of the values `doc` offers at `path` that have canonical type `rank`, or
+    /// `None` when it offers none.
+    pub fn of(path: &FieldPath, doc: &'d Document, rank: u8) -> Option<Span<'d>> {
+        let mut span: Option<Span<'d>> = None;
+        document_values(path, doc, |v| {
+            if canonical_rank(v) == rank {
+                span = Some(match span {
+                    None => Span { min: v, max: v },
+                    Some(Span { min, max }) => Span {
+                        min: if compare_values(v, min) == Ordering::Less { v } else { min },
+                        max: if compare_values(v, max) == Ordering::Greater { v } else { max },
+                    },
+                });
+            }
+            false
+        });
+        span
+    }
+
+    /// Whether the span meets a range: its largest value is not below the lower bound and its
+    /// smallest not above the upper bound.
+    pub fn meets(&self, lower: Option<&Bound>, upper: Option<&Bound>) -> bool {
+        let above = |b: &Bound| match compare_values(self.max, &b.value) {
+            Ordering::Greater => true,
+            Ordering::Equal => b.inclusive,
+            Ordering::Less => false,
+        };
+        let below = |b: &Bound| match compare_values(self.min, &b.value) {
+            Ordering::Less => true,
+            Ordering::Equal => b.inclusive,
+            Ordering::Greater => false,
+        };
+        lower.is_none_or(above) && upper.is_none_or(below)
     }
 }
 
@@ -191,10 +251,10 @@ fn merge_ranges(plans: &mut Vec<IndexPlan>) {
             merged.push(plan);
             continue;
         };
-        let rank = lower.as_ref().or(upper.as_ref()).map(|b| canonical_rank(&b.value));
+        let rank = range_rank(lower.as_ref(), upper.as_ref());
         let existing = merged.iter_mut().find(|p| {
             matches!(p, IndexPlan::Range { path: q, lower: l, upper: u }
-                if *q == path && l.as_ref().or(u.as_ref()).map(|b| canonical_rank(&b.value)) == rank)
+                if *q == path && range_rank(l.as_ref(), u.as_ref()) == rank)
         });
         match existing {
             Some(IndexPlan::Range { lower: l, upper: u, .. }) => {
@@ -224,11 +284,13 @@ fn tighter(a: Option<Bound>, b: Option<Bound>, prefer: Ordering) -> Option<Bound
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Filter;
     use bson::{bson, doc};
 
-    fn plan(filter: bson::Document) -> IndexPlan {
-        Filter::parse(&filter).unwrap().index_plan()
+    use crate::parse::parse_filter;
+    use crate::regex::RegexBudget;
+
+    fn plan(filter: Document) -> IndexPlan {
+        IndexPlan::of(&parse_filter(&filter, &mut RegexBudget::default()).unwrap())
     }
 
     fn path(p: &str) -> FieldPath {
@@ -281,6 +343,37 @@ mod tests {
         assert_eq!(plan(doc! {"a": {"$ne": 1}}), IndexPlan::Scan);
         assert_eq!(plan(doc! {"a": {"$in": [1, null]}}), IndexPlan::Scan);
         assert_eq!(plan(doc! {}), IndexPlan::Scan);
+    }
+
+    #[test]
+    fn equality_keys_are_shared_by_equal_values() {
+        assert_eq!(equality_keys(&[bson!(1), bson!(1.0), bson!(1_i64), bson!("1")]).len(), 2);
+        assert_eq!(equality_key(&bson!(2)), equality_key(&bson!(2.0)));
+        let doc = doc! {"a": [1, [2], {"b": 3}], "c": null};
+        let mut offered = Vec::new();
+        document_values(&path("a"), &doc, |v| {
+            offered.push(v.clone());
+            false
+        });
+        assert_eq!(offered, vec![bson!([1, [2], {"b": 3}]), bson!(1), bson!([2]), bson!({"b": 3})]);
+        assert!(document_values(&path("c"), &doc, |v| *v == Bson::Null));
+        assert!(!document_values(&path("missing"), &doc, |_| true));
+    }
+
+    #[test]
+    fn spans_meet_ranges_by_their_ends() {
+        let doc = doc! {"a": [0, "x", 9, 4.5]};
+        let span = Span::of(&path("a"), &doc, canonical_rank(&bson!(1))).unwrap();
+        assert_eq!((span.min, span.max), (&bson!(0), &bson!(9)));
+        assert_eq!(Span::of(&path("a"), &doc, canonical_rank(&bson!(true))), None);
+        let bound = |v: i32, inclusive| Some(Bound { value: bson!(v), inclusive });
+        // {$gt: 1, $lt: 5} meets [0, 9]: one value need not satisfy both bounds.
+        assert!(span.meets(bound(1, false).as_ref(), bound(5, false).as_ref()));
+        assert!(span.meets(bound(9, true).as_ref(), None));
+        assert!(!span.meets(bound(9, false).as_ref(), None));
+        assert!(span.meets(None, bound(0, true).as_ref()));
+        assert!(!span.meets(None, bound(0, false).as_ref()));
+        assert_eq!(range_rank(None, bound(3, true).as_ref()), Some(canonical_rank(&bson!(3.5))));
     }
 
     #[test]

@@ -30,7 +30,8 @@
 //! # Modules
 //! - [`bson_order`]: MongoDB's total order over BSON values and an agreeing hash.
 //! - [`path`]: dotted paths and implicit array traversal.
-//! - [`filter`], [`operator`]: the compiled filter tree and the field operators.
+//! - [`filter`]: a compiled filter and what the engine asks of it.
+//! - [`expr`], [`operator`]: the compiled filter tree and what each field operator does.
 //! - [`sort`], [`projection`]: result order and shape.
 //! - [`index_plan`]: predicates for indexing many queries.
 //! - [`limits`]: how deep and how large a query may be.
@@ -39,6 +40,7 @@
 pub mod bson_order;
 pub mod bson_type;
 pub mod error;
+pub mod expr;
 pub mod filter;
 pub mod index_plan;
 pub mod limits;

@@ -42,6 +42,7 @@ pub(crate) fn check_path_components(dotted: &str) -> Result<(), QueryError> {
         return Err(QueryError::PathTooDeep {
             path_prefix: dotted.chars().take(PATH_PREFIX_CHARS).collect(),
             components,
+            max: MAX_PATH_COMPONENTS,
         });
     }
     Ok(())
@@ -127,7 +128,14 @@ mod tests {
         assert!(check_path_components(&ok).is_ok());
         let deep = vec!["abc"; 10_000].join(".");
         let err = check_path_components(&deep).unwrap_err();
-        assert_eq!(err, QueryError::PathTooDeep { path_prefix: deep[..64].to_string(), components: 10_000 });
+        assert_eq!(
+            err,
+            QueryError::PathTooDeep {
+                path_prefix: deep[..64].to_string(),
+                components: 10_000,
+                max: MAX_PATH_COMPONENTS
+            }
+        );
         let message = err.to_string();
         assert!(message.ends_with("has 10000 components; at most 100 are allowed"), "{message}");
         assert!(message.len() < 200, "{message}");

@@ -4,10 +4,10 @@
 use bson::{Bson, Document};
 
 use crate::bson_order::Number;
-use crate::bson_type::TypeSet;
+use crate::bson_type::{TypeSet, type_label};
 use crate::error::QueryError;
-use crate::filter::Expr;
-use crate::operator::{CmpOp, InList, OpTree, Pred};
+use crate::expr::{Expr, OpTree, Pred};
+use crate::operator::{CmpOp, InList};
 use crate::path::FieldPath;
 use crate::regex::{MongoRegex, RegexBudget};
 
@@ -378,32 +378,5 @@ fn is_truthy(value: &Bson) -> bool {
         Bson::Boolean(b) => *b,
         Bson::Null | Bson::Undefined => false,
         v => Number::of(v).is_none_or(|n| n.as_f64() != 0.0),
-    }
-}
-
-/// A short name of a value's type, for error messages.
-pub(crate) fn type_label(value: &Bson) -> &'static str {
-    match value {
-        Bson::Double(_) => "double",
-        Bson::String(_) => "string",
-        Bson::Document(_) => "object",
-        Bson::Array(_) => "array",
-        Bson::Binary(_) => "binData",
-        Bson::Undefined => "undefined",
-        Bson::ObjectId(_) => "objectId",
-        Bson::Boolean(_) => "bool",
-        Bson::DateTime(_) => "date",
-        Bson::Null => "null",
-        Bson::RegularExpression(_) => "regex",
-        Bson::DbPointer(_) => "dbPointer",
-        Bson::JavaScriptCode(_) => "javascript",
-        Bson::Symbol(_) => "symbol",
-        Bson::JavaScriptCodeWithScope(_) => "javascriptWithScope",
-        Bson::Int32(_) => "int",
-        Bson::Timestamp(_) => "timestamp",
-        Bson::Int64(_) => "long",
-        Bson::Decimal128(_) => "decimal",
-        Bson::MinKey => "minKey",
-        Bson::MaxKey => "maxKey",
     }
 }

@@ -95,7 +95,7 @@ pub fn parse_count(value: &Bson, name: &str) -> Result<u64, QueryError> {
         // A document or array is named by type: printing one recurses as deep as it nests.
         _ if matches!(value, Bson::Document(_) | Bson::Array(_)) => Err(QueryError::Json(format!(
             "{name} must be a non-negative integer, found {}",
-            crate::parse::type_label(value)
+            crate::bson_type::type_label(value)
         ))),
         _ => Err(QueryError::Json(format!("{name} must be a non-negative integer, found {value}"))),
     }

@@ -98,6 +98,7 @@ impl MongoRegex {
                     return Err(QueryError::Regex {
                         path: display_path(path),
                         reason: format!("invalid regex option {other:?}"),
+                        source: None,
                     });
                 }
             };
@@ -122,15 +123,13 @@ impl MongoRegex {
         let compiled = meta::Builder::new().configure(config).syntax(syntax).build(pattern).map_err(|e| {
             if e.size_limit().is_some() && limit < SIZE_LIMIT {
                 over_budget()
-            } else if let Some(size) = e.size_limit() {
-                QueryError::Regex {
-                    path: display_path(path),
-                    reason: format!("compiled regex exceeds size limit of {size} bytes"),
-                }
-            } else if let Some(syntax_error) = e.syntax_error() {
-                QueryError::Regex { path: display_path(path), reason: first_line(&syntax_error.to_string()) }
             } else {
-                QueryError::Regex { path: display_path(path), reason: first_line(&e.to_string()) }
+                let reason = match (e.size_limit(), e.syntax_error()) {
+                    (Some(size), _) => format!("compiled regex exceeds size limit of {size} bytes"),
+                    (None, Some(syntax_error)) => first_line(&syntax_error.to_string()),
+                    (None, None) => first_line(&e.to_string()),
+                };
+                QueryError::Regex { path: display_path(path), reason, source: Some(e.into()) }
             }
         })?;
         let cost = floor + compiled.memory_usage();
@@ -203,14 +202,24 @@ mod tests {
     }
 
     #[test]
-    fn errors_keep_their_summary() {
+    fn errors_keep_their_summary_and_source() {
+        use std::error::Error;
+
         let err = MongoRegex::new("(a)\\1", "", "f").unwrap_err();
-        assert_eq!(err, QueryError::Regex { path: "f".into(), reason: "backreferences are not supported".into() });
+        let QueryError::Regex { path, reason, source: Some(source) } = &err else { panic!("{err:?}") };
+        assert_eq!((path.as_str(), reason.as_str()), ("f", "backreferences are not supported"));
+        assert!(source.get().syntax_error().is_some());
+        assert!(err.source().is_some());
+        assert_eq!(err, MongoRegex::new("(a)\\1", "", "f").unwrap_err());
+
         let err = MongoRegex::new("(a{1000}){1000}", "", "f").unwrap_err();
-        assert_eq!(
-            err,
-            QueryError::Regex { path: "f".into(), reason: "compiled regex exceeds size limit of 1048576 bytes".into() }
-        );
+        let QueryError::Regex { path, reason, source: Some(source) } = &err else { panic!("{err:?}") };
+        assert_eq!((path.as_str(), reason.as_str()), ("f", "compiled regex exceeds size limit of 1048576 bytes"));
+        assert_eq!(source.get().size_limit(), Some(1 << 20));
+        assert_eq!(err.to_string(), "bad regex at f: compiled regex exceeds size limit of 1048576 bytes");
+
+        let err = MongoRegex::new("a", "q", "f").unwrap_err();
+        assert!(matches!(err, QueryError::Regex { source: None, .. }), "{err:?}");
     }
 
     #[test]

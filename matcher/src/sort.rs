@@ -60,7 +60,7 @@ impl SortSpec {
                 }
             };
             let path =
-                FieldPath::parse(key).map_err(|e| QueryError::Sort { path: key.clone(), reason: e.to_string() })?;
+                FieldPath::parse(key).map_err(|e| QueryError::SortPath { path: key.clone(), source: Box::new(e) })?;
             if fields.iter().any(|(p, _): &(FieldPath, Direction)| p == &path) {
                 return Err(QueryError::Sort { path: key.clone(), reason: "field appears twice".into() });
             }
@@ -188,6 +188,20 @@ mod tests {
         assert!(SortSpec::parse(&doc! {"a": 2}).is_err());
         assert!(SortSpec::parse(&doc! {"a": "asc"}).is_err());
         assert!(matches!(SortSpec::parse(&doc! {"a": {"$meta": "textScore"}}), Err(QueryError::Unsupported { .. })));
+    }
+
+    #[test]
+    fn bad_paths_keep_their_cause() {
+        use std::error::Error;
+
+        let err = SortSpec::parse(&doc! {"a..b": 1}).unwrap_err();
+        assert_eq!(err.to_string(), r#"bad sort at a..b: bad field path "a..b": empty path component"#);
+        assert_eq!(
+            err.source().map(|s| s.to_string()).as_deref(),
+            Some(r#"bad field path "a..b": empty path component"#)
+        );
+        let QueryError::SortPath { source, .. } = &err else { panic!("{err:?}") };
+        assert!(matches!(**source, QueryError::BadPath { .. }), "{source}");
     }
 
     #[test]

@@ -13,9 +13,11 @@
 #![forbid(missing_docs)]
 
 pub mod extjson;
+pub mod frame;
 pub mod live_result;
 pub mod message;
 
+pub use frame::{DeltaFrame, Encoded, Frame, ResultFrame};
 pub use live_result::{ApplyError, LiveResult};
 
 pub use message::{

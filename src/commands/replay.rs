@@ -19,10 +19,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dashmap::DashMap;
 use livegrid_engine::memory::SharedMemory;
-use livegrid_engine::{ChangeEvent, ClusterConfig, Engine, EngineConfig, EngineEvent};
+use livegrid_engine::{ChangeEvent, ClusterConfig, Engine, EngineConfig, EngineEvent, QueryKey};
 use livegrid_matcher::QuerySpec;
-use livegrid_protocol::{Position, ServerMessage, extjson};
+use livegrid_protocol::{Frame, Position, extjson};
 use serde_json::Value;
 
 use crate::cli::ReplayArgs;
@@ -112,7 +113,12 @@ pub fn execute(args: &ReplayArgs) -> Result<String, ReplayError> {
     let engine = Engine::start(config, memory.clone()).map_err(|e| ReplayError::Failed(e.to_string()))?;
     let out = File::create(out_path).map_err(|e| ReplayError::Input(format!("{}: {e}", out_path.display())))?;
     let messages = engine.messages().clone();
-    let writer = std::thread::spawn(move || write_messages(&messages, out));
+    // Each subscription's id by engine key, known before its first message can arrive.
+    let names: Arc<DashMap<QueryKey, Arc<str>>> = Arc::new(DashMap::new());
+    let writer = {
+        let names = names.clone();
+        std::thread::spawn(move || write_messages(&messages, &names, out))
+    };
 
     let started = Instant::now();
     let mut next_query = 0;
@@ -123,7 +129,11 @@ pub fn execute(args: &ReplayArgs) -> Result<String, ReplayError> {
     let register_due = |applied: u64, next_query: &mut usize, engine: &Engine| -> Result<(), ReplayError> {
         while *next_query < queries.len() && queries[*next_query].after <= applied {
             let q = &queries[*next_query];
-            engine.register(&q.id, &q.ns, &q.spec).map_err(|e| ReplayError::Input(format!("query {:?}: {e}", q.id)))?;
+            let bad = |e: String| ReplayError::Input(format!("query {:?}: {e}", q.id));
+            let query = livegrid_matcher::Query::compile(&q.spec).map_err(|e| bad(format!("bad query: {e}")))?;
+            let key = engine.reserve_key();
+            names.insert(key, Arc::from(q.id.as_str()));
+            engine.register_as(key, &q.ns, &q.spec, &query).map_err(|e| bad(e.to_string()))?;
             *next_query += 1;
         }
         Ok(())
@@ -230,22 +240,31 @@ pub struct OutputStats {
     latencies: Vec<Duration>,
 }
 
-fn write_messages(messages: &crossbeam_channel::Receiver<EngineEvent>, out: File) -> Result<OutputStats, ReplayError> {
+/// Writes every message, one JSON line each, with the same encoder as the server: each
+/// message is a small header around documents encoded once on the grid.
+fn write_messages(
+    messages: &crossbeam_channel::Receiver<EngineEvent>,
+    names: &DashMap<QueryKey, Arc<str>>,
+    out: File,
+) -> Result<OutputStats, ReplayError> {
     let mut out = BufWriter::with_capacity(1 << 20, out);
     let mut stats = OutputStats::default();
     let failed = |e: std::io::Error| ReplayError::Failed(format!("writing output: {e}"));
+    let mut line = Vec::with_capacity(4096);
     for event in messages {
-        let EngineEvent::Message { message, latency, .. } = event else { continue };
-        match &message {
-            ServerMessage::Result(_) => stats.results += 1,
-            ServerMessage::Delta(_) => stats.deltas += 1,
-            _ => {}
+        let EngineEvent::Message { key, frame, latency } = event else { continue };
+        match &frame {
+            Frame::Result(_) => stats.results += 1,
+            Frame::Delta(_) => stats.deltas += 1,
         }
         if let Some(latency) = latency {
             stats.latencies.push(latency);
         }
-        serde_json::to_writer(&mut out, &message).map_err(|e| ReplayError::Failed(e.to_string()))?;
-        out.write_all(b"\n").map_err(failed)?;
+        let name = names.get(&key).map(|n| n.clone()).unwrap_or_else(|| Arc::from(""));
+        line.clear();
+        frame.write_json(&name, None, &mut line);
+        line.push(b'\n');
+        out.write_all(&line).map_err(failed)?;
     }
     out.flush().map_err(failed)?;
     Ok(stats)

@@ -1,10 +1,15 @@
 //! The hub: delivers the engine's messages to the WebSocket connections that subscribed, and
 //! keeps what resuming a subscription needs.
 //!
-//! Every subscription is known to the engine by a process-wide name; the hub maps names to
+//! Every subscription is known to the engine by its key (an integer); the hub maps keys to
 //! routes: the connection that owns the subscription and its outgoing queue (none while
 //! detached), the client's id for it, the resume token with what the token is bound to, and
 //! a bounded buffer of its latest messages.
+//!
+//! # Encoding
+//! The engine hands over frames whose documents are already encoded, shared by every
+//! subscription that shows them; the hub only writes each message's small header (the
+//! client's id, `seq`, indexes) around those shared bytes.
 //!
 //! # Backpressure
 //! Queues are bounded: when a client does not read fast enough and its queue fills, the hub
@@ -38,7 +43,7 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use livegrid_engine::{EngineEvent, QueryKey};
-use livegrid_protocol::{ErrorCode, ErrorMessage, ServerMessage};
+use livegrid_protocol::{ErrorCode, ErrorMessage, Frame, ServerMessage};
 use tokio::sync::mpsc;
 
 use super::budget::MemoryBudget;
@@ -110,14 +115,13 @@ pub struct Binding {
 pub type ConnectionId = u64;
 
 struct Route {
-    key: QueryKey,
     token: String,
     binding: Binding,
     owner: ConnectionId,
     outbox: Option<Arc<Outbox>>,
     client_id: String,
     /// The latest messages, oldest first, with their size in bytes.
-    buffer: VecDeque<(ServerMessage, usize)>,
+    buffer: VecDeque<(Frame, usize)>,
     /// Bytes in `buffer`.
     buffered: usize,
     /// Bytes charged to the budget for the subscription itself.
@@ -126,18 +130,11 @@ struct Route {
     detached_at: Option<Instant>,
 }
 
-/// A resumed subscription.
-pub struct Resumed {
-    /// The engine's name of the subscription.
-    pub name: String,
-    /// The engine's key.
-    pub key: QueryKey,
-}
-
 /// What became of a resume request.
 pub enum Resume {
-    /// The subscription moved to the caller's connection; missed messages are queued.
-    Resumed(Resumed),
+    /// The subscription with this key moved to the caller's connection; missed messages are
+    /// queued.
+    Resumed(QueryKey),
     /// The caller holds the subscription's token, but its missed messages are gone: the old
     /// subscription was removed from the hub and its engine key is returned to be ended.
     Replaced(QueryKey),
@@ -164,15 +161,10 @@ pub struct HubLimits {
 
 /// Routes engine messages to connections.
 pub struct Hub {
-    routes: DashMap<String, Mutex<Route>>,
-    tokens: DashMap<String, String>,
+    routes: DashMap<QueryKey, Mutex<Route>>,
+    tokens: DashMap<String, QueryKey>,
     limits: HubLimits,
     budget: MemoryBudget,
-}
-
-/// Why a subscription's result was refused.
-fn refusal(code: ErrorCode, message: String) -> ServerMessage {
-    ServerMessage::Error(ErrorMessage { id: None, code, message })
 }
 
 /// A fresh resume token: 128 bits from the operating system's CSPRNG, as hex.
@@ -194,11 +186,11 @@ impl Hub {
         &self.budget
     }
 
-    /// Routes the messages of engine subscription `name` to `outbox` of connection `owner`,
-    /// as `client_id`; its token is bound to `binding`. Charges `charge` bytes to the budget.
+    /// Routes the messages of engine subscription `key` to `outbox` of connection `owner`, as
+    /// `client_id`; its token is bound to `binding`. Charges `charge` bytes to the budget.
     pub fn add(
         &self,
-        name: String,
+        key: QueryKey,
         outbox: Arc<Outbox>,
         owner: ConnectionId,
         client_id: String,
@@ -210,9 +202,8 @@ impl Hub {
             return Err(OverCapacity);
         }
         let token = new_token();
-        self.tokens.insert(token.clone(), name.clone());
+        self.tokens.insert(token.clone(), key);
         let route = Route {
-            key: 0,
             token,
             binding,
             owner,
@@ -224,7 +215,7 @@ impl Hub {
             last_seq: 0,
             detached_at: None,
         };
-        self.routes.insert(name, Mutex::new(route));
+        self.routes.insert(key, Mutex::new(route));
         Ok(())
     }
 
@@ -236,33 +227,22 @@ impl Hub {
         route
     }
 
-    /// Sets the engine key of `name` once registration returned it; `false` when the route
-    /// is gone meanwhile (the caller then ends the engine subscription itself).
-    pub fn set_key(&self, name: &str, key: QueryKey) -> bool {
-        match self.routes.get(name) {
-            Some(route) => {
-                route.lock().expect("route lock").key = key;
-                true
-            }
-            None => false,
-        }
+    /// Whether connection `owner` still owns `key` (it may have ended, or moved away).
+    pub fn owns(&self, key: QueryKey, owner: ConnectionId) -> bool {
+        self.routes.get(&key).is_some_and(|route| route.lock().expect("route lock").owner == owner)
     }
 
-    /// Whether connection `owner` still owns `name` (it may have ended, or moved away).
-    pub fn owns(&self, name: &str, owner: ConnectionId) -> bool {
-        self.routes.get(name).is_some_and(|route| route.lock().expect("route lock").owner == owner)
+    /// Stops routing `key` if `owner` owns it; `true` when it did (the caller then ends the
+    /// engine subscription).
+    pub fn remove(&self, key: QueryKey, owner: ConnectionId) -> bool {
+        let removed = self.routes.remove_if(&key, |_, route| route.lock().expect("route lock").owner == owner);
+        removed.map(|(_, route)| self.forget(route)).is_some()
     }
 
-    /// Stops routing `name` if `owner` owns it, returning its engine key to end.
-    pub fn remove(&self, name: &str, owner: ConnectionId) -> Option<QueryKey> {
-        let (_, route) = self.routes.remove_if(name, |_, route| route.lock().expect("route lock").owner == owner)?;
-        Some(self.forget(route).key)
-    }
-
-    /// Detaches `name` from connection `owner`, if it still owns it: messages are buffered
+    /// Detaches `key` from connection `owner`, if it still owns it: messages are buffered
     /// for a later resume.
-    pub fn detach(&self, name: &str, owner: ConnectionId) {
-        if let Some(route) = self.routes.get(name) {
+    pub fn detach(&self, key: QueryKey, owner: ConnectionId) {
+        if let Some(route) = self.routes.get(&key) {
             let mut route = route.lock().expect("route lock");
             if route.owner == owner {
                 route.outbox = None;
@@ -282,8 +262,8 @@ impl Hub {
         owner: ConnectionId,
         client_id: &str,
     ) -> Resume {
-        let Some(name) = self.tokens.get(token).map(|n| n.clone()) else { return Resume::Unusable };
-        let Some(entry) = self.routes.get(&name) else { return Resume::Unusable };
+        let Some(key) = self.tokens.get(token).map(|k| *k) else { return Resume::Unusable };
+        let Some(entry) = self.routes.get(&key) else { return Resume::Unusable };
         let mut route = entry.lock().expect("route lock");
         match resumable(&route, seq, binding, owner) {
             Some(true) => {}
@@ -293,54 +273,61 @@ impl Hub {
                 // moved or ended it in the meantime (the check is repeated under the map's lock).
                 drop(route);
                 drop(entry);
-                let removed = self.routes.remove_if(&name, |_, route| {
+                let removed = self.routes.remove_if(&key, |_, route| {
                     resumable(&route.lock().expect("route lock"), seq, binding, owner) == Some(false)
                 });
                 return match removed {
-                    Some((_, route)) => Resume::Replaced(self.forget(route).key),
+                    Some((_, route)) => {
+                        self.forget(route);
+                        Resume::Replaced(key)
+                    }
                     None => Resume::Unusable,
                 };
             }
         }
         route.client_id = client_id.to_string();
-        for (message, _) in route.buffer.iter().filter(|(m, _)| seq_of(m) > seq) {
-            outbox.deliver(named(message.clone(), client_id, None).to_json());
+        for (frame, _) in route.buffer.iter().filter(|(f, _)| f.seq() > seq) {
+            outbox.deliver(frame.to_json(client_id, None));
         }
         route.owner = owner;
         route.outbox = Some(outbox.clone());
         route.detached_at = None;
-        Resume::Resumed(Resumed { name, key: route.key })
+        Resume::Resumed(key)
     }
 
     /// The subscriptions detached for longer than `grace`, removed from the hub; the caller
     /// ends them in the engine.
     pub fn expire(&self, grace: Duration) -> Vec<QueryKey> {
-        let expired: Vec<String> = self
+        let expired: Vec<QueryKey> = self
             .routes
             .iter()
             .filter(|r| r.lock().expect("route lock").detached_at.is_some_and(|at| at.elapsed() >= grace))
-            .map(|r| r.key().clone())
+            .map(|r| *r.key())
             .collect();
         expired
             .into_iter()
-            .filter_map(|name| {
-                self.routes.remove_if(&name, |_, r| {
+            .filter_map(|key| {
+                self.routes.remove_if(&key, |_, r| {
                     r.lock().expect("route lock").detached_at.is_some_and(|at| at.elapsed() >= grace)
                 })
             })
-            .map(|(_, route)| self.forget(route).key)
+            .map(|(key, route)| {
+                self.forget(route);
+                key
+            })
             .collect()
     }
 
     /// Ends every subscription: the server failed and its results can no longer be trusted
     /// (sessions tell their clients). Returns the engine keys.
     pub fn fail_all(&self) -> Vec<QueryKey> {
-        let names: Vec<String> = self.routes.iter().map(|r| r.key().clone()).collect();
-        names
-            .into_iter()
-            .filter_map(|name| self.routes.remove(&name))
-            .map(|(_, route)| self.forget(route).key)
-            .filter(|key| *key != 0)
+        let keys: Vec<QueryKey> = self.routes.iter().map(|r| *r.key()).collect();
+        keys.into_iter()
+            .filter_map(|key| self.routes.remove(&key))
+            .map(|(key, route)| {
+                self.forget(route);
+                key
+            })
             .collect()
     }
 
@@ -364,44 +351,39 @@ impl Hub {
         end: impl Fn(QueryKey),
     ) {
         for event in events {
-            let (message, latency) = match event {
-                EngineEvent::Message { message, latency, .. } => (message, latency),
+            let (key, frame, latency) = match event {
+                EngineEvent::Message { key, frame, latency } => (key, frame, latency),
                 EngineEvent::Failed(reason) => {
                     failed(reason);
                     continue;
                 }
+                EngineEvent::Ended { key, code, message } => {
+                    // The engine ended this subscription (its window could not be refilled).
+                    if let Some((_, route)) = self.routes.remove(&key) {
+                        let route = self.forget(route);
+                        if let Some(outbox) = &route.outbox {
+                            let error =
+                                ServerMessage::Error(ErrorMessage { id: Some(route.client_id.clone()), code, message });
+                            outbox.deliver(error.to_json());
+                        }
+                        metrics::gauge!("livegrid_subscriptions").decrement(1.0);
+                    }
+                    continue;
+                }
                 EngineEvent::Processed(_) => continue,
             };
-            let (name, ends) = match &message {
-                ServerMessage::Result(r) => (r.id.clone(), false),
-                ServerMessage::Delta(d) => (d.id.clone(), false),
-                // The engine ended this subscription (its window could not be refilled).
-                ServerMessage::Error(ErrorMessage { id: Some(id), .. }) => (id.clone(), true),
-                _ => continue,
-            };
-            if ends {
-                if let Some((_, route)) = self.routes.remove(&name) {
-                    let route = self.forget(route);
-                    if let Some(outbox) = &route.outbox {
-                        outbox.deliver(named(message, &route.client_id, None).to_json());
-                    }
-                    metrics::gauge!("livegrid_subscriptions").decrement(1.0);
-                }
-                continue;
-            }
-            let Some(entry) = self.routes.get(&name) else { continue };
+            let Some(entry) = self.routes.get(&key) else { continue };
             let mut route = entry.lock().expect("route lock");
-            let message = named(message, &route.client_id, Some(&route.token));
             if let Some(latency) = latency {
                 metrics::histogram!("livegrid_event_to_delta_seconds").record(latency.as_secs_f64());
                 metrics::counter!("livegrid_deltas_out").increment(1);
             }
-            let json = message.to_json();
+            let json = frame.to_json(&route.client_id, Some(&route.token));
             let bytes = json.len();
-            if matches!(message, ServerMessage::Result(_)) {
+            if let Frame::Result(_) = frame {
                 // An initial result is charged before anyone holds on to it.
                 let refused = if bytes > self.limits.result_bytes {
-                    Some(refusal(
+                    Some((
                         ErrorCode::QueryTooLarge,
                         format!(
                             "the result is {bytes} bytes; a subscription may hold at most {}",
@@ -409,7 +391,7 @@ impl Hub {
                         ),
                     ))
                 } else if !self.budget.try_charge(bytes) {
-                    Some(refusal(
+                    Some((
                         ErrorCode::OverCapacity,
                         "the server's memory budget for subscriptions is spent; retry later".into(),
                     ))
@@ -417,17 +399,19 @@ impl Hub {
                     self.budget.release(bytes);
                     None
                 };
-                if let Some(error) = refused {
+                if let Some((code, message)) = refused {
                     let (client_id, outbox) = (route.client_id.clone(), route.outbox.clone());
                     drop(route);
                     drop(entry);
-                    if let Some((_, route)) = self.routes.remove(&name) {
-                        let route = self.forget(route);
-                        end(route.key);
+                    if let Some((_, route)) = self.routes.remove(&key) {
+                        self.forget(route);
+                        end(key);
                         metrics::gauge!("livegrid_subscriptions").decrement(1.0);
                     }
                     if let Some(outbox) = outbox {
-                        outbox.deliver(named(error, &client_id, None).to_json());
+                        outbox.deliver(
+                            ServerMessage::Error(ErrorMessage { id: Some(client_id), code, message }).to_json(),
+                        );
                     }
                     continue;
                 }
@@ -435,10 +419,12 @@ impl Hub {
             if let Some(outbox) = &route.outbox {
                 outbox.deliver(json);
             }
-            route.last_seq = seq_of(&message);
-            route.buffer.push_back((message, bytes));
-            route.buffered += bytes;
-            self.budget.charge(bytes);
+            route.last_seq = frame.seq();
+            // Buffered frames share their documents with everything else that carries them.
+            let held = 64 + frame.shared_bytes();
+            route.buffer.push_back((frame, held));
+            route.buffered += held;
+            self.budget.charge(held);
             while route.buffer.len() > self.limits.messages
                 || (route.buffered > self.limits.bytes && route.buffer.len() > 1)
             {
@@ -455,35 +441,11 @@ impl Hub {
 /// not at all. A subscription only moves forward, to a connection opened after the one holding
 /// it: a resume arriving late on a connection the client already left must not pull it back.
 fn resumable(route: &Route, seq: u64, binding: &Binding, owner: ConnectionId) -> Option<bool> {
-    if route.binding != *binding || route.key == 0 || seq > route.last_seq || owner < route.owner {
+    if route.binding != *binding || seq > route.last_seq || owner < route.owner {
         return None;
     }
-    let first = route.buffer.front().map_or(route.last_seq + 1, |(m, _)| seq_of(m));
+    let first = route.buffer.front().map_or(route.last_seq + 1, |(f, _)| f.seq());
     Some(first <= seq + 1)
-}
-
-fn seq_of(message: &ServerMessage) -> u64 {
-    match message {
-        ServerMessage::Result(r) => r.seq,
-        ServerMessage::Delta(d) => d.seq,
-        _ => 0,
-    }
-}
-
-/// The message as the client knows it: its id, and on results the resume token.
-fn named(mut message: ServerMessage, client_id: &str, token: Option<&str>) -> ServerMessage {
-    match &mut message {
-        ServerMessage::Result(r) => {
-            r.id = client_id.to_string();
-            if let Some(token) = token {
-                r.token = Some(token.to_string());
-            }
-        }
-        ServerMessage::Delta(d) => d.id = client_id.to_string(),
-        ServerMessage::Error(e) => e.id = Some(client_id.to_string()),
-        ServerMessage::Pong => {}
-    }
-    message
 }
 
 #[cfg(test)]
@@ -498,16 +460,15 @@ mod tests {
     fn tokens_are_random_and_bound() {
         let hub = Hub::new(HubLimits { messages: 8, bytes: 1 << 20, result_bytes: 1 << 20 }, 1000);
         let (outbox, _rx) = Outbox::new(16, 1 << 20);
-        hub.add("1/1".into(), outbox.clone(), 1, "a".into(), binding("{}"), 400).unwrap();
-        hub.set_key("1/1", 7);
-        hub.add("1/2".into(), outbox.clone(), 1, "b".into(), binding("{}"), 400).unwrap();
-        assert!(hub.add("1/3".into(), outbox.clone(), 1, "c".into(), binding("{}"), 400).is_err());
+        hub.add(7, outbox.clone(), 1, "a".into(), binding("{}"), 400).unwrap();
+        hub.add(8, outbox.clone(), 1, "b".into(), binding("{}"), 400).unwrap();
+        assert!(hub.add(9, outbox.clone(), 1, "c".into(), binding("{}"), 400).is_err());
         let tokens: Vec<String> = hub.tokens.iter().map(|t| t.key().clone()).collect();
         assert_eq!(tokens.len(), 2);
         assert!(tokens.iter().all(|t| t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit())));
         assert_ne!(tokens[0], tokens[1]);
-        let token = hub.routes.get("1/1").unwrap().lock().unwrap().token.clone();
-        hub.routes.get("1/1").unwrap().lock().unwrap().last_seq = 1;
+        let token = hub.routes.get(&7).unwrap().lock().unwrap().token.clone();
+        hub.routes.get(&7).unwrap().lock().unwrap().last_seq = 1;
         let (other, _rx2) = Outbox::new(16, 1 << 20);
         // Another query, a guessed token, an impossible seq: unusable, nothing touched.
         assert!(matches!(hub.resume(&token, 1, &binding("{\"x\":1}"), &other, 2, "z"), Resume::Unusable));
@@ -516,17 +477,17 @@ mod tests {
             Resume::Unusable
         ));
         assert!(matches!(hub.resume(&token, 99, &binding("{}"), &other, 2, "z"), Resume::Unusable));
-        assert!(hub.owns("1/1", 1));
+        assert!(hub.owns(7, 1));
         // The right token moves the subscription; the old connection can no longer touch it.
-        assert!(matches!(hub.resume(&token, 1, &binding("{}"), &other, 2, "z"), Resume::Resumed(_)));
-        assert!(hub.owns("1/1", 2));
+        assert!(matches!(hub.resume(&token, 1, &binding("{}"), &other, 2, "z"), Resume::Resumed(7)));
+        assert!(hub.owns(7, 2));
         // A late resume from the older connection cannot pull it back.
         assert!(matches!(hub.resume(&token, 1, &binding("{}"), &outbox, 1, "a"), Resume::Unusable));
-        assert!(hub.owns("1/1", 2));
-        hub.detach("1/1", 1);
-        assert_eq!(hub.remove("1/1", 1), None);
-        assert!(hub.routes.get("1/1").unwrap().lock().unwrap().outbox.is_some());
-        assert_eq!(hub.remove("1/1", 2), Some(7));
+        assert!(hub.owns(7, 2));
+        hub.detach(7, 1);
+        assert!(!hub.remove(7, 1));
+        assert!(hub.routes.get(&7).unwrap().lock().unwrap().outbox.is_some());
+        assert!(hub.remove(7, 2));
         assert_eq!(hub.budget().used(), 400);
     }
 }

@@ -158,7 +158,7 @@ pub async fn run(socket: WebSocket, state: AppState, permit: Option<ConnectionPe
         if server_stopping {
             end(&state, connection, &active);
         } else {
-            state.hub.detach(&active.name, connection);
+            state.hub.detach(active.key, connection);
         }
     }
     if let Some((code, reason)) = close {
@@ -197,17 +197,15 @@ fn error(id: Option<String>, code: ErrorCode, message: String) -> ServerMessage 
     ServerMessage::Error(ErrorMessage { id, code, message })
 }
 
-/// A subscription of this connection: its engine key and name.
+/// A subscription of this connection: its engine key.
 struct Active {
     key: QueryKey,
-    name: String,
 }
 
 fn end(state: &AppState, connection: ConnectionId, active: &Active) {
     // A subscription resumed on another connection is no longer this connection's to end.
-    if let Some(key) = state.hub.remove(&active.name, connection) {
-        debug_assert!(key == active.key || key == 0);
-        unregister(state, key);
+    if state.hub.remove(active.key, connection) {
+        unregister(state, active.key);
         metrics::gauge!("livegrid_subscriptions").decrement(1.0);
     }
 }
@@ -236,7 +234,7 @@ async fn handle(
         )];
     }
     // Subscriptions that ended in the engine or moved to another connection are not ours.
-    subscriptions.retain(|_, active| state.hub.owns(&active.name, connection));
+    subscriptions.retain(|_, active| state.hub.owns(active.key, connection));
     let message: ClientMessage = match serde_json::from_str(text) {
         Ok(m) => m,
         Err(e) => return vec![error(None, ErrorCode::BadMessage, format!("invalid message: {e}"))],
@@ -324,10 +322,10 @@ async fn subscribe_one(
     let binding = Binding { ns: subscribe.ns.clone(), query: canonical_query(&spec), principal: None };
     if let Some(resume) = &subscribe.resume {
         match state.hub.resume(&resume.token, resume.seq, &binding, outbox, connection, &id) {
-            Resume::Resumed(resumed) => {
+            Resume::Resumed(key) => {
                 // Resumed twice on this connection under different ids: the newest id wins.
-                subscriptions.retain(|_, active| active.name != resumed.name);
-                subscriptions.insert(id, Active { key: resumed.key, name: resumed.name });
+                subscriptions.retain(|_, active| active.key != key);
+                subscriptions.insert(id, Active { key });
                 metrics::counter!("livegrid_resumes").increment(1);
                 return Ok(());
             }
@@ -340,28 +338,29 @@ async fn subscribe_one(
             Resume::Unusable => metrics::counter!("livegrid_resumes_refused").increment(1),
         }
     }
-    let name = format!("{connection}/{}", state.next_connection.fetch_add(1, Ordering::Relaxed));
+    // The key first, so that the hub can route the result the moment the grid emits it.
+    let key = state.engine.reserve_key();
     state
         .hub
-        .add(name.clone(), outbox.clone(), connection, id.clone(), binding, compiled.charge)
+        .add(key, outbox.clone(), connection, id.clone(), binding, compiled.charge)
         .map_err(|e| fail(ErrorCode::OverCapacity, format!("{e}; retry later")))?;
     let engine = state.engine.clone();
-    let (engine_name, ns) = (name.clone(), subscribe.ns.clone());
-    let registered =
-        tokio::task::spawn_blocking(move || engine.register_query(&engine_name, &ns, &spec, &compiled.query)).await;
+    let ns = subscribe.ns.clone();
+    let registered = tokio::task::spawn_blocking(move || engine.register_as(key, &ns, &spec, &compiled.query)).await;
     match registered {
-        Ok(Ok(key)) => {
-            if !state.hub.set_key(&name, key) {
+        Ok(Ok(())) => {
+            if !state.hub.owns(key, connection) {
                 // Ended while registering (the server failed, or its result was refused).
                 unregister(state, key);
                 return Ok(());
             }
-            subscriptions.insert(id, Active { key, name });
+            subscriptions.insert(id, Active { key });
             metrics::gauge!("livegrid_subscriptions").increment(1.0);
             Ok(())
         }
         Ok(Err(e)) => {
-            state.hub.remove(&name, connection);
+            state.hub.remove(key, connection);
+            unregister(state, key);
             let code = match e {
                 EngineError::BadQuery(_) => ErrorCode::BadQuery,
                 EngineError::StaleSnapshot { .. } => ErrorCode::StaleSnapshot,
@@ -371,7 +370,8 @@ async fn subscribe_one(
             Err(fail(code, e.to_string()))
         }
         Err(e) => {
-            state.hub.remove(&name, connection);
+            state.hub.remove(key, connection);
+            unregister(state, key);
             Err(fail(ErrorCode::Internal, format!("registration failed: {e}")))
         }
     }
