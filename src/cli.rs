@@ -119,6 +119,11 @@ pub struct WorkloadArgs {
     /// The generator's seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// A chat-like workload in which every write changes about this many subscriptions'
+    /// results (rooms watched by `fanout` subscriptions each, one in ten a sorted window of
+    /// the newest 20); 0 (the default) for the low-fan-out item workload.
+    #[arg(long, default_value_t = 0)]
+    pub fanout: u64,
 }
 
 /// Flags of `livegrid replay`.

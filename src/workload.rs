@@ -92,6 +92,82 @@ impl Workload {
     }
 }
 
+/// A chat-like workload with a chosen fan-out: messages posted in rooms, each room watched by
+/// about `fanout` subscriptions (most `{room: R}`, one in ten the room's newest 20 messages,
+/// sorted), so that every write changes about `fanout` results. Writes are mostly new
+/// messages, some edits (a reaction count or the text) and some deletions of recent messages.
+pub struct Chat {
+    random: Workload,
+    rooms: u64,
+    next_id: u64,
+}
+
+/// The namespace of the chat workload.
+pub const CHAT_NAMESPACE: &str = "bench.messages";
+
+impl Chat {
+    /// A chat of `queries / fanout` rooms.
+    pub fn new(seed: u64, queries: u64, fanout: u64) -> Self {
+        Chat { random: Workload::new(seed), rooms: (queries / fanout.max(1)).max(1), next_id: 0 }
+    }
+
+    /// The room of a message: a function of its id, so that its edits stay in its room.
+    fn room_of(&self, id: u64) -> u64 {
+        (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 16) % self.rooms
+    }
+
+    fn message(&mut self, id: u64, room: u64) -> Document {
+        doc! {
+            "_id": id as i64,
+            "room": format!("r{room}"),
+            "ts": id as i64,
+            "user": format!("u{}", self.random.below(100_000)),
+            "text": "a short chat message of the benchmark",
+            "reactions": self.random.below(10) as i32,
+        }
+    }
+
+    /// The next write at `position`.
+    pub fn event(&mut self, position: u64) -> ChangeEvent {
+        let kind = self.random.below(10);
+        if kind < 7 || self.next_id < 100 {
+            let id = self.next_id;
+            self.next_id += 1;
+            let doc = self.message(id, self.room_of(id));
+            return ChangeEvent {
+                position,
+                ns: CHAT_NAMESPACE.into(),
+                op: ChangeOp::Insert,
+                id: Bson::Int64(id as i64),
+                doc: Some(Arc::new(doc)),
+            };
+        }
+        // A recent message: its room is a function of its id, so edits stay in their room.
+        let id = self.next_id - 1 - self.random.below(self.next_id.min(1000));
+        let (op, doc) = if kind < 9 {
+            (ChangeOp::Update, Some(self.message(id, self.room_of(id))))
+        } else {
+            (ChangeOp::Delete, None)
+        };
+        ChangeEvent { position, ns: CHAT_NAMESPACE.into(), op, id: Bson::Int64(id as i64), doc: doc.map(Arc::new) }
+    }
+
+    /// The `i`-th subscription: rooms are watched in turn, so each gets about `fanout`.
+    pub fn query(&mut self, i: u64) -> QuerySpec {
+        let room = format!("r{}", i % self.rooms);
+        if self.random.below(10) == 0 {
+            QuerySpec {
+                filter: doc! {"room": room},
+                sort: Some(doc! {"ts": -1}),
+                limit: Some(20),
+                ..Default::default()
+            }
+        } else {
+            QuerySpec { filter: doc! {"room": room}, ..Default::default() }
+        }
+    }
+}
+
 /// A change event as MongoDB's change stream shows it (relaxed Extended JSON), for replay
 /// files.
 pub fn change_stream_json(event: &ChangeEvent) -> String {

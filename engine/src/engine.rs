@@ -54,6 +54,12 @@ pub struct EngineConfig {
     pub retention: usize,
     /// Documents a window keeps beyond its visible end (fewer re-reads, more memory).
     pub slack: usize,
+    /// Messages the engine holds for its consumer at most ([`Engine::messages`]); beyond it the
+    /// grid waits for the consumer.
+    pub output_capacity: usize,
+    /// Fed batches the grid may be behind at most; [`Engine::submit`] waits beyond it, so a
+    /// producer faster than the grid is slowed down, not buffered without limit.
+    pub max_inflight: u64,
 }
 
 impl Default for EngineConfig {
@@ -63,6 +69,8 @@ impl Default for EngineConfig {
             cluster: None,
             retention: 100_000,
             slack: 16,
+            output_capacity: 65_536,
+            max_inflight: 64,
         }
     }
 }
@@ -160,6 +168,7 @@ struct Ingest {
 struct Shared {
     shape: GridShape,
     slack: usize,
+    max_inflight: u64,
     ingest: Mutex<Ingest>,
     snapshot: Arc<dyn SnapshotSource>,
     worker0: Mutex<Option<std::thread::Thread>>,
@@ -261,7 +270,8 @@ impl Engine {
             }
         };
         let (command_tx, command_rx) = crossbeam_channel::unbounded();
-        let (delivery_tx, delivery_rx) = crossbeam_channel::unbounded();
+        // Bounded: workers wait for the router, which waits for the consumer.
+        let (delivery_tx, delivery_rx) = crossbeam_channel::bounded(1024);
         let (worker0_tx, worker0_rx) = crossbeam_channel::bounded(1);
         let setup = Arc::new(WorkerSetup {
             slack: config.slack,
@@ -277,6 +287,7 @@ impl Engine {
         let shared = Arc::new(Shared {
             shape: config.shape,
             slack: config.slack,
+            max_inflight: config.max_inflight.max(1),
             ingest: Mutex::new(Ingest {
                 retention: Retention::new(config.retention),
                 subscriptions: HashMap::default(),
@@ -301,7 +312,7 @@ impl Engine {
                 .map_err(|_| EngineError::Start("worker 0 did not start".into()))?;
             *shared.worker0.lock().expect("worker0 lock") = Some(thread);
         }
-        let (event_tx, event_rx) = crossbeam_channel::unbounded();
+        let (event_tx, event_rx) = crossbeam_channel::bounded(config.output_capacity.max(1));
         // Unbounded, yet bounded by the number of windows: a window asks for one re-read at a
         // time (it waits for it before asking again), and the router never blocks on it.
         let (reread_tx, reread_rx) = crossbeam_channel::unbounded();
@@ -350,7 +361,12 @@ impl Engine {
 
     /// Feeds writes, in position order. Writes at or below the last position fed are
     /// ignored (a source may repeat itself after a restart); their count is returned.
+    ///
+    /// # Backpressure
+    /// When the grid is more than `max_inflight` batches behind, this waits (without holding
+    /// any lock the grid's consumers need) until it catches up.
     pub fn submit(&self, events: impl IntoIterator<Item = ChangeEvent>) -> Result<usize, EngineError> {
+        self.wait_for_room();
         let now = (self.shared.started.elapsed().as_nanos() as u64).max(1);
         let shape = self.shared.shape;
         let mut ingest = self.shared.ingest.lock().expect("ingest lock");
@@ -452,6 +468,23 @@ impl Engine {
     pub fn unregister(&self, key: QueryKey) -> Result<(), EngineError> {
         let mut ingest = self.shared.ingest.lock().expect("ingest lock");
         self.shared.unregister(&mut ingest, key).map(|_| ())
+    }
+
+    /// Waits while the grid is more than `max_inflight` feed commands behind.
+    fn wait_for_room(&self) {
+        let (lock, signal) = &self.shared.progress;
+        let mut done = lock.lock().expect("progress lock");
+        let mut waited = false;
+        while self.shared.sent.load(Ordering::Acquire).saturating_sub(*done) > self.shared.max_inflight
+            && !self.shared.failed.load(Ordering::Acquire)
+            && !self.shared.stopping.load(Ordering::Acquire)
+        {
+            waited = true;
+            done = signal.wait_timeout(done, Duration::from_millis(100)).expect("progress lock").0;
+        }
+        if waited {
+            metrics::counter!("livegrid_engine_backpressure_waits").increment(1);
+        }
     }
 
     /// The last position all of whose messages have been emitted.
@@ -635,6 +668,7 @@ fn route(shared: &Shared, deliveries: &Receiver<Delivery>, events: &Sender<Engin
                 let _ = events.send(EngineEvent::Processed(position));
             }
             Delivery::Outputs(outputs) => {
+                metrics::gauge!("livegrid_engine_output_depth").set(events.len() as f64);
                 for output in outputs {
                     match output {
                         StageOutput::NeedsReload { key } => {

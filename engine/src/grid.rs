@@ -69,6 +69,9 @@ impl std::str::FromStr for GridShape {
     }
 }
 
+/// Records worker 0 puts under one epoch at most (it may exceed it by one command).
+const MAX_EPOCH_RECORDS: usize = 4096;
+
 /// What the engine sends worker 0.
 pub(crate) enum Command {
     /// Records to feed, and the last write position among everything fed so far.
@@ -153,12 +156,17 @@ fn run_worker(worker: &mut timely::worker::Worker, setup: &WorkerSetup) {
             move |_capability, _info| {
                 let mut stash: BTreeMap<u64, (Capability<u64>, Vec<StageInput>)> = BTreeMap::new();
                 let mut subscriptions = Subscriptions::new(slack);
+                // Buffers live as long as the operator: a timestamp's inputs and outputs can be
+                // many megabytes, and fresh buffers each time cost page faults and copies.
+                let mut spare: Vec<Vec<StageInput>> = Vec::new();
+                let mut produced: Vec<StageOutput> = Vec::new();
                 move |(input, frontier), output| {
                     input.for_each_stamp(|capability, data| {
                         // Messages under an empty stamp claim no time; there are none here.
                         let Some(&time) = capability.least() else { return };
                         let entry = stash.entry(time).or_insert_with(|| {
-                            (capability.retain_least(output.output_index()).expect("non-empty stamp"), Vec::new())
+                            let buffer = spare.pop().unwrap_or_default();
+                            (capability.retain_least(output.output_index()).expect("non-empty stamp"), buffer)
                         });
                         entry.1.extend(data.flat_map(|d| d.drain(..)));
                     });
@@ -166,10 +174,10 @@ fn run_worker(worker: &mut timely::worker::Worker, setup: &WorkerSetup) {
                         if frontier.frontier().less_equal(&time) {
                             break;
                         }
-                        let (capability, inputs) = stash.remove(&time).expect("present");
-                        let mut produced = Vec::new();
-                        subscriptions.apply(inputs, &mut produced);
-                        output.session(&capability).give_iterator(produced.into_iter());
+                        let (capability, mut inputs) = stash.remove(&time).expect("present");
+                        subscriptions.apply(&mut inputs, &mut produced);
+                        output.session(&capability).give_iterator(produced.drain(..));
+                        spare.push(inputs);
                     }
                 }
             },
@@ -203,9 +211,13 @@ fn run_worker(worker: &mut timely::worker::Worker, setup: &WorkerSetup) {
     loop {
         let mut advanced = false;
         let mut shutdown = false;
-        loop {
+        let mut records_in_epoch = 0usize;
+        // An epoch is applied as a whole by the subscription stage: bound its size, so that a
+        // backlog becomes many small epochs rather than one huge one held in memory at once.
+        while records_in_epoch < MAX_EPOCH_RECORDS {
             match setup.commands.try_recv() {
                 Ok(Command::Feed(records, position)) => {
+                    records_in_epoch += records.len().max(1);
                     for record in records {
                         input.send(record);
                     }

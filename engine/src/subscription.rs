@@ -92,12 +92,14 @@ impl Subscriptions {
         self.subs.is_empty()
     }
 
-    /// Applies the inputs of one complete timestamp.
-    pub fn apply(&mut self, mut inputs: Vec<StageInput>, out: &mut Vec<StageOutput>) {
-        inputs.sort_by_key(StageInput::order);
+    /// Applies the inputs of one complete timestamp (draining them).
+    pub fn apply(&mut self, inputs: &mut Vec<StageInput>, out: &mut Vec<StageOutput>) {
+        // One input per (subscription, write) at most: ties in (position, kind) are between
+        // different subscriptions, so an unstable sort (no scratch buffer) keeps the order.
+        inputs.sort_unstable_by_key(|input| (input.order(), input.key()));
         self.encoded.clear();
         self.pinned.clear();
-        for input in inputs {
+        for input in inputs.drain(..) {
             match input {
                 StageInput::Init { key, query, init, reload } => {
                     let Ok(query) = Query::compile(&query.to_spec()) else { continue };

@@ -285,6 +285,7 @@ fn grid_2x2_two_processes() {
             cluster: Some(ClusterConfig { process, addresses: addresses.clone() }),
             retention: 64,
             slack: 2,
+            ..Default::default()
         };
         let other = {
             let memory = memory.clone();

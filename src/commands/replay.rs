@@ -93,8 +93,13 @@ fn cluster(args: &ReplayArgs) -> Result<Option<ClusterConfig>, ReplayError> {
 
 /// Runs a replay and returns its summary line.
 pub fn execute(args: &ReplayArgs) -> Result<String, ReplayError> {
-    let config =
-        EngineConfig { shape: args.grid, cluster: cluster(args)?, retention: args.retention, slack: args.slack };
+    let config = EngineConfig {
+        shape: args.grid,
+        cluster: cluster(args)?,
+        retention: args.retention,
+        slack: args.slack,
+        ..Default::default()
+    };
     let memory = Arc::new(SharedMemory::default());
     if config.cluster.as_ref().is_some_and(|c| c.process != 0) {
         // Other processes only lend their workers; process 0 reads the files and writes.

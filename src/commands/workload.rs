@@ -6,7 +6,7 @@ use std::io::{BufWriter, Write};
 use std::process::ExitCode;
 
 use crate::cli::WorkloadArgs;
-use crate::workload::{NAMESPACE, Workload, change_stream_json};
+use crate::workload::{CHAT_NAMESPACE, Chat, NAMESPACE, Workload, change_stream_json};
 
 /// Runs the command.
 pub fn run(args: &WorkloadArgs) -> ExitCode {
@@ -21,6 +21,9 @@ pub fn run(args: &WorkloadArgs) -> ExitCode {
 
 fn write(args: &WorkloadArgs) -> std::io::Result<()> {
     std::fs::create_dir_all(&args.dir)?;
+    if args.fanout > 0 {
+        return write_chat(args);
+    }
     let mut workload = Workload::new(args.seed);
     let mut queries = BufWriter::new(File::create(args.dir.join("queries.jsonl"))?);
     for i in 0..args.queries {
@@ -36,6 +39,30 @@ fn write(args: &WorkloadArgs) -> std::io::Result<()> {
     let mut events = BufWriter::new(File::create(args.dir.join("events.jsonl"))?);
     for position in 1..=args.events {
         writeln!(events, "{}", change_stream_json(&workload.event(position)))?;
+    }
+    events.flush()
+}
+
+/// The high-fan-out chat workload (see [`Chat`]).
+fn write_chat(args: &WorkloadArgs) -> std::io::Result<()> {
+    use livegrid_protocol::extjson::document_to_relaxed_json;
+    let mut chat = Chat::new(args.seed, args.queries, args.fanout);
+    let mut queries = BufWriter::new(File::create(args.dir.join("queries.jsonl"))?);
+    for i in 0..args.queries {
+        let spec = chat.query(i);
+        let mut line = serde_json::json!({"id": format!("q{i}"), "ns": CHAT_NAMESPACE, "filter": document_to_relaxed_json(&spec.filter)});
+        if let Some(sort) = &spec.sort {
+            line["sort"] = document_to_relaxed_json(sort);
+        }
+        if let Some(limit) = spec.limit {
+            line["limit"] = limit.into();
+        }
+        writeln!(queries, "{line}")?;
+    }
+    queries.flush()?;
+    let mut events = BufWriter::new(File::create(args.dir.join("events.jsonl"))?);
+    for position in 1..=args.events {
+        writeln!(events, "{}", change_stream_json(&chat.event(position)))?;
     }
     events.flush()
 }
