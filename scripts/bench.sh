@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs the benchmarks whose figures README.md records.
-# Usage: scripts/bench.sh [matcher|grid|replay|load|writes|all]
+# Usage: scripts/bench.sh [matcher|grid|replay|load|fanout|writes|all]
 #   matcher  criterion: filter evaluation and compilation
 #   grid     events/s, write-to-delta latency and memory per query with 1k/10k/100k queries
 #            (LIVEGRID_BENCH_QUERIES, LIVEGRID_BENCH_GRID, LIVEGRID_BENCH_RATE to vary it)
 #   replay   livegrid replay end to end on a generated workload (JSON parsing included)
 #   load     livegrid serve with 1,000 WebSocket connections and 10,000 subscriptions
 #            (LIVEGRID_LOAD_RATE, LIVEGRID_LOAD_SECONDS, LIVEGRID_DURABILITY)
+#   fanout   livegrid replay on the chat workload (10,000 queries, ~50 changed per write),
+#            output to a file: deltas/s and event-to-delta latency
 #   writes   acknowledged single-document writes/s from 64 concurrent keep-alive clients,
 #            durable (group commit) and periodic (LIVEGRID_WRITERS, LIVEGRID_WRITES_SECONDS)
 set -euo pipefail
@@ -37,6 +39,16 @@ run_load() {
     LIVEGRID_DURABILITY=$durability cargo bench --bench load
   done
 }
+run_fanout() {
+  echo "== fanout: 200,000 chat events, 10,000 queries, each write changes ~50 results"
+  cargo build --release --quiet
+  dir=$(mktemp -d)
+  target/release/livegrid workload --dir "$dir" --events 200000 --queries 10000 --fanout 50
+  for grid in 1x2 1x1; do
+    target/release/livegrid replay --events "$dir/events.jsonl" --queries "$dir/queries.jsonl" --out "$dir/out.jsonl" --grid "$grid"
+  done
+  rm -rf "$dir"
+}
 run_writes() {
   echo "== writes: 64 concurrent keep-alive writers, each durability mode"
   for durability in durable periodic; do
@@ -49,6 +61,7 @@ case "$what" in
   replay) run_replay ;;
   load) run_load ;;
   writes) run_writes ;;
-  all) run_matcher; run_grid; run_replay; run_load; run_writes ;;
-  *) echo "usage: scripts/bench.sh [matcher|grid|replay|load|writes|all]" >&2; exit 2 ;;
+  fanout) run_fanout ;;
+  all) run_matcher; run_grid; run_replay; run_fanout; run_load; run_writes ;;
+  *) echo "usage: scripts/bench.sh [matcher|grid|replay|load|fanout|writes|all]" >&2; exit 2 ;;
 esac

@@ -362,3 +362,22 @@ async fn heartbeats_drop_a_silent_peer() {
     assert!(close.reason.contains("no frame since the last ping"), "{}", close.reason);
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_that_leave_the_projected_document_unchanged_send_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path(), 1024).await;
+    http(server.addr, "POST", "/v1/db/app/posts", Some(json!({"_id": 1, "title": "Hello", "views": 0}))).await;
+    let mut socket = connect(server.addr).await;
+    send(&mut socket, json!({"type": "subscribe", "id": "t", "ns": "app.posts", "projection": {"title": 1}})).await;
+    assert!(matches!(next(&mut socket).await, ServerMessage::Result(_)));
+    for _ in 0..5 {
+        http(server.addr, "PATCH", "/v1/db/app/posts/1", Some(json!({"$inc": {"views": 1}}))).await;
+    }
+    http(server.addr, "PATCH", "/v1/db/app/posts/1", Some(json!({"$set": {"title": "Hello again"}}))).await;
+    // The five view counts change nothing the client holds: the next message is the title.
+    let ServerMessage::Delta(d) = next(&mut socket).await else { panic!("expected a delta") };
+    assert_eq!((d.seq, d.op), (2, DeltaOp::Change));
+    assert_eq!(d.doc.unwrap().get_str("title").unwrap(), "Hello again");
+    server.shutdown().await;
+}
