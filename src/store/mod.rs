@@ -38,6 +38,7 @@ pub mod limits;
 pub mod namespace;
 pub mod update;
 
+use std::collections::BinaryHeap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -319,21 +320,62 @@ impl Store {
         let position = position.map(|v| v.value()).unwrap_or(0);
         let docs = txn.open_table(DOCS).map_err(redb::Error::from)?;
         let prefix = namespace_prefix(ns);
-        let mut matching: Vec<(SortKey, Document)> = Vec::new();
+        // With `k`, only the best `k` so far are kept (a bounded max-heap by sort key), so a
+        // window's re-read holds skip + limit + slack documents, not the collection.
+        let mut best: BinaryHeap<Ranked> = BinaryHeap::new();
+        let mut all: Vec<Ranked> = Vec::new();
+        let mut matched = 0usize;
         for entry in docs.range(prefix.as_slice()..).map_err(redb::Error::from)? {
             let (key, value) = entry.map_err(redb::Error::from)?;
             if !key.value().starts_with(&prefix) {
                 break;
             }
             let doc = decode(value.value())?;
-            if query.filter.matches(&doc) {
-                matching.push((query.sort.key(&doc), doc));
+            if !query.filter.matches(&doc) {
+                continue;
+            }
+            matched += 1;
+            let ranked = Ranked(query.sort.key(&doc), doc);
+            match k {
+                None => all.push(ranked),
+                Some(0) => {}
+                Some(k) if best.len() < k => best.push(ranked),
+                Some(_) => {
+                    if best.peek().is_some_and(|worst| ranked.0 < worst.0) {
+                        best.pop();
+                        best.push(ranked);
+                    }
+                }
             }
         }
-        matching.sort_by(|a, b| a.0.cmp(&b.0));
-        let complete = k.is_none_or(|k| matching.len() <= k);
-        let docs = matching.into_iter().take(k.unwrap_or(usize::MAX)).map(|(_, d)| d).collect();
+        let mut ranked = if k.is_some() { best.into_vec() } else { all };
+        ranked.sort_by(|a, b| a.0.cmp(&b.0));
+        let complete = k.is_none_or(|k| matched <= k);
+        let docs = ranked.into_iter().map(|Ranked(_, d)| d).collect();
         Ok(Snapshot { docs, position, complete })
+    }
+}
+
+/// A matching document with its sort key, ordered by the key (for the top-k heap).
+struct Ranked(SortKey, Document);
+
+impl PartialEq for Ranked {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl Eq for Ranked {}
+
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Ranked {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.cmp(&other.0)
     }
 }
 
@@ -640,6 +682,26 @@ mod tests {
         assert_eq!(snapshot.docs.iter().map(|d| d.get_i32("n").unwrap()).collect::<Vec<_>>(), vec![9, 8, 7]);
         assert!(store.read("db.c", &query, None).unwrap().complete);
         assert!(matches!(store.write("nodot", vec![]), Err(StoreError::Namespace(_))));
+    }
+
+    #[test]
+    fn top_k_reads_agree_with_a_full_sort() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let writes = (0..200).map(|i| Write::Insert(doc! {"_id": i, "n": (i * 37) % 50, "odd": i % 2 == 1})).collect();
+        store.write("db.c", writes).unwrap();
+        let spec = QuerySpec { filter: doc! {"odd": true}, sort: Some(doc! {"n": -1}), ..Default::default() };
+        let query = Query::compile(&spec).unwrap();
+        let all = store.read("db.c", &query, None).unwrap();
+        assert!(all.complete);
+        for k in [0, 1, 7, 99, 100, 101, 500] {
+            let top = store.read("db.c", &query, Some(k)).unwrap();
+            let mut sorted = all.docs.clone();
+            sorted.sort_by(|a, b| query.sort.key(a).cmp(&query.sort.key(b)));
+            sorted.truncate(k);
+            assert_eq!(top.docs, sorted, "k = {k}");
+            assert_eq!(top.complete, k >= 100, "k = {k}");
+        }
     }
 
     #[test]
