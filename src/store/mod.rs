@@ -697,7 +697,7 @@ mod tests {
         for k in [0, 1, 7, 99, 100, 101, 500] {
             let top = store.read("db.c", &query, Some(k)).unwrap();
             let mut sorted = all.docs.clone();
-            sorted.sort_by(|a, b| query.sort.key(a).cmp(&query.sort.key(b)));
+            sorted.sort_by_key(|d| query.sort.key(d));
             sorted.truncate(k);
             assert_eq!(top.docs, sorted, "k = {k}");
             assert_eq!(top.complete, k >= 100, "k = {k}");
