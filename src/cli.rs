@@ -98,6 +98,10 @@ pub struct ServeArgs {
     /// Write requests waiting for the store's committer; writers wait beyond it [default: 4096].
     #[arg(long, env = "LIVEGRID_WRITE_QUEUE")]
     pub write_queue: Option<usize>,
+    /// Milliseconds a write may wait for room in that queue before it is refused with 503
+    /// and Retry-After (nothing is written then) [default: 5000].
+    #[arg(long, env = "LIVEGRID_WRITE_DEADLINE_MS")]
+    pub write_deadline_ms: Option<u64>,
     /// Exit with status 1 when livegrid fails and can no longer keep results exact (a grid
     /// worker panicked, the engine refused committed writes, a commit failed) [default: true].
     #[arg(long, env = "LIVEGRID_EXIT_ON_FATAL")]

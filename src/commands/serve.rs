@@ -39,6 +39,7 @@ pub struct FileConfig {
     subscription_memory: Option<usize>,
     max_subscription_bytes: Option<usize>,
     write_queue: Option<usize>,
+    write_deadline_ms: Option<u64>,
     exit_on_fatal: Option<bool>,
 }
 
@@ -104,6 +105,11 @@ pub fn config(args: &ServeArgs) -> Result<ServeConfig, String> {
             .or(file.max_subscription_bytes)
             .unwrap_or(defaults.max_subscription_bytes),
         write_queue: args.write_queue.or(file.write_queue).unwrap_or(defaults.write_queue),
+        write_deadline: args
+            .write_deadline_ms
+            .or(file.write_deadline_ms)
+            .map(Duration::from_millis)
+            .unwrap_or(defaults.write_deadline),
         ..defaults
     };
     server.validate()?;

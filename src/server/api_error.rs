@@ -53,6 +53,7 @@ impl From<StoreError> for ApiError {
             StoreError::Namespace(_) => (StatusCode::BAD_REQUEST, "bad_namespace"),
             StoreError::Storage(_) | StoreError::Corrupt(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             StoreError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            StoreError::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
         };
         ApiError { status, code, message: e.to_string() }
     }
@@ -81,6 +82,11 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             tracing::error!(code = self.code, message = %self.message, "request failed");
         }
-        (self.status, Json(serde_json::json!({"code": self.code, "message": self.message}))).into_response()
+        let body = Json(serde_json::json!({"code": self.code, "message": self.message}));
+        if self.code == "busy" {
+            // The write was not taken: the client may retry it after a moment.
+            return (self.status, [(axum::http::header::RETRY_AFTER, "1")], body).into_response();
+        }
+        (self.status, body).into_response()
     }
 }

@@ -77,6 +77,8 @@ pub struct ServerConfig {
     pub window_slack: usize,
     /// Write requests waiting for the store's committer at most.
     pub write_queue: usize,
+    /// How long a write may wait for room in that queue before it gets 503 with Retry-After.
+    pub write_deadline: Duration,
 }
 
 impl Default for ServerConfig {
@@ -102,6 +104,7 @@ impl Default for ServerConfig {
             max_subscription_bytes: 16 << 20,
             window_slack: 16,
             write_queue: 4096,
+            write_deadline: Duration::from_secs(5),
         }
     }
 }
@@ -138,6 +141,7 @@ impl ServerConfig {
             ));
         }
         range("write_queue", self.write_queue as u128, 1, 1 << 20)?;
+        range("write_deadline (ms)", self.write_deadline.as_millis(), 1, 3_600_000)?;
         range("grid workers", self.grid.workers() as u128, 1, 1024)?;
         Ok(())
     }
@@ -210,6 +214,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         durability: config.durability,
         queue: config.write_queue,
         max_group: 1024,
+        queue_deadline: config.write_deadline,
         health: health.clone(),
     };
     let data = config.data.clone();

@@ -86,6 +86,12 @@ pub enum StoreError {
     /// The store cannot take writes: it is closing, or a commit failed and it stopped.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store is too far behind (its queue stayed full): nothing was written; retry later.
+    #[error("the store is busy: no room in its write queue after {waited:?}; retry later")]
+    Busy {
+        /// How long the write waited.
+        waited: Duration,
+    },
     /// Stored bytes cannot be read back (written by something else, or damaged).
     #[error("stored document cannot be read: {0}")]
     Corrupt(limits::LimitError),
@@ -178,13 +184,21 @@ pub struct StoreConfig {
     pub queue: usize,
     /// Write requests committed together at most.
     pub max_group: usize,
+    /// How long a write may wait for room in the queue before it is refused (503, retry).
+    pub queue_deadline: Duration,
     /// Where a failed commit is reported.
     pub health: Arc<Health>,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { durability: Durability::default(), queue: 4096, max_group: 1024, health: Arc::new(Health::new()) }
+        StoreConfig {
+            durability: Durability::default(),
+            queue: 4096,
+            max_group: 1024,
+            queue_deadline: Duration::from_secs(5),
+            health: Arc::new(Health::new()),
+        }
     }
 }
 
@@ -198,6 +212,8 @@ pub struct Store {
     failing_reads: std::sync::atomic::AtomicU64,
     /// Room, in KiB, for the documents of queued write requests.
     queue_bytes: tokio::sync::Semaphore,
+    /// How long a write may wait to enter the queue before it is refused as busy.
+    queue_deadline: std::time::Duration,
 }
 
 /// KiB of documents that queued write requests may hold together.
@@ -224,6 +240,7 @@ impl Store {
             committer: Mutex::new(Some(handle)),
             failing_reads: std::sync::atomic::AtomicU64::new(0),
             queue_bytes: tokio::sync::Semaphore::new(QUEUE_KIB as usize),
+            queue_deadline: config.queue_deadline,
         })
     }
 
@@ -276,11 +293,20 @@ impl Store {
         } else {
             prepare(ns, writes)?
         };
-        // Queued requests hold their documents: they wait for room in a byte budget too.
+        // Queued requests hold their documents: they wait for room in a byte budget too. Only
+        // entering the queue has a deadline: once queued, a write is committed or fails, and
+        // its answer is awaited whatever it takes, so a 503 never hides a committed write.
         let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX).clamp(1, QUEUE_KIB);
-        let _room = self.queue_bytes.acquire_many(kib).await.map_err(|_| closed())?;
         let jobs = self.sender()?;
-        jobs.send(job).await.map_err(|_| closed())?;
+        let enter = async {
+            let room = self.queue_bytes.acquire_many(kib).await.map_err(|_| closed())?;
+            jobs.send(job).await.map_err(|_| closed())?;
+            Ok::<_, StoreError>(room)
+        };
+        let _room = tokio::time::timeout(self.queue_deadline, enter).await.map_err(|_| {
+            metrics::counter!("livegrid_store_writes_refused_busy").increment(1);
+            StoreError::Busy { waited: self.queue_deadline }
+        })??;
         done.await.map_err(|_| closed())?
     }
 
@@ -682,6 +708,46 @@ mod tests {
         assert_eq!(snapshot.docs.iter().map(|d| d.get_i32("n").unwrap()).collect::<Vec<_>>(), vec![9, 8, 7]);
         assert!(store.read("db.c", &query, None).unwrap().complete);
         assert!(matches!(store.write("nodot", vec![]), Err(StoreError::Namespace(_))));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_that_falls_behind_refuses_writes_it_has_no_room_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig { queue: 1, queue_deadline: Duration::from_millis(200), ..Default::default() };
+        let store = Arc::new(Store::open_with(dir.path(), config).unwrap());
+        // A consumer that stalls: the committer waits in it, the queue fills up.
+        let stalled = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let flag = stalled.clone();
+        store.set_listener(move |_| {
+            while flag.load(std::sync::atomic::Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let mut writers = Vec::new();
+        for i in 0..4 {
+            let store = store.clone();
+            writers.push(tokio::spawn(async move {
+                store.write_async("db.c", vec![Write::Insert(doc! {"_id": i})], false).await
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        stalled.store(false, std::sync::atomic::Ordering::Release);
+        let mut busy = 0;
+        let mut written = Vec::new();
+        for writer in writers {
+            match writer.await.unwrap() {
+                Ok(events) => written.push(events[0].id.clone()),
+                Err(StoreError::Busy { .. }) => busy += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        // One write is committing, one waits in the queue; the others are refused, not lost.
+        assert!(busy >= 1, "no write was refused");
+        assert_eq!(written.len() + busy, 4);
+        for i in 0..4 {
+            let stored = store.get("db.c", &Bson::Int32(i)).unwrap().is_some();
+            assert_eq!(stored, written.contains(&Bson::Int32(i)), "write {i}: stored {stored}");
+        }
     }
 
     #[test]
