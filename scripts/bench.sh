@@ -23,15 +23,20 @@ run_grid() {
   echo "== grid: throughput, latency, memory per registered query"
   cargo bench --bench grid
 }
-run_replay() {
-  echo "== replay: 200,000 change events, 10,000 queries, end to end"
+# Generates a workload with the given `livegrid workload` flags and replays it on each grid.
+replay_workload() {
+  local grids="$1"; shift
   cargo build --release --quiet
   dir=$(mktemp -d)
-  target/release/livegrid workload --dir "$dir" --events 200000 --queries 10000
-  for grid in 1x1 1x2 2x1; do
+  target/release/livegrid workload --dir "$dir" --events 200000 --queries 10000 "$@"
+  for grid in $grids; do
     target/release/livegrid replay --events "$dir/events.jsonl" --queries "$dir/queries.jsonl" --out "$dir/out.jsonl" --grid "$grid"
   done
   rm -rf "$dir"
+}
+run_replay() {
+  echo "== replay: 200,000 change events, 10,000 queries, end to end"
+  replay_workload "1x1 1x2 2x1"
 }
 run_load() {
   echo "== load: livegrid serve, 1,000 connections, 10,000 subscriptions"
@@ -41,13 +46,7 @@ run_load() {
 }
 run_fanout() {
   echo "== fanout: 200,000 chat events, 10,000 queries, each write changes ~50 results"
-  cargo build --release --quiet
-  dir=$(mktemp -d)
-  target/release/livegrid workload --dir "$dir" --events 200000 --queries 10000 --fanout 50
-  for grid in 1x2 1x1; do
-    target/release/livegrid replay --events "$dir/events.jsonl" --queries "$dir/queries.jsonl" --out "$dir/out.jsonl" --grid "$grid"
-  done
-  rm -rf "$dir"
+  replay_workload "1x2 1x1" --fanout 50
 }
 run_writes() {
   echo "== writes: 64 concurrent keep-alive writers, each durability mode"
