@@ -349,7 +349,10 @@ impl Engine {
         Ok(Engine { shared, events: event_rx, guards: Mutex::new(Some(guards)), threads: Mutex::new(threads), feeds })
     }
 
-    /// What the engine emits, in order.
+    /// What the engine emits, in order. The channel is bounded (`output_capacity`): the grid
+    /// waits for its consumer, so read it concurrently with feeding (a consumer that only
+    /// reads after [`Engine::settle`] can stall the engine once more than that many messages
+    /// are waiting).
     pub fn messages(&self) -> &Receiver<EngineEvent> {
         &self.events
     }

@@ -14,6 +14,19 @@ use livegrid_protocol::LiveResult;
 fn ten_thousand_document_window() {
     let memory = Arc::new(SharedMemory::default());
     let engine = Engine::start(EngineConfig { slack: 100, ..Default::default() }, memory.clone()).unwrap();
+    // The engine's output is bounded: read it concurrently, as every consumer must.
+    let reader = {
+        let messages = engine.messages().clone();
+        std::thread::spawn(move || {
+            let mut frames = Vec::new();
+            for event in messages {
+                if let EngineEvent::Message { key, frame, .. } = event {
+                    frames.push((key, frame));
+                }
+            }
+            frames
+        })
+    };
     let mut position = 0;
     let mut write = |engine: &Engine, id: i64, n: Option<i64>| {
         position += 1;
@@ -40,11 +53,10 @@ fn ten_thousand_document_window() {
         }
     }
     assert!(engine.settle(Duration::from_secs(120)));
+    engine.shutdown();
     let mut live = LiveResult::default();
-    while let Ok(event) = engine.messages().try_recv() {
-        if let EngineEvent::Message { key: k, frame, .. } = event
-            && k == key
-        {
+    for (k, frame) in reader.join().unwrap() {
+        if k == key {
             live.apply(&frame.to_message("big", None)).unwrap();
         }
     }
