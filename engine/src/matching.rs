@@ -8,6 +8,12 @@
 //! gets a transition: the document matches now (with its after-image), or it stopped
 //! matching. The subscription stage turns transitions into deltas; it alone knows exactly
 //! what a client was shown.
+//!
+//! # Memory
+//! A document id (a BSON value, over 100 bytes) is kept once per worker, in the holding of
+//! the documents some subscription holds, which also gives it a 32-bit slot; a subscription's
+//! member set holds slots. What one (subscription, document) pair costs is a slot in the set
+//! and a key in the document's holding list: about 16 bytes.
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::{Arc, Weak};
@@ -23,7 +29,14 @@ struct Entry {
     ns: Arc<str>,
     /// Shared by identical filters on this worker.
     filter: Arc<Filter>,
-    members: HashSet<DocId>,
+    /// Slots of the documents that may be in the result.
+    members: HashSet<u32>,
+}
+
+/// The subscriptions that hold one document, and the document's slot.
+struct Holding {
+    slot: u32,
+    keys: Vec<QueryKey>,
 }
 
 /// The matching state of one worker.
@@ -31,8 +44,12 @@ struct Entry {
 pub struct Matching {
     entries: HashMap<QueryKey, Entry>,
     index: QueryIndex,
-    /// Per namespace: document id → subscriptions whose member set holds it.
-    holders: HashMap<Arc<str>, HashMap<DocId, Vec<QueryKey>>>,
+    /// Per namespace: document id → its slot and the subscriptions whose member set holds it.
+    holders: HashMap<Arc<str>, HashMap<DocId, Holding>>,
+    /// Slot → the document it stands for (while some subscription holds it).
+    slot_ids: Vec<Option<(Arc<str>, DocId)>>,
+    /// Slots free for reuse.
+    free_slots: Vec<u32>,
     /// Identical filters share one compiled form, by a 128-bit hash of namespace and
     /// canonical filter text (a collision among even billions of filters is not to be
     /// expected, and keeping the texts would cost more than the filters).
@@ -71,35 +88,48 @@ impl Matching {
         if let Some(doc) = &event.doc {
             self.index.candidates(&event.ns, &doc.0, &mut candidates);
         }
+        let mut slot = None;
         if let Some(holding) = self.holders.get(event.ns.as_str()).and_then(|h| h.get(&id)) {
-            candidates.extend_from_slice(holding);
+            candidates.extend_from_slice(&holding.keys);
+            slot = Some(holding.slot);
         }
         candidates.sort_unstable();
         candidates.dedup();
         for &key in &candidates {
-            self.evaluate(key, &id, event, out);
+            self.evaluate(key, &id, &mut slot, event, out);
         }
         self.candidates = candidates;
     }
 
-    /// Evaluates one subscription's filter on a write and records the transition.
-    fn evaluate(&mut self, key: QueryKey, id: &DocId, event: &WireEvent, out: &mut Vec<StageInput>) {
-        let Some(entry) = self.entries.get_mut(&key) else { return };
+    /// Evaluates one subscription's filter on a write and records the transition. `slot` is
+    /// the document's slot if it has one (and gets one when the document joins a result).
+    fn evaluate(
+        &mut self,
+        key: QueryKey,
+        id: &DocId,
+        slot: &mut Option<u32>,
+        event: &WireEvent,
+        out: &mut Vec<StageInput>,
+    ) {
+        let Some(entry) = self.entries.get(&key) else { return };
         if *entry.ns != *event.ns {
             return;
         }
         let matches = event.doc.as_ref().is_some_and(|d| entry.filter.matches(&d.0));
-        let was_member = entry.members.contains(id);
+        let was_member = slot.is_some_and(|s| entry.members.contains(&s));
+        let ns = entry.ns.clone();
         if matches {
             if !was_member {
-                entry.members.insert(id.clone());
-                let ns = entry.ns.clone();
-                self.holders.entry(ns).or_default().entry(id.clone()).or_default().push(key);
+                let held = self.hold(&ns, id, key);
+                *slot = Some(held);
+                self.entries.get_mut(&key).expect("present").members.insert(held);
             }
         } else if was_member {
-            entry.members.remove(id);
-            let ns = entry.ns.clone();
-            self.release(&ns, id, key);
+            let held = slot.expect("a member has a slot");
+            self.entries.get_mut(&key).expect("present").members.remove(&held);
+            if self.release(&ns, id, key) {
+                *slot = None;
+            }
         } else {
             return;
         }
@@ -113,18 +143,44 @@ impl Matching {
         });
     }
 
-    fn release(&mut self, ns: &Arc<str>, id: &DocId, key: QueryKey) {
-        if let Some(by_id) = self.holders.get_mut(ns) {
-            if let Some(keys) = by_id.get_mut(id) {
-                keys.retain(|k| *k != key);
-                if keys.is_empty() {
-                    by_id.remove(id);
-                }
-            }
-            if by_id.is_empty() {
-                self.holders.remove(ns);
-            }
+    /// Records that `key` holds document `id`, returning the document's slot.
+    fn hold(&mut self, ns: &Arc<str>, id: &DocId, key: QueryKey) -> u32 {
+        let by_id = self.holders.entry(ns.clone()).or_default();
+        if let Some(holding) = by_id.get_mut(id) {
+            holding.keys.push(key);
+            return holding.slot;
         }
+        let slot = match self.free_slots.pop() {
+            Some(slot) => {
+                self.slot_ids[slot as usize] = Some((ns.clone(), id.clone()));
+                slot
+            }
+            None => {
+                self.slot_ids.push(Some((ns.clone(), id.clone())));
+                u32::try_from(self.slot_ids.len() - 1).expect("fewer than 2^32 documents per worker")
+            }
+        };
+        by_id.insert(id.clone(), Holding { slot, keys: vec![key] });
+        slot
+    }
+
+    /// Records that `key` no longer holds `id`; `true` when nobody does any more (its slot is
+    /// freed).
+    fn release(&mut self, ns: &Arc<str>, id: &DocId, key: QueryKey) -> bool {
+        let Some(by_id) = self.holders.get_mut(ns) else { return true };
+        let Some(holding) = by_id.get_mut(id) else { return true };
+        holding.keys.retain(|k| *k != key);
+        if !holding.keys.is_empty() {
+            return false;
+        }
+        let slot = holding.slot;
+        by_id.remove(id);
+        if by_id.is_empty() {
+            self.holders.remove(ns);
+        }
+        self.slot_ids[slot as usize] = None;
+        self.free_slots.push(slot);
+        true
     }
 
     fn register(&mut self, registration: Registration, out: &mut Vec<StageInput>) {
@@ -139,12 +195,14 @@ impl Matching {
             self.index.insert(&ns, key, &filter.index_plan());
             self.entries.insert(key, Entry { ns, filter, members: HashSet::default() });
         }
-        let entry = self.entries.get_mut(&key).expect("just ensured");
-        let ns = entry.ns.clone();
+        let ns = self.entries[&key].ns.clone();
         for id in member_ids {
             let id = DocId(id.0);
-            if entry.members.insert(id.clone()) {
-                self.holders.entry(ns.clone()).or_default().entry(id).or_default().push(key);
+            let known = self.holders.get(&ns).and_then(|h| h.get(&id)).map(|h| h.slot);
+            let already = known.is_some_and(|slot| self.entries[&key].members.contains(&slot));
+            if !already {
+                let slot = self.hold(&ns, &id, key);
+                self.entries.get_mut(&key).expect("present").members.insert(slot);
             }
         }
         if let Some(init) = init {
@@ -152,7 +210,9 @@ impl Matching {
         }
         // Writes after the snapshot that the grid passed before this registration reached it.
         for event in &replay {
-            self.evaluate(key, &DocId(event.id.0.clone()), event, out);
+            let id = DocId(event.id.0.clone());
+            let mut slot = self.holders.get(event.ns.as_str()).and_then(|h| h.get(&id)).map(|h| h.slot);
+            self.evaluate(key, &id, &mut slot, event, out);
         }
     }
 
@@ -171,8 +231,10 @@ impl Matching {
         // Plans are derived again rather than kept: they are deterministic, and memory per
         // subscription matters more than the cost of an unregistration.
         self.index.remove(&entry.ns, key, &entry.filter.index_plan());
-        for id in &entry.members {
-            self.release(&entry.ns, id, key);
+        for slot in &entry.members {
+            if let Some((ns, id)) = self.slot_ids[*slot as usize].clone() {
+                self.release(&ns, &id, key);
+            }
         }
         if Arc::strong_count(&entry.filter) == 1 {
             // The cache entry is dead now; sweep dead entries once they are many, so that the

@@ -21,8 +21,8 @@
 //! so they share it too).
 //!
 //! # Unchanged documents
-//! An unsorted subscription keeps, per document, a 64-bit hash of the text its client holds
-//! (ids and hashes, no copies); a `change` whose projected text equals it is not sent, so five
+//! An unsorted subscription keeps, per document, a 64-bit hash of the text its client holds,
+//! keyed by the document's 32-bit slot (ids are kept once per worker; no copies); a `change` whose projected text equals it is not sent, so five
 //! updates of a field a projection leaves out send nothing. Windows compare documents
 //! themselves.
 
@@ -46,8 +46,9 @@ struct Shown {
 }
 
 enum Mode {
-    /// No sort, skip or limit: the result is a set; per document, the hash of the text shown.
-    Set { shown: HashMap<DocId, u64>, projection: Option<Box<Shown>> },
+    /// No sort, skip or limit: the result is a set; per document (by slot), the hash of the
+    /// text shown.
+    Set { shown: HashMap<u32, u64>, projection: Option<Box<Shown>> },
     /// A sorted (or skipped, or limited) window.
     Window(Box<Window>),
 }
@@ -63,10 +64,85 @@ struct Subscription {
 pub struct Subscriptions {
     subs: HashMap<QueryKey, Subscription>,
     slack: usize,
-    /// Encodings made during the current timestamp, by document (its address) and projection.
+    encoder: Encoder,
+    slots: Slots,
+}
+
+/// Encodings made during the current timestamp, by document (its address) and projection.
+#[derive(Default)]
+struct Encoder {
     encoded: HashMap<(usize, u64), Encoded>,
-    /// The documents behind `encoded`'s addresses, kept alive while the addresses are keys.
+    /// The documents behind the addresses, kept alive while the addresses are keys.
     pinned: Vec<Arc<Document>>,
+}
+
+impl Encoder {
+    fn clear(&mut self) {
+        self.encoded.clear();
+        self.pinned.clear();
+    }
+
+    /// Encodes `doc` as shown through `projection`, once per timestamp.
+    fn encode(&mut self, doc: &Arc<Document>, projection: Option<&Shown>) -> Encoded {
+        let slot = (Arc::as_ptr(doc) as usize, projection.map_or(0, |p| p.fingerprint));
+        if let Some(text) = self.encoded.get(&slot) {
+            return text.clone();
+        }
+        let text = match projection {
+            Some(p) => Encoded::document(&p.projection.apply(doc)),
+            None => Encoded::document(doc),
+        };
+        self.pinned.push(doc.clone());
+        self.encoded.insert(slot, text.clone());
+        text
+    }
+}
+
+/// Document ids kept once per worker, with a 32-bit slot that unsorted subscriptions use in
+/// their per-document maps (an id is a BSON value of over 100 bytes; a slot is 4).
+#[derive(Default)]
+struct Slots {
+    by_id: HashMap<DocId, (u32, u32)>,
+    ids: Vec<Option<DocId>>,
+    free: Vec<u32>,
+}
+
+impl Slots {
+    fn find(&self, id: &DocId) -> Option<u32> {
+        self.by_id.get(id).map(|(slot, _)| *slot)
+    }
+
+    /// The slot of `id`, counting one more holder.
+    fn acquire(&mut self, id: &DocId) -> u32 {
+        if let Some((slot, holders)) = self.by_id.get_mut(id) {
+            *holders += 1;
+            return *slot;
+        }
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.ids[slot as usize] = Some(id.clone());
+                slot
+            }
+            None => {
+                self.ids.push(Some(id.clone()));
+                u32::try_from(self.ids.len() - 1).expect("fewer than 2^32 documents per worker")
+            }
+        };
+        self.by_id.insert(id.clone(), (slot, 1));
+        slot
+    }
+
+    /// One holder fewer for `slot`; the slot is freed with the last.
+    fn release(&mut self, slot: u32) {
+        let Some(id) = self.ids.get(slot as usize).cloned().flatten() else { return };
+        let Some((_, holders)) = self.by_id.get_mut(&id) else { return };
+        *holders -= 1;
+        if *holders == 0 {
+            self.by_id.remove(&id);
+            self.ids[slot as usize] = None;
+            self.free.push(slot);
+        }
+    }
 }
 
 /// The hash of an encoded text (for the unchanged-document check).
@@ -79,7 +155,7 @@ fn text_hash(text: &Encoded) -> u64 {
 impl Subscriptions {
     /// A stage whose windows keep `slack` documents beyond their visible end.
     pub fn new(slack: usize) -> Self {
-        Subscriptions { subs: HashMap::default(), slack, encoded: HashMap::default(), pinned: Vec::new() }
+        Subscriptions { subs: HashMap::default(), slack, encoder: Encoder::default(), slots: Slots::default() }
     }
 
     /// How many subscriptions this worker holds.
@@ -97,8 +173,7 @@ impl Subscriptions {
         // One input per (subscription, write) at most: ties in (position, kind) are between
         // different subscriptions, so an unstable sort (no scratch buffer) keeps the order.
         inputs.sort_unstable_by_key(|input| (input.order(), input.key()));
-        self.encoded.clear();
-        self.pinned.clear();
+        self.encoder.clear();
         for input in inputs.drain(..) {
             match input {
                 StageInput::Init { key, query, init, reload } => {
@@ -113,25 +188,14 @@ impl Subscriptions {
                     self.transition(key, (position, entered), cause, DocId(id.0), doc.map(|d| d.0), out)
                 }
                 StageInput::Drop { key } => {
-                    self.subs.remove(&key);
+                    if let Some(Subscription { mode: Mode::Set { shown, .. }, .. }) = self.subs.remove(&key) {
+                        for slot in shown.into_keys() {
+                            self.slots.release(slot);
+                        }
+                    }
                 }
             }
         }
-    }
-
-    /// The text of `doc` as shown through `projection`, encoded once per timestamp.
-    fn encode(&mut self, doc: &Arc<Document>, projection: Option<&Shown>) -> Encoded {
-        let slot = (Arc::as_ptr(doc) as usize, projection.map_or(0, |p| p.fingerprint));
-        if let Some(text) = self.encoded.get(&slot) {
-            return text.clone();
-        }
-        let text = match projection {
-            Some(p) => Encoded::document(&p.projection.apply(doc)),
-            None => Encoded::document(doc),
-        };
-        self.pinned.push(doc.clone());
-        self.encoded.insert(slot, text.clone());
-        text
     }
 
     fn start(&mut self, key: QueryKey, query: &Query, init: StageInit, out: &mut Vec<StageOutput>) {
@@ -148,9 +212,12 @@ impl Subscriptions {
             let mut shown = HashMap::default();
             let mut texts = Vec::new();
             for doc in docs {
-                let text = self.encode(&doc, projection.as_deref());
+                let text = self.encoder.encode(&doc, projection.as_deref());
                 if let Some(id) = doc.get("_id") {
-                    shown.insert(DocId(id.clone()), text_hash(&text));
+                    let slot = self.slots.acquire(&DocId(id.clone()));
+                    if shown.insert(slot, text_hash(&text)).is_some() {
+                        self.slots.release(slot);
+                    }
                 }
                 texts.push(text);
             }
@@ -160,7 +227,7 @@ impl Subscriptions {
             window.load(docs, init.complete);
             window.mark_shown();
             let visible: Vec<Arc<Document>> = window.visible().cloned().collect();
-            let texts = visible.iter().map(|d| self.encode(d, None)).collect();
+            let texts = visible.iter().map(|d| self.encoder.encode(d, None)).collect();
             (Mode::Window(Box::new(window)), texts)
         };
         let frame = Frame::Result(ResultFrame { seq: 1, docs: shown, position: init.position });
@@ -187,34 +254,42 @@ impl Subscriptions {
         doc: Option<Arc<Document>>,
         out: &mut Vec<StageOutput>,
     ) {
-        let Some(sub) = self.subs.get_mut(&key) else { return };
+        let Subscriptions { subs, encoder, slots, .. } = self;
+        let Some(sub) = subs.get_mut(&key) else { return };
         if position <= sub.skip_until {
             return;
         }
         match &mut sub.mode {
             Mode::Set { shown, projection } => {
-                let held = shown.get(&id).copied();
+                let slot = slots.find(&id);
+                let held = slot.and_then(|slot| shown.get(&slot).copied());
                 let (op, text) = match (&doc, held) {
                     (Some(doc), held) => {
-                        let projection = projection.as_deref().map(|p| (p.projection.clone(), p.fingerprint));
-                        let text = self.encode_owned(doc, projection);
+                        let text = encoder.encode(doc, projection.as_deref());
                         let hash = text_hash(&text);
                         if held == Some(hash) {
                             // What the client holds already: nothing to send.
                             return;
                         }
-                        let Some(sub) = self.subs.get_mut(&key) else { return };
-                        let Mode::Set { shown, .. } = &mut sub.mode else { return };
-                        shown.insert(id.clone(), hash);
+                        match (held, slot) {
+                            (Some(_), Some(slot)) => {
+                                shown.insert(slot, hash);
+                            }
+                            _ => {
+                                let slot = slots.acquire(&id);
+                                shown.insert(slot, hash);
+                            }
+                        }
                         (if held.is_some() { DeltaOp::Change } else { DeltaOp::Add }, Some(text))
                     }
                     (None, Some(_)) => {
-                        shown.remove(&id);
+                        let slot = slot.expect("a held document has a slot");
+                        shown.remove(&slot);
+                        slots.release(slot);
                         (DeltaOp::Remove, None)
                     }
                     (None, None) => return,
                 };
-                let Some(sub) = self.subs.get_mut(&key) else { return };
                 sub.seq += 1;
                 let frame = Frame::Delta(DeltaFrame {
                     seq: sub.seq,
@@ -257,12 +332,6 @@ impl Subscriptions {
         }
     }
 
-    /// [`Subscriptions::encode`] with the projection passed by value (to end a borrow).
-    fn encode_owned(&mut self, doc: &Arc<Document>, projection: Option<(Projection, u64)>) -> Encoded {
-        let shown = projection.map(|(projection, fingerprint)| Shown { projection, fingerprint });
-        self.encode(doc, shown.as_ref())
-    }
-
     fn emit(
         &mut self,
         key: QueryKey,
@@ -271,7 +340,7 @@ impl Subscriptions {
         out: &mut Vec<StageOutput>,
     ) {
         for op in ops {
-            let doc = op.doc.as_ref().map(|d| self.encode(d, None));
+            let doc = op.doc.as_ref().map(|d| self.encoder.encode(d, None));
             let Some(sub) = self.subs.get_mut(&key) else { return };
             sub.seq += 1;
             let frame = Frame::Delta(DeltaFrame {
