@@ -211,4 +211,52 @@ fn main() {
     for queries in counts {
         run(queries, shape, rate);
     }
+    result_state_memory();
+}
+
+/// Live heap the engine holds per (subscription, document in its result) for unsorted
+/// results: 2,000 equality subscriptions (`{owner: u<k>}`, ten per owner), then 100,000
+/// inserts each entering ten results (1,000,000 pairs). Retention is kept small so that it
+/// does not count; messages are drained as they come.
+fn result_state_memory() {
+    const SUBSCRIPTIONS: u64 = 2_000;
+    const OWNERS: u64 = 200;
+    const DOCS: u64 = 100_000;
+    let config = EngineConfig { retention: 1_000, ..Default::default() };
+    let engine = Engine::start(config, Arc::new(EmptyDatabase)).unwrap();
+    let drain = {
+        let messages = engine.messages().clone();
+        std::thread::spawn(move || for _ in messages {})
+    };
+    for i in 0..SUBSCRIPTIONS {
+        let spec = livegrid_matcher::QuerySpec {
+            filter: bson::doc! {"owner": format!("u{}", i % OWNERS)},
+            ..Default::default()
+        };
+        engine.register(NAMESPACE, &spec).unwrap();
+    }
+    assert!(engine.settle(Duration::from_secs(600)));
+    let before = live_bytes();
+    let events: Vec<ChangeEvent> = (1..=DOCS)
+        .map(|id| {
+            let doc = bson::doc! {"_id": id as i64, "owner": format!("u{}", id % OWNERS), "text": "a message"};
+            ChangeEvent {
+                position: id,
+                ns: NAMESPACE.into(),
+                op: ChangeOp::Insert,
+                id: bson::Bson::Int64(id as i64),
+                doc: Some(Arc::new(doc)),
+            }
+        })
+        .collect();
+    feed(&engine, events);
+    assert!(engine.settle(Duration::from_secs(600)));
+    let pairs = DOCS * SUBSCRIPTIONS / OWNERS;
+    let per_pair = (live_bytes() - before) as f64 / pairs as f64;
+    println!();
+    println!("| subscriptions | documents | (subscription, document) pairs | engine heap bytes per pair |");
+    println!("|---|---|---|---|");
+    println!("| {SUBSCRIPTIONS} | {DOCS} | {pairs} | {per_pair:.1} |");
+    engine.shutdown();
+    let _ = drain.join();
 }
