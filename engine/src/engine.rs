@@ -617,7 +617,7 @@ fn build_registration(
     reload: bool,
 ) -> Vec<GridInput> {
     let q = query_partition(ns, spec, shape);
-    let wire_query = WireQuery::from_spec(spec);
+    let wire_query = WireQuery::with_compiled(spec, query);
     let w_of = |id: &bson::Bson| DocId(id.clone()).partition(shape.write_partitions);
     let mut member_ids: Vec<Vec<WireValue>> = vec![Vec::new(); shape.write_partitions];
     let docs: Vec<WireDoc> = snapshot

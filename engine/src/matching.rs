@@ -18,11 +18,11 @@
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::{Arc, Weak};
 
-use livegrid_matcher::{Filter, QuerySpec};
+use livegrid_matcher::Filter;
 
 use crate::doc_id::DocId;
 use crate::query_index::{QueryIndex, QueryKey};
-use crate::records::{GridInput, Registration, StageInput};
+use crate::records::{GridInput, Registration, StageInput, WireQuery};
 use crate::wire::{WireEvent, WireValue};
 
 struct Entry {
@@ -191,7 +191,7 @@ impl Matching {
                 return;
             }
             let ns = self.namespaces.entry(ns.clone()).or_insert_with(|| Arc::from(ns.as_str())).clone();
-            let Some(filter) = self.compile(&ns, &query.to_spec()) else { return };
+            let Some(filter) = self.compile(&ns, &query) else { return };
             self.index.insert(&ns, key, &filter.index_plan());
             self.entries.insert(key, Entry { ns, filter, members: HashSet::default() });
         }
@@ -216,12 +216,17 @@ impl Matching {
         }
     }
 
-    fn compile(&mut self, ns: &Arc<str>, spec: &QuerySpec) -> Option<Arc<Filter>> {
-        let cache_key = filter_hash(ns, &Filter::canonical_key(&spec.filter));
+    /// The worker's shared compiled filter for `query`: from its cache, else the registration's
+    /// compiled form, else compiled here (a registration from another process).
+    fn compile(&mut self, ns: &Arc<str>, query: &WireQuery) -> Option<Arc<Filter>> {
+        let cache_key = filter_hash(ns, &Filter::canonical_key(&query.filter.0));
         if let Some(shared) = self.compiled.get(&cache_key).and_then(Weak::upgrade) {
             return Some(shared);
         }
-        let filter = Arc::new(Filter::parse(&spec.filter).ok()?);
+        let filter = match &query.compiled {
+            Some(compiled) => Arc::new(compiled.filter.clone()),
+            None => Arc::new(Filter::parse(&query.filter.0).ok()?),
+        };
         self.compiled.insert(cache_key, Arc::downgrade(&filter));
         Some(filter)
     }

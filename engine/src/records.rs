@@ -5,15 +5,19 @@
 //! ```
 
 use bson::Document;
-use livegrid_matcher::QuerySpec;
+use std::sync::Arc;
+
+use livegrid_matcher::{Query, QueryError, QuerySpec};
 use livegrid_protocol::{Cause, Frame, Position};
 use serde::{Deserialize, Serialize};
 
 use crate::query_index::QueryKey;
 use crate::wire::{WireDoc, WireEvent, WireValue};
 
-/// A query as it travels: its parts as BSON documents.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A query as it travels: its parts as BSON documents, and, within one process, the compiled
+/// form the registering thread made (compiled once per registration, shared by every worker
+/// of the column and the subscription stage; a worker in another process compiles it again).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WireQuery {
     /// The filter.
     pub filter: WireDoc,
@@ -25,18 +29,42 @@ pub struct WireQuery {
     pub limit: Option<u64>,
     /// The projection, if any.
     pub projection: Option<WireDoc>,
+    /// The compiled query (not serialized: it does not cross processes).
+    #[serde(skip)]
+    pub compiled: Option<Arc<Query>>,
+}
+
+impl PartialEq for WireQuery {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.filter, &self.sort, self.skip, self.limit, &self.projection)
+            == (&other.filter, &other.sort, other.skip, other.limit, &other.projection)
+    }
 }
 
 impl WireQuery {
     /// The query's parts.
     pub fn from_spec(spec: &QuerySpec) -> Self {
-        let wrap = |d: &Document| WireDoc(std::sync::Arc::new(d.clone()));
+        let wrap = |d: &Document| WireDoc(Arc::new(d.clone()));
         WireQuery {
             filter: wrap(&spec.filter),
             sort: spec.sort.as_ref().map(wrap),
             skip: spec.skip,
             limit: spec.limit,
             projection: spec.projection.as_ref().map(wrap),
+            compiled: None,
+        }
+    }
+
+    /// The query's parts with the compiled form of `spec`.
+    pub fn with_compiled(spec: &QuerySpec, query: &Query) -> Self {
+        WireQuery { compiled: Some(Arc::new(query.clone())), ..WireQuery::from_spec(spec) }
+    }
+
+    /// The compiled query: the one it carries, or compiled here.
+    pub fn compile(&self) -> Result<Arc<Query>, QueryError> {
+        match &self.compiled {
+            Some(query) => Ok(query.clone()),
+            None => Query::compile(&self.to_spec()).map(Arc::new),
         }
     }
 

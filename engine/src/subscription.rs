@@ -177,7 +177,7 @@ impl Subscriptions {
         for input in inputs.drain(..) {
             match input {
                 StageInput::Init { key, query, init, reload } => {
-                    let Ok(query) = Query::compile(&query.to_spec()) else { continue };
+                    let Ok(query) = query.compile() else { continue };
                     if reload {
                         self.reload(key, init, out);
                     } else {
