@@ -712,38 +712,43 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_store_that_falls_behind_refuses_writes_it_has_no_room_for() {
+        use std::sync::atomic::{AtomicBool, Ordering};
         let dir = tempfile::tempdir().unwrap();
         let config = StoreConfig { queue: 1, queue_deadline: Duration::from_millis(200), ..Default::default() };
         let store = Arc::new(Store::open_with(dir.path(), config).unwrap());
-        // A consumer that stalls: the committer waits in it, the queue fills up.
-        let stalled = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let flag = stalled.clone();
+        // A consumer that stalls: the committer waits in it, so the queue fills up.
+        let (stalled, entered) = (Arc::new(AtomicBool::new(true)), Arc::new(AtomicBool::new(false)));
+        let (flag, inside) = (stalled.clone(), entered.clone());
         store.set_listener(move |_| {
-            while flag.load(std::sync::atomic::Ordering::Acquire) {
+            inside.store(true, Ordering::Release);
+            while flag.load(Ordering::Acquire) {
                 std::thread::sleep(Duration::from_millis(5));
             }
         });
-        let mut writers = Vec::new();
-        for i in 0..4 {
+        let write = |i: i32| {
             let store = store.clone();
-            writers.push(tokio::spawn(async move {
-                store.write_async("db.c", vec![Write::Insert(doc! {"_id": i})], false).await
-            }));
+            tokio::spawn(async move { store.write_async("db.c", vec![Write::Insert(doc! {"_id": i})], false).await })
+        };
+        let first = write(0);
+        while !entered.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        // The committer is stuck: one request fits the queue, the others find no room.
+        let later: Vec<_> = (1..4).map(write).collect();
         tokio::time::sleep(Duration::from_millis(600)).await;
-        stalled.store(false, std::sync::atomic::Ordering::Release);
+        stalled.store(false, Ordering::Release);
+        assert!(first.await.unwrap().is_ok());
         let mut busy = 0;
-        let mut written = Vec::new();
-        for writer in writers {
+        let mut written = vec![Bson::Int32(0)];
+        for (i, writer) in (1..4).zip(later) {
             match writer.await.unwrap() {
-                Ok(events) => written.push(events[0].id.clone()),
+                Ok(_) => written.push(Bson::Int32(i)),
                 Err(StoreError::Busy { .. }) => busy += 1,
                 Err(e) => panic!("{e}"),
             }
         }
-        // One write is committing, one waits in the queue; the others are refused, not lost.
-        assert!(busy >= 1, "no write was refused");
-        assert_eq!(written.len() + busy, 4);
+        assert_eq!(busy, 2, "one request waits in the queue, the other two are refused");
+        // Refused writes wrote nothing; the others are all there.
         for i in 0..4 {
             let stored = store.get("db.c", &Bson::Int32(i)).unwrap().is_some();
             assert_eq!(stored, written.contains(&Bson::Int32(i)), "write {i}: stored {stored}");
