@@ -450,12 +450,18 @@ impl Engine {
         query: &Query,
         snapshot: Snapshot,
     ) -> Result<(), EngineError> {
+        let stale = EngineError::StaleSnapshot { position: snapshot.position };
+        // The writes the grid passed after the snapshot, taken under the ingest lock; the
+        // registration is built (its snapshot filtered) without it, so that ingest goes on...
+        let (replay, seen) = {
+            let ingest = self.shared.ingest.lock().expect("ingest lock");
+            (ingest.retention.since(snapshot.position).ok_or(stale)?, ingest.retention.last_position())
+        };
+        let mut records = build_registration(self.shared.shape, key, ns, spec, query, snapshot, &replay, false);
+        // ...and what was fed meanwhile is added before the registration is sent, in order.
         let mut ingest = self.shared.ingest.lock().expect("ingest lock");
-        let replay = ingest
-            .retention
-            .since(snapshot.position)
-            .ok_or(EngineError::StaleSnapshot { position: snapshot.position })?;
-        let records = build_registration(self.shared.shape, key, ns, spec, query, snapshot, &replay, false);
+        let meanwhile = ingest.retention.since(seen).ok_or(EngineError::StaleSnapshot { position: seen })?;
+        append_replay(self.shared.shape, ns, &meanwhile, &mut records);
         // Only a limited window can drain and need a re-read of its query.
         let windowed = crate::window::capacity(query, self.shared.slack).is_some();
         let ns = ingest.namespace(ns);
@@ -652,6 +658,21 @@ fn build_registration(
             }))
         })
         .collect()
+}
+
+/// Adds `events` (of any namespace; those of `ns` count) to the replays of a registration's
+/// records, each to the worker of its write partition.
+fn append_replay(shape: GridShape, ns: &str, events: &[(Arc<ChangeEvent>, u64)], records: &mut [GridInput]) {
+    for (event, entered) in events.iter().filter(|(e, _)| e.ns == ns) {
+        let w = DocId(event.id.clone()).partition(shape.write_partitions);
+        for record in records.iter_mut() {
+            if let GridInput::Register(registration) = record
+                && registration.target as usize % shape.write_partitions == w
+            {
+                registration.replay.push(WireEvent::new(event, *entered));
+            }
+        }
+    }
 }
 
 /// The router thread: names messages, queues window re-reads, reports progress and failure.
