@@ -53,7 +53,7 @@ fn registrations_racing_with_writes_end_exact() {
     let mut registered = HashMap::new();
     for i in 0..60 {
         let spec = match i % 3 {
-            0 => QuerySpec { filter: doc! {"n": {"$lt": (i % 50) as i32}}, ..Default::default() },
+            0 => QuerySpec { filter: doc! {"n": {"$lt": i % 50}}, ..Default::default() },
             1 => QuerySpec { filter: doc! {}, sort: Some(doc! {"n": -1}), limit: Some(5), ..Default::default() },
             _ => QuerySpec {
                 filter: doc! {"n": {"$gte": 10}},
