@@ -10,26 +10,17 @@ use std::time::Duration;
 
 use bson::{Bson, doc};
 use livegrid_engine::memory::SharedMemory;
-use livegrid_engine::{ChangeEvent, ChangeOp, Engine, EngineConfig, EngineEvent};
+use livegrid_engine::{ChangeEvent, ChangeOp, Engine, EngineConfig};
 use livegrid_matcher::{Query, QuerySpec};
 use livegrid_protocol::{LiveResult, extjson};
+
+mod common;
 
 #[test]
 fn registrations_racing_with_writes_end_exact() {
     let memory = Arc::new(SharedMemory::default());
     let engine = Arc::new(Engine::start(EngineConfig { slack: 2, ..Default::default() }, memory.clone()).unwrap());
-    let reader = {
-        let messages = engine.messages().clone();
-        std::thread::spawn(move || {
-            let mut frames = Vec::new();
-            for event in messages {
-                if let EngineEvent::Message { key, frame, .. } = event {
-                    frames.push((key, frame));
-                }
-            }
-            frames
-        })
-    };
+    let reader = common::collect_frames(&engine);
     let writing = Arc::new(AtomicBool::new(true));
     let writer = {
         let (engine, memory, writing) = (engine.clone(), memory.clone(), writing.clone());

@@ -6,27 +6,18 @@ use std::time::Duration;
 
 use bson::{Bson, doc};
 use livegrid_engine::memory::SharedMemory;
-use livegrid_engine::{ChangeEvent, ChangeOp, Engine, EngineConfig, EngineEvent};
+use livegrid_engine::{ChangeEvent, ChangeOp, Engine, EngineConfig};
 use livegrid_matcher::{Query, QuerySpec};
 use livegrid_protocol::LiveResult;
+
+mod common;
 
 #[test]
 fn ten_thousand_document_window() {
     let memory = Arc::new(SharedMemory::default());
     let engine = Engine::start(EngineConfig { slack: 100, ..Default::default() }, memory.clone()).unwrap();
     // The engine's output is bounded: read it concurrently, as every consumer must.
-    let reader = {
-        let messages = engine.messages().clone();
-        std::thread::spawn(move || {
-            let mut frames = Vec::new();
-            for event in messages {
-                if let EngineEvent::Message { key, frame, .. } = event {
-                    frames.push((key, frame));
-                }
-            }
-            frames
-        })
-    };
+    let reader = common::collect_frames(&engine);
     let mut position = 0;
     let mut write = |engine: &Engine, id: i64, n: Option<i64>| {
         position += 1;
