@@ -23,6 +23,7 @@ use livegrid_engine::{
     ChangeEvent, ChangeOp, Engine, EngineConfig, EngineEvent, GridShape, Snapshot, SnapshotError, SnapshotSource,
 };
 use livegrid_matcher::Query;
+use livegrid_protocol::Position;
 
 /// Counts live heap bytes (over mimalloc, the binary's allocator), so that memory per query is what stays allocated, not what the
 /// allocator happens to keep from registration traffic.
@@ -63,7 +64,7 @@ struct EmptyDatabase;
 
 impl SnapshotSource for EmptyDatabase {
     fn read(&self, _ns: &str, _query: &Query, _k: Option<usize>) -> Result<Snapshot, SnapshotError> {
-        Ok(Snapshot { docs: Vec::new(), position: 0, complete: true })
+        Ok(Snapshot { docs: Vec::new(), position: Position::ZERO, complete: true })
     }
 }
 
@@ -86,7 +87,7 @@ fn feed(engine: &Engine, events: Vec<ChangeEvent>) {
         batch.push(event);
         if batch.len() == BATCH {
             engine.submit(std::mem::take(&mut batch)).unwrap();
-            while position.saturating_sub(engine.processed()) > IN_FLIGHT {
+            while position.time().saturating_sub(engine.processed().time()) > IN_FLIGHT {
                 std::thread::sleep(Duration::from_micros(50));
             }
         }
@@ -140,7 +141,7 @@ fn run(queries: usize, shape: GridShape, rate: u64) {
         position += 1;
         match insert {
             Some(id) => ChangeEvent {
-                position,
+                position: Position::new(position),
                 ns: NAMESPACE.into(),
                 op: ChangeOp::Insert,
                 id: bson::Bson::Int64(id as i64),
@@ -241,7 +242,7 @@ fn result_state_memory() {
         .map(|id| {
             let doc = bson::doc! {"_id": id as i64, "owner": format!("u{}", id % OWNERS), "text": "a message"};
             ChangeEvent {
-                position: id,
+                position: Position::new(id),
                 ns: NAMESPACE.into(),
                 op: ChangeOp::Insert,
                 id: bson::Bson::Int64(id as i64),

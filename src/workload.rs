@@ -8,6 +8,7 @@
 use bson::{Bson, Document, doc};
 use livegrid_engine::{ChangeEvent, ChangeOp};
 use livegrid_matcher::QuerySpec;
+use livegrid_protocol::Position;
 use std::sync::Arc;
 
 /// The namespace of the generated collection.
@@ -67,7 +68,13 @@ impl Workload {
             2 => (ChangeOp::Replace, Some(self.item(id))),
             _ => (ChangeOp::Update, Some(self.item(id))),
         };
-        ChangeEvent { position, ns: NAMESPACE.into(), op, id: Bson::Int64(id as i64), doc: doc.map(Arc::new) }
+        ChangeEvent {
+            position: Position::new(position),
+            ns: NAMESPACE.into(),
+            op,
+            id: Bson::Int64(id as i64),
+            doc: doc.map(Arc::new),
+        }
     }
 
     /// A filter query: a third equality (`category` or `owner`), a third price ranges, a
@@ -135,7 +142,7 @@ impl Chat {
             self.next_id += 1;
             let doc = self.message(id, self.room_of(id));
             return ChangeEvent {
-                position,
+                position: Position::new(position),
                 ns: CHAT_NAMESPACE.into(),
                 op: ChangeOp::Insert,
                 id: Bson::Int64(id as i64),
@@ -149,7 +156,13 @@ impl Chat {
         } else {
             (ChangeOp::Delete, None)
         };
-        ChangeEvent { position, ns: CHAT_NAMESPACE.into(), op, id: Bson::Int64(id as i64), doc: doc.map(Arc::new) }
+        ChangeEvent {
+            position: Position::new(position),
+            ns: CHAT_NAMESPACE.into(),
+            op,
+            id: Bson::Int64(id as i64),
+            doc: doc.map(Arc::new),
+        }
     }
 
     /// The `i`-th subscription: rooms are watched in turn, so each gets about `fanout`.

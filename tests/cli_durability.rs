@@ -50,7 +50,7 @@ async fn crash_under_load(addr: SocketAddr, server: &std::process::Child, kill_a
                 if let Ok(ServerMessage::Delta(d)) = serde_json::from_str::<ServerMessage>(&text) {
                     let mut seen = seen.lock().unwrap();
                     seen.delta_ids.insert(d.doc_id.as_i64().or(d.doc_id.as_i32().map(i64::from)).unwrap());
-                    seen.max_delta_position = seen.max_delta_position.max(d.position);
+                    seen.max_delta_position = seen.max_delta_position.max(d.position.time());
                 }
             }
         })

@@ -39,7 +39,13 @@ fn write_inputs(dir: &Path) -> Vec<(String, QuerySpec, u64)> {
             let op = if present.insert(id) { ChangeOp::Insert } else { ChangeOp::Replace };
             (op, Some(std::sync::Arc::new(doc)))
         };
-        lines.push(change_stream_json(&ChangeEvent { position, ns: NS.into(), op, id: Bson::Int64(id), doc }));
+        lines.push(change_stream_json(&ChangeEvent {
+            position: position.into(),
+            ns: NS.into(),
+            op,
+            id: Bson::Int64(id),
+            doc,
+        }));
     }
     std::fs::write(dir.join("events.jsonl"), lines.join("\n") + "\n").unwrap();
     let queries = vec![

@@ -175,10 +175,10 @@ async fn data_survives_a_restart() {
         .await;
     let ServerMessage::Result(r) = next(&mut socket).await else { panic!("expected a result") };
     assert_eq!(r.docs.len(), 10);
-    assert_eq!(r.position, 20);
+    assert_eq!(r.position.time(), 20);
     http(server_two.addr, "POST", "/v1/db/app/notes", Some(json!({"_id": 100, "n": 100}))).await;
     let ServerMessage::Delta(d) = next(&mut socket).await else { panic!("expected a delta") };
-    assert_eq!((d.op, d.position), (DeltaOp::Add, 21));
+    assert_eq!((d.op, d.position), (DeltaOp::Add, livegrid_protocol::Position::new(21)));
     server_two.shutdown().await;
 }
 

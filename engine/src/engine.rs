@@ -172,7 +172,7 @@ struct Shared {
     ingest: Mutex<Ingest>,
     snapshot: Arc<dyn SnapshotSource>,
     worker0: Mutex<Option<std::thread::Thread>>,
-    processed: AtomicU64,
+    processed: Mutex<Position>,
     /// Feed commands sent to worker 0 (under the ingest lock).
     sent: AtomicU64,
     /// Feed commands fully processed, with a signal for waiters.
@@ -296,7 +296,7 @@ impl Engine {
             }),
             snapshot,
             worker0: Mutex::new(None),
-            processed: AtomicU64::new(0),
+            processed: Mutex::new(Position::ZERO),
             sent: AtomicU64::new(0),
             progress: (Mutex::new(0), Condvar::new()),
             next_key: AtomicU64::new(1),
@@ -376,7 +376,7 @@ impl Engine {
         let mut records = Vec::new();
         let mut ignored = 0;
         for event in events {
-            if event.position <= ingest.retention.last_position() && ingest.retention.last_position() != 0 {
+            if event.position <= ingest.retention.last_position() && !ingest.retention.last_position().is_zero() {
                 ignored += 1;
                 continue;
             }
@@ -498,7 +498,7 @@ impl Engine {
 
     /// The last position all of whose messages have been emitted.
     pub fn processed(&self) -> Position {
-        self.shared.processed.load(Ordering::Acquire)
+        *self.shared.processed.lock().expect("processed lock")
     }
 
     /// Waits until everything fed so far (writes, registrations, re-reads) has been
@@ -685,7 +685,10 @@ fn route(shared: &Shared, deliveries: &Receiver<Delivery>, events: &Sender<Engin
                 }
             }
             Delivery::Processed { position, commands } => {
-                shared.processed.fetch_max(position, Ordering::AcqRel);
+                {
+                    let mut processed = shared.processed.lock().expect("processed lock");
+                    *processed = (*processed).max(position);
+                }
                 let (lock, signal) = &shared.progress;
                 *lock.lock().expect("progress lock") = commands;
                 signal.notify_all();

@@ -205,7 +205,7 @@ fn run_worker(worker: &mut timely::worker::Worker, setup: &WorkerSetup) {
     }
     let _ = setup.worker0.send(std::thread::current());
     let mut epoch = 0u64;
-    let mut fed: Position = 0;
+    let mut fed = Position::ZERO;
     let mut commands: u64 = 0;
     let mut pending: VecDeque<(u64, Position, u64)> = VecDeque::new();
     loop {

@@ -26,12 +26,17 @@ pub struct Retention {
 impl Retention {
     /// A buffer keeping the last `capacity` writes.
     pub fn new(capacity: usize) -> Self {
-        Retention { events: VecDeque::new(), capacity: capacity.max(1), evicted_up_to: 0, last: 0 }
+        Retention {
+            events: VecDeque::new(),
+            capacity: capacity.max(1),
+            evicted_up_to: Position::ZERO,
+            last: Position::ZERO,
+        }
     }
 
     /// Records a write as fed, with when it entered the engine (nanoseconds since start).
     pub fn push(&mut self, event: Arc<ChangeEvent>, at: u64) {
-        debug_assert!(event.position > self.last || self.last == 0, "positions only grow");
+        debug_assert!(event.position > self.last || self.last.is_zero(), "positions only grow");
         self.last = self.last.max(event.position);
         self.events.push_back((event, at));
         while self.events.len() > self.capacity {
@@ -61,14 +66,18 @@ mod tests {
     use super::*;
     use crate::event::ChangeOp;
 
-    fn event(position: Position) -> Arc<ChangeEvent> {
+    fn event(time: u64) -> Arc<ChangeEvent> {
         Arc::new(ChangeEvent {
-            position,
+            position: Position::new(time),
             ns: "db.c".into(),
             op: ChangeOp::Delete,
-            id: bson::Bson::Int64(position as i64),
+            id: bson::Bson::Int64(time as i64),
             doc: None,
         })
+    }
+
+    fn times(events: Vec<(Arc<ChangeEvent>, u64)>) -> Vec<(u64, u64)> {
+        events.iter().map(|(e, at)| (e.position.time(), *at)).collect()
     }
 
     #[test]
@@ -77,14 +86,14 @@ mod tests {
         for p in [2, 4, 6, 8] {
             r.push(event(p), p * 10);
         }
+        let at = Position::new;
         // 2 was evicted: a snapshot at 1 misses it, one at 2 or later does not.
-        assert!(r.since(1).is_none());
-        assert_eq!(r.since(2).unwrap().iter().map(|(e, _)| e.position).collect::<Vec<_>>(), vec![4, 6, 8]);
-        assert_eq!(
-            r.since(5).unwrap().iter().map(|(e, at)| (e.position, *at)).collect::<Vec<_>>(),
-            vec![(6, 60), (8, 80)]
-        );
-        assert!(r.since(8).unwrap().is_empty());
-        assert!(r.since(100).unwrap().is_empty());
+        assert!(r.since(at(1)).is_none());
+        assert_eq!(times(r.since(at(2)).unwrap()), vec![(4, 40), (6, 60), (8, 80)]);
+        assert_eq!(times(r.since(at(5)).unwrap()), vec![(6, 60), (8, 80)]);
+        // Inside a transaction: a snapshot at 4.1 follows 4.0.
+        assert_eq!(times(r.since(Position::with_order(4, 1)).unwrap()), vec![(6, 60), (8, 80)]);
+        assert!(r.since(at(8)).unwrap().is_empty());
+        assert!(r.since(at(100)).unwrap().is_empty());
     }
 }

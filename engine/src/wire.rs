@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use bson::{Bson, Document};
+use livegrid_protocol::Position;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A shared document that crosses processes as BSON bytes.
@@ -78,7 +79,7 @@ fn serde_bytes_vec<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error>
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WireEvent {
     /// The event's position.
-    pub position: u64,
+    pub position: Position,
     /// Its namespace.
     pub ns: String,
     /// Its kind.
@@ -114,7 +115,7 @@ mod tests {
     #[test]
     fn round_trips_through_bincode() {
         let event = WireEvent {
-            position: 7,
+            position: Position::with_order(7, 2),
             ns: "db.c".into(),
             op: crate::event::ChangeOp::Update,
             id: WireValue(Bson::ObjectId(bson::oid::ObjectId::new())),

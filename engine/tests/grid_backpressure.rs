@@ -27,7 +27,7 @@ fn a_producer_is_slowed_when_nobody_reads() {
             for position in 1..=2_000u64 {
                 let doc = Arc::new(doc! {"_id": position as i64});
                 let event = ChangeEvent {
-                    position,
+                    position: position.into(),
                     ns: "db.flow".into(),
                     op: ChangeOp::Insert,
                     id: Bson::Int64(position as i64),

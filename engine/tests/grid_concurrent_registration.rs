@@ -34,7 +34,7 @@ fn registrations_racing_with_writes_end_exact() {
                 let doc = (!(seed >> 20).is_multiple_of(5))
                     .then(|| Arc::new(doc! {"_id": id, "n": ((seed >> 40) % 50) as i32}));
                 let op = if doc.is_some() { ChangeOp::Replace } else { ChangeOp::Delete };
-                let event = ChangeEvent { position, ns: "db.c".into(), op, id: Bson::Int32(id), doc };
+                let event = ChangeEvent { position: position.into(), ns: "db.c".into(), op, id: Bson::Int32(id), doc };
                 // The database holds a write before the grid is fed it, as a store's would.
                 memory.0.lock().unwrap().apply(&event);
                 engine.submit([event]).unwrap();

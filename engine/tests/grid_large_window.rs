@@ -23,7 +23,7 @@ fn ten_thousand_document_window() {
         position += 1;
         let doc = n.map(|n| Arc::new(doc! {"_id": id, "n": n, "even": n % 2 == 0}));
         let op = if doc.is_some() { ChangeOp::Replace } else { ChangeOp::Delete };
-        let event = ChangeEvent { position, ns: "db.big".into(), op, id: Bson::Int64(id), doc };
+        let event = ChangeEvent { position: position.into(), ns: "db.big".into(), op, id: Bson::Int64(id), doc };
         memory.0.lock().unwrap().apply(&event);
         engine.submit([event]).unwrap();
     };

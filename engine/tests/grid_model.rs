@@ -198,7 +198,13 @@ fn run_scenario(seed: u64, engine: &Engine, memory: &Arc<SharedMemory>) {
                         }
                     }
                 };
-                let event = ChangeEvent { position, ns: ns.into(), op, id: Bson::Int32(id), doc: doc.map(Arc::new) };
+                let event = ChangeEvent {
+                    position: position.into(),
+                    ns: ns.into(),
+                    op,
+                    id: Bson::Int32(id),
+                    doc: doc.map(Arc::new),
+                };
                 state.apply(&event);
                 batch.push(event);
             }

@@ -214,7 +214,7 @@ impl Frame {
                     }
                     out.extend_from_slice(doc.as_str().as_bytes());
                 }
-                let _ = write!(out, "],\"position\":{}", r.position);
+                let _ = write!(out, "],\"position\":{}", r.position.json());
                 if let Some(token) = token {
                     out.extend_from_slice(b",\"token\":");
                     write_str(token, out);
@@ -236,7 +236,7 @@ impl Frame {
                 if let Some(old_index) = d.old_index {
                     let _ = write!(out, ",\"oldIndex\":{old_index}");
                 }
-                let _ = write!(out, ",\"cause\":\"{}\",\"position\":{}}}", cause_name(d.cause), d.position);
+                let _ = write!(out, ",\"cause\":\"{}\",\"position\":{}}}", cause_name(d.cause), d.position.json());
             }
         }
     }
@@ -300,7 +300,7 @@ mod tests {
                     index,
                     old_index,
                     cause: Cause::Update,
-                    position: 42,
+                    position: Position::new(42),
                 });
                 let message = ServerMessage::Delta(DeltaMessage {
                     id: "sub \"1\"".into(),
@@ -311,16 +311,20 @@ mod tests {
                     index,
                     old_index,
                     cause: Cause::Update,
-                    position: 42,
+                    position: Position::new(42),
                 });
                 assert_eq!(frame.to_json("sub \"1\"", None), message.to_json());
             }
-            let frame = Frame::Result(ResultFrame { seq: 1, docs: vec![Encoded::document(&doc); 2], position: 9 });
+            let frame = Frame::Result(ResultFrame {
+                seq: 1,
+                docs: vec![Encoded::document(&doc); 2],
+                position: Position::new(9),
+            });
             let message = ServerMessage::Result(ResultMessage {
                 id: "r".into(),
                 seq: 1,
                 docs: vec![doc.clone(), doc.clone()],
-                position: 9,
+                position: Position::new(9),
                 token: Some("t0k".into()),
             });
             assert_eq!(frame.to_json("r", Some("t0k")), message.to_json());

@@ -16,9 +16,11 @@ pub mod extjson;
 pub mod frame;
 pub mod live_result;
 pub mod message;
+pub mod position;
 
 pub use frame::{DeltaFrame, Encoded, Frame, ResultFrame};
 pub use live_result::{ApplyError, LiveResult};
+pub use position::PositionError;
 
 pub use message::{
     Cause, ClientMessage, DeltaMessage, DeltaOp, ErrorCode, ErrorMessage, Position, ResultMessage, Resume,

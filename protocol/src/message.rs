@@ -9,8 +9,7 @@ use serde::{Deserialize, Serialize};
 /// A subscription's id, chosen by the client and unique within its connection.
 pub type SubscriptionId = String;
 
-/// A position in the change stream; it only grows.
-pub type Position = u64;
+pub use crate::position::Position;
 
 /// Messages from a client to the server. Fields the protocol does not know are refused
 /// (a typo such as `"filtr"` must not silently subscribe to a whole collection).
@@ -291,7 +290,7 @@ mod tests {
             index: Some(0),
             old_index: Some(3),
             cause: Cause::Update,
-            position: 42,
+            position: Position::new(42),
         });
         let json = delta.to_json();
         assert_eq!(
@@ -340,7 +339,7 @@ mod tests {
             index: None,
             old_index: None,
             cause: Cause::Delete,
-            position: 9,
+            position: Position::new(9),
         })
         .to_json();
         assert_eq!(
@@ -355,7 +354,7 @@ mod tests {
             id: "q".into(),
             seq: 1,
             docs: vec![doc! {"_id": 1}],
-            position: 5,
+            position: Position::new(5),
             token: None,
         });
         assert_eq!(result.to_json(), r#"{"type":"result","id":"q","seq":1,"docs":[{"_id":1}],"position":5}"#);

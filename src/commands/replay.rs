@@ -129,7 +129,7 @@ pub fn execute(args: &ReplayArgs) -> Result<String, ReplayError> {
     let mut next_query = 0;
     let mut applied = 0u64;
     let mut skipped = 0u64;
-    let mut previous: Position = 0;
+    let mut previous = Position::ZERO;
     let mut batch: Vec<ChangeEvent> = Vec::new();
     let register_due = |applied: u64, next_query: &mut usize, engine: &Engine| -> Result<(), ReplayError> {
         while *next_query < queries.len() && queries[*next_query].after <= applied {

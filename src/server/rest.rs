@@ -22,7 +22,7 @@ use axum::http::StatusCode;
 use axum::http::request::Parts;
 use bson::{Bson, Document};
 use livegrid_matcher::{Query, QuerySpec};
-use livegrid_protocol::extjson;
+use livegrid_protocol::{Position, extjson};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -272,7 +272,7 @@ pub async fn bulk(State(state): State<AppState>, Path((db, coll)): Path<(String,
     }
     let ns = namespace(&db, &coll)?;
     let events = state.store.write_async(&ns, writes, large || items_len > 64).await?;
-    let positions: Vec<u64> = events.iter().map(|e| e.position).collect();
+    let positions: Vec<Position> = events.iter().map(|e| e.position).collect();
     let ids: Vec<Value> = events.iter().map(|e| extjson::to_relaxed_json(&e.id)).collect();
     Ok((StatusCode::OK, Json(json!({"positions": positions, "ids": ids}))))
 }

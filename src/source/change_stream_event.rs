@@ -7,10 +7,11 @@
 //! `updateDescription` (`updatedFields`, `removedFields`, `truncatedArrays`). Other operation
 //! types (`drop`, `rename`, `invalidate`, ...) carry no document change and are skipped.
 //!
-//! Positions: `clusterTime` (a BSON timestamp) gives `t << 32 | i`; events without it take
-//! their line number. Positions must grow, so an event whose position is not above the
-//! previous one (several events of one transaction share a cluster time) takes the previous
-//! position plus one.
+//! Positions ([`Position`]): `clusterTime` (a BSON timestamp `{t, i}`) is the position's time;
+//! events without it take their line number. The events of one transaction share their
+//! cluster time, so an event whose time is not above the previous event's takes the next
+//! order inside that time: positions grow, and a snapshot read at a cluster time compares
+//! exactly with every event.
 
 use std::sync::Arc;
 
@@ -103,12 +104,13 @@ pub fn parse(
             }
         },
     };
-    let position = match event.get("clusterTime") {
-        Some(Bson::Timestamp(ts)) => (u64::from(ts.time) << 32) | u64::from(ts.increment),
+    let time = match event.get("clusterTime") {
+        Some(Bson::Timestamp(ts)) => Position::from_cluster_time(ts.time, ts.increment, 0),
         Some(_) => return Err(field("clusterTime", "not a timestamp")),
-        None => line,
+        None => Position::new(line),
     };
-    let position = if position <= previous { previous + 1 } else { position };
+    // Events of one transaction share a cluster time: they take the next order inside it.
+    let position = if time.time() <= previous.time() && !previous.is_zero() { previous.next_order() } else { time };
     Ok(Parsed::Write(ChangeEvent { position, ns, op, id, doc: doc.map(Arc::new) }))
 }
 
@@ -157,9 +159,9 @@ mod tests {
     #[test]
     fn inserts_with_cluster_time_and_object_ns() {
         let line = r#"{"operationType":"insert","ns":{"db":"shop","coll":"items"},"documentKey":{"_id":1},"fullDocument":{"_id":1,"n":2},"clusterTime":{"$timestamp":{"t":10,"i":3}}}"#;
-        let Parsed::Write(e) = parse(line, 1, 0, none).unwrap() else { panic!() };
+        let Parsed::Write(e) = parse(line, 1, Position::ZERO, none).unwrap() else { panic!() };
         assert_eq!(e.ns, "shop.items");
-        assert_eq!(e.position, (10 << 32) | 3);
+        assert_eq!(e.position, Position::from_cluster_time(10, 3, 0));
         assert_eq!(e.op, ChangeOp::Insert);
         assert_eq!(*e.doc.unwrap(), doc! {"_id": 1, "n": 2});
     }
@@ -167,37 +169,39 @@ mod tests {
     #[test]
     fn positions_grow_within_a_transaction() {
         let line = r#"{"operationType":"delete","ns":"a.b","documentKey":{"_id":1},"clusterTime":{"$timestamp":{"t":1,"i":1}}}"#;
-        let Parsed::Write(e) = parse(line, 7, (1 << 32) | 1, none).unwrap() else { panic!() };
-        assert_eq!(e.position, (1 << 32) | 2);
+        let first = Position::from_cluster_time(1, 1, 0);
+        let Parsed::Write(e) = parse(line, 7, first, none).unwrap() else { panic!() };
+        assert_eq!(e.position, Position::from_cluster_time(1, 1, 1));
+        assert_eq!(e.position.cluster_time(), (1, 1));
         assert!(e.doc.is_none());
         let no_time = r#"{"operationType":"delete","ns":"a.b","documentKey":{"_id":1}}"#;
-        let Parsed::Write(e) = parse(no_time, 7, 0, none).unwrap() else { panic!() };
-        assert_eq!(e.position, 7);
+        let Parsed::Write(e) = parse(no_time, 7, Position::ZERO, none).unwrap() else { panic!() };
+        assert_eq!(e.position, Position::new(7));
     }
 
     #[test]
     fn updates_apply_their_description() {
         let before = Arc::new(doc! {"_id": 1, "a": {"b": 1, "c": 2}, "arr": [1, 2, 3], "gone": true});
         let line = r#"{"operationType":"update","ns":"a.b","documentKey":{"_id":1},"updateDescription":{"updatedFields":{"a.b":5,"arr.1":9,"new":{"x":1}},"removedFields":["gone","a.c"],"truncatedArrays":[{"field":"arr","newSize":2}]}}"#;
-        let Parsed::Write(e) = parse(line, 1, 0, |_, _| Some(before.clone())).unwrap() else { panic!() };
+        let Parsed::Write(e) = parse(line, 1, Position::ZERO, |_, _| Some(before.clone())).unwrap() else { panic!() };
         assert_eq!(*e.doc.unwrap(), doc! {"_id": 1, "a": {"b": 5}, "arr": [1, 9], "new": {"x": 1}});
         // Without a previous version the update cannot be rebuilt: the document is unknown.
-        let Parsed::Write(e) = parse(line, 1, 0, none).unwrap() else { panic!() };
+        let Parsed::Write(e) = parse(line, 1, Position::ZERO, none).unwrap() else { panic!() };
         assert!(e.doc.is_none());
     }
 
     #[test]
     fn errors_and_skips() {
         assert!(
-            matches!(parse(r#"{"operationType":"drop","ns":"a.b"}"#, 1, 0, none), Ok(Parsed::Skipped(op)) if op == "drop")
+            matches!(parse(r#"{"operationType":"drop","ns":"a.b"}"#, 1, Position::ZERO, none), Ok(Parsed::Skipped(op)) if op == "drop")
         );
-        assert!(matches!(parse("nope", 1, 0, none), Err(ChangeEventError::Json(_))));
+        assert!(matches!(parse("nope", 1, Position::ZERO, none), Err(ChangeEventError::Json(_))));
         assert!(matches!(
-            parse(r#"{"operationType":"insert","ns":"a.b","documentKey":{"_id":1}}"#, 1, 0, none),
+            parse(r#"{"operationType":"insert","ns":"a.b","documentKey":{"_id":1}}"#, 1, Position::ZERO, none),
             Err(ChangeEventError::Field { field: "fullDocument", .. })
         ));
         assert!(matches!(
-            parse(r#"{"operationType":"insert","documentKey":{"_id":1},"fullDocument":{}}"#, 1, 0, none),
+            parse(r#"{"operationType":"insert","documentKey":{"_id":1},"fullDocument":{}}"#, 1, Position::ZERO, none),
             Err(ChangeEventError::Field { field: "ns", .. })
         ));
     }

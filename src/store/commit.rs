@@ -77,7 +77,7 @@ impl Handle {
 pub(crate) fn start(
     db: Arc<redb::Database>,
     listener: Arc<Mutex<Option<Listener>>>,
-    position: Position,
+    position: u64,
     config: &StoreConfig,
 ) -> Result<(mpsc::Sender<Job>, Handle), StoreError> {
     let (jobs, queue) = mpsc::channel(config.queue.max(1));
@@ -133,9 +133,9 @@ struct Committer {
     max_group: usize,
     health: Arc<Health>,
     /// The last position committed.
-    position: Position,
+    position: u64,
     /// Positions up to here are reserved on disk.
-    reserved: Position,
+    reserved: u64,
     /// Whether commits since the last fsync are not durable yet.
     unsynced: bool,
     /// Committed events not yet durable (periodic durability only).
@@ -366,7 +366,7 @@ impl Overlay {
         docs: &Table<&[u8], &[u8]>,
         ns: &str,
         writes: &[Write],
-        mut position: Position,
+        mut position: u64,
     ) -> Result<Vec<ChangeEvent>, StoreError> {
         let mut events = Vec::with_capacity(writes.len());
         for write in writes {
@@ -415,7 +415,13 @@ impl Overlay {
                     (ChangeOp::Delete, id.clone(), None)
                 }
             };
-            events.push(ChangeEvent { position, ns: ns.to_string(), op, id, doc: after.map(Arc::new) });
+            events.push(ChangeEvent {
+                position: Position::new(position),
+                ns: ns.to_string(),
+                op,
+                id,
+                doc: after.map(Arc::new),
+            });
         }
         Ok(events)
     }

@@ -267,7 +267,7 @@ impl Store {
     pub fn position(&self) -> Result<Position, StoreError> {
         let txn = self.db.begin_read().map_err(redb::Error::from)?;
         let meta = txn.open_table(META).map_err(redb::Error::from)?;
-        Ok(meta.get(POSITION).map_err(redb::Error::from)?.map(|v| v.value()).unwrap_or(0))
+        Ok(Position::new(meta.get(POSITION).map_err(redb::Error::from)?.map(|v| v.value()).unwrap_or(0)))
     }
 
     /// Reads one document.
@@ -378,7 +378,7 @@ impl Store {
         ranked.sort_by(|a, b| a.0.cmp(&b.0));
         let complete = k.is_none_or(|k| matched <= k);
         let docs = ranked.into_iter().map(|Ranked(_, d)| d).collect();
-        Ok(Snapshot { docs, position, complete })
+        Ok(Snapshot { docs, position: Position::new(position), complete })
     }
 }
 
@@ -430,7 +430,7 @@ fn prepare(ns: &str, writes: Vec<Write>) -> Result<(commit::Job, Answer, usize),
 }
 
 /// The position to continue from: above every position a crashed run may have handed out.
-fn recover_position(db: &redb::Database) -> Result<Position, StoreError> {
+fn recover_position(db: &redb::Database) -> Result<u64, StoreError> {
     let txn = db.begin_write().map_err(redb::Error::from)?;
     let position = {
         txn.open_table(DOCS).map_err(redb::Error::from)?;
@@ -576,24 +576,24 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = seen.clone();
-        store.set_listener(move |events| sink.lock().unwrap().extend(events.into_iter().map(|e| e.position)));
+        store.set_listener(move |events| sink.lock().unwrap().extend(events.into_iter().map(|e| e.position.time())));
         let events =
             store.write("db.c", vec![Write::Insert(doc! {"_id": 1, "n": 1}), Write::Insert(doc! {"n": 2})]).unwrap();
-        assert_eq!(events.iter().map(|e| e.position).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(events.iter().map(|e| e.position.time()).collect::<Vec<_>>(), vec![1, 2]);
         assert!(matches!(events[1].id, Bson::ObjectId(_)));
         // A failing batch changes nothing and takes no position.
         let err =
             store.write("db.c", vec![Write::Insert(doc! {"_id": 3}), Write::Insert(doc! {"_id": 1})]).unwrap_err();
         assert!(matches!(err, StoreError::Duplicate(..)), "{err}");
         assert!(store.get("db.c", &Bson::Int32(3)).unwrap().is_none());
-        assert_eq!(store.position().unwrap(), 2);
+        assert_eq!(store.position().unwrap().time(), 2);
         store.write("db.c", vec![Write::Update(Bson::Int64(1), doc! {"$inc": {"n": 5}})]).unwrap();
         assert_eq!(store.get("db.c", &Bson::Double(1.0)).unwrap(), Some(doc! {"_id": 1, "n": 6}));
         assert!(matches!(store.write("db.c", vec![Write::Delete(Bson::Int32(9))]), Err(StoreError::NotFound(..))));
         assert_eq!(*seen.lock().unwrap(), vec![1, 2, 3]);
         drop(store);
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.position().unwrap(), 3);
+        assert_eq!(store.position().unwrap().time(), 3);
         assert_eq!(store.get("db.c", &Bson::Int32(1)).unwrap(), Some(doc! {"_id": 1, "n": 6}));
     }
 
@@ -611,7 +611,7 @@ mod tests {
             let store = Store::open_with(dir.path(), config(durability)).unwrap();
             assert!(store.get("db.c", &Bson::Int32(1)).unwrap().is_some(), "{durability:?}");
             // A clean close continues the positions without a gap.
-            assert_eq!(store.write("db.c", vec![Write::Insert(doc! {"_id": 2})]).unwrap()[0].position, 2);
+            assert_eq!(store.write("db.c", vec![Write::Insert(doc! {"_id": 2})]).unwrap()[0].position.time(), 2);
         }
         assert_eq!("immediate".parse::<Durability>(), Ok(Durability::Durable));
         assert!("sometimes".parse::<Durability>().is_err());
@@ -624,7 +624,7 @@ mod tests {
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = seen.clone();
-        store.set_listener(move |events| sink.lock().unwrap().extend(events.into_iter().map(|e| e.position)));
+        store.set_listener(move |events| sink.lock().unwrap().extend(events.into_iter().map(|e| e.position.time())));
         store.write("db.c", vec![Write::Insert(doc! {"_id": "taken"})]).unwrap();
         let writers: Vec<_> = (0..16)
             .map(|t| {
@@ -653,7 +653,7 @@ mod tests {
         // Positions are contiguous, each handed to the listener once, in order.
         let seen = seen.lock().unwrap().clone();
         assert_eq!(seen, (1..=641).collect::<Vec<u64>>());
-        assert_eq!(store.position().unwrap(), 641);
+        assert_eq!(store.position().unwrap().time(), 641);
     }
 
     #[test]
@@ -662,7 +662,7 @@ mod tests {
         let store = Store::open_with(dir.path(), config("periodic:60000".parse().unwrap())).unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = seen.clone();
-        store.set_listener(move |events| sink.lock().unwrap().extend(events.into_iter().map(|e| e.position)));
+        store.set_listener(move |events| sink.lock().unwrap().extend(events.into_iter().map(|e| e.position.time())));
         // The first write also reserves positions on disk, durably; later ones wait for a flush.
         store.write("db.c", vec![Write::Insert(doc! {"_id": 1})]).unwrap();
         store.write("db.c", vec![Write::Insert(doc! {"_id": 2})]).unwrap();
@@ -690,7 +690,7 @@ mod tests {
         let deep = vec!["a"; 3_000].join(".");
         let err = store.write("db.c", vec![Write::Update(Bson::Int32(1), doc! {"$set": {deep.as_str(): 1}})]);
         assert!(matches!(err, Err(StoreError::Update(_))));
-        assert_eq!(store.position().unwrap(), 1);
+        assert_eq!(store.position().unwrap().time(), 1);
         assert_eq!(store.get("db.c", &Bson::Int32(1)).unwrap().unwrap().get_array("a").unwrap().len(), 0);
     }
 
@@ -703,7 +703,7 @@ mod tests {
         store.write("db.other", vec![Write::Insert(doc! {"_id": 1, "n": -1})]).unwrap();
         let query = Query::compile(&QuerySpec { sort: Some(doc! {"n": -1}), ..Default::default() }).unwrap();
         let snapshot = store.read("db.c", &query, Some(3)).unwrap();
-        assert_eq!(snapshot.position, 11);
+        assert_eq!(snapshot.position.time(), 11);
         assert!(!snapshot.complete);
         assert_eq!(snapshot.docs.iter().map(|d| d.get_i32("n").unwrap()).collect::<Vec<_>>(), vec![9, 8, 7]);
         assert!(store.read("db.c", &query, None).unwrap().complete);
