@@ -106,6 +106,13 @@ pub struct ServeArgs {
     /// worker panicked, the engine refused committed writes, a commit failed) [default: true].
     #[arg(long, env = "LIVEGRID_EXIT_ON_FATAL")]
     pub exit_on_fatal: Option<bool>,
+    /// Serve a recorded change stream (one MongoDB change event per line) instead of the
+    /// embedded store: it is replayed once from the start, and the REST data API answers 501.
+    #[arg(long, env = "LIVEGRID_REPLAY")]
+    pub replay: Option<PathBuf>,
+    /// With --replay: events per second at most [default: as fast as the engine takes them].
+    #[arg(long, env = "LIVEGRID_REPLAY_RATE", requires = "replay")]
+    pub replay_rate: Option<f64>,
 }
 
 /// Flags of `livegrid workload`.

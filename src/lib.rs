@@ -8,5 +8,4 @@ pub mod commands;
 pub mod health;
 pub mod server;
 pub mod source;
-pub mod store;
 pub mod workload;

@@ -369,11 +369,11 @@ async fn a_failing_window_reread_ends_the_subscription_with_an_error() {
     send(&mut socket, json!({"type": "subscribe", "id": "top", "ns": "app.top", "sort": {"n": 1}, "limit": 2})).await;
     assert!(matches!(next(&mut socket).await, ServerMessage::Result(_)));
     // The window holds exactly two documents; deleting one needs a re-read, which fails.
-    server.store().inject_read_failures(1_000);
+    server.store().unwrap().inject_read_failures(1_000);
     http(server.addr, "DELETE", "/v1/db/app/top/0", None).await;
     let message = expect_error(&next(&mut socket).await, ErrorCode::Resubscribe);
     assert!(message.contains("subscribe again"), "{message}");
-    server.store().inject_read_failures(0);
+    server.store().unwrap().inject_read_failures(0);
     // The client re-subscribes and gets the right window; the connection kept working.
     send(&mut socket, json!({"type": "subscribe", "id": "top", "ns": "app.top", "sort": {"n": 1}, "limit": 2})).await;
     let ServerMessage::Result(r) = next(&mut socket).await else { panic!("expected a result") };

@@ -21,13 +21,14 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use livegrid_engine::memory::SharedMemory;
-use livegrid_engine::{ChangeEvent, ClusterConfig, Engine, EngineConfig, EngineEvent, QueryKey};
+use livegrid_engine::{ClusterConfig, Engine, EngineConfig, EngineEvent, QueryKey};
 use livegrid_matcher::QuerySpec;
-use livegrid_protocol::{Frame, Position, extjson};
+use livegrid_protocol::{Frame, extjson};
 use serde_json::Value;
 
 use crate::cli::ReplayArgs;
-use crate::source::change_stream_event::{self, Parsed};
+use crate::source::replay::ReplaySource;
+use crate::source::{Pulled, Source};
 
 /// Exit status for unreadable input files.
 const EXIT_BAD_INPUT: u8 = 2;
@@ -113,9 +114,9 @@ pub fn execute(args: &ReplayArgs) -> Result<String, ReplayError> {
     };
     let mut queries = read_queries(queries_path)?;
     queries.sort_by_key(|q| q.after);
-    let event_lines = read_lines(events_path)?;
+    let mut source = ReplaySource::open(events_path).map_err(|e| ReplayError::Input(e.to_string()))?;
 
-    let engine = Engine::start(config, memory.clone()).map_err(|e| ReplayError::Failed(e.to_string()))?;
+    let engine = Engine::start(config, source.snapshots()).map_err(|e| ReplayError::Failed(e.to_string()))?;
     let out = File::create(out_path).map_err(|e| ReplayError::Input(format!("{}: {e}", out_path.display())))?;
     let messages = engine.messages().clone();
     // Each subscription's id by engine key, known before its first message can arrive.
@@ -127,10 +128,6 @@ pub fn execute(args: &ReplayArgs) -> Result<String, ReplayError> {
 
     let started = Instant::now();
     let mut next_query = 0;
-    let mut applied = 0u64;
-    let mut skipped = 0u64;
-    let mut previous = Position::ZERO;
-    let mut batch: Vec<ChangeEvent> = Vec::new();
     let register_due = |applied: u64, next_query: &mut usize, engine: &Engine| -> Result<(), ReplayError> {
         while *next_query < queries.len() && queries[*next_query].after <= applied {
             let q = &queries[*next_query];
@@ -144,34 +141,19 @@ pub fn execute(args: &ReplayArgs) -> Result<String, ReplayError> {
         Ok(())
     };
     register_due(0, &mut next_query, &engine)?;
-    for (index, line) in event_lines.iter().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let line_no = index as u64 + 1;
-        let parsed = {
-            let state = memory.0.lock().expect("memory state");
-            change_stream_event::parse(line, line_no, previous, |ns, id| state.get(ns, id).cloned())
-        }
-        .map_err(|e| ReplayError::Input(format!("{}:{line_no}: {e}", events_path.display())))?;
-        let event = match parsed {
-            Parsed::Write(event) => event,
-            Parsed::Skipped(_) => {
-                skipped += 1;
-                continue;
+    loop {
+        // A batch ends where the next query is due, so that it sees exactly `after` events.
+        let until_query = queries.get(next_query).map_or(u64::MAX, |q| q.after.saturating_sub(source.applied()));
+        let max = (args.batch as u64).min(until_query).max(1) as usize;
+        match source.pull(max, Duration::ZERO).map_err(|e| ReplayError::Input(e.to_string()))? {
+            Pulled::Events(events) => {
+                engine.submit(events).map_err(|e| ReplayError::Failed(e.to_string()))?;
+                register_due(source.applied(), &mut next_query, &engine)?;
             }
-        };
-        previous = event.position;
-        memory.0.lock().expect("memory state").apply(&event);
-        batch.push(event);
-        applied += 1;
-        let query_due = next_query < queries.len() && queries[next_query].after <= applied;
-        if batch.len() >= args.batch || query_due {
-            engine.submit(std::mem::take(&mut batch)).map_err(|e| ReplayError::Failed(e.to_string()))?;
-            register_due(applied, &mut next_query, &engine)?;
+            Pulled::Idle => {}
+            Pulled::Ended => break,
         }
     }
-    engine.submit(batch).map_err(|e| ReplayError::Failed(e.to_string()))?;
     register_due(u64::MAX, &mut next_query, &engine)?;
     if !engine.settle(Duration::from_secs(600)) {
         return Err(ReplayError::Failed("the engine did not finish within 10 minutes".into()));
@@ -179,7 +161,7 @@ pub fn execute(args: &ReplayArgs) -> Result<String, ReplayError> {
     let seconds = started.elapsed().as_secs_f64();
     engine.shutdown();
     let stats = writer.join().map_err(|_| ReplayError::Failed("output writer panicked".into()))??;
-    Ok(summary(applied, skipped, queries.len(), &stats, seconds))
+    Ok(summary(source.applied(), source.skipped(), queries.len(), &stats, seconds))
 }
 
 fn read_lines(path: &Path) -> Result<Vec<String>, ReplayError> {

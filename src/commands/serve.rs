@@ -1,4 +1,5 @@
-//! `livegrid serve`: the HTTP/WebSocket server over the embedded store.
+//! `livegrid serve`: the HTTP/WebSocket server over the embedded store (or, with `--replay`,
+//! over a recorded change stream).
 //!
 //! Configuration, strongest first: flags, environment variables (`LIVEGRID_LISTEN`,
 //! `LIVEGRID_DATA`, `LIVEGRID_GRID`, ...), the TOML file given with `--config`, defaults.
@@ -8,13 +9,14 @@
 //! acknowledged. In debug builds (the tests'), `LIVEGRID_TEST_FAULT=worker-panic` makes a grid
 //! worker panic half a second after start, so tests can exercise that path on the real binary.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::cli::ServeArgs;
-use crate::server::{ServerConfig, start};
+use crate::server::{ServerConfig, SourceChoice, start};
 
 /// The TOML configuration file; every field is optional.
 #[derive(Debug, Default, Deserialize)]
@@ -41,6 +43,8 @@ pub struct FileConfig {
     write_queue: Option<usize>,
     write_deadline_ms: Option<u64>,
     exit_on_fatal: Option<bool>,
+    replay: Option<PathBuf>,
+    replay_rate: Option<f64>,
 }
 
 /// What `serve` runs with: the server's configuration and what the command itself does.
@@ -110,6 +114,13 @@ pub fn config(args: &ServeArgs) -> Result<ServeConfig, String> {
             .or(file.write_deadline_ms)
             .map(Duration::from_millis)
             .unwrap_or(defaults.write_deadline),
+        source: match args.replay.clone().or(file.replay) {
+            Some(path) => SourceChoice::Replay { path, rate: args.replay_rate.or(file.replay_rate) },
+            None if args.replay_rate.or(file.replay_rate).is_some() => {
+                return Err("replay_rate needs a replay file".into());
+            }
+            None => SourceChoice::Store,
+        },
         ..defaults
     };
     server.validate()?;
@@ -168,8 +179,10 @@ pub fn run(args: &ServeArgs) -> ExitCode {
                 // Give sessions a moment to send their `unavailable` errors and close frames,
                 // and flush what the store acknowledged.
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                let store = server.store().clone();
-                let _ = tokio::time::timeout(Duration::from_secs(5), tokio::task::spawn_blocking(move || store.close())).await;
+                if let Some(store) = server.store().cloned() {
+                    let closing = tokio::task::spawn_blocking(move || store.close());
+                    let _ = tokio::time::timeout(Duration::from_secs(5), closing).await;
+                }
                 tracing::error!(reason = %reason, "exiting: livegrid failed (--exit-on-fatal)");
                 ExitCode::from(1)
             }

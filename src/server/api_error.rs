@@ -6,9 +6,9 @@ use axum::response::{IntoResponse, Response};
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 
-use crate::store::StoreError;
-use crate::store::limits::LimitError;
-use crate::store::namespace::NamespaceError;
+use crate::source::namespace::NamespaceError;
+use crate::source::store::StoreError;
+use crate::source::store::limits::LimitError;
 
 /// An error answered to a REST request.
 #[derive(Debug)]

@@ -1,8 +1,9 @@
 //! The HTTP and WebSocket server: REST over the embedded store, live queries on `/v1/ws`,
 //! `/healthz` and `/metrics`.
 //!
-//! The store feeds every committed write to the engine; the engine's messages reach the
-//! connections through the [`hub`]. A server runs until its [`RunningServer::shutdown`] (or
+//! The source (the embedded store by default, or a replay file) feeds the engine through the
+//! [`crate::source::pump`]; the engine's messages reach the connections through the [`hub`].
+//! The REST data API needs the embedded store; on another source it answers `501`. A server runs until its [`RunningServer::shutdown`] (or
 //! SIGTERM/Ctrl-C under `livegrid serve`): it then stops accepting, closes every WebSocket
 //! with a reason, and lets the engine drain.
 
@@ -29,7 +30,10 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 
 use crate::health::Health;
-use crate::store::{Durability, Store, StoreConfig};
+use crate::source::Source;
+use crate::source::pump::Pump;
+use crate::source::replay::ReplaySource;
+use crate::source::store::{Durability, Store, StoreConfig, StoreSource};
 use api_error::ApiError;
 use hub::{Hub, HubLimits};
 
@@ -79,6 +83,23 @@ pub struct ServerConfig {
     pub write_queue: usize,
     /// How long a write may wait for room in that queue before it gets 503 with Retry-After.
     pub write_deadline: Duration,
+    /// Where change events come from.
+    pub source: SourceChoice,
+}
+
+/// The source `serve` runs on.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum SourceChoice {
+    /// The embedded store in `data`, written through the REST API (the default).
+    #[default]
+    Store,
+    /// A recorded change stream, replayed once from the start; the REST data API is off.
+    Replay {
+        /// The change-stream file.
+        path: PathBuf,
+        /// Events per second at most (`None`: as fast as the engine takes them).
+        rate: Option<f64>,
+    },
 }
 
 impl Default for ServerConfig {
@@ -105,6 +126,7 @@ impl Default for ServerConfig {
             window_slack: 16,
             write_queue: 4096,
             write_deadline: Duration::from_secs(5),
+            source: SourceChoice::Store,
         }
     }
 }
@@ -143,6 +165,11 @@ impl ServerConfig {
         range("write_queue", self.write_queue as u128, 1, 1 << 20)?;
         range("write_deadline (ms)", self.write_deadline.as_millis(), 1, 3_600_000)?;
         range("grid workers", self.grid.workers() as u128, 1, 1024)?;
+        if let SourceChoice::Replay { rate: Some(rate), .. } = &self.source
+            && !(rate.is_finite() && *rate > 0.0)
+        {
+            return Err(format!("replay_rate must be a positive number of events per second, found {rate}"));
+        }
         Ok(())
     }
 
@@ -153,10 +180,14 @@ impl ServerConfig {
     }
 }
 
+/// Commit batches of the store waiting for the pump at most.
+const STORE_SOURCE_QUEUE: usize = 64;
+
 /// What every request and session shares.
 #[derive(Clone)]
 pub struct AppState {
-    store: Arc<Store>,
+    /// The embedded store, when it is the source.
+    store: Option<Arc<Store>>,
     engine: Arc<Engine>,
     hub: Arc<Hub>,
     health: Arc<Health>,
@@ -171,10 +202,11 @@ pub struct RunningServer {
     pub addr: SocketAddr,
     stop: watch::Sender<bool>,
     serving: tokio::task::JoinHandle<()>,
-    store: Arc<Store>,
+    store: Option<Arc<Store>>,
     engine: Arc<Engine>,
     health: Arc<Health>,
     hub_thread: Option<std::thread::JoinHandle<()>>,
+    pump: Option<Pump>,
 }
 
 /// Why the server could not start.
@@ -185,10 +217,13 @@ pub enum ServerError {
     Config(String),
     /// The store could not open.
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::source::store::StoreError),
     /// The engine could not start.
     #[error(transparent)]
     Engine(#[from] livegrid_engine::EngineError),
+    /// The source could not open.
+    #[error(transparent)]
+    Source(#[from] crate::source::SourceError),
     /// The address could not be bound.
     #[error("listening on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
@@ -210,40 +245,21 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     config.validate().map_err(ServerError::Config)?;
     let metrics = prometheus();
     let health = Arc::new(Health::new());
-    let store_config = StoreConfig {
-        durability: config.durability,
-        queue: config.write_queue,
-        max_group: 1024,
-        queue_deadline: config.write_deadline,
-        health: health.clone(),
-    };
-    let data = config.data.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open_with(&data, store_config))
-        .await
-        .map_err(|e| ServerError::Config(format!("opening the store: {e}")))??;
-    let store = Arc::new(store);
+    let (source, store) = open_source(&config, &health).await?;
     let engine_config = EngineConfig {
         shape: config.grid,
         retention: config.retention,
         slack: config.window_slack,
         ..Default::default()
     };
-    let snapshot_source = store.clone();
+    let snapshot_source = source.snapshots();
     let engine = tokio::task::spawn_blocking(move || Engine::start(engine_config, snapshot_source))
         .await
         .map_err(|e| ServerError::Config(format!("starting the engine: {e}")))??;
     let engine = Arc::new(engine);
-    {
-        let (weak, health) = (Arc::downgrade(&engine), health.clone());
-        store.set_listener(move |events| {
-            metrics::counter!("livegrid_events_in").increment(events.len() as u64);
-            let Some(engine) = weak.upgrade() else { return };
-            if let Err(e) = engine.submit(events) {
-                // The write is committed but no live query will see it: results diverge.
-                health.fail(format!("engine refused committed writes: {e}"));
-            }
-        });
-    }
+    let source_name = source.name();
+    let pump = Pump::start(source, engine.clone(), health.clone())
+        .map_err(|e| ServerError::Config(format!("starting the source: {e}")))?;
     let hub = Arc::new(Hub::new(
         HubLimits {
             messages: config.resume_buffer,
@@ -322,8 +338,43 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let limits =
         listener::ListenLimits { max_connections: config.max_connections, header_timeout: config.header_timeout };
     let serving = tokio::spawn(listener::serve(listener, app, limits, shutdown));
-    tracing::info!(%addr, grid = %config.grid, data = %config.data.display(), durability = ?config.durability, "livegrid listening");
-    Ok(RunningServer { addr, stop, serving, store, engine, health, hub_thread: Some(hub_thread) })
+    tracing::info!(%addr, grid = %config.grid, source = source_name, data = %config.data.display(), durability = ?config.durability, "livegrid listening");
+    Ok(RunningServer { addr, stop, serving, store, engine, health, hub_thread: Some(hub_thread), pump: Some(pump) })
+}
+
+/// Opens the configured source (and the embedded store, when it is the source).
+async fn open_source(
+    config: &ServerConfig,
+    health: &Arc<Health>,
+) -> Result<(Box<dyn Source>, Option<Arc<Store>>), ServerError> {
+    match &config.source {
+        SourceChoice::Store => {
+            let store_config = StoreConfig {
+                durability: config.durability,
+                queue: config.write_queue,
+                max_group: 1024,
+                queue_deadline: config.write_deadline,
+                health: health.clone(),
+            };
+            let data = config.data.clone();
+            let store = tokio::task::spawn_blocking(move || Store::open_with(&data, store_config))
+                .await
+                .map_err(|e| ServerError::Config(format!("opening the store: {e}")))??;
+            let store = Arc::new(store);
+            Ok((Box::new(StoreSource::new(store.clone(), STORE_SOURCE_QUEUE)), Some(store)))
+        }
+        SourceChoice::Replay { path, rate } => {
+            let (path, rate) = (path.clone(), *rate);
+            let source = tokio::task::spawn_blocking(move || ReplaySource::open(&path))
+                .await
+                .map_err(|e| ServerError::Config(format!("opening the replay file: {e}")))??;
+            let source = match rate {
+                Some(rate) => source.with_rate(rate),
+                None => source,
+            };
+            Ok((Box::new(source), None))
+        }
+    }
 }
 
 /// Ends detached subscriptions nobody resumed within the grace window.
@@ -362,8 +413,8 @@ impl RunningServer {
     }
 
     /// The store.
-    pub fn store(&self) -> &Arc<Store> {
-        &self.store
+    pub fn store(&self) -> Option<&Arc<Store>> {
+        self.store.as_ref()
     }
 
     /// Stops accepting, closes every connection with a reason, drains the store into the
@@ -374,10 +425,20 @@ impl RunningServer {
         if let Err(e) = (&mut self.serving).await {
             tracing::warn!(error = %e, "server task ended abnormally");
         }
-        let (store, engine, hub_thread) = (self.store.clone(), self.engine.clone(), self.hub_thread.take());
+        let (store, engine, hub_thread, pump) =
+            (self.store.clone(), self.engine.clone(), self.hub_thread.take(), self.pump.take());
         let joined = tokio::task::spawn_blocking(move || {
-            // Queued writes commit and reach the engine before it stops.
-            store.close();
+            match (store, pump) {
+                // Queued writes commit and reach the engine before it stops: the store's
+                // source ends once the store is closed and drained.
+                (Some(store), Some(pump)) => {
+                    store.close();
+                    pump.join();
+                }
+                (None, Some(pump)) => pump.stop(),
+                (Some(store), None) => store.close(),
+                (None, None) => {}
+            }
             engine.close();
             if let Some(thread) = hub_thread
                 && !engine.failed()

@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::api_error::ApiError;
-use crate::store::{Store, Write, id_label};
+use crate::source::store::{Store, Write, id_label};
 
 type Reply = Result<(StatusCode, Json<Value>), ApiError>;
 
@@ -108,11 +108,22 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Url
 }
 
 fn namespace(db: &str, coll: &str) -> Result<String, ApiError> {
-    Ok(crate::store::namespace::join(db, coll)?)
+    Ok(crate::source::namespace::join(db, coll)?)
 }
 
 fn body_document(body: Value) -> Result<Document, ApiError> {
     extjson::document_from_json(body).map_err(|e| ApiError::bad_request("bad_json", e.to_string()))
+}
+
+/// The embedded store, or `501` when the server runs on another source.
+fn store(state: &AppState) -> Result<&Arc<Store>, ApiError> {
+    state.store.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "no_store",
+            "this server reads a replay file: the REST data API needs the embedded store (serve without --replay)",
+        )
+    })
 }
 
 /// Runs a read on the blocking pool.
@@ -129,7 +140,7 @@ async fn blocking<T: Send + 'static>(
 /// The `_id` a URL path segment names (see the store's module docs).
 async fn resolve(state: &AppState, ns: &str, segment: String) -> Result<Bson, ApiError> {
     let ns = ns.to_string();
-    Ok(blocking(&state.store, move |s| s.resolve_id(&ns, &segment)).await??)
+    Ok(blocking(store(state)?, move |s| s.resolve_id(&ns, &segment)).await??)
 }
 
 fn written(events: &[livegrid_engine::ChangeEvent]) -> Value {
@@ -142,16 +153,16 @@ fn written(events: &[livegrid_engine::ChangeEvent]) -> Value {
 /// `POST /v1/db/{db}/{coll}`
 pub async fn insert(State(state): State<AppState>, Path((db, coll)): Path<(String, String)>, body: JsonBody) -> Reply {
     let ns = namespace(&db, &coll)?;
-    let events = state.store.write_async(&ns, vec![Write::Insert(body.doc)], body.large).await?;
+    let events = store(&state)?.write_async(&ns, vec![Write::Insert(body.doc)], body.large).await?;
     Ok((StatusCode::CREATED, Json(written(&events))))
 }
 
 /// `GET /v1/db/{db}/{coll}/{id}`
 pub async fn get(State(state): State<AppState>, Path((db, coll, id)): Path<(String, String, String)>) -> Reply {
     let ns = namespace(&db, &coll)?;
-    let found = blocking(&state.store, move |s| {
+    let found = blocking(store(&state)?, move |s| {
         let id = s.resolve_id(&ns, &id)?;
-        s.get(&ns, &id)?.ok_or_else(|| crate::store::StoreError::NotFound(id_label(&id), ns.clone()))
+        s.get(&ns, &id)?.ok_or_else(|| crate::source::store::StoreError::NotFound(id_label(&id), ns.clone()))
     })
     .await??;
     Ok((StatusCode::OK, Json(extjson::document_to_relaxed_json(&found))))
@@ -165,7 +176,7 @@ pub async fn replace(
 ) -> Reply {
     let ns = namespace(&db, &coll)?;
     let id = resolve(&state, &ns, id).await?;
-    let events = state.store.write_async(&ns, vec![Write::Replace(id, body.doc)], body.large).await?;
+    let events = store(&state)?.write_async(&ns, vec![Write::Replace(id, body.doc)], body.large).await?;
     let created = events.first().is_some_and(|e| e.op == livegrid_engine::ChangeOp::Insert);
     Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(written(&events))))
 }
@@ -177,7 +188,7 @@ pub async fn update(
     body: JsonBody,
 ) -> Reply {
     let (changes, large) = (body.doc, body.large);
-    if !crate::store::update::is_operator_update(&changes) {
+    if !crate::source::store::update::is_operator_update(&changes) {
         return Err(ApiError::bad_request(
             "bad_update",
             "PATCH takes update operators such as {\"$set\": {...}}; use PUT to replace",
@@ -185,7 +196,7 @@ pub async fn update(
     }
     let ns = namespace(&db, &coll)?;
     let id = resolve(&state, &ns, id).await?;
-    let events = state.store.write_async(&ns, vec![Write::Update(id, changes)], large).await?;
+    let events = store(&state)?.write_async(&ns, vec![Write::Update(id, changes)], large).await?;
     Ok((StatusCode::OK, Json(written(&events))))
 }
 
@@ -193,7 +204,7 @@ pub async fn update(
 pub async fn delete(State(state): State<AppState>, Path((db, coll, id)): Path<(String, String, String)>) -> Reply {
     let ns = namespace(&db, &coll)?;
     let id = resolve(&state, &ns, id).await?;
-    let events = state.store.write_async(&ns, vec![Write::Delete(id)], false).await?;
+    let events = store(&state)?.write_async(&ns, vec![Write::Delete(id)], false).await?;
     Ok((StatusCode::OK, Json(written(&events))))
 }
 
@@ -227,7 +238,7 @@ pub async fn query(
     };
     let ns = namespace(&db, &coll)?;
     // Compiling (regexes) and scanning belong on the blocking pool.
-    let (docs, position) = blocking(&state.store, move |s| {
+    let (docs, position) = blocking(store(&state)?, move |s| {
         let query = Query::compile(&spec).map_err(|e| ApiError::bad_request("bad_query", e.to_string()))?;
         let k = query.window_end().map(|end| usize::try_from(end).unwrap_or(usize::MAX));
         let snapshot = s.read(&ns, &query, k)?;
@@ -271,7 +282,7 @@ pub async fn bulk(State(state): State<AppState>, Path((db, coll)): Path<(String,
         });
     }
     let ns = namespace(&db, &coll)?;
-    let events = state.store.write_async(&ns, writes, large || items_len > 64).await?;
+    let events = store(&state)?.write_async(&ns, writes, large || items_len > 64).await?;
     let positions: Vec<Position> = events.iter().map(|e| e.position).collect();
     let ids: Vec<Value> = events.iter().map(|e| extjson::to_relaxed_json(&e.id)).collect();
     Ok((StatusCode::OK, Json(json!({"positions": positions, "ids": ids}))))

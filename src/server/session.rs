@@ -291,7 +291,8 @@ async fn subscribe_one(
             format!("a connection may hold {} subscriptions", state.config.max_subscriptions),
         ));
     }
-    crate::store::check_namespace(&subscribe.ns).map_err(|e| fail(ErrorCode::BadNamespace, e.to_string()))?;
+    crate::source::namespace::check_namespace(&subscribe.ns)
+        .map_err(|e| fail(ErrorCode::BadNamespace, e.to_string()))?;
     let spec = QuerySpec {
         filter: subscribe.filter,
         sort: subscribe.sort,

@@ -20,7 +20,7 @@ use livegrid_engine::{ChangeEvent, ChangeOp};
 use livegrid_protocol::Position;
 use serde_json::Value;
 
-use crate::store::update;
+use crate::source::document_path;
 
 /// Why a change event line was rejected.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -120,13 +120,13 @@ pub fn apply_update_description(before: &Document, description: &Document) -> Re
     let mut doc = before.clone();
     if let Ok(updated) = description.get_document("updatedFields") {
         for (path, value) in updated {
-            update::set(&mut doc, path, value.clone(), "updatedFields").map_err(|e| invalid(e.to_string()))?;
+            document_path::set(&mut doc, path, value.clone()).map_err(|e| invalid(e.to_string()))?;
         }
     }
     if let Ok(removed) = description.get_array("removedFields") {
         for path in removed {
             let Bson::String(path) = path else { return Err(invalid("removedFields holds a non-string".into())) };
-            update::unset(&mut doc, path);
+            document_path::unset(&mut doc, path);
         }
     }
     if let Ok(truncated) = description.get_array("truncatedArrays") {
@@ -138,7 +138,7 @@ pub fn apply_update_description(before: &Document, description: &Document) -> Re
                 _ => continue,
             };
             if let (Ok(field), true) = (entry.get_str("field"), size >= 0)
-                && let Some(Bson::Array(items)) = update::get_mut(&mut doc, field)
+                && let Some(Bson::Array(items)) = document_path::get_mut(&mut doc, field)
             {
                 items.truncate(size as usize);
             }

@@ -1,5 +1,72 @@
-//! Sources of change events: where writes come from (a recorded change stream today; the
-//! embedded store and MongoDB's change stream next), and how they become the engine's
-//! [`livegrid_engine::ChangeEvent`]s.
+//! Sources of change events: where writes come from and how they become the engine's
+//! [`ChangeEvent`]s. Every source sits behind one trait, [`Source`]: it yields events in
+//! [`Position`](livegrid_protocol::Position) order and answers snapshot reads at a known
+//! position. The embedded store ([`store::StoreSource`]) and recorded change streams
+//! ([`replay::ReplaySource`]) are its implementations; MongoDB's change stream is the next.
+//!
+//! A [`pump`] thread pulls batches from the source and submits them to the engine. Pulling is
+//! the backpressure: while the engine is full, `submit` waits and the source is not read, so
+//! the store's committer (and with it every writer) waits, and a replay file is not parsed
+//! further.
 
 pub mod change_stream_event;
+pub mod document_path;
+pub mod namespace;
+pub mod pump;
+pub mod replay;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use livegrid_engine::{ChangeEvent, SnapshotSource};
+
+/// What one pull from a source gave.
+#[derive(Debug)]
+pub enum Pulled {
+    /// Events, in position order, after every event pulled before.
+    Events(Vec<ChangeEvent>),
+    /// Nothing arrived within the wait; the source goes on.
+    Idle,
+    /// The source has ended (the end of a replay file, a closed store).
+    Ended,
+}
+
+/// Where change events come from.
+pub trait Source: Send {
+    /// A short name for logs and metrics: `store`, `replay`, `mongodb`.
+    fn name(&self) -> &'static str;
+
+    /// Snapshot reads at a known position, for initial results and window re-reads. They run
+    /// on the engine's threads, concurrently with pulls.
+    fn snapshots(&self) -> Arc<dyn SnapshotSource>;
+
+    /// The next events: about `max` of them (a store commit is never split), waiting up to
+    /// `wait` for the first.
+    fn pull(&mut self, max: usize, wait: Duration) -> Result<Pulled, SourceError>;
+}
+
+/// A source failed; the events it gave before stay valid.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// A file could not be read.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A recorded change event is malformed.
+    #[error("{path}:{line}: {source}")]
+    Event {
+        /// The file.
+        path: String,
+        /// Its line.
+        line: u64,
+        /// The cause.
+        #[source]
+        source: change_stream_event::ChangeEventError,
+    },
+}

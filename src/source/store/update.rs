@@ -6,6 +6,8 @@
 use bson::{Bson, Document, doc};
 use livegrid_matcher::{Filter, compare_values, values_equal};
 
+use crate::source::document_path::{self, PathError, get, unset};
+
 /// Why an update was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UpdateError {
@@ -45,7 +47,7 @@ pub const OPERATORS: &[&str] = &[
 ];
 
 /// How far a positional `$set` may pad an array with nulls, as in MongoDB.
-pub const MAX_PADDING: usize = 1_500_000;
+pub use crate::source::document_path::MAX_PADDING;
 
 /// Checks an operator update's shape and paths without applying it: known operators,
 /// documents of fields, field paths of at most [`livegrid_matcher::MAX_PATH_COMPONENTS`]
@@ -99,6 +101,11 @@ fn check_path(op: &str, path: &str) -> Result<(), UpdateError> {
     Ok(())
 }
 
+fn path_error(op: &str, path: &str, error: PathError) -> UpdateError {
+    let path = if matches!(error, PathError::Backfill) { shorten(path) } else { path.to_string() };
+    UpdateError::Operator { op: op.to_string(), path, reason: error.to_string() }
+}
+
 /// A path or name cut to a length fit for an error message.
 fn shorten(text: &str) -> String {
     if text.len() <= 64 {
@@ -138,7 +145,9 @@ pub fn apply(doc: &Document, update: &Document) -> Result<Document, UpdateError>
 }
 
 fn apply_one(doc: &mut Document, op: &str, path: &str, value: &Bson, padding: &mut usize) -> Result<(), UpdateError> {
-    let mut set = |doc: &mut Document, path: &str, value: Bson, op: &str| set_padded(doc, path, value, op, padding);
+    let mut set = |doc: &mut Document, path: &str, value: Bson, op: &str| {
+        document_path::set_padded(doc, path, value, padding).map_err(|e| path_error(op, path, e))
+    };
     match op {
         "$set" => set(doc, path, value.clone(), op),
         "$unset" => {
@@ -295,129 +304,6 @@ fn as_i64(v: &Bson) -> i64 {
         Bson::Int32(i) => i64::from(*i),
         Bson::Int64(i) => *i,
         _ => 0,
-    }
-}
-
-/// The value at a dotted path (documents and array indexes), if any.
-pub fn get<'a>(doc: &'a Document, path: &str) -> Option<&'a Bson> {
-    let mut parts = path.split('.');
-    let mut current = doc.get(parts.next()?)?;
-    for part in parts {
-        current = match current {
-            Bson::Document(d) => d.get(part)?,
-            Bson::Array(a) => a.get(part.parse::<usize>().ok()?)?,
-            _ => return None,
-        };
-    }
-    Some(current)
-}
-
-/// The value at a dotted path, mutable.
-pub fn get_mut<'a>(doc: &'a mut Document, path: &str) -> Option<&'a mut Bson> {
-    let mut parts = path.split('.');
-    let mut current = doc.get_mut(parts.next()?)?;
-    for part in parts {
-        current = match current {
-            Bson::Document(d) => d.get_mut(part)?,
-            Bson::Array(a) => a.get_mut(part.parse::<usize>().ok()?)?,
-            _ => return None,
-        };
-    }
-    Some(current)
-}
-
-/// Sets a dotted path, creating documents on the way; fails across a non-document.
-pub fn set(doc: &mut Document, path: &str, value: Bson, op: &str) -> Result<(), UpdateError> {
-    let mut padding = MAX_PADDING;
-    set_padded(doc, path, value, op, &mut padding)
-}
-
-/// [`set`], padding arrays by at most `padding` null elements (and counting them down).
-fn set_padded(doc: &mut Document, path: &str, value: Bson, op: &str, padding: &mut usize) -> Result<(), UpdateError> {
-    if path.is_empty() || path.split('.').any(|p| p.is_empty() || p.starts_with('$')) {
-        return Err(op_error(op, path, "invalid field path"));
-    }
-    let (head, rest) = match path.split_once('.') {
-        Some((h, r)) => (h, Some(r)),
-        None => (path, None),
-    };
-    match rest {
-        None => {
-            doc.insert(head, value);
-            Ok(())
-        }
-        Some(rest) => {
-            let child = doc.entry(head.to_string()).or_insert_with(|| Bson::Document(Document::new()));
-            set_in(child, rest, value, op, path, padding)
-        }
-    }
-}
-
-fn set_in(
-    target: &mut Bson,
-    rest: &str,
-    value: Bson,
-    op: &str,
-    full: &str,
-    padding: &mut usize,
-) -> Result<(), UpdateError> {
-    match target {
-        Bson::Document(d) => set_padded(d, rest, value, op, padding),
-        Bson::Array(items) => {
-            let (head, tail) = match rest.split_once('.') {
-                Some((h, t)) => (h, Some(t)),
-                None => (rest, None),
-            };
-            let index: usize =
-                head.parse().map_err(|_| op_error(op, full, "array elements are addressed by number"))?;
-            if index >= items.len() {
-                let added = index - items.len();
-                if index > MAX_PADDING || added > *padding {
-                    return Err(op_error(
-                        op,
-                        &shorten(full),
-                        format!("can't backfill array to larger than {MAX_PADDING} elements"),
-                    ));
-                }
-                *padding -= added;
-            }
-            while items.len() <= index {
-                items.push(Bson::Null);
-            }
-            match tail {
-                None => {
-                    items[index] = value;
-                    Ok(())
-                }
-                Some(tail) => {
-                    if matches!(items[index], Bson::Null) {
-                        items[index] = Bson::Document(Document::new());
-                    }
-                    set_in(&mut items[index], tail, value, op, full, padding)
-                }
-            }
-        }
-        _ => Err(op_error(op, full, "cannot create a field inside a non-document value")),
-    }
-}
-
-/// Removes a dotted path if present (array elements become null, as in MongoDB).
-pub fn unset(doc: &mut Document, path: &str) {
-    match path.rsplit_once('.') {
-        None => {
-            doc.remove(path);
-        }
-        Some((parent, last)) => match get_mut(doc, parent) {
-            Some(Bson::Document(d)) => {
-                d.remove(last);
-            }
-            Some(Bson::Array(a)) => {
-                if let Some(slot) = last.parse::<usize>().ok().and_then(|i| a.get_mut(i)) {
-                    *slot = Bson::Null;
-                }
-            }
-            _ => {}
-        },
     }
 }
 

@@ -35,7 +35,7 @@
 
 mod commit;
 pub mod limits;
-pub mod namespace;
+pub mod source;
 pub mod update;
 
 use std::collections::BinaryHeap;
@@ -51,7 +51,8 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::health::Health;
-pub use namespace::check_namespace;
+pub use crate::source::namespace::{self, check_namespace};
+pub use source::StoreSource;
 
 const DOCS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("docs");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -328,6 +329,8 @@ impl Store {
         if let Some(handle) = self.committer.lock().expect("committer lock").take() {
             handle.join();
         }
+        // Every committed write was handed over: the listener (and a source's queue) ends.
+        drop(self.listener.lock().expect("listener lock").take());
     }
 
     /// A consistent read of a query's result (see [`SnapshotSource::read`]).
