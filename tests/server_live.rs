@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 mod common;
-use common::{connect, http, next, send, server_with};
+use common::{connect, http, next, next_within, send, server_with};
 
 async fn server(data: &std::path::Path, queue_capacity: usize) -> RunningServer {
     server_with(data, ServerConfig { queue_capacity, ..Default::default() }).await
@@ -379,5 +379,26 @@ async fn updates_that_leave_the_projected_document_unchanged_send_nothing() {
     let ServerMessage::Delta(d) = next(&mut socket).await else { panic!("expected a delta") };
     assert_eq!((d.seq, d.op), (2, DeltaOp::Change));
     assert_eq!(d.doc.unwrap().get_str("title").unwrap(), "Hello again");
+
+    // Without a projection: an update that changes nothing is a no-op (as in MongoDB: no
+    // event, no position), so no subscription hears of it.
+    send(&mut socket, json!({"type": "subscribe", "id": "all", "ns": "app.posts"})).await;
+    assert!(matches!(next(&mut socket).await, ServerMessage::Result(_)));
+    let (status, body) =
+        http(server.addr, "PATCH", "/v1/db/app/posts/1", Some(json!({"$set": {"title": "Hello again"}}))).await;
+    assert_eq!(
+        (status, &body["modified"], &body["position"], &body["_id"]),
+        (200, &json!(false), &json!(null), &json!(1))
+    );
+    let (_, body) =
+        http(server.addr, "PUT", "/v1/db/app/posts/1", Some(json!({"title": "Hello again", "views": 5}))).await;
+    assert_eq!(body["modified"], json!(false));
+    let (_, body) = http(server.addr, "PATCH", "/v1/db/app/posts/1", Some(json!({"$inc": {"views": 1}}))).await;
+    assert_eq!(body["modified"], json!(true));
+    // The next message is that last update, for `all` only (`t` does not show views).
+    let ServerMessage::Delta(d) = next(&mut socket).await else { panic!("expected a delta") };
+    assert_eq!((d.id.as_str(), d.seq, d.op), ("all", 2, DeltaOp::Change));
+    assert_eq!(d.doc.unwrap().get_i32("views").unwrap(), 6);
+    assert!(next_within(&mut socket, Duration::from_millis(300)).await.is_none());
     server.shutdown().await;
 }

@@ -381,7 +381,7 @@ impl Engine {
                 continue;
             }
             let event = Arc::new(event);
-            let w = DocId(event.id.clone()).partition(shape.write_partitions);
+            let w = DocId::new(&event.id).partition(shape.write_partitions);
             let wire = WireEvent::new(event.as_ref(), now);
             for q in 0..shape.query_partitions {
                 records.push(GridInput::Event { target: shape.worker(q, w), event: wire.clone() });
@@ -624,7 +624,7 @@ fn build_registration(
 ) -> Vec<GridInput> {
     let q = query_partition(ns, spec, shape);
     let wire_query = WireQuery::with_compiled(spec, query);
-    let w_of = |id: &bson::Bson| DocId(id.clone()).partition(shape.write_partitions);
+    let w_of = |id: &bson::Bson| DocId::new(id).partition(shape.write_partitions);
     let mut member_ids: Vec<Vec<WireValue>> = vec![Vec::new(); shape.write_partitions];
     let docs: Vec<WireDoc> = snapshot
         .docs
@@ -664,7 +664,7 @@ fn build_registration(
 /// records, each to the worker of its write partition.
 fn append_replay(shape: GridShape, ns: &str, events: &[(Arc<ChangeEvent>, u64)], records: &mut [GridInput]) {
     for (event, entered) in events.iter().filter(|(e, _)| e.ns == ns) {
-        let w = DocId(event.id.clone()).partition(shape.write_partitions);
+        let w = DocId::new(&event.id).partition(shape.write_partitions);
         for record in records.iter_mut() {
             if let GridInput::Register(registration) = record
                 && registration.target as usize % shape.write_partitions == w

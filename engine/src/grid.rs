@@ -72,6 +72,12 @@ impl std::str::FromStr for GridShape {
 /// Records worker 0 puts under one epoch at most (it may exceed it by one command).
 const MAX_EPOCH_RECORDS: usize = 4096;
 
+/// Input buffers the subscription stage keeps for reuse, at most.
+const MAX_SPARE_BUFFERS: usize = 4;
+
+/// Records a kept buffer may hold room for (larger ones shrink back after use).
+const MAX_KEPT_RECORDS: usize = 16_384;
+
 /// What the engine sends worker 0.
 pub(crate) enum Command {
     /// Records to feed, and the last write position among everything fed so far.
@@ -157,7 +163,9 @@ fn run_worker(worker: &mut timely::worker::Worker, setup: &WorkerSetup) {
                 let mut stash: BTreeMap<u64, (Capability<u64>, Vec<StageInput>)> = BTreeMap::new();
                 let mut subscriptions = Subscriptions::new(slack);
                 // Buffers live as long as the operator: a timestamp's inputs and outputs can be
-                // many megabytes, and fresh buffers each time cost page faults and copies.
+                // many megabytes, and fresh buffers each time cost page faults and copies. What
+                // is kept is bounded (MAX_SPARE_BUFFERS of MAX_KEPT_RECORDS), so that memory
+                // returns once a burst has passed.
                 let mut spare: Vec<Vec<StageInput>> = Vec::new();
                 let mut produced: Vec<StageOutput> = Vec::new();
                 move |(input, frontier), output| {
@@ -177,7 +185,13 @@ fn run_worker(worker: &mut timely::worker::Worker, setup: &WorkerSetup) {
                         let (capability, mut inputs) = stash.remove(&time).expect("present");
                         subscriptions.apply(&mut inputs, &mut produced);
                         output.session(&capability).give_iterator(produced.drain(..));
-                        spare.push(inputs);
+                        produced.shrink_to(MAX_KEPT_RECORDS);
+                        // A few buffers of bounded size are kept; a burst's are given back.
+                        if spare.len() < MAX_SPARE_BUFFERS {
+                            inputs.clear();
+                            inputs.shrink_to(MAX_KEPT_RECORDS);
+                            spare.push(inputs);
+                        }
                     }
                 }
             },

@@ -82,7 +82,7 @@ impl Matching {
     }
 
     fn event(&mut self, event: &WireEvent, out: &mut Vec<StageInput>) {
-        let id = DocId(event.id.0.clone());
+        let id = DocId::new(&event.id.0);
         let mut candidates = std::mem::take(&mut self.candidates);
         candidates.clear();
         if let Some(doc) = &event.doc {
@@ -137,7 +137,7 @@ impl Matching {
             key,
             position: event.position,
             cause: event.op.cause(),
-            id: WireValue(id.0.clone()),
+            id: WireValue(id.to_bson()),
             doc: if matches { event.doc.clone() } else { None },
             entered: event.entered,
         });
@@ -197,7 +197,7 @@ impl Matching {
         }
         let ns = self.entries[&key].ns.clone();
         for id in member_ids {
-            let id = DocId(id.0);
+            let id = DocId::from(id.0);
             let known = self.holders.get(&ns).and_then(|h| h.get(&id)).map(|h| h.slot);
             let already = known.is_some_and(|slot| self.entries[&key].members.contains(&slot));
             if !already {
@@ -210,7 +210,7 @@ impl Matching {
         }
         // Writes after the snapshot that the grid passed before this registration reached it.
         for event in &replay {
-            let id = DocId(event.id.0.clone());
+            let id = DocId::new(&event.id.0);
             let mut slot = self.holders.get(event.ns.as_str()).and_then(|h| h.get(&id)).map(|h| h.slot);
             self.evaluate(key, &id, &mut slot, event, out);
         }

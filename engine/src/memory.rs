@@ -25,10 +25,10 @@ impl MemoryState {
         let collection = self.collections.entry(event.ns.clone()).or_default();
         match &event.doc {
             Some(doc) => {
-                collection.insert(DocId(event.id.clone()), doc.clone());
+                collection.insert(DocId::new(&event.id), doc.clone());
             }
             None => {
-                collection.remove(&DocId(event.id.clone()));
+                collection.remove(&DocId::new(&event.id));
             }
         }
         self.position = self.position.max(event.position);
@@ -46,7 +46,7 @@ impl MemoryState {
 
     /// The current document with this id, if any.
     pub fn get(&self, ns: &str, id: &bson::Bson) -> Option<&Arc<Document>> {
-        self.collections.get(ns)?.get(&DocId(id.clone()))
+        self.collections.get(ns)?.get(&DocId::new(id))
     }
 
     /// A snapshot read (see [`SnapshotSource::read`]).

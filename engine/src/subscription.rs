@@ -26,7 +26,7 @@
 //! updates of a field a projection leaves out send nothing. Windows compare documents
 //! themselves.
 
-use rustc_hash::FxHashMap as HashMap;
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
@@ -45,10 +45,59 @@ struct Shown {
     fingerprint: u64,
 }
 
+/// The documents an unsorted subscription's client holds, by slot. With a projection, also
+/// the hash of the text shown, so that a change the projection hides sends nothing; without
+/// one, every write of a held document changes what the client holds (sources emit no
+/// no-op updates: MongoDB writes no oplog entry for them and the embedded store skips
+/// them), so the slot alone is kept: 4 bytes instead of 12.
+enum Held {
+    Slots(HashSet<u32>),
+    Hashes(HashMap<u32, u64>),
+}
+
+impl Held {
+    fn new(projected: bool) -> Self {
+        if projected { Held::Hashes(HashMap::default()) } else { Held::Slots(HashSet::default()) }
+    }
+
+    /// Whether the slot is held, and the hash of its text where it is kept.
+    fn get(&self, slot: u32) -> Option<Option<u64>> {
+        match self {
+            Held::Slots(slots) => slots.contains(&slot).then_some(None),
+            Held::Hashes(hashes) => hashes.get(&slot).map(|h| Some(*h)),
+        }
+    }
+
+    /// Holds the slot; whether it was held already.
+    fn insert(&mut self, slot: u32, hash: u64) -> bool {
+        match self {
+            Held::Slots(slots) => !slots.insert(slot),
+            Held::Hashes(hashes) => hashes.insert(slot, hash).is_some(),
+        }
+    }
+
+    fn remove(&mut self, slot: u32) {
+        match self {
+            Held::Slots(slots) => {
+                slots.remove(&slot);
+            }
+            Held::Hashes(hashes) => {
+                hashes.remove(&slot);
+            }
+        }
+    }
+
+    fn into_slots(self) -> Vec<u32> {
+        match self {
+            Held::Slots(slots) => slots.into_iter().collect(),
+            Held::Hashes(hashes) => hashes.into_keys().collect(),
+        }
+    }
+}
+
 enum Mode {
-    /// No sort, skip or limit: the result is a set; per document (by slot), the hash of the
-    /// text shown.
-    Set { shown: HashMap<u32, u64>, projection: Option<Box<Shown>> },
+    /// No sort, skip or limit: the result is a set of held documents.
+    Set { shown: Held, projection: Option<Box<Shown>> },
     /// A sorted (or skipped, or limited) window.
     Window(Box<Window>),
 }
@@ -185,11 +234,11 @@ impl Subscriptions {
                     }
                 }
                 StageInput::Transition { key, position, cause, id, doc, entered } => {
-                    self.transition(key, (position, entered), cause, DocId(id.0), doc.map(|d| d.0), out)
+                    self.transition(key, (position, entered), cause, DocId::from(id.0), doc.map(|d| d.0), out)
                 }
                 StageInput::Drop { key } => {
                     if let Some(Subscription { mode: Mode::Set { shown, .. }, .. }) = self.subs.remove(&key) {
-                        for slot in shown.into_keys() {
+                        for slot in shown.into_slots() {
                             self.slots.release(slot);
                         }
                     }
@@ -209,13 +258,13 @@ impl Subscriptions {
                 };
                 Box::new(Shown { projection: query.projection.clone(), fingerprint })
             });
-            let mut shown = HashMap::default();
+            let mut shown = Held::new(projection.is_some());
             let mut texts = Vec::new();
             for doc in docs {
                 let text = self.encoder.encode(&doc, projection.as_deref());
                 if let Some(id) = doc.get("_id") {
-                    let slot = self.slots.acquire(&DocId(id.clone()));
-                    if shown.insert(slot, text_hash(&text)).is_some() {
+                    let slot = self.slots.acquire(&DocId::new(id));
+                    if shown.insert(slot, text_hash(&text)) {
                         self.slots.release(slot);
                     }
                 }
@@ -262,12 +311,12 @@ impl Subscriptions {
         match &mut sub.mode {
             Mode::Set { shown, projection } => {
                 let slot = slots.find(&id);
-                let held = slot.and_then(|slot| shown.get(&slot).copied());
+                let held = slot.and_then(|slot| shown.get(slot));
                 let (op, text) = match (&doc, held) {
                     (Some(doc), held) => {
                         let text = encoder.encode(doc, projection.as_deref());
-                        let hash = text_hash(&text);
-                        if held == Some(hash) {
+                        let hash = if projection.is_some() { text_hash(&text) } else { 0 };
+                        if held == Some(Some(hash)) {
                             // What the client holds already: nothing to send.
                             return;
                         }
@@ -284,7 +333,7 @@ impl Subscriptions {
                     }
                     (None, Some(_)) => {
                         let slot = slot.expect("a held document has a slot");
-                        shown.remove(&slot);
+                        shown.remove(slot);
                         slots.release(slot);
                         (DeltaOp::Remove, None)
                     }
@@ -294,7 +343,7 @@ impl Subscriptions {
                 let frame = Frame::Delta(DeltaFrame {
                     seq: sub.seq,
                     op,
-                    doc_id: Encoded::value(&id.0),
+                    doc_id: Encoded::value(&id.to_bson()),
                     doc: text,
                     index: None,
                     old_index: None,

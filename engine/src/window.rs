@@ -126,7 +126,7 @@ impl Window {
     /// its encoding is shared too), with one it holds the projected copy.
     fn entry(&self, doc: Arc<Document>) -> Entry {
         let key = self.sort.key(&doc);
-        let id = DocId(key.id().clone());
+        let id = DocId::new(key.id());
         let doc = if self.projection.is_identity() { doc } else { Arc::new(self.projection.apply(&doc)) };
         Entry { key, id, doc }
     }
@@ -384,7 +384,7 @@ fn op(
     old_index: Option<u64>,
     cause: Cause,
 ) -> WindowOp {
-    WindowOp { op: kind, id: id.0.clone(), doc: doc.cloned(), index, old_index, cause }
+    WindowOp { op: kind, id: id.to_bson(), doc: doc.cloned(), index, old_index, cause }
 }
 
 /// Applies list operations to a client's copy, as a client would (used by tests).
@@ -483,7 +483,7 @@ mod tests {
         let q = query(doc! {"n": 1}, 1, Some(2));
         let (mut w, mut client) = loaded(&q, 4, (1..=5).map(|i| doc! {"_id": i, "n": i}), true);
         assert_eq!(ids(&client), vec![2, 3]);
-        let ops = w.remove(&DocId(Bson::Int32(1)), Cause::Delete);
+        let ops = w.remove(&DocId::Int32(1), Cause::Delete);
         check(&w, &mut client, 2, &ops);
         assert_eq!(ids(&client), vec![3, 4]);
         let ops = w.upsert(&Arc::new(doc! {"_id": 0, "n": 0}), Cause::Insert);
@@ -500,11 +500,11 @@ mod tests {
         let ops = w.upsert(&Arc::new(doc! {"_id": 7, "n": 70}), Cause::Insert);
         assert!(ops.is_empty());
         assert_eq!(w.buffer.len(), 3);
-        let ops = w.remove(&DocId(Bson::Int32(1)), Cause::Delete);
+        let ops = w.remove(&DocId::Int32(1), Cause::Delete);
         check(&w, &mut client, 2, &ops);
         assert!(w.might_drain());
         w.desync();
-        assert!(w.remove(&DocId(Bson::Int32(2)), Cause::Delete).is_empty());
+        assert!(w.remove(&DocId::Int32(2), Cause::Delete).is_empty());
         assert!(w.needs_reload());
         w.load([doc! {"_id": 3, "n": 3}, doc! {"_id": 4, "n": 4}, doc! {"_id": 7, "n": 70}].map(Arc::new), true);
         let ops = w.flush();
@@ -553,7 +553,7 @@ mod tests {
                     }
                     Step::Remove(id) => {
                         truth.remove(&id);
-                        w.remove(&DocId(Bson::Int32(id)), Cause::Delete)
+                        w.remove(&DocId::Int32(id), Cause::Delete)
                     }
                 };
                 if w.needs_reload() {

@@ -143,10 +143,15 @@ async fn resolve(state: &AppState, ns: &str, segment: String) -> Result<Bson, Ap
     Ok(blocking(store(state)?, move |s| s.resolve_id(&ns, &segment)).await??)
 }
 
-fn written(events: &[livegrid_engine::ChangeEvent]) -> Value {
+/// The answer to a one-document write: its `_id` and position, and whether it changed the
+/// document (an update or replacement that changes nothing is a no-op, as in MongoDB: no
+/// event, no position).
+fn written(id: Option<&Bson>, events: &[livegrid_engine::ChangeEvent]) -> Value {
+    let id = events.first().map(|e| &e.id).or(id);
     json!({
-        "_id": events.first().map(|e| extjson::to_relaxed_json(&e.id)),
+        "_id": id.map(extjson::to_relaxed_json),
         "position": events.last().map(|e| e.position),
+        "modified": !events.is_empty(),
     })
 }
 
@@ -154,7 +159,7 @@ fn written(events: &[livegrid_engine::ChangeEvent]) -> Value {
 pub async fn insert(State(state): State<AppState>, Path((db, coll)): Path<(String, String)>, body: JsonBody) -> Reply {
     let ns = namespace(&db, &coll)?;
     let events = store(&state)?.write_async(&ns, vec![Write::Insert(body.doc)], body.large).await?;
-    Ok((StatusCode::CREATED, Json(written(&events))))
+    Ok((StatusCode::CREATED, Json(written(None, &events))))
 }
 
 /// `GET /v1/db/{db}/{coll}/{id}`
@@ -176,9 +181,9 @@ pub async fn replace(
 ) -> Reply {
     let ns = namespace(&db, &coll)?;
     let id = resolve(&state, &ns, id).await?;
-    let events = store(&state)?.write_async(&ns, vec![Write::Replace(id, body.doc)], body.large).await?;
+    let events = store(&state)?.write_async(&ns, vec![Write::Replace(id.clone(), body.doc)], body.large).await?;
     let created = events.first().is_some_and(|e| e.op == livegrid_engine::ChangeOp::Insert);
-    Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(written(&events))))
+    Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(written(Some(&id), &events))))
 }
 
 /// `PATCH /v1/db/{db}/{coll}/{id}`
@@ -196,16 +201,16 @@ pub async fn update(
     }
     let ns = namespace(&db, &coll)?;
     let id = resolve(&state, &ns, id).await?;
-    let events = store(&state)?.write_async(&ns, vec![Write::Update(id, changes)], large).await?;
-    Ok((StatusCode::OK, Json(written(&events))))
+    let events = store(&state)?.write_async(&ns, vec![Write::Update(id.clone(), changes)], large).await?;
+    Ok((StatusCode::OK, Json(written(Some(&id), &events))))
 }
 
 /// `DELETE /v1/db/{db}/{coll}/{id}`
 pub async fn delete(State(state): State<AppState>, Path((db, coll, id)): Path<(String, String, String)>) -> Reply {
     let ns = namespace(&db, &coll)?;
     let id = resolve(&state, &ns, id).await?;
-    let events = store(&state)?.write_async(&ns, vec![Write::Delete(id)], false).await?;
-    Ok((StatusCode::OK, Json(written(&events))))
+    let events = store(&state)?.write_async(&ns, vec![Write::Delete(id.clone())], false).await?;
+    Ok((StatusCode::OK, Json(written(Some(&id), &events))))
 }
 
 /// Query parameters of `GET /v1/db/{db}/{coll}`.

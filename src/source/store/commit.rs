@@ -370,7 +370,6 @@ impl Overlay {
     ) -> Result<Vec<ChangeEvent>, StoreError> {
         let mut events = Vec::with_capacity(writes.len());
         for write in writes {
-            position += 1;
             let (op, id, after) = match write {
                 Write::Insert(doc) => {
                     let doc = with_id(doc.clone())?;
@@ -385,7 +384,12 @@ impl Overlay {
                 Write::Replace(id, doc) => {
                     let doc = replacement(id, doc.clone())?;
                     let key = doc_key(ns, id)?;
-                    let existed = self.current(docs, &key)?.is_some();
+                    let before = self.current(docs, &key)?;
+                    if before.as_ref() == Some(&doc) {
+                        // A no-op, as in MongoDB: no write, no event, no position.
+                        continue;
+                    }
+                    let existed = before.is_some();
                     self.set(key, Some(limits::encode_checked(&doc)?));
                     (if existed { ChangeOp::Replace } else { ChangeOp::Insert }, id.clone(), Some(doc))
                 }
@@ -399,6 +403,9 @@ impl Overlay {
                     } else {
                         replacement(id, changes.clone())?
                     };
+                    if after == before {
+                        continue;
+                    }
                     let bytes = limits::encode_checked(&after).map_err(|e| match e {
                         limits::LimitError::TooLarge { size } => limits::LimitError::UpdatedTooLarge { size },
                         other => other,
@@ -415,6 +422,7 @@ impl Overlay {
                     (ChangeOp::Delete, id.clone(), None)
                 }
             };
+            position += 1;
             events.push(ChangeEvent {
                 position: Position::new(position),
                 ns: ns.to_string(),

@@ -593,6 +593,20 @@ mod tests {
         store.write("db.c", vec![Write::Update(Bson::Int64(1), doc! {"$inc": {"n": 5}})]).unwrap();
         assert_eq!(store.get("db.c", &Bson::Double(1.0)).unwrap(), Some(doc! {"_id": 1, "n": 6}));
         assert!(matches!(store.write("db.c", vec![Write::Delete(Bson::Int32(9))]), Err(StoreError::NotFound(..))));
+        // Writes that change nothing are no-ops, as in MongoDB: no event, no position; the
+        // rest of their request still applies.
+        let events = store
+            .write(
+                "db.c",
+                vec![
+                    Write::Update(Bson::Int32(1), doc! {"$set": {"n": 6}}),
+                    Write::Replace(Bson::Int32(1), doc! {"n": 6}),
+                    Write::Update(Bson::Int32(1), doc! {"$max": {"n": 1}}),
+                ],
+            )
+            .unwrap();
+        assert!(events.is_empty());
+        assert_eq!(store.position().unwrap().time(), 3);
         assert_eq!(*seen.lock().unwrap(), vec![1, 2, 3]);
         drop(store);
         let store = Store::open(dir.path()).unwrap();
