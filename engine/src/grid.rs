@@ -132,6 +132,7 @@ pub(crate) fn run_worker_reporting(worker: &mut timely::worker::Worker, setup: &
 /// Builds the dataflow on one worker and, on worker 0, runs the ingest loop.
 fn run_worker(worker: &mut timely::worker::Worker, setup: &WorkerSetup) {
     let index = worker.index();
+    let peers = worker.peers();
     let mut input = InputHandleVec::<u64, GridInput>::new();
     let probe = ProbeHandle::new();
     let slack = setup.slack;
@@ -143,7 +144,7 @@ fn run_worker(worker: &mut timely::worker::Worker, setup: &WorkerSetup) {
             Exchange::new(|r: &GridInput| u64::from(r.target())),
             "Matching",
             |_capability, _info| {
-                let mut matching = Matching::default();
+                let mut matching = Matching::new(peers);
                 let mut produced = Vec::new();
                 move |input, output| {
                     input.for_each_stamp(|capability, data| {

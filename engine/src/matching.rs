@@ -59,9 +59,21 @@ pub struct Matching {
     /// Cache entries whose filter is no longer used.
     dead_filters: usize,
     candidates: Vec<QueryKey>,
+    /// Workers of the subscription stage: a write's transitions are grouped by the worker
+    /// their subscription is routed to (`key % peers`, as timely's exchange routes).
+    peers: u64,
+    /// Per receiving worker, the transitions of the write being evaluated.
+    groups: Vec<Vec<(QueryKey, bool)>>,
 }
 
 impl Matching {
+    /// The matching state of a worker whose transitions go to `peers` subscription-stage
+    /// workers.
+    pub fn new(peers: usize) -> Self {
+        let peers = peers.max(1);
+        Matching { peers: peers as u64, groups: vec![Vec::new(); peers], ..Default::default() }
+    }
+
     /// Handles one input record, appending what the subscription stage must hear to `out`.
     pub fn handle(&mut self, input: GridInput, out: &mut Vec<StageInput>) {
         match input {
@@ -96,21 +108,35 @@ impl Matching {
         candidates.sort_unstable();
         candidates.dedup();
         for &key in &candidates {
-            self.evaluate(key, &id, &mut slot, event, out);
+            self.evaluate(key, &id, &mut slot, event);
         }
         self.candidates = candidates;
+        self.send_transitions(&id, event, out);
     }
 
-    /// Evaluates one subscription's filter on a write and records the transition. `slot` is
-    /// the document's slot if it has one (and gets one when the document joins a result).
-    fn evaluate(
-        &mut self,
-        key: QueryKey,
-        id: &DocId,
-        slot: &mut Option<u32>,
-        event: &WireEvent,
-        out: &mut Vec<StageInput>,
-    ) {
+    /// Sends the transitions gathered for `event`: one record per receiving worker.
+    fn send_transitions(&mut self, id: &DocId, event: &WireEvent, out: &mut Vec<StageInput>) {
+        for group in &mut self.groups {
+            if group.is_empty() {
+                continue;
+            }
+            let keys = std::mem::take(group);
+            let matches = keys.iter().any(|(_, m)| *m);
+            out.push(StageInput::Transitions {
+                position: event.position,
+                cause: event.op.cause(),
+                id: WireValue(id.to_bson()),
+                doc: if matches { event.doc.clone() } else { None },
+                keys,
+                entered: event.entered,
+            });
+        }
+    }
+
+    /// Evaluates one subscription's filter on a write and records the transition in the
+    /// groups. `slot` is the document's slot if it has one (and gets one when the document
+    /// joins a result).
+    fn evaluate(&mut self, key: QueryKey, id: &DocId, slot: &mut Option<u32>, event: &WireEvent) {
         let Some(entry) = self.entries.get(&key) else { return };
         if *entry.ns != *event.ns {
             return;
@@ -133,14 +159,7 @@ impl Matching {
         } else {
             return;
         }
-        out.push(StageInput::Transition {
-            key,
-            position: event.position,
-            cause: event.op.cause(),
-            id: WireValue(id.to_bson()),
-            doc: if matches { event.doc.clone() } else { None },
-            entered: event.entered,
-        });
+        self.groups[(key % self.peers) as usize].push((key, matches));
     }
 
     /// Records that `key` holds document `id`, returning the document's slot.
@@ -212,7 +231,8 @@ impl Matching {
         for event in &replay {
             let id = DocId::new(&event.id.0);
             let mut slot = self.holders.get(event.ns.as_str()).and_then(|h| h.get(&id)).map(|h| h.slot);
-            self.evaluate(key, &id, &mut slot, event, out);
+            self.evaluate(key, &id, &mut slot, event);
+            self.send_transitions(&id, event, out);
         }
     }
 

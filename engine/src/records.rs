@@ -160,18 +160,22 @@ pub enum StageInput {
         /// Whether this re-reads a window.
         reload: bool,
     },
-    /// A document now matches the subscription's filter, or no longer does.
-    Transition {
-        /// The subscription.
-        key: QueryKey,
+    /// One write's transitions for the subscriptions of one subscription-stage worker: the
+    /// document now matches each subscription's filter, or no longer does. One record per
+    /// (write, receiving worker), however many subscriptions it concerns, so that a write
+    /// changing fifty results moves one document reference and fifty keys, not fifty records.
+    Transitions {
         /// The write's position.
         position: Position,
         /// The write's kind.
         cause: Cause,
         /// The document id.
         id: WireValue,
-        /// The document when it matches; `None` when it stopped matching.
+        /// The document after the write, when it matches some of the subscriptions.
         doc: Option<WireDoc>,
+        /// The subscriptions, each with whether the document matches its filter now. Never
+        /// empty; all are routed to the worker of the first.
+        keys: Vec<(QueryKey, bool)>,
         /// When the write entered the engine (see [`WireEvent::entered`]).
         entered: u64,
     },
@@ -183,10 +187,11 @@ pub enum StageInput {
 }
 
 impl StageInput {
-    /// The subscription concerned.
+    /// The subscription concerned (the first of a write's transitions): it routes the record.
     pub fn key(&self) -> QueryKey {
         match self {
-            StageInput::Init { key, .. } | StageInput::Transition { key, .. } | StageInput::Drop { key } => *key,
+            StageInput::Init { key, .. } | StageInput::Drop { key } => *key,
+            StageInput::Transitions { keys, .. } => keys[0].0,
         }
     }
 
@@ -195,7 +200,7 @@ impl StageInput {
     pub fn order(&self) -> (Position, u8) {
         match self {
             StageInput::Init { init, .. } => (init.position, 0),
-            StageInput::Transition { position, .. } => (*position, 1),
+            StageInput::Transitions { position, .. } => (*position, 1),
             StageInput::Drop { .. } => (Position::MAX, 2),
         }
     }

@@ -194,6 +194,18 @@ impl Slots {
     }
 }
 
+/// One write as the subscription stage applies it to each subscription it concerns.
+struct Write {
+    /// Its position, and when it entered the engine.
+    at: (Position, u64),
+    cause: Cause,
+    id: DocId,
+    /// The id's encoding, made once for all the write's deltas.
+    id_text: std::cell::OnceCell<Encoded>,
+    /// The document after the write, if any subscription matches it.
+    doc: Option<Arc<Document>>,
+}
+
 /// The hash of an encoded text (for the unchanged-document check).
 fn text_hash(text: &Encoded) -> u64 {
     let mut hasher = rustc_hash::FxHasher::default();
@@ -233,8 +245,17 @@ impl Subscriptions {
                         self.start(key, &query, init, out);
                     }
                 }
-                StageInput::Transition { key, position, cause, id, doc, entered } => {
-                    self.transition(key, (position, entered), cause, DocId::from(id.0), doc.map(|d| d.0), out)
+                StageInput::Transitions { position, cause, id, doc, keys, entered } => {
+                    let write = Write {
+                        at: (position, entered),
+                        cause,
+                        id: DocId::from(id.0),
+                        id_text: std::cell::OnceCell::new(),
+                        doc: doc.map(|d| d.0),
+                    };
+                    for (key, matches) in keys {
+                        self.transition(key, &write, matches, out);
+                    }
                 }
                 StageInput::Drop { key } => {
                     if let Some(Subscription { mode: Mode::Set { shown, .. }, .. }) = self.subs.remove(&key) {
@@ -294,15 +315,11 @@ impl Subscriptions {
         self.emit(key, ops, (init.position, 0), out);
     }
 
-    fn transition(
-        &mut self,
-        key: QueryKey,
-        (position, entered): (Position, u64),
-        cause: Cause,
-        id: DocId,
-        doc: Option<Arc<Document>>,
-        out: &mut Vec<StageOutput>,
-    ) {
+    /// Applies one write to one subscription: `matches` tells whether the document now
+    /// matches its filter.
+    fn transition(&mut self, key: QueryKey, write: &Write, matches: bool, out: &mut Vec<StageOutput>) {
+        let Write { at: (position, entered), cause, ref id, ref doc, .. } = *write;
+        let doc = if matches { doc.as_ref() } else { None };
         let Subscriptions { subs, encoder, slots, .. } = self;
         let Some(sub) = subs.get_mut(&key) else { return };
         if position <= sub.skip_until {
@@ -310,9 +327,9 @@ impl Subscriptions {
         }
         match &mut sub.mode {
             Mode::Set { shown, projection } => {
-                let slot = slots.find(&id);
+                let slot = slots.find(id);
                 let held = slot.and_then(|slot| shown.get(slot));
-                let (op, text) = match (&doc, held) {
+                let (op, text) = match (doc, held) {
                     (Some(doc), held) => {
                         let text = encoder.encode(doc, projection.as_deref());
                         let hash = if projection.is_some() { text_hash(&text) } else { 0 };
@@ -325,7 +342,7 @@ impl Subscriptions {
                                 shown.insert(slot, hash);
                             }
                             _ => {
-                                let slot = slots.acquire(&id);
+                                let slot = slots.acquire(id);
                                 shown.insert(slot, hash);
                             }
                         }
@@ -343,7 +360,7 @@ impl Subscriptions {
                 let frame = Frame::Delta(DeltaFrame {
                     seq: sub.seq,
                     op,
-                    doc_id: Encoded::value(&id.to_bson()),
+                    doc_id: write.id_text.get_or_init(|| Encoded::value(&id.to_bson())).clone(),
                     doc: text,
                     index: None,
                     old_index: None,
@@ -356,9 +373,9 @@ impl Subscriptions {
                 if sub.reload_pending {
                     // Held back until the re-read arrives; the buffer keeps up silently.
                     window.desync();
-                    match &doc {
+                    match doc {
                         Some(d) => window.upsert(d, cause),
-                        None => window.remove(&id, cause),
+                        None => window.remove(id, cause),
                     };
                     return;
                 }
@@ -366,9 +383,9 @@ impl Subscriptions {
                     // This write may drain the window: keep what the client has, in case.
                     window.desync();
                 }
-                let mut ops = match &doc {
+                let mut ops = match doc {
                     Some(d) => window.upsert(d, cause),
-                    None => window.remove(&id, cause),
+                    None => window.remove(id, cause),
                 };
                 if window.needs_reload() {
                     sub.reload_pending = true;
