@@ -115,8 +115,9 @@ fn run(queries: usize, shape: GridShape, rate: u64) {
         let recording = recording.clone();
         std::thread::spawn(move || {
             for event in messages {
-                if let EngineEvent::Message { latency: Some(latency), .. } = event {
-                    let mut o = observed.lock().unwrap();
+                let EngineEvent::Messages(batch) = event else { continue };
+                let mut o = observed.lock().unwrap();
+                for latency in batch.iter().filter_map(|m| m.latency) {
                     o.deltas += 1;
                     if recording.load(Ordering::Relaxed) {
                         o.latencies.push(latency);

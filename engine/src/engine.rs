@@ -107,18 +107,28 @@ pub enum EngineError {
     Closed,
 }
 
+/// At shutdown, how long a full output may stay unread before its oldest messages are let go.
+const UNREAD_AT_SHUTDOWN: Duration = Duration::from_secs(1);
+
+/// Messages travel to the consumer in batches of at most this many.
+pub const OUTPUT_BATCH: usize = 256;
+
+/// A message for a subscription's client, its documents already encoded.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// The subscription.
+    pub key: QueryKey,
+    /// The message (`result` or `delta`), without the client's id.
+    pub frame: Frame,
+    /// For deltas: the time from the write entering the engine to here.
+    pub latency: Option<Duration>,
+}
+
 /// What the engine tells its user.
 #[derive(Debug, Clone)]
 pub enum EngineEvent {
-    /// A message for a subscription's client, its documents already encoded.
-    Message {
-        /// The subscription.
-        key: QueryKey,
-        /// The message (`result` or `delta`), without the client's id.
-        frame: Frame,
-        /// For deltas: the time from the write entering the engine to here.
-        latency: Option<Duration>,
-    },
+    /// Messages, in order (at most [`OUTPUT_BATCH`]; one channel operation for all of them).
+    Messages(Vec<Message>),
     /// The engine ended a subscription it could no longer keep exact (its window could not
     /// be refilled); its client must subscribe again.
     Ended {
@@ -312,7 +322,7 @@ impl Engine {
                 .map_err(|_| EngineError::Start("worker 0 did not start".into()))?;
             *shared.worker0.lock().expect("worker0 lock") = Some(thread);
         }
-        let (event_tx, event_rx) = crossbeam_channel::bounded(config.output_capacity.max(1));
+        let (event_tx, event_rx) = crossbeam_channel::bounded((config.output_capacity / OUTPUT_BATCH).max(1));
         // Unbounded, yet bounded by the number of windows: a window asks for one re-read at a
         // time (it waits for it before asking again), and the router never blocks on it.
         let (reread_tx, reread_rx) = crossbeam_channel::unbounded();
@@ -349,7 +359,8 @@ impl Engine {
         Ok(Engine { shared, events: event_rx, guards: Mutex::new(Some(guards)), threads: Mutex::new(threads), feeds })
     }
 
-    /// What the engine emits, in order. The channel is bounded (`output_capacity`): the grid
+    /// What the engine emits, in order. The channel is bounded (`output_capacity` messages, in
+    /// batches of at most [`OUTPUT_BATCH`]): the grid
     /// waits for its consumer, so read it concurrently with feeding (a consumer that only
     /// reads after [`Engine::settle`] can stall the engine once more than that many messages
     /// are waiting).
@@ -569,6 +580,31 @@ impl Engine {
             }
         }
         self.wake();
+        let joined = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                self.join_threads();
+                joined.store(true, Ordering::Release);
+            });
+            // The grid drains into the bounded output. A consumer still reading gets it all;
+            // if nobody has read for a while, the router must not wait forever: the oldest
+            // messages are let go.
+            let mut full_since: Option<Instant> = None;
+            while !joined.load(Ordering::Acquire) {
+                if self.events.is_full() {
+                    if full_since.get_or_insert_with(Instant::now).elapsed() > UNREAD_AT_SHUTDOWN {
+                        let _ = self.events.try_recv();
+                    }
+                } else {
+                    full_since = None;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+    }
+
+    /// Joins the workers, then the router and re-read threads (not after a failure).
+    fn join_threads(&self) {
         if let Some(guards) = self.guards.lock().expect("guards lock").take() {
             if self.failed() {
                 // The surviving workers may wait forever for the one that died: do not join.
@@ -695,21 +731,35 @@ fn route(shared: &Shared, deliveries: &Receiver<Delivery>, events: &Sender<Engin
                 let _ = events.send(EngineEvent::Processed(position));
             }
             Delivery::Outputs(outputs) => {
-                metrics::gauge!("livegrid_engine_output_depth").set(events.len() as f64);
+                metrics::gauge!("livegrid_engine_output_depth").set((events.len() * OUTPUT_BATCH) as f64);
+                let mut batch = Vec::with_capacity(outputs.len().min(OUTPUT_BATCH));
+                // One clock reading for the whole delivery.
+                let now = shared.started.elapsed();
                 for output in outputs {
                     match output {
                         StageOutput::NeedsReload { key } => {
+                            // What came before goes out first.
+                            if !batch.is_empty() {
+                                let sent = std::mem::replace(&mut batch, Vec::with_capacity(OUTPUT_BATCH));
+                                let _ = events.send(EngineEvent::Messages(sent));
+                            }
                             shared.pending_rereads.fetch_add(1, Ordering::AcqRel);
                             if rereads.send(key).is_err() {
                                 shared.pending_rereads.fetch_sub(1, Ordering::AcqRel);
                             }
                         }
                         StageOutput::Frame { key, frame, entered } => {
-                            let latency = (entered > 0)
-                                .then(|| shared.started.elapsed().saturating_sub(Duration::from_nanos(entered)));
-                            let _ = events.send(EngineEvent::Message { key, frame, latency });
+                            let latency = (entered > 0).then(|| now.saturating_sub(Duration::from_nanos(entered)));
+                            batch.push(Message { key, frame, latency });
+                            if batch.len() == OUTPUT_BATCH {
+                                let full = std::mem::replace(&mut batch, Vec::with_capacity(OUTPUT_BATCH));
+                                let _ = events.send(EngineEvent::Messages(full));
+                            }
                         }
                     }
+                }
+                if !batch.is_empty() {
+                    let _ = events.send(EngineEvent::Messages(batch));
                 }
             }
         }

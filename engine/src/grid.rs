@@ -184,8 +184,10 @@ fn run_worker(worker: &mut timely::worker::Worker, setup: &WorkerSetup) {
                             break;
                         }
                         let (capability, mut inputs) = stash.remove(&time).expect("present");
-                        subscriptions.apply(&mut inputs, &mut produced);
-                        output.session(&capability).give_iterator(produced.drain(..));
+                        let mut session = output.session(&capability);
+                        subscriptions
+                            .apply(&mut inputs, &mut produced, &mut |out| session.give_iterator(out.drain(..)));
+                        session.give_iterator(produced.drain(..));
                         produced.shrink_to(MAX_KEPT_RECORDS);
                         // A few buffers of bounded size are kept; a burst's are given back.
                         if spare.len() < MAX_SPARE_BUFFERS {

@@ -15,7 +15,7 @@ pub mod subscription;
 pub mod window;
 pub mod wire;
 
-pub use engine::{ClusterConfig, Engine, EngineConfig, EngineError, EngineEvent};
+pub use engine::{ClusterConfig, Engine, EngineConfig, EngineError, EngineEvent, Message, OUTPUT_BATCH};
 pub use event::{ChangeEvent, ChangeOp};
 pub use grid::GridShape;
 pub use query_index::QueryKey;

@@ -194,6 +194,9 @@ impl Slots {
     }
 }
 
+/// Outputs gathered before they are handed on (see [`Subscriptions::apply`]).
+pub const FLUSH_OUTPUTS: usize = 4096;
+
 /// One write as the subscription stage applies it to each subscription it concerns.
 struct Write {
     /// Its position, and when it entered the engine.
@@ -229,13 +232,23 @@ impl Subscriptions {
         self.subs.is_empty()
     }
 
-    /// Applies the inputs of one complete timestamp (draining them).
-    pub fn apply(&mut self, inputs: &mut Vec<StageInput>, out: &mut Vec<StageOutput>) {
+    /// Applies the inputs of one complete timestamp (draining them). Outputs gather in `out`,
+    /// which is handed to `flush` whenever it holds [`FLUSH_OUTPUTS`] or more, so that a
+    /// timestamp with millions of deltas needs no buffer of millions.
+    pub fn apply(
+        &mut self,
+        inputs: &mut Vec<StageInput>,
+        out: &mut Vec<StageOutput>,
+        flush: &mut impl FnMut(&mut Vec<StageOutput>),
+    ) {
         // One input per (subscription, write) at most: ties in (position, kind) are between
         // different subscriptions, so an unstable sort (no scratch buffer) keeps the order.
         inputs.sort_unstable_by_key(|input| (input.order(), input.key()));
         self.encoder.clear();
         for input in inputs.drain(..) {
+            if out.len() >= FLUSH_OUTPUTS {
+                flush(out);
+            }
             match input {
                 StageInput::Init { key, query, init, reload } => {
                     let Ok(query) = query.compile() else { continue };

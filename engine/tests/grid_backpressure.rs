@@ -44,10 +44,8 @@ fn a_producer_is_slowed_when_nobody_reads() {
     // Reading lets it finish, and every write arrives.
     let mut deltas = 0;
     while deltas < 2_000 {
-        if let Ok(EngineEvent::Message { frame: Frame::Delta(_), .. }) =
-            engine.messages().recv_timeout(Duration::from_secs(30))
-        {
-            deltas += 1;
+        if let Ok(EngineEvent::Messages(batch)) = engine.messages().recv_timeout(Duration::from_secs(30)) {
+            deltas += batch.iter().filter(|m| matches!(m.frame, Frame::Delta(_))).count();
         }
     }
     producer.join().unwrap();

@@ -230,10 +230,11 @@ fn run_scenario(seed: u64, engine: &Engine, memory: &Arc<SharedMemory>) {
         if batch_no % 4 == 0 || fed >= events_total {
             assert!(engine.settle(Duration::from_secs(30)), "engine did not settle (seed {seed})");
             while let Ok(event) = engine.messages().try_recv() {
-                if let EngineEvent::Message { key, frame, .. } = event
-                    && let Some((name, _)) = registered.get(&key)
-                {
-                    copies.get_mut(name).unwrap().apply(&frame.to_message(name, None));
+                let EngineEvent::Messages(batch) = event else { continue };
+                for message in batch {
+                    if let Some((name, _)) = registered.get(&message.key) {
+                        copies.get_mut(name).unwrap().apply(&message.frame.to_message(name, None));
+                    }
                 }
             }
             let state = memory.0.lock().unwrap();

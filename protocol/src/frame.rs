@@ -207,14 +207,17 @@ impl Frame {
             Frame::Result(r) => {
                 out.extend_from_slice(b"{\"type\":\"result\",\"id\":");
                 write_str(id, out);
-                let _ = write!(out, ",\"seq\":{},\"docs\":[", r.seq);
+                out.extend_from_slice(b",\"seq\":");
+                write_u64(r.seq, out);
+                out.extend_from_slice(b",\"docs\":[");
                 for (i, doc) in r.docs.iter().enumerate() {
                     if i > 0 {
                         out.push(b',');
                     }
                     out.extend_from_slice(doc.as_str().as_bytes());
                 }
-                let _ = write!(out, "],\"position\":{}", r.position.json());
+                out.extend_from_slice(b"],\"position\":");
+                write_position(r.position, out);
                 if let Some(token) = token {
                     out.extend_from_slice(b",\"token\":");
                     write_str(token, out);
@@ -224,19 +227,29 @@ impl Frame {
             Frame::Delta(d) => {
                 out.extend_from_slice(b"{\"type\":\"delta\",\"id\":");
                 write_str(id, out);
-                let _ = write!(out, ",\"seq\":{},\"op\":\"{}\",\"docId\":", d.seq, op_name(d.op));
+                out.extend_from_slice(b",\"seq\":");
+                write_u64(d.seq, out);
+                out.extend_from_slice(b",\"op\":\"");
+                out.extend_from_slice(op_name(d.op).as_bytes());
+                out.extend_from_slice(b"\",\"docId\":");
                 out.extend_from_slice(d.doc_id.as_str().as_bytes());
                 if let Some(doc) = &d.doc {
                     out.extend_from_slice(b",\"doc\":");
                     out.extend_from_slice(doc.as_str().as_bytes());
                 }
                 if let Some(index) = d.index {
-                    let _ = write!(out, ",\"index\":{index}");
+                    out.extend_from_slice(b",\"index\":");
+                    write_u64(index, out);
                 }
                 if let Some(old_index) = d.old_index {
-                    let _ = write!(out, ",\"oldIndex\":{old_index}");
+                    out.extend_from_slice(b",\"oldIndex\":");
+                    write_u64(old_index, out);
                 }
-                let _ = write!(out, ",\"cause\":\"{}\",\"position\":{}}}", cause_name(d.cause), d.position.json());
+                out.extend_from_slice(b",\"cause\":\"");
+                out.extend_from_slice(cause_name(d.cause).as_bytes());
+                out.extend_from_slice(b"\",\"position\":");
+                write_position(d.position, out);
+                out.push(b'}');
             }
         }
     }
@@ -251,6 +264,18 @@ impl Frame {
     /// The message as a client parses it (for clients and tests; servers send the text).
     pub fn to_message(&self, id: &str, token: Option<&str>) -> ServerMessage {
         serde_json::from_str(&self.to_json(id, token)).expect("frames are valid messages")
+    }
+}
+
+fn write_u64(n: u64, out: &mut Vec<u8>) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+fn write_position(position: Position, out: &mut Vec<u8>) {
+    if position.order() == 0 && position.time() < (1 << 53) {
+        write_u64(position.time(), out);
+    } else {
+        let _ = write!(out, "{}", position.json());
     }
 }
 

@@ -9,19 +9,20 @@
 //!
 //! Output: one JSON message per line; on stderr a one-line JSON summary: `events`,
 //! `skipped` (events without a document change), `queries`, `results`, `deltas`, `seconds`,
-//! `events_per_sec`, `p50_latency_ms`, `p99_latency_ms` (from a write entering the engine to
+//! `events_per_sec`, `deltas_per_sec`, `p50_latency_ms`, `p99_latency_ms` (from a write entering the engine to
 //! its delta leaving it).
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use hdrhistogram::Histogram;
 use livegrid_engine::memory::SharedMemory;
-use livegrid_engine::{ClusterConfig, Engine, EngineConfig, EngineEvent, QueryKey};
+use livegrid_engine::{ClusterConfig, Engine, EngineConfig, EngineEvent, Message, QueryKey};
 use livegrid_matcher::QuerySpec;
 use livegrid_protocol::{Frame, extjson};
 use serde_json::Value;
@@ -219,12 +220,25 @@ fn parse_query(value: Value) -> Result<ReplayQuery, String> {
     Ok(ReplayQuery { id, ns, spec: QuerySpec { filter, sort, skip, limit, projection }, after })
 }
 
+/// Output bytes gathered before one write to the file.
+const OUTPUT_BUFFER: usize = 1 << 20;
+
+/// Latencies are counted up to an hour.
+const MAX_LATENCY_MICROS: u64 = 3_600_000_000;
+
 /// What the writer saw.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct OutputStats {
     results: u64,
     deltas: u64,
-    latencies: Vec<Duration>,
+    /// Write-to-delta latencies in microseconds (3 significant digits, constant memory).
+    latencies: Histogram<u64>,
+}
+
+impl Default for OutputStats {
+    fn default() -> Self {
+        OutputStats { results: 0, deltas: 0, latencies: Histogram::new(3).expect("3 significant digits are valid") }
+    }
 }
 
 /// Writes every message, one JSON line each, with the same encoder as the server: each
@@ -234,37 +248,42 @@ fn write_messages(
     names: &DashMap<QueryKey, Arc<str>>,
     out: File,
 ) -> Result<OutputStats, ReplayError> {
-    let mut out = BufWriter::with_capacity(1 << 20, out);
+    let mut out = out;
     let mut stats = OutputStats::default();
     let failed = |e: std::io::Error| ReplayError::Failed(format!("writing output: {e}"));
-    let mut line = Vec::with_capacity(4096);
-    for event in messages {
-        let EngineEvent::Message { key, frame, latency } = event else { continue };
+    // Lines are written straight into one buffer, flushed at about a mebibyte.
+    let mut buffer = Vec::with_capacity(OUTPUT_BUFFER + 64 * 1024);
+    for message in messages.iter().flat_map(|event| match event {
+        EngineEvent::Messages(batch) => batch,
+        _ => Vec::new(),
+    }) {
+        let Message { key, frame, latency } = message;
         match &frame {
             Frame::Result(_) => stats.results += 1,
             Frame::Delta(_) => stats.deltas += 1,
         }
         if let Some(latency) = latency {
-            stats.latencies.push(latency);
+            // The histogram grows to any value up to an hour; beyond, it counts as an hour.
+            let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).min(MAX_LATENCY_MICROS);
+            stats.latencies.record(micros).map_err(|e| ReplayError::Failed(format!("latency histogram: {e}")))?;
         }
         let name = names.get(&key).map(|n| n.clone()).unwrap_or_else(|| Arc::from(""));
-        line.clear();
-        frame.write_json(&name, None, &mut line);
-        line.push(b'\n');
-        out.write_all(&line).map_err(failed)?;
+        frame.write_json(&name, None, &mut buffer);
+        buffer.push(b'\n');
+        if buffer.len() >= OUTPUT_BUFFER {
+            out.write_all(&buffer).map_err(failed)?;
+            buffer.clear();
+        }
     }
+    out.write_all(&buffer).map_err(failed)?;
     out.flush().map_err(failed)?;
     Ok(stats)
 }
 
 fn summary(events: u64, skipped: u64, queries: usize, stats: &OutputStats, seconds: f64) -> String {
-    let mut latencies = stats.latencies.clone();
-    latencies.sort_unstable();
-    let percentile = |p: f64| -> Option<f64> {
-        (!latencies.is_empty()).then(|| {
-            (latencies[((latencies.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e6).round() / 1000.0
-        })
-    };
+    let latencies = &stats.latencies;
+    let percentile =
+        |p: f64| -> Option<f64> { (!latencies.is_empty()).then(|| latencies.value_at_quantile(p) as f64 / 1000.0) };
     serde_json::json!({
         "events": events,
         "skipped": skipped,
@@ -273,6 +292,7 @@ fn summary(events: u64, skipped: u64, queries: usize, stats: &OutputStats, secon
         "deltas": stats.deltas,
         "seconds": (seconds * 1000.0).round() / 1000.0,
         "events_per_sec": if seconds > 0.0 { (events as f64 / seconds).round() } else { 0.0 },
+        "deltas_per_sec": if seconds > 0.0 { (stats.deltas as f64 / seconds).round() } else { 0.0 },
         "p50_latency_ms": percentile(0.5),
         "p99_latency_ms": percentile(0.99),
     })

@@ -42,7 +42,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use livegrid_engine::{EngineEvent, QueryKey};
+use livegrid_engine::{EngineEvent, Message, QueryKey};
 use livegrid_protocol::{ErrorCode, ErrorMessage, Frame, ServerMessage};
 use tokio::sync::mpsc;
 
@@ -351,12 +351,13 @@ impl Hub {
         end: impl Fn(QueryKey),
     ) {
         for event in events {
-            let (key, frame, latency) = match event {
-                EngineEvent::Message { key, frame, latency } => (key, frame, latency),
-                EngineEvent::Failed(reason) => {
-                    failed(reason);
-                    continue;
+            match event {
+                EngineEvent::Messages(batch) => {
+                    for message in batch {
+                        self.deliver(message, &end);
+                    }
                 }
+                EngineEvent::Failed(reason) => failed(reason),
                 EngineEvent::Ended { key, code, message } => {
                     // The engine ended this subscription (its window could not be refilled).
                     if let Some((_, route)) = self.routes.remove(&key) {
@@ -368,70 +369,72 @@ impl Hub {
                         }
                         metrics::gauge!("livegrid_subscriptions").decrement(1.0);
                     }
-                    continue;
                 }
-                EngineEvent::Processed(_) => continue,
+                EngineEvent::Processed(_) => {}
+            }
+        }
+    }
+
+    /// Delivers one message to its subscription's connection and resume buffer.
+    fn deliver(&self, message: Message, end: &impl Fn(QueryKey)) {
+        let Message { key, frame, latency } = message;
+        let Some(entry) = self.routes.get(&key) else { return };
+        let mut route = entry.lock().expect("route lock");
+        if let Some(latency) = latency {
+            metrics::histogram!("livegrid_event_to_delta_seconds").record(latency.as_secs_f64());
+            metrics::counter!("livegrid_deltas_out").increment(1);
+        }
+        let json = frame.to_json(&route.client_id, Some(&route.token));
+        let bytes = json.len();
+        if let Frame::Result(_) = frame {
+            // An initial result is charged before anyone holds on to it.
+            let refused = if bytes > self.limits.result_bytes {
+                Some((
+                    ErrorCode::QueryTooLarge,
+                    format!(
+                        "the result is {bytes} bytes; a subscription may hold at most {}",
+                        self.limits.result_bytes
+                    ),
+                ))
+            } else if !self.budget.try_charge(bytes) {
+                Some((
+                    ErrorCode::OverCapacity,
+                    "the server's memory budget for subscriptions is spent; retry later".into(),
+                ))
+            } else {
+                self.budget.release(bytes);
+                None
             };
-            let Some(entry) = self.routes.get(&key) else { continue };
-            let mut route = entry.lock().expect("route lock");
-            if let Some(latency) = latency {
-                metrics::histogram!("livegrid_event_to_delta_seconds").record(latency.as_secs_f64());
-                metrics::counter!("livegrid_deltas_out").increment(1);
-            }
-            let json = frame.to_json(&route.client_id, Some(&route.token));
-            let bytes = json.len();
-            if let Frame::Result(_) = frame {
-                // An initial result is charged before anyone holds on to it.
-                let refused = if bytes > self.limits.result_bytes {
-                    Some((
-                        ErrorCode::QueryTooLarge,
-                        format!(
-                            "the result is {bytes} bytes; a subscription may hold at most {}",
-                            self.limits.result_bytes
-                        ),
-                    ))
-                } else if !self.budget.try_charge(bytes) {
-                    Some((
-                        ErrorCode::OverCapacity,
-                        "the server's memory budget for subscriptions is spent; retry later".into(),
-                    ))
-                } else {
-                    self.budget.release(bytes);
-                    None
-                };
-                if let Some((code, message)) = refused {
-                    let (client_id, outbox) = (route.client_id.clone(), route.outbox.clone());
-                    drop(route);
-                    drop(entry);
-                    if let Some((_, route)) = self.routes.remove(&key) {
-                        self.forget(route);
-                        end(key);
-                        metrics::gauge!("livegrid_subscriptions").decrement(1.0);
-                    }
-                    if let Some(outbox) = outbox {
-                        outbox.deliver(
-                            ServerMessage::Error(ErrorMessage { id: Some(client_id), code, message }).to_json(),
-                        );
-                    }
-                    continue;
+            if let Some((code, message)) = refused {
+                let (client_id, outbox) = (route.client_id.clone(), route.outbox.clone());
+                drop(route);
+                drop(entry);
+                if let Some((_, route)) = self.routes.remove(&key) {
+                    self.forget(route);
+                    end(key);
+                    metrics::gauge!("livegrid_subscriptions").decrement(1.0);
                 }
+                if let Some(outbox) = outbox {
+                    outbox.deliver(ServerMessage::Error(ErrorMessage { id: Some(client_id), code, message }).to_json());
+                }
+                return;
             }
-            if let Some(outbox) = &route.outbox {
-                outbox.deliver(json);
-            }
-            route.last_seq = frame.seq();
-            // Buffered frames share their documents with everything else that carries them.
-            let held = 64 + frame.shared_bytes();
-            route.buffer.push_back((frame, held));
-            route.buffered += held;
-            self.budget.charge(held);
-            while route.buffer.len() > self.limits.messages
-                || (route.buffered > self.limits.bytes && route.buffer.len() > 1)
-            {
-                let (_, dropped) = route.buffer.pop_front().expect("non-empty");
-                route.buffered -= dropped;
-                self.budget.release(dropped);
-            }
+        }
+        if let Some(outbox) = &route.outbox {
+            outbox.deliver(json);
+        }
+        route.last_seq = frame.seq();
+        // Buffered frames share their documents with everything else that carries them.
+        let held = 64 + frame.shared_bytes();
+        route.buffer.push_back((frame, held));
+        route.buffered += held;
+        self.budget.charge(held);
+        while route.buffer.len() > self.limits.messages
+            || (route.buffered > self.limits.bytes && route.buffer.len() > 1)
+        {
+            let (_, dropped) = route.buffer.pop_front().expect("non-empty");
+            route.buffered -= dropped;
+            self.budget.release(dropped);
         }
     }
 }

@@ -12,8 +12,8 @@ pub fn collect_frames(engine: &Engine) -> JoinHandle<Vec<(QueryKey, Frame)>> {
     std::thread::spawn(move || {
         let mut frames = Vec::new();
         for event in messages {
-            if let EngineEvent::Message { key, frame, .. } = event {
-                frames.push((key, frame));
+            if let EngineEvent::Messages(batch) = event {
+                frames.extend(batch.into_iter().map(|m| (m.key, m.frame)));
             }
         }
         frames
