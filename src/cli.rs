@@ -155,6 +155,10 @@ pub struct ReplayArgs {
     /// Events fed to the grid at once.
     #[arg(long, default_value_t = 256)]
     pub batch: usize,
+    /// Events per second at most (open loop, for latency at a fixed load) [default: as fast
+    /// as the engine takes them].
+    #[arg(long)]
+    pub rate: Option<f64>,
     /// Recent events kept for catching up subscriptions.
     #[arg(long, default_value_t = 100_000)]
     pub retention: usize,

@@ -116,6 +116,14 @@ pub fn execute(args: &ReplayArgs) -> Result<String, ReplayError> {
     let mut queries = read_queries(queries_path)?;
     queries.sort_by_key(|q| q.after);
     let mut source = ReplaySource::open(events_path).map_err(|e| ReplayError::Input(e.to_string()))?;
+    if let Some(rate) = args.rate {
+        if !(rate.is_finite() && rate > 0.0) {
+            return Err(ReplayError::Input(format!(
+                "--rate must be a positive number of events per second, found {rate}"
+            )));
+        }
+        source = source.with_rate(rate);
+    }
 
     let engine = Engine::start(config, source.snapshots()).map_err(|e| ReplayError::Failed(e.to_string()))?;
     let out = File::create(out_path).map_err(|e| ReplayError::Input(format!("{}: {e}", out_path.display())))?;
@@ -146,7 +154,7 @@ pub fn execute(args: &ReplayArgs) -> Result<String, ReplayError> {
         // A batch ends where the next query is due, so that it sees exactly `after` events.
         let until_query = queries.get(next_query).map_or(u64::MAX, |q| q.after.saturating_sub(source.applied()));
         let max = (args.batch as u64).min(until_query).max(1) as usize;
-        match source.pull(max, Duration::ZERO).map_err(|e| ReplayError::Input(e.to_string()))? {
+        match source.pull(max, Duration::from_millis(1)).map_err(|e| ReplayError::Input(e.to_string()))? {
             Pulled::Events(events) => {
                 engine.submit(events).map_err(|e| ReplayError::Failed(e.to_string()))?;
                 register_due(source.applied(), &mut next_query, &engine)?;
