@@ -1,7 +1,11 @@
 //! Load test of `livegrid serve`: 1,000 WebSocket connections on loopback holding 10,000
 //! subscriptions (10 each, `{"owner": "u<k>"}`), while writes stream in through the REST bulk
 //! endpoint at a fixed rate (`LIVEGRID_LOAD_RATE`, default 10,000 writes/s, in 1 ms batches,
-//! for `LIVEGRID_LOAD_SECONDS`, default 5). Every write matches exactly one subscription.
+//! for `LIVEGRID_LOAD_SECONDS`, default 5). With `LIVEGRID_LOAD_FANOUT=n` (default 1) every
+//! `n` subscriptions share an owner, so each write changes `n` results (fan-out). With
+//! `LIVEGRID_LOAD_SILENT=1` the first connection subscribes and then reads nothing at all:
+//! the server must cut it and stay within its memory budget (the peak RSS of this process,
+//! server and clients together, is reported).
 //! Write-to-client latency: each document carries the time it was sent; each client takes
 //! the time its delta arrives. The server and the clients share this process and its 2
 //! cores, so the figures are conservative.
@@ -43,12 +47,41 @@ async fn post(addr: std::net::SocketAddr, path: &str, body: &Value) -> u16 {
     String::from_utf8_lossy(&response[9..12]).parse().unwrap_or(0)
 }
 
+/// The send time a write's document carries (`"t":<micros>`), read without parsing the rest.
+fn sent_at(text: &str) -> Option<u64> {
+    let start = text.find(r#""t":"#)? + 4;
+    let digits: &str = &text[start..];
+    let end = digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+/// A counter from the server's `/metrics` (0 when absent).
+async fn metric(addr: std::net::SocketAddr, name: &str) -> u64 {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    statm.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()).unwrap_or(0) * 4096
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list" || a == "--test") {
         return;
     }
     let rate: u64 = std::env::var("LIVEGRID_LOAD_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
     let seconds: u64 = std::env::var("LIVEGRID_LOAD_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let fanout: usize = std::env::var("LIVEGRID_LOAD_FANOUT").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
+    let silent = std::env::var("LIVEGRID_LOAD_SILENT").is_ok_and(|v| v == "1");
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async move {
         let dir = tempfile::tempdir().unwrap();
@@ -69,28 +102,36 @@ fn main() {
         for c in 0..CONNECTIONS {
             let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws")).await.unwrap();
             for j in 0..PER_CONNECTION {
-                let owner = c * PER_CONNECTION + j;
-                let subscribe = json!({"type": "subscribe", "id": format!("s{j}"), "ns": "load.items", "filter": {"owner": format!("u{owner}")}});
+                let owner = (c * PER_CONNECTION + j) / fanout;
+                // The silent connection subscribes to every write, ten times over.
+                let filter = if silent && c == 0 { json!({}) } else { json!({"owner": format!("u{owner}")}) };
+                let subscribe = json!({"type": "subscribe", "id": format!("s{j}"), "ns": "load.items", "filter": filter});
                 socket.send(Message::Text(subscribe.to_string().into())).await.unwrap();
             }
             let (latencies, results, deltas) = (latencies.clone(), results.clone(), deltas.clone());
+            if silent && c == 0 {
+                // Reads nothing, ever: the server's bounded queues must cut it.
+                results.fetch_add(PER_CONNECTION as u64, Ordering::Relaxed);
+                clients.push(tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    drop(socket);
+                }));
+                continue;
+            }
             clients.push(tokio::spawn(async move {
                 let mut mine = Vec::new();
                 while let Some(Ok(message)) = socket.next().await {
                     let Message::Text(text) = message else { continue };
                     let now = micros();
-                    let value: Value = serde_json::from_str(&text).unwrap();
-                    match value["type"].as_str() {
-                        Some("result") => {
-                            results.fetch_add(1, Ordering::Relaxed);
+                    // Only the few fields needed, so that the clients (which share the server's
+                    // two cores) cost as little as possible.
+                    if text.starts_with(r#"{"type":"result""#) {
+                        results.fetch_add(1, Ordering::Relaxed);
+                    } else if text.starts_with(r#"{"type":"delta""#) {
+                        if let Some(sent) = sent_at(&text) {
+                            mine.push(now.saturating_sub(sent));
                         }
-                        Some("delta") => {
-                            if let Some(sent) = value["doc"]["t"].as_u64() {
-                                mine.push(now.saturating_sub(sent));
-                            }
-                            deltas.fetch_add(1, Ordering::Relaxed);
-                        }
-                        _ => {}
+                        deltas.fetch_add(1, Ordering::Relaxed);
                     }
                     if mine.len() >= 64 {
                         latencies.lock().unwrap().append(&mut mine);
@@ -100,6 +141,17 @@ fn main() {
             }));
         }
         let subscriptions = (CONNECTIONS * PER_CONNECTION) as u64;
+        let owners = subscriptions / fanout as u64;
+        let peak_rss = Arc::new(AtomicU64::new(0));
+        {
+            let peak_rss = peak_rss.clone();
+            tokio::spawn(async move {
+                loop {
+                    peak_rss.fetch_max(rss_bytes(), Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+        }
         let deadline = Instant::now() + Duration::from_secs(120);
         while results.load(Ordering::Relaxed) < subscriptions {
             assert!(Instant::now() < deadline, "subscriptions did not all get their results");
@@ -123,7 +175,7 @@ fn main() {
                     seed ^= seed >> 7;
                     seed ^= seed << 17;
                     next_id += 1;
-                    let owner = seed % subscriptions;
+                    let owner = seed % owners;
                     json!({"insert": {"_id": next_id as i64, "owner": format!("u{owner}"), "t": micros() as i64}})
                 })
                 .collect();
@@ -138,12 +190,23 @@ fn main() {
             assert_eq!(handle.await.unwrap(), 200);
         }
         let offered = (per_tick * ticks) as f64 / started.elapsed().as_secs_f64();
+        // Every write reaches `fanout` subscriptions (the silent connection's excepted).
+        let expected = per_tick * ticks * fanout as u64;
         let deadline = Instant::now() + Duration::from_secs(60);
-        while deltas.load(Ordering::Relaxed) < per_tick * ticks && Instant::now() < deadline {
+        let mut last = (0, Instant::now());
+        while deltas.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = deltas.load(Ordering::Relaxed);
+            if now != last.0 {
+                last = (now, Instant::now());
+            } else if silent && last.1.elapsed() > Duration::from_secs(2) {
+                break;
+            }
         }
-        let elapsed = started.elapsed().as_secs_f64();
+        // Delivered deltas per second: from the first write to the last delta seen.
+        let elapsed = (last.1 - started).as_secs_f64().max(1e-3);
         let received = deltas.load(Ordering::Relaxed);
+        let cut = metric(addr, "livegrid_slow_consumers_cut").await;
         server.shutdown().await;
         for client in clients {
             let _ = tokio::time::timeout(Duration::from_secs(5), client).await;
@@ -152,11 +215,11 @@ fn main() {
         all.sort_unstable();
         let pct = |p: f64| all.get(((all.len().saturating_sub(1)) as f64 * p).round() as usize).map_or(f64::NAN, |v| *v as f64 / 1000.0);
         let durability = std::env::var("LIVEGRID_DURABILITY").unwrap_or_else(|_| "durable".into());
-        println!("| durability | connections | subscriptions | offered writes/s | delivered deltas | deltas/s | p50 ms | p99 ms | max ms |");
-        println!("|---|---|---|---|---|---|---|---|---|");
+        let peak_mib = peak_rss.load(Ordering::Relaxed) as f64 / (1 << 20) as f64;
+        println!("| durability | connections | subscriptions | fan-out | silent connection | offered writes/s | delivered deltas | deltas/s | p50 ms | p99 ms | max ms | peak RSS MiB | slow consumers cut |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         println!(
-            "| {durability} | {CONNECTIONS} | {subscriptions} | {offered:.0} | {received} of {} | {:.0} | {:.2} | {:.2} | {:.2} |",
-            per_tick * ticks,
+            "| {durability} | {CONNECTIONS} | {subscriptions} | {fanout} | {silent} | {offered:.0} | {received} of {expected} | {:.0} | {:.2} | {:.2} | {:.2} | {peak_mib:.0} | {cut} |",
             received as f64 / elapsed,
             pct(0.5),
             pct(0.99),

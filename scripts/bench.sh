@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks whose figures README.md records.
-# Usage: scripts/bench.sh [matcher|grid|replay|load|fanout|writes|all]
+# Usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|all]
 #   matcher  criterion: filter evaluation and compilation
 #   grid     events/s, write-to-delta latency and memory per query with 1k/10k/100k queries
 #            (LIVEGRID_BENCH_QUERIES, LIVEGRID_BENCH_GRID, LIVEGRID_BENCH_RATE to vary it)
@@ -8,7 +8,10 @@
 #   load     livegrid serve with 1,000 WebSocket connections and 10,000 subscriptions
 #            (LIVEGRID_LOAD_RATE, LIVEGRID_LOAD_SECONDS, LIVEGRID_DURABILITY)
 #   fanout   livegrid replay on the chat workload (10,000 queries, ~50 changed per write),
-#            output to a file: deltas/s and event-to-delta latency
+#            output to a file: deltas/s at saturation, then latency at a fixed rate
+#            (LIVEGRID_FANOUT_RATE events/s, default 18,000)
+#   serve-fanout  livegrid serve end to end with 50 subscriptions changed per write, and
+#            with one connection that reads nothing (peak RSS, slow consumers cut)
 #   writes   acknowledged single-document writes/s from 64 concurrent keep-alive clients,
 #            durable (group commit) and periodic (LIVEGRID_WRITERS, LIVEGRID_WRITES_SECONDS)
 set -euo pipefail
@@ -47,6 +50,20 @@ run_load() {
 run_fanout() {
   echo "== fanout: 200,000 chat events, 10,000 queries, each write changes ~50 results"
   replay_workload "1x2 1x1" --fanout 50
+  echo "== fanout at a fixed rate (about half of saturation on 1x2): latency"
+  cargo build --release --quiet
+  dir=$(mktemp -d)
+  target/release/livegrid workload --dir "$dir" --events 200000 --queries 10000 --fanout 50
+  target/release/livegrid replay --events "$dir/events.jsonl" --queries "$dir/queries.jsonl" --out "$dir/out.jsonl" --grid 1x2 --rate "${LIVEGRID_FANOUT_RATE:-18000}"
+  rm -rf "$dir"
+}
+run_serve_fanout() {
+  echo "== serve-fanout: livegrid serve, 1,000 connections x 10 subscriptions, 50 per write"
+  for rate in 1000 3000; do
+    LIVEGRID_LOAD_FANOUT=50 LIVEGRID_LOAD_RATE=$rate cargo bench --bench load
+  done
+  echo "== serve-fanout with one connection that reads nothing (it subscribes to every write)"
+  LIVEGRID_LOAD_FANOUT=50 LIVEGRID_LOAD_RATE=1000 LIVEGRID_LOAD_SECONDS=20 LIVEGRID_LOAD_SILENT=1 cargo bench --bench load
 }
 run_writes() {
   echo "== writes: 64 concurrent keep-alive writers, each durability mode"
@@ -61,6 +78,7 @@ case "$what" in
   load) run_load ;;
   writes) run_writes ;;
   fanout) run_fanout ;;
-  all) run_matcher; run_grid; run_replay; run_fanout; run_load; run_writes ;;
-  *) echo "usage: scripts/bench.sh [matcher|grid|replay|load|fanout|writes|all]" >&2; exit 2 ;;
+  serve-fanout) run_serve_fanout ;;
+  all) run_matcher; run_grid; run_replay; run_fanout; run_serve_fanout; run_load; run_writes ;;
+  *) echo "usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|all]" >&2; exit 2 ;;
 esac
