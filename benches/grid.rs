@@ -231,12 +231,13 @@ fn result_state_memory() {
         let messages = engine.messages().clone();
         std::thread::spawn(move || for _ in messages {})
     };
+    let mut keys = Vec::new();
     for i in 0..subscriptions {
         let spec = livegrid_matcher::QuerySpec {
             filter: bson::doc! {"owner": format!("u{}", i % OWNERS)},
             ..Default::default()
         };
-        engine.register(NAMESPACE, &spec).unwrap();
+        keys.push(engine.register(NAMESPACE, &spec).unwrap());
     }
     assert!(engine.settle(Duration::from_secs(600)));
     let before = live_bytes();
@@ -269,6 +270,18 @@ fn result_state_memory() {
     println!("|---|---|---|---|");
     println!("| {subscriptions} | {DOCS} | {pairs} | {per_pair:.1} |");
     eprintln!("engine heap growth: {} bytes", live_bytes() - before);
+    // Once every subscription has ended, the state goes (what stays: slot tables sized for
+    // the peak, a few bytes per document).
+    for key in keys {
+        engine.unregister(key).unwrap();
+    }
+    assert!(engine.settle(Duration::from_secs(600)));
+    std::thread::sleep(Duration::from_millis(200));
+    println!();
+    println!("| after every subscription ended: engine heap above the start | per former pair |");
+    println!("|---|---|");
+    let left = live_bytes() - before;
+    println!("| {:.1} MB | {:.1} bytes |", left as f64 / 1e6, left as f64 / pairs as f64);
     engine.shutdown();
     let _ = drain.join();
 }

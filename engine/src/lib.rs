@@ -10,6 +10,7 @@ pub mod memory;
 pub mod query_index;
 pub mod records;
 pub mod retention;
+pub mod shrink;
 pub mod snapshot;
 pub mod subscription;
 pub mod window;

@@ -196,9 +196,16 @@ impl Matching {
         by_id.remove(id);
         if by_id.is_empty() {
             self.holders.remove(ns);
+        } else {
+            crate::shrink::shrink_if_sparse(by_id);
         }
         self.slot_ids[slot as usize] = None;
         self.free_slots.push(slot);
+        if self.holders.is_empty() {
+            // No document is held any more: give the slot tables back.
+            self.slot_ids = Vec::new();
+            self.free_slots = Vec::new();
+        }
         true
     }
 

@@ -190,6 +190,12 @@ impl Slots {
             self.by_id.remove(&id);
             self.ids[slot as usize] = None;
             self.free.push(slot);
+            if self.by_id.is_empty() {
+                // Nothing held any more: give the tables back.
+                *self = Slots::default();
+            } else {
+                crate::shrink::shrink_if_sparse(&mut self.by_id);
+            }
         }
     }
 }
