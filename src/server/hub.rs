@@ -167,6 +167,15 @@ pub struct Hub {
     budget: MemoryBudget,
 }
 
+/// Batches waiting for one hub shard at most.
+const SHARD_QUEUE: usize = 64;
+
+/// Work for one hub shard.
+enum ShardWork {
+    Messages(Vec<Message>),
+    Ended { key: QueryKey, code: ErrorCode, message: String },
+}
+
 /// A fresh resume token: 128 bits from the operating system's CSPRNG, as hex.
 fn new_token() -> String {
     let mut bytes = [0u8; 16];
@@ -344,34 +353,88 @@ impl Hub {
     /// Delivers engine events until the engine stops (run on a thread of its own); calls
     /// `failed` if the engine reports a failure, and `end` for subscriptions the hub ends
     /// itself (a result too large for the limits or the budget).
+    ///
+    /// The work is spread over `shards` threads: this one splits each batch by subscription
+    /// (`key % shards`, so each subscription's messages stay in order on one thread) and hands
+    /// the parts over bounded queues to shard threads, which encode and deliver them.
     pub fn run(
         &self,
         events: crossbeam_channel::Receiver<EngineEvent>,
+        shards: usize,
         failed: impl Fn(String),
-        end: impl Fn(QueryKey),
+        end: impl Fn(QueryKey) + Sync,
     ) {
-        for event in events {
-            match event {
-                EngineEvent::Messages(batch) => {
-                    for message in batch {
-                        self.deliver(message, &end);
-                    }
-                }
-                EngineEvent::Failed(reason) => failed(reason),
-                EngineEvent::Ended { key, code, message } => {
-                    // The engine ended this subscription (its window could not be refilled).
-                    if let Some((_, route)) = self.routes.remove(&key) {
-                        let route = self.forget(route);
-                        if let Some(outbox) = &route.outbox {
-                            let error =
-                                ServerMessage::Error(ErrorMessage { id: Some(route.client_id.clone()), code, message });
-                            outbox.deliver(error.to_json());
+        let shards = shards.max(1);
+        std::thread::scope(|scope| {
+            let mut queues = Vec::with_capacity(shards);
+            for shard in 0..shards {
+                let (queue, work) = crossbeam_channel::bounded::<ShardWork>(SHARD_QUEUE);
+                queues.push(queue);
+                let end = &end;
+                std::thread::Builder::new()
+                    .name(format!("livegrid-hub-{shard}"))
+                    .spawn_scoped(scope, move || {
+                        for item in work {
+                            match item {
+                                ShardWork::Messages(batch) => {
+                                    for message in batch {
+                                        self.deliver(message, end);
+                                    }
+                                }
+                                ShardWork::Ended { key, code, message } => self.ended(key, code, message),
+                            }
                         }
-                        metrics::gauge!("livegrid_subscriptions").decrement(1.0);
-                    }
-                }
-                EngineEvent::Processed(_) => {}
+                    })
+                    .expect("starting a hub thread");
             }
+            let shard_of = |key: QueryKey| (key % shards as u64) as usize;
+            // A shard whose queue is gone has panicked: its subscriptions hear nothing more.
+            let lost = || failed("a hub thread stopped: deltas no longer reach clients".into());
+            'events: for event in events {
+                match event {
+                    EngineEvent::Messages(batch) => {
+                        let mut parts: Vec<Vec<Message>> = (0..shards).map(|_| Vec::new()).collect();
+                        for message in batch {
+                            parts[shard_of(message.key)].push(message);
+                        }
+                        for (shard, (queue, part)) in queues.iter().zip(parts).enumerate() {
+                            if part.is_empty() {
+                                continue;
+                            }
+                            // Waits while the shard is behind: the engine's output, and with it
+                            // the grid, slows down instead of memory growing.
+                            if queue.send(ShardWork::Messages(part)).is_err() {
+                                lost();
+                                break 'events;
+                            }
+                            metrics::gauge!("livegrid_hub_queue_depth", "shard" => shard.to_string())
+                                .set(queue.len() as f64);
+                        }
+                    }
+                    EngineEvent::Failed(reason) => failed(reason),
+                    EngineEvent::Ended { key, code, message } => {
+                        if queues[shard_of(key)].send(ShardWork::Ended { key, code, message }).is_err() {
+                            lost();
+                            break 'events;
+                        }
+                    }
+                    EngineEvent::Processed(_) => {}
+                }
+            }
+            // The engine stopped: the shards finish what they hold and end.
+            drop(queues);
+        });
+    }
+
+    /// The engine ended a subscription (its window could not be refilled): tell its client.
+    fn ended(&self, key: QueryKey, code: ErrorCode, message: String) {
+        if let Some((_, route)) = self.routes.remove(&key) {
+            let route = self.forget(route);
+            if let Some(outbox) = &route.outbox {
+                let error = ServerMessage::Error(ErrorMessage { id: Some(route.client_id.clone()), code, message });
+                outbox.deliver(error.to_json());
+            }
+            metrics::gauge!("livegrid_subscriptions").decrement(1.0);
         }
     }
 

@@ -268,6 +268,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         },
         config.subscription_memory,
     ));
+    // Hub shards: one per core, at least two.
+    let shards = std::thread::available_parallelism().map_or(2, |n| n.get()).max(2);
     let hub_thread = {
         let (hub, events, health, engine) = (hub.clone(), engine.messages().clone(), health.clone(), engine.clone());
         std::thread::Builder::new()
@@ -276,6 +278,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     hub.run(
                         events,
+                        shards,
                         |reason| health.fail(format!("engine: {reason}")),
                         |key| {
                             let _ = engine.unregister(key);
