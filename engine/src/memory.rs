@@ -64,12 +64,17 @@ impl MemoryState {
     }
 }
 
+/// The memory state's lock was poisoned (a thread panicked while applying a write).
+#[derive(Debug, thiserror::Error)]
+#[error("memory state poisoned")]
+pub struct Poisoned;
+
 /// A [`MemoryState`] shared between the thread applying writes and the engine's reads.
 #[derive(Default)]
 pub struct SharedMemory(pub Mutex<MemoryState>);
 
 impl SnapshotSource for SharedMemory {
     fn read(&self, ns: &str, query: &Query, k: Option<usize>) -> Result<Snapshot, SnapshotError> {
-        Ok(self.0.lock().map_err(|_| SnapshotError("memory state poisoned".into()))?.read(ns, query, k))
+        Ok(self.0.lock().map_err(|_| SnapshotError::new(Poisoned))?.read(ns, query, k))
     }
 }

@@ -17,10 +17,17 @@ pub struct Snapshot {
     pub complete: bool,
 }
 
-/// A snapshot read failed.
+/// A snapshot read failed; the source's own error is kept as the cause.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("snapshot read failed: {0}")]
-pub struct SnapshotError(pub String);
+pub struct SnapshotError(#[source] pub std::sync::Arc<dyn std::error::Error + Send + Sync>);
+
+impl SnapshotError {
+    /// A snapshot error caused by `source`.
+    pub fn new(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        SnapshotError(std::sync::Arc::new(source))
+    }
+}
 
 /// Reads query results at a known position.
 pub trait SnapshotSource: Send + Sync {

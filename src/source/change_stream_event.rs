@@ -23,11 +23,14 @@ use serde_json::Value;
 use crate::source::document_path;
 
 /// Why a change event line was rejected.
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, thiserror::Error)]
 pub enum ChangeEventError {
-    /// The line is not an Extended JSON document.
+    /// The line is not JSON.
     #[error("invalid change event: {0}")]
-    Json(String),
+    Json(#[from] serde_json::Error),
+    /// The line is JSON but not an Extended JSON document.
+    #[error("invalid change event: {0}")]
+    ExtJson(#[from] livegrid_protocol::extjson::ExtJsonError),
     /// A required field is missing or has the wrong type.
     #[error("change event field {field}: {reason}")]
     Field {
@@ -56,9 +59,8 @@ pub fn parse(
     previous: Position,
     current: impl Fn(&str, &Bson) -> Option<Arc<Document>>,
 ) -> Result<Parsed, ChangeEventError> {
-    let json: Value = serde_json::from_str(text).map_err(|e| ChangeEventError::Json(e.to_string()))?;
-    let event =
-        livegrid_protocol::extjson::document_from_json(json).map_err(|e| ChangeEventError::Json(e.to_string()))?;
+    let json: Value = serde_json::from_str(text)?;
+    let event = livegrid_protocol::extjson::document_from_json(json)?;
     let field = |field: &'static str, reason: &str| ChangeEventError::Field { field, reason: reason.to_string() };
     let operation = event.get_str("operationType").map_err(|_| field("operationType", "missing or not a string"))?;
     let op = match operation {

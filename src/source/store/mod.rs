@@ -454,7 +454,7 @@ fn recover_position(db: &redb::Database) -> Result<u64, StoreError> {
 
 impl SnapshotSource for Store {
     fn read(&self, ns: &str, query: &Query, k: Option<usize>) -> Result<Snapshot, SnapshotError> {
-        Store::read(self, ns, query, k).map_err(|e| SnapshotError(e.to_string()))
+        Store::read(self, ns, query, k).map_err(SnapshotError::new)
     }
 }
 
