@@ -87,4 +87,57 @@ mod tests {
         store.close();
         assert!(matches!(source.pull(10, Duration::from_secs(5)).unwrap(), Pulled::Ended));
     }
+
+    /// A source nobody pulls (an engine that fell behind) slows the writers down, and past
+    /// the deadline they are refused with `Busy`, having written nothing; once pulled again,
+    /// every accepted write completes and arrives.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unpulled_source_slows_writers_down_to_busy() {
+        use crate::source::store::{StoreConfig, StoreError};
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig { queue: 1, queue_deadline: Duration::from_millis(300), ..Default::default() };
+        let store = Arc::new(Store::open_with(dir.path(), config).unwrap());
+        let mut source = StoreSource::new(store.clone(), 1);
+        let write = |id: i32| {
+            let store = store.clone();
+            tokio::spawn(async move { store.write_async("db.c", vec![Write::Insert(doc! {"_id": id})], false).await })
+        };
+        // The first commit fills the source's queue; the second holds the committer.
+        write(1).await.unwrap().unwrap();
+        let mut pending = vec![write(2)];
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        pending.push(write(3));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let late: Vec<_> = (4..8).map(write).collect();
+        let mut refused = 0;
+        for mut handle in late {
+            match tokio::time::timeout(Duration::from_secs(2), &mut handle).await {
+                Ok(answer) => match answer.unwrap() {
+                    Err(StoreError::Busy { .. }) => refused += 1,
+                    Ok(_) => panic!("a write went through while nothing was pulled"),
+                    Err(e) => panic!("unexpected {e}"),
+                },
+                // Queued (had writes 2 and 3 been committed together): it waits for the pull.
+                Err(_) => pending.push(handle),
+            }
+        }
+        assert!(refused >= 3, "only {refused} writes were refused");
+        let accepted = 1 + pending.len() as u64;
+        // Pulling again lets the writes that had entered (held by the committer or queued)
+        // through, in order.
+        let puller = std::thread::spawn(move || {
+            let mut positions = Vec::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while (positions.len() as u64) < accepted && std::time::Instant::now() < deadline {
+                if let Pulled::Events(events) = source.pull(10, Duration::from_millis(100)).unwrap() {
+                    positions.extend(events.iter().map(|e| e.position.time()));
+                }
+            }
+            positions
+        });
+        for handle in pending {
+            handle.await.unwrap().unwrap();
+        }
+        assert_eq!(puller.join().unwrap(), (1..=accepted).collect::<Vec<_>>());
+    }
 }
