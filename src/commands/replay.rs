@@ -132,7 +132,10 @@ pub fn execute(args: &ReplayArgs) -> Result<String, ReplayError> {
     let names: Arc<DashMap<QueryKey, Arc<str>>> = Arc::new(DashMap::new());
     let writer = {
         let names = names.clone();
-        std::thread::spawn(move || write_messages(&messages, &names, out))
+        std::thread::Builder::new()
+            .name("livegrid-writer".into())
+            .spawn(move || write_messages(&messages, &names, out))
+            .map_err(|e| ReplayError::Failed(format!("starting the output writer: {e}")))?
     };
 
     let mut next_query = 0;
