@@ -100,7 +100,12 @@ fn main() {
         let deltas = Arc::new(AtomicU64::new(0));
         let mut clients = Vec::new();
         for c in 0..CONNECTIONS {
-            let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws")).await.unwrap();
+            // A small read buffer: tungstenite zeroes all of it before every read.
+            let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(16 * 1024);
+            let (mut socket, _) =
+                tokio_tungstenite::connect_async_with_config(format!("ws://{addr}/v1/ws"), Some(config), false)
+                    .await
+                    .unwrap();
             for j in 0..PER_CONNECTION {
                 let owner = (c * PER_CONNECTION + j) / fanout;
                 // The silent connection subscribes to every write, ten times over.
