@@ -79,7 +79,8 @@ impl From<PathRejection> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
+        // 501 is a request this server's setup does not serve, not a failure of the server.
+        if self.status.is_server_error() && self.status != StatusCode::NOT_IMPLEMENTED {
             tracing::error!(code = self.code, message = %self.message, "request failed");
         }
         let body = Json(serde_json::json!({"code": self.code, "message": self.message}));
