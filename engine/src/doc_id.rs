@@ -43,9 +43,18 @@ impl DocId {
         }
     }
 
+    /// Runs `f` on the `_id` value: borrowed when boxed, rebuilt (without allocating) when
+    /// inline.
+    fn with_bson<R>(&self, f: impl FnOnce(&Bson) -> R) -> R {
+        match self {
+            DocId::Other(v) => f(v),
+            inline => f(&inline.to_bson()),
+        }
+    }
+
     /// The write partition of this document in a grid with `partitions` write partitions.
     pub fn partition(&self, partitions: usize) -> usize {
-        (livegrid_matcher::value_hash(&self.to_bson()) % partitions as u64) as usize
+        self.with_bson(|v| (livegrid_matcher::value_hash(v) % partitions as u64) as usize)
     }
 }
 
@@ -68,9 +77,8 @@ impl PartialEq for DocId {
             (DocId::ObjectId(a), DocId::ObjectId(b)) => a == b,
             (DocId::ObjectId(_), DocId::Int32(_) | DocId::Int64(_))
             | (DocId::Int32(_) | DocId::Int64(_), DocId::ObjectId(_)) => false,
-            // Mixed numeric types and everything else: MongoDB's equality (cloning an inline
-            // id into a `Bson` allocates nothing).
-            (a, b) => livegrid_matcher::values_equal(&a.to_bson(), &b.to_bson()),
+            // Mixed numeric types and everything else: MongoDB's equality.
+            (a, b) => a.with_bson(|a| b.with_bson(|b| livegrid_matcher::values_equal(a, b))),
         }
     }
 }
@@ -79,10 +87,7 @@ impl Eq for DocId {}
 
 impl Hash for DocId {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        match self {
-            DocId::Other(v) => livegrid_matcher::bson_order::hash_value(v, state),
-            inline => livegrid_matcher::bson_order::hash_value(&inline.to_bson(), state),
-        }
+        self.with_bson(|v| livegrid_matcher::bson_order::hash_value(v, state))
     }
 }
 

@@ -733,16 +733,19 @@ fn route(shared: &Shared, deliveries: &Receiver<Delivery>, events: &Sender<Engin
             Delivery::Outputs(outputs) => {
                 metrics::gauge!("livegrid_engine_output_depth").set((events.len() * OUTPUT_BATCH) as f64);
                 let mut batch = Vec::with_capacity(outputs.len().min(OUTPUT_BATCH));
+                let send = |batch: &mut Vec<Message>| {
+                    if !batch.is_empty() {
+                        let sent = std::mem::replace(batch, Vec::with_capacity(OUTPUT_BATCH));
+                        let _ = events.send(EngineEvent::Messages(sent));
+                    }
+                };
                 // One clock reading for the whole delivery.
                 let now = shared.started.elapsed();
                 for output in outputs {
                     match output {
                         StageOutput::NeedsReload { key } => {
                             // What came before goes out first.
-                            if !batch.is_empty() {
-                                let sent = std::mem::replace(&mut batch, Vec::with_capacity(OUTPUT_BATCH));
-                                let _ = events.send(EngineEvent::Messages(sent));
-                            }
+                            send(&mut batch);
                             shared.pending_rereads.fetch_add(1, Ordering::AcqRel);
                             if rereads.send(key).is_err() {
                                 shared.pending_rereads.fetch_sub(1, Ordering::AcqRel);
@@ -752,15 +755,12 @@ fn route(shared: &Shared, deliveries: &Receiver<Delivery>, events: &Sender<Engin
                             let latency = (entered > 0).then(|| now.saturating_sub(Duration::from_nanos(entered)));
                             batch.push(Message { key, frame, latency });
                             if batch.len() == OUTPUT_BATCH {
-                                let full = std::mem::replace(&mut batch, Vec::with_capacity(OUTPUT_BATCH));
-                                let _ = events.send(EngineEvent::Messages(full));
+                                send(&mut batch);
                             }
                         }
                     }
                 }
-                if !batch.is_empty() {
-                    let _ = events.send(EngineEvent::Messages(batch));
-                }
+                send(&mut batch);
             }
         }
     }

@@ -10,8 +10,8 @@
 //! what a client was shown.
 //!
 //! # Memory
-//! A document id (a BSON value, over 100 bytes) is kept once per worker, in the holding of
-//! the documents some subscription holds, which also gives it a 32-bit slot; a subscription's
+//! A document id (16 bytes, see [`DocId`]) is kept once per worker, in the holding of the
+//! documents some subscription holds, which also gives it a 32-bit slot; a subscription's
 //! member set holds slots. What one (subscription, document) pair costs is a slot in the set
 //! and a key in the document's holding list: about 16 bytes.
 
@@ -101,7 +101,7 @@ impl Matching {
             self.index.candidates(&event.ns, &doc.0, &mut candidates);
         }
         let mut slot = None;
-        if let Some(holding) = self.holders.get(event.ns.as_str()).and_then(|h| h.get(&id)) {
+        if let Some(holding) = self.holding(&event.ns, &id) {
             candidates.extend_from_slice(&holding.keys);
             slot = Some(holding.slot);
         }
@@ -160,6 +160,11 @@ impl Matching {
             return;
         }
         self.groups[(key % self.peers) as usize].push((key, matches));
+    }
+
+    /// Who holds document `id` of namespace `ns`, and its slot.
+    fn holding(&self, ns: &str, id: &DocId) -> Option<&Holding> {
+        self.holders.get(ns)?.get(id)
     }
 
     /// Records that `key` holds document `id`, returning the document's slot.
@@ -224,7 +229,7 @@ impl Matching {
         let ns = self.entries[&key].ns.clone();
         for id in member_ids {
             let id = DocId::from(id.0);
-            let known = self.holders.get(&ns).and_then(|h| h.get(&id)).map(|h| h.slot);
+            let known = self.holding(&ns, &id).map(|h| h.slot);
             let already = known.is_some_and(|slot| self.entries[&key].members.contains(&slot));
             if !already {
                 let slot = self.hold(&ns, &id, key);
@@ -237,7 +242,7 @@ impl Matching {
         // Writes after the snapshot that the grid passed before this registration reached it.
         for event in &replay {
             let id = DocId::new(&event.id.0);
-            let mut slot = self.holders.get(event.ns.as_str()).and_then(|h| h.get(&id)).map(|h| h.slot);
+            let mut slot = self.holding(&event.ns, &id).map(|h| h.slot);
             self.evaluate(key, &id, &mut slot, event);
             self.send_transitions(&id, event, out);
         }
