@@ -117,7 +117,7 @@ pub fn execute(args: &ReplayArgs) -> Result<String, ReplayError> {
     queries.sort_by_key(|q| q.after);
     let mut source = ReplaySource::open(events_path).map_err(|e| ReplayError::Input(e.to_string()))?;
     if let Some(rate) = args.rate {
-        if !(rate.is_finite() && rate > 0.0) {
+        if !ReplaySource::valid_rate(rate) {
             return Err(ReplayError::Input(format!(
                 "--rate must be a positive number of events per second, found {rate}"
             )));

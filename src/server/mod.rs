@@ -166,7 +166,7 @@ impl ServerConfig {
         range("write_deadline (ms)", self.write_deadline.as_millis(), 1, 3_600_000)?;
         range("grid workers", self.grid.workers() as u128, 1, 1024)?;
         if let SourceChoice::Replay { rate: Some(rate), .. } = &self.source
-            && !(rate.is_finite() && *rate > 0.0)
+            && !ReplaySource::valid_rate(*rate)
         {
             return Err(format!("replay_rate must be a positive number of events per second, found {rate}"));
         }

@@ -47,6 +47,11 @@ impl ReplaySource {
         })
     }
 
+    /// Whether `events_per_second` can pace a replay: a positive, finite number.
+    pub fn valid_rate(events_per_second: f64) -> bool {
+        events_per_second.is_finite() && events_per_second > 0.0
+    }
+
     /// Paces the replay: at most `events_per_second` events (at least one per pull).
     pub fn with_rate(mut self, events_per_second: f64) -> Self {
         self.rate = (events_per_second > 0.0).then_some(events_per_second);
