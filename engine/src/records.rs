@@ -173,9 +173,9 @@ pub enum StageInput {
         id: WireValue,
         /// The document after the write, when it matches some of the subscriptions.
         doc: Option<WireDoc>,
-        /// The subscriptions, each with whether the document matches its filter now. Never
+        /// The subscriptions, each with how the document moves in its matching set. Never
         /// empty; all are routed to the worker of the first.
-        keys: Vec<(QueryKey, bool)>,
+        keys: Vec<(QueryKey, Transition)>,
         /// When the write entered the engine (see [`WireEvent::entered`]).
         entered: u64,
     },
@@ -203,6 +203,30 @@ impl StageInput {
             StageInput::Transitions { position, .. } => (*position, 1),
             StageInput::Drop { .. } => (Position::MAX, 2),
         }
+    }
+}
+
+/// How a write moves a document relative to the documents matching one subscription's
+/// filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Transition {
+    /// It matches now and did not before.
+    Enter,
+    /// It matched and still does (its after-image is new).
+    Stay,
+    /// It matched and no longer does (or was deleted).
+    Leave,
+}
+
+impl Transition {
+    /// Whether the document matches after the write.
+    pub fn matches(self) -> bool {
+        self != Transition::Leave
+    }
+
+    /// Whether the document matched before the write.
+    pub fn matched(self) -> bool {
+        self != Transition::Enter
     }
 }
 

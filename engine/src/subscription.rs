@@ -21,12 +21,14 @@
 //! so they share it too).
 //!
 //! # Unchanged documents
-//! An unsorted subscription keeps, per document, a 64-bit hash of the text its client holds,
-//! keyed by the document's 32-bit slot (ids are kept once per worker; no copies); a `change` whose projected text equals it is not sent, so five
-//! updates of a field a projection leaves out send nothing. Windows compare documents
-//! themselves.
+//! An unsorted subscription without a projection keeps nothing per document: the matching
+//! stage says whether a write's document entered, stayed in or left its result. With a
+//! projection it keeps, per document, a 64-bit hash of the text its client holds, keyed by
+//! the document's 32-bit slot (ids are kept once per worker; no copies); a `change` whose
+//! projected text equals it is not sent, so five updates of a field a projection leaves out
+//! send nothing. Windows compare documents themselves.
 
-use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use rustc_hash::FxHashMap as HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
@@ -36,7 +38,7 @@ use livegrid_protocol::{Cause, DeltaFrame, DeltaOp, Encoded, Frame, Position, Re
 
 use crate::doc_id::DocId;
 use crate::query_index::QueryKey;
-use crate::records::{StageInit, StageInput, StageOutput};
+use crate::records::{StageInit, StageInput, StageOutput, Transition};
 use crate::window::{Window, WindowOp};
 
 /// A projection with a fingerprint, so that equal projections share encodings.
@@ -45,59 +47,20 @@ struct Shown {
     fingerprint: u64,
 }
 
-/// The documents an unsorted subscription's client holds, by slot. With a projection, also
-/// the hash of the text shown, so that a change the projection hides sends nothing; without
-/// one, every write of a held document changes what the client holds (sources emit no
-/// no-op updates: MongoDB writes no oplog entry for them and the embedded store skips
-/// them), so the slot alone is kept: 4 bytes instead of 12.
-enum Held {
-    Slots(HashSet<u32>),
-    Hashes(HashMap<u32, u64>),
-}
-
-impl Held {
-    fn new(projected: bool) -> Self {
-        if projected { Held::Hashes(HashMap::default()) } else { Held::Slots(HashSet::default()) }
-    }
-
-    /// Whether the slot is held, and the hash of its text where it is kept.
-    fn get(&self, slot: u32) -> Option<Option<u64>> {
-        match self {
-            Held::Slots(slots) => slots.contains(&slot).then_some(None),
-            Held::Hashes(hashes) => hashes.get(&slot).map(|h| Some(*h)),
-        }
-    }
-
-    /// Holds the slot; whether it was held already.
-    fn insert(&mut self, slot: u32, hash: u64) -> bool {
-        match self {
-            Held::Slots(slots) => !slots.insert(slot),
-            Held::Hashes(hashes) => hashes.insert(slot, hash).is_some(),
-        }
-    }
-
-    fn remove(&mut self, slot: u32) {
-        match self {
-            Held::Slots(slots) => {
-                slots.remove(&slot);
-            }
-            Held::Hashes(hashes) => {
-                hashes.remove(&slot);
-            }
-        }
-    }
-
-    fn into_slots(self) -> Vec<u32> {
-        match self {
-            Held::Slots(slots) => slots.into_iter().collect(),
-            Held::Hashes(hashes) => hashes.into_keys().collect(),
-        }
-    }
+/// A projected unsorted subscription: its projection, and per document its client holds
+/// (by slot) the hash of the text shown, so that a change the projection hides sends
+/// nothing. Without a projection no per-document state is kept: the matching stage tells
+/// whether the document entered, stayed in or left the result, and every write of a held
+/// document changes what the client holds (sources emit no no-op updates: MongoDB writes no
+/// oplog entry for them and the embedded store skips them).
+struct Projected {
+    shown: Shown,
+    hashes: HashMap<u32, u64>,
 }
 
 enum Mode {
-    /// No sort, skip or limit: the result is a set of held documents.
-    Set { shown: Held, projection: Option<Box<Shown>> },
+    /// No sort, skip or limit: the result is the set of matching documents.
+    Set { projected: Option<Box<Projected>> },
     /// A sorted (or skipped, or limited) window.
     Window(Box<Window>),
 }
@@ -272,13 +235,15 @@ impl Subscriptions {
                         id_text: std::cell::OnceCell::new(),
                         doc: doc.map(|d| d.0),
                     };
-                    for (key, matches) in keys {
-                        self.transition(key, &write, matches, out);
+                    for (key, transition) in keys {
+                        self.transition(key, &write, transition, out);
                     }
                 }
                 StageInput::Drop { key } => {
-                    if let Some(Subscription { mode: Mode::Set { shown, .. }, .. }) = self.subs.remove(&key) {
-                        for slot in shown.into_slots() {
+                    if let Some(Subscription { mode: Mode::Set { projected: Some(projected) }, .. }) =
+                        self.subs.remove(&key)
+                    {
+                        for slot in projected.hashes.into_keys() {
                             self.slots.release(slot);
                         }
                     }
@@ -290,27 +255,27 @@ impl Subscriptions {
     fn start(&mut self, key: QueryKey, query: &Query, init: StageInit, out: &mut Vec<StageOutput>) {
         let docs = init.docs.into_iter().map(|d| d.0);
         let (mode, shown) = if !crate::window::is_window(query) {
-            let projection = (!query.projection.is_identity()).then(|| {
+            let mut projected = (!query.projection.is_identity()).then(|| {
                 let fingerprint = {
                     let mut hasher = rustc_hash::FxHasher::default();
                     format!("{:?}", query.projection).hash(&mut hasher);
                     hasher.finish() | 1
                 };
-                Box::new(Shown { projection: query.projection.clone(), fingerprint })
+                let shown = Shown { projection: query.projection.clone(), fingerprint };
+                Box::new(Projected { shown, hashes: HashMap::default() })
             });
-            let mut shown = Held::new(projection.is_some());
             let mut texts = Vec::new();
             for doc in docs {
-                let text = self.encoder.encode(&doc, projection.as_deref());
-                if let Some(id) = doc.get("_id") {
+                let text = self.encoder.encode(&doc, projected.as_deref().map(|p| &p.shown));
+                if let (Some(projected), Some(id)) = (projected.as_mut(), doc.get("_id")) {
                     let slot = self.slots.acquire(&DocId::new(id));
-                    if shown.insert(slot, text_hash(&text)) {
+                    if projected.hashes.insert(slot, text_hash(&text)).is_some() {
                         self.slots.release(slot);
                     }
                 }
                 texts.push(text);
             }
-            (Mode::Set { shown, projection }, texts)
+            (Mode::Set { projected }, texts)
         } else {
             let mut window = Window::new(query, self.slack);
             window.load(docs, init.complete);
@@ -334,46 +299,47 @@ impl Subscriptions {
         self.emit(key, ops, (init.position, 0), out);
     }
 
-    /// Applies one write to one subscription: `matches` tells whether the document now
-    /// matches its filter.
-    fn transition(&mut self, key: QueryKey, write: &Write, matches: bool, out: &mut Vec<StageOutput>) {
+    /// Applies one write to one subscription.
+    fn transition(&mut self, key: QueryKey, write: &Write, transition: Transition, out: &mut Vec<StageOutput>) {
         let Write { at: (position, entered), cause, ref id, ref doc, .. } = *write;
-        let doc = if matches { doc.as_ref() } else { None };
+        let doc = if transition.matches() { doc.as_ref() } else { None };
         let Subscriptions { subs, encoder, slots, .. } = self;
         let Some(sub) = subs.get_mut(&key) else { return };
         if position <= sub.skip_until {
             return;
         }
         match &mut sub.mode {
-            Mode::Set { shown, projection } => {
-                let slot = slots.find(id);
-                let held = slot.and_then(|slot| shown.get(slot));
-                let (op, text) = match (doc, held) {
-                    (Some(doc), held) => {
-                        let text = encoder.encode(doc, projection.as_deref());
-                        let hash = if projection.is_some() { text_hash(&text) } else { 0 };
-                        if held == Some(Some(hash)) {
-                            // What the client holds already: nothing to send.
+            Mode::Set { projected } => {
+                let (op, text) = match (doc, projected) {
+                    (None, None) => (DeltaOp::Remove, None),
+                    (Some(doc), None) => {
+                        let op = if transition.matched() { DeltaOp::Change } else { DeltaOp::Add };
+                        (op, Some(encoder.encode(doc, None)))
+                    }
+                    (None, Some(projected)) => {
+                        let Some(slot) = slots.find(id) else { return };
+                        if projected.hashes.remove(&slot).is_none() {
                             return;
                         }
-                        match (held, slot) {
-                            (Some(_), Some(slot)) => {
-                                shown.insert(slot, hash);
-                            }
-                            _ => {
-                                let slot = slots.acquire(id);
-                                shown.insert(slot, hash);
-                            }
-                        }
-                        (if held.is_some() { DeltaOp::Change } else { DeltaOp::Add }, Some(text))
-                    }
-                    (None, Some(_)) => {
-                        let slot = slot.expect("a held document has a slot");
-                        shown.remove(slot);
                         slots.release(slot);
                         (DeltaOp::Remove, None)
                     }
-                    (None, None) => return,
+                    (Some(doc), Some(projected)) => {
+                        let text = encoder.encode(doc, Some(&projected.shown));
+                        let hash = text_hash(&text);
+                        let slot = slots.find(id);
+                        let held = slot.and_then(|slot| projected.hashes.get(&slot).copied());
+                        if held == Some(hash) {
+                            // What the client holds already: nothing to send.
+                            return;
+                        }
+                        let slot = match (held, slot) {
+                            (Some(_), Some(slot)) => slot,
+                            _ => slots.acquire(id),
+                        };
+                        projected.hashes.insert(slot, hash);
+                        (if held.is_some() { DeltaOp::Change } else { DeltaOp::Add }, Some(text))
+                    }
                 };
                 sub.seq += 1;
                 let frame = Frame::Delta(DeltaFrame {
