@@ -36,7 +36,9 @@ use livegrid_protocol::{ErrorCode, Frame, Position};
 
 use crate::doc_id::DocId;
 use crate::event::ChangeEvent;
-use crate::grid::{Command, Delivery, GridShape, WorkerSetup, run_worker_reporting};
+use crate::grid::{
+    Command, DELIVERY_BATCH, Delivery, GridShape, MAX_RECYCLED_BUFFERS, WorkerSetup, run_worker_reporting,
+};
 use crate::query_index::QueryKey;
 use crate::records::{GridInput, Registration, StageInit, StageOutput, WireQuery};
 use crate::retention::Retention;
@@ -282,12 +284,14 @@ impl Engine {
         let (command_tx, command_rx) = crossbeam_channel::unbounded();
         // Bounded: workers wait for the router, which waits for the consumer.
         let (delivery_tx, delivery_rx) = crossbeam_channel::bounded(1024);
+        let (recycle_tx, recycle_rx) = crossbeam_channel::bounded(MAX_RECYCLED_BUFFERS);
         let (worker0_tx, worker0_rx) = crossbeam_channel::bounded(1);
         let setup = Arc::new(WorkerSetup {
             slack: config.slack,
             clustered: config.cluster.is_some(),
             commands: command_rx,
             deliveries: delivery_tx,
+            recycled: recycle_rx,
             worker0: worker0_tx,
         });
         let timely_config = timely::Config { communication, worker: timely::WorkerConfig::default() };
@@ -342,7 +346,7 @@ impl Engine {
         };
         {
             let (owned, events) = (shared.clone(), event_tx.clone());
-            let body = Box::new(move || route(&owned, &delivery_rx, &events, &reread_tx));
+            let body = Box::new(move || route(&owned, &delivery_rx, &recycle_tx, &events, &reread_tx));
             threads.push(spawn("livegrid-router", shared.clone(), event_tx.clone(), body)?);
         }
         for _ in 0..REREAD_THREADS {
@@ -712,7 +716,13 @@ fn append_replay(shape: GridShape, ns: &str, events: &[(Arc<ChangeEvent>, u64)],
 }
 
 /// The router thread: names messages, queues window re-reads, reports progress and failure.
-fn route(shared: &Shared, deliveries: &Receiver<Delivery>, events: &Sender<EngineEvent>, rereads: &Sender<QueryKey>) {
+fn route(
+    shared: &Shared,
+    deliveries: &Receiver<Delivery>,
+    recycle: &Sender<Vec<StageOutput>>,
+    events: &Sender<EngineEvent>,
+    rereads: &Sender<QueryKey>,
+) {
     for delivery in deliveries {
         match delivery {
             Delivery::Failed(reason) => {
@@ -730,7 +740,7 @@ fn route(shared: &Shared, deliveries: &Receiver<Delivery>, events: &Sender<Engin
                 signal.notify_all();
                 let _ = events.send(EngineEvent::Processed(position));
             }
-            Delivery::Outputs(outputs) => {
+            Delivery::Outputs(mut outputs) => {
                 metrics::gauge!("livegrid_engine_output_depth").set((events.len() * OUTPUT_BATCH) as f64);
                 let mut batch = Vec::with_capacity(outputs.len().min(OUTPUT_BATCH));
                 let send = |batch: &mut Vec<Message>| {
@@ -741,7 +751,7 @@ fn route(shared: &Shared, deliveries: &Receiver<Delivery>, events: &Sender<Engin
                 };
                 // One clock reading for the whole delivery.
                 let now = shared.started.elapsed();
-                for output in outputs {
+                for output in outputs.drain(..) {
                     match output {
                         StageOutput::NeedsReload { key } => {
                             // What came before goes out first.
@@ -761,6 +771,10 @@ fn route(shared: &Shared, deliveries: &Receiver<Delivery>, events: &Sender<Engin
                     }
                 }
                 send(&mut batch);
+                // Back to the deliver stage, unless it holds enough spare buffers already.
+                if outputs.capacity() == DELIVERY_BATCH {
+                    let _ = recycle.try_send(outputs);
+                }
             }
         }
     }

@@ -78,6 +78,12 @@ const MAX_SPARE_BUFFERS: usize = 4;
 /// Records a kept buffer may hold room for (larger ones shrink back after use).
 const MAX_KEPT_RECORDS: usize = 16_384;
 
+/// Records in one delivery to the router, at most (unless timely hands over a larger buffer).
+pub(crate) const DELIVERY_BATCH: usize = 4096;
+
+/// Emptied output buffers waiting to be filled again, at most.
+pub(crate) const MAX_RECYCLED_BUFFERS: usize = 16;
+
 /// What the engine sends worker 0.
 pub(crate) enum Command {
     /// Records to feed, and the last write position among everything fed so far.
@@ -111,6 +117,8 @@ pub(crate) struct WorkerSetup {
     pub clustered: bool,
     pub commands: Receiver<Command>,
     pub deliveries: Sender<Delivery>,
+    /// Output buffers the router has emptied, for the deliver stage to fill again.
+    pub recycled: Receiver<Vec<StageOutput>>,
     pub worker0: Sender<std::thread::Thread>,
 }
 
@@ -137,6 +145,7 @@ fn run_worker(worker: &mut timely::worker::Worker, setup: &WorkerSetup) {
     let probe = ProbeHandle::new();
     let slack = setup.slack;
     let deliveries = setup.deliveries.clone();
+    let recycled = setup.recycled.clone();
     let sink_route = if setup.clustered { 0 } else { index as u64 };
 
     worker.dataflow::<u64, _, _>(|scope| {
@@ -205,10 +214,25 @@ fn run_worker(worker: &mut timely::worker::Worker, setup: &WorkerSetup) {
                 "Deliver",
                 move |_capability, _info| {
                     move |input, _output| {
+                        // Outputs are copied into a buffer the router hands back once it has
+                        // read it: timely's buffers are then freed on this thread, and no
+                        // fresh memory is taken per batch (fresh pages cost page faults).
+                        let mut batch: Vec<StageOutput> = Vec::new();
                         input.for_each(|_, data| {
-                            // The engine may be gone at shutdown; nothing is waiting then.
-                            let _ = deliveries.send(Delivery::Outputs(std::mem::take(data)));
+                            if batch.len() + data.len() > batch.capacity() {
+                                if !batch.is_empty() {
+                                    // The engine may be gone at shutdown; nothing is waiting then.
+                                    let _ = deliveries.send(Delivery::Outputs(std::mem::take(&mut batch)));
+                                }
+                                batch = recycled
+                                    .try_recv()
+                                    .unwrap_or_else(|_| Vec::with_capacity(DELIVERY_BATCH.max(data.len())));
+                            }
+                            batch.append(data);
                         });
+                        if !batch.is_empty() {
+                            let _ = deliveries.send(Delivery::Outputs(batch));
+                        }
                     }
                 },
             )

@@ -269,6 +269,8 @@ fn write_messages(
     let failed = |e: std::io::Error| ReplayError::Failed(format!("writing output: {e}"));
     // Lines are written straight into one buffer, flushed at about a mebibyte.
     let mut buffer = Vec::with_capacity(OUTPUT_BUFFER + 64 * 1024);
+    // The subscriptions' ids, copied from the shared map once each (no lock per message).
+    let mut known: rustc_hash::FxHashMap<QueryKey, Arc<str>> = Default::default();
     for message in messages.iter().flat_map(|event| match event {
         EngineEvent::Messages(batch) => batch,
         _ => Vec::new(),
@@ -283,8 +285,9 @@ fn write_messages(
             let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).min(MAX_LATENCY_MICROS);
             stats.latencies.record(micros).map_err(|e| ReplayError::Failed(format!("latency histogram: {e}")))?;
         }
-        let name = names.get(&key).map(|n| n.clone()).unwrap_or_else(|| Arc::from(""));
-        frame.write_json(&name, None, &mut buffer);
+        let name =
+            known.entry(key).or_insert_with(|| names.get(&key).map(|n| n.clone()).unwrap_or_else(|| Arc::from("")));
+        frame.write_json(name, None, &mut buffer);
         buffer.push(b'\n');
         if buffer.len() >= OUTPUT_BUFFER {
             out.write_all(&buffer).map_err(failed)?;
