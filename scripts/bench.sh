@@ -9,7 +9,7 @@
 #            (LIVEGRID_LOAD_RATE, LIVEGRID_LOAD_SECONDS, LIVEGRID_DURABILITY)
 #   fanout   livegrid replay on the chat workload (10,000 queries, ~50 changed per write),
 #            output to a file: deltas/s at saturation, then latency at a fixed rate
-#            (LIVEGRID_FANOUT_RATE events/s, default 13,000)
+#            (LIVEGRID_FANOUT_RATE events/s, default 24,000)
 #   serve-fanout  livegrid serve end to end with 50 subscriptions changed per write, and
 #            with one connection that reads nothing (peak RSS, slow consumers cut)
 #   writes   acknowledged single-document writes/s from 64 concurrent keep-alive clients,
@@ -33,6 +33,8 @@ replay_workload() {
   dir=$(mktemp -d)
   target/release/livegrid workload --dir "$dir" --events 200000 --queries 10000 "$@"
   for grid in $grids; do
+    # Each run starts with the previous run's output on disk, not still being written back.
+    rm -f "$dir/out.jsonl"; sync
     target/release/livegrid replay --events "$dir/events.jsonl" --queries "$dir/queries.jsonl" --out "$dir/out.jsonl" --grid "$grid"
   done
   rm -rf "$dir"
@@ -54,7 +56,8 @@ run_fanout() {
   cargo build --release --quiet
   dir=$(mktemp -d)
   target/release/livegrid workload --dir "$dir" --events 200000 --queries 10000 --fanout 50
-  target/release/livegrid replay --events "$dir/events.jsonl" --queries "$dir/queries.jsonl" --out "$dir/out.jsonl" --grid 1x2 --rate "${LIVEGRID_FANOUT_RATE:-13000}"
+  sync
+  target/release/livegrid replay --events "$dir/events.jsonl" --queries "$dir/queries.jsonl" --out "$dir/out.jsonl" --grid 1x2 --rate "${LIVEGRID_FANOUT_RATE:-24000}"
   rm -rf "$dir"
 }
 run_serve_fanout() {

@@ -167,19 +167,20 @@ fn check(
 
 #[test]
 fn replay_one_process_and_two_processes_agree_with_the_model() {
-    let dir = tempfile_dir("replay");
-    let queries = write_inputs(&dir);
-    let state = final_state(&dir);
+    let scratch = tempfile_dir("replay");
+    let dir = scratch.path();
+    let queries = write_inputs(dir);
+    let state = final_state(dir);
 
-    let summary = finish(replay(&dir, "one.jsonl", &["--grid", "1x1"]));
+    let summary = finish(replay(dir, "one.jsonl", &["--grid", "1x1"]));
     let summary: serde_json::Value = serde_json::from_str(summary.trim()).unwrap();
     assert_eq!(summary["events"], 400);
     assert_eq!(summary["queries"], 4);
     assert_eq!(summary["results"], 4);
-    let one = check(&dir, "one.jsonl", &queries, &state);
+    let one = check(dir, "one.jsonl", &queries, &state);
 
-    finish(replay(&dir, "grid.jsonl", &["--grid", "2x2", "--batch", "7"]));
-    assert_eq!(one, check(&dir, "grid.jsonl", &queries, &state));
+    finish(replay(dir, "grid.jsonl", &["--grid", "2x2", "--batch", "7"]));
+    assert_eq!(one, check(dir, "grid.jsonl", &queries, &state));
 
     let ports: Vec<u16> =
         (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
@@ -192,12 +193,12 @@ fn replay_one_process_and_two_processes_agree_with_the_model() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let leader = replay(&dir, "cluster.jsonl", &["--grid", "2x2", "--hostfile", hosts, "--process", "0"]);
+    let leader = replay(dir, "cluster.jsonl", &["--grid", "2x2", "--hostfile", hosts, "--process", "0"]);
     let deadline = Instant::now() + Duration::from_secs(120);
     let (leader, worker) = (finish_by(leader, deadline), finish_by(worker, deadline));
     assert!(leader.contains("\"events\":400"), "{leader}");
     assert!(worker.contains("\"role\":\"worker\""), "{worker}");
-    let cluster = check(&dir, "cluster.jsonl", &queries, &state);
+    let cluster = check(dir, "cluster.jsonl", &queries, &state);
     assert_eq!(one, cluster);
 }
 
@@ -212,19 +213,18 @@ fn finish_by(mut child: Child, deadline: Instant) -> String {
     panic!("replay process did not finish in time");
 }
 
-fn tempfile_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("livegrid-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A scratch directory, removed when the returned guard drops.
+fn tempfile_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("livegrid-test-{name}-")).tempdir().unwrap()
 }
 
 #[test]
 fn bad_inputs_name_the_file_and_line() {
-    let dir = tempfile_dir("replay-bad");
+    let scratch = tempfile_dir("replay-bad");
+    let dir = scratch.path();
     std::fs::write(dir.join("events.jsonl"), "{\"operationType\":\"insert\",\"ns\":\"a.b\",\"documentKey\":{\"_id\":1},\"fullDocument\":{\"_id\":1}}\nnot json\n").unwrap();
     std::fs::write(dir.join("queries.jsonl"), "{\"id\":\"q\",\"ns\":\"a.b\",\"filter\":{}}\n").unwrap();
-    let out = replay(&dir, "out.jsonl", &[]).wait_with_output().unwrap();
+    let out = replay(dir, "out.jsonl", &[]).wait_with_output().unwrap();
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("events.jsonl:2: invalid change event"), "{stderr}");
@@ -232,7 +232,7 @@ fn bad_inputs_name_the_file_and_line() {
     std::fs::write(dir.join("events.jsonl"), "").unwrap();
     std::fs::write(dir.join("queries.jsonl"), "{\"id\":\"q\",\"ns\":\"a.b\",\"filter\":{\"a\":{\"$where\":1}}}\n")
         .unwrap();
-    let out = replay(&dir, "out.jsonl", &[]).wait_with_output().unwrap();
+    let out = replay(dir, "out.jsonl", &[]).wait_with_output().unwrap();
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("query \"q\": bad query: unsupported operator $where at a"), "{stderr}");

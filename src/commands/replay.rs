@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use hdrhistogram::Histogram;
 use livegrid_engine::memory::SharedMemory;
-use livegrid_engine::{ClusterConfig, Engine, EngineConfig, EngineEvent, Message, QueryKey};
+use livegrid_engine::{ClusterConfig, Engine, EngineConfig, EngineEvent, Message, QueryKey, Recycler};
 use livegrid_matcher::QuerySpec;
 use livegrid_protocol::{Frame, extjson};
 use serde_json::Value;
@@ -128,13 +128,14 @@ pub fn execute(args: &ReplayArgs) -> Result<String, ReplayError> {
     let engine = Engine::start(config, source.snapshots()).map_err(|e| ReplayError::Failed(e.to_string()))?;
     let out = File::create(out_path).map_err(|e| ReplayError::Input(format!("{}: {e}", out_path.display())))?;
     let messages = engine.messages().clone();
+    let recycler = engine.recycler().clone();
     // Each subscription's id by engine key, known before its first message can arrive.
     let names: Arc<DashMap<QueryKey, Arc<str>>> = Arc::new(DashMap::new());
     let writer = {
         let names = names.clone();
         std::thread::Builder::new()
             .name("livegrid-writer".into())
-            .spawn(move || write_messages(&messages, &names, out))
+            .spawn(move || write_messages(&messages, &recycler, &names, out))
             .map_err(|e| ReplayError::Failed(format!("starting the output writer: {e}")))?
     };
 
@@ -261,6 +262,7 @@ impl Default for OutputStats {
 /// message is a small header around documents encoded once on the grid.
 fn write_messages(
     messages: &crossbeam_channel::Receiver<EngineEvent>,
+    recycler: &Recycler,
     names: &DashMap<QueryKey, Arc<str>>,
     out: File,
 ) -> Result<OutputStats, ReplayError> {
@@ -271,28 +273,29 @@ fn write_messages(
     let mut buffer = Vec::with_capacity(OUTPUT_BUFFER + 64 * 1024);
     // The subscriptions' ids, copied from the shared map once each (no lock per message).
     let mut known: rustc_hash::FxHashMap<QueryKey, Arc<str>> = Default::default();
-    for message in messages.iter().flat_map(|event| match event {
-        EngineEvent::Messages(batch) => batch,
-        _ => Vec::new(),
-    }) {
-        let Message { key, frame, latency } = message;
-        match &frame {
-            Frame::Result(_) => stats.results += 1,
-            Frame::Delta(_) => stats.deltas += 1,
+    for event in messages {
+        let EngineEvent::Messages(mut batch) = event else { continue };
+        for message in batch.drain(..) {
+            let Message { key, frame, latency } = message;
+            match &frame {
+                Frame::Result(_) => stats.results += 1,
+                Frame::Delta(_) => stats.deltas += 1,
+            }
+            if let Some(latency) = latency {
+                // The histogram grows to any value up to an hour; beyond, it counts as an hour.
+                let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).min(MAX_LATENCY_MICROS);
+                stats.latencies.record(micros).map_err(|e| ReplayError::Failed(format!("latency histogram: {e}")))?;
+            }
+            let name =
+                known.entry(key).or_insert_with(|| names.get(&key).map(|n| n.clone()).unwrap_or_else(|| Arc::from("")));
+            frame.write_json(name, None, &mut buffer);
+            buffer.push(b'\n');
+            if buffer.len() >= OUTPUT_BUFFER {
+                out.write_all(&buffer).map_err(failed)?;
+                buffer.clear();
+            }
         }
-        if let Some(latency) = latency {
-            // The histogram grows to any value up to an hour; beyond, it counts as an hour.
-            let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).min(MAX_LATENCY_MICROS);
-            stats.latencies.record(micros).map_err(|e| ReplayError::Failed(format!("latency histogram: {e}")))?;
-        }
-        let name =
-            known.entry(key).or_insert_with(|| names.get(&key).map(|n| n.clone()).unwrap_or_else(|| Arc::from("")));
-        frame.write_json(name, None, &mut buffer);
-        buffer.push(b'\n');
-        if buffer.len() >= OUTPUT_BUFFER {
-            out.write_all(&buffer).map_err(failed)?;
-            buffer.clear();
-        }
+        recycler.give(batch);
     }
     out.write_all(&buffer).map_err(failed)?;
     out.flush().map_err(failed)?;

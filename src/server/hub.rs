@@ -42,7 +42,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use livegrid_engine::{EngineEvent, Message, QueryKey};
+use livegrid_engine::{EngineEvent, Message, QueryKey, Recycler};
 use livegrid_protocol::{ErrorCode, ErrorMessage, Frame, ServerMessage};
 use tokio::sync::mpsc;
 
@@ -360,6 +360,7 @@ impl Hub {
     pub fn run(
         &self,
         events: crossbeam_channel::Receiver<EngineEvent>,
+        recycler: &Recycler,
         shards: usize,
         failed: impl Fn(String),
         end: impl Fn(QueryKey) + Sync,
@@ -376,10 +377,11 @@ impl Hub {
                     .spawn_scoped(scope, move || {
                         for item in work {
                             match item {
-                                ShardWork::Messages(batch) => {
-                                    for message in batch {
+                                ShardWork::Messages(mut batch) => {
+                                    for message in batch.drain(..) {
                                         self.deliver(message, end);
                                     }
+                                    recycler.give(batch);
                                 }
                                 ShardWork::Ended { key, code, message } => self.ended(key, code, message),
                             }
@@ -392,11 +394,17 @@ impl Hub {
             let lost = || failed("a hub thread stopped: deltas no longer reach clients".into());
             'events: for event in events {
                 match event {
-                    EngineEvent::Messages(batch) => {
+                    EngineEvent::Messages(mut batch) => {
+                        // Batches go back to the engine once read (see `Recycler`).
                         let mut parts: Vec<Vec<Message>> = (0..shards).map(|_| Vec::new()).collect();
-                        for message in batch {
-                            parts[shard_of(message.key)].push(message);
+                        for message in batch.drain(..) {
+                            let part = &mut parts[shard_of(message.key)];
+                            if part.capacity() == 0 {
+                                *part = recycler.take();
+                            }
+                            part.push(message);
                         }
+                        recycler.give(batch);
                         for (shard, (queue, part)) in queues.iter().zip(parts).enumerate() {
                             if part.is_empty() {
                                 continue;

@@ -277,12 +277,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let shards = std::thread::available_parallelism().map_or(2, |n| n.get()).max(2);
     let hub_thread = {
         let (hub, events, health, engine) = (hub.clone(), engine.messages().clone(), health.clone(), engine.clone());
+        let recycler = engine.recycler().clone();
         std::thread::Builder::new()
             .name("livegrid-hub".into())
             .spawn(move || {
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     hub.run(
                         events,
+                        &recycler,
                         shards,
                         |reason| health.fail(format!("engine: {reason}")),
                         |key| {
