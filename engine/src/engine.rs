@@ -116,7 +116,7 @@ const UNREAD_AT_SHUTDOWN: Duration = Duration::from_secs(1);
 pub const OUTPUT_BATCH: usize = 256;
 
 /// Emptied batches kept for reuse, at most (about 36 KiB each).
-const RECYCLED_BATCHES: usize = 64;
+const RECYCLED_BATCHES: usize = 32;
 
 /// Hands emptied message batches back to the engine, which fills them again: a consumer on
 /// another thread that frees them instead makes the engine take fresh memory for every batch,

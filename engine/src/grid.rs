@@ -79,10 +79,10 @@ const MAX_SPARE_BUFFERS: usize = 4;
 const MAX_KEPT_RECORDS: usize = 16_384;
 
 /// Records in one delivery to the router, at most (unless timely hands over a larger buffer).
-pub(crate) const DELIVERY_BATCH: usize = 4096;
+pub(crate) const DELIVERY_BATCH: usize = 1024;
 
 /// Emptied output buffers waiting to be filled again, at most.
-pub(crate) const MAX_RECYCLED_BUFFERS: usize = 16;
+pub(crate) const MAX_RECYCLED_BUFFERS: usize = 8;
 
 /// What the engine sends worker 0.
 pub(crate) enum Command {
