@@ -78,6 +78,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list" || a == "--test") {
         return;
     }
+    livegrid::allocator::configure();
     let rate: u64 = std::env::var("LIVEGRID_LOAD_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
     let seconds: u64 = std::env::var("LIVEGRID_LOAD_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let fanout: usize = std::env::var("LIVEGRID_LOAD_FANOUT").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);

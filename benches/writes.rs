@@ -57,6 +57,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list" || a == "--test") {
         return;
     }
+    livegrid::allocator::configure();
     let writers: usize = env("LIVEGRID_WRITERS", 64);
     let seconds: u64 = env("LIVEGRID_WRITES_SECONDS", 5);
     let durability: String = env("LIVEGRID_DURABILITY", "durable".to_string());

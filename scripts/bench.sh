@@ -9,7 +9,7 @@
 #            (LIVEGRID_LOAD_RATE, LIVEGRID_LOAD_SECONDS, LIVEGRID_DURABILITY)
 #   fanout   livegrid replay on the chat workload (10,000 queries, ~50 changed per write),
 #            output to a file: deltas/s at saturation, then latency at a fixed rate
-#            (LIVEGRID_FANOUT_RATE events/s, default 24,000)
+#            (LIVEGRID_FANOUT_RATE events/s, default 21,000)
 #   serve-fanout  livegrid serve end to end with 50 subscriptions changed per write, and
 #            with one connection that reads nothing (peak RSS, slow consumers cut)
 #   writes   acknowledged single-document writes/s from 64 concurrent keep-alive clients,
@@ -57,7 +57,7 @@ run_fanout() {
   dir=$(mktemp -d)
   target/release/livegrid workload --dir "$dir" --events 200000 --queries 10000 --fanout 50
   sync
-  target/release/livegrid replay --events "$dir/events.jsonl" --queries "$dir/queries.jsonl" --out "$dir/out.jsonl" --grid 1x2 --rate "${LIVEGRID_FANOUT_RATE:-24000}"
+  target/release/livegrid replay --events "$dir/events.jsonl" --queries "$dir/queries.jsonl" --out "$dir/out.jsonl" --grid 1x2 --rate "${LIVEGRID_FANOUT_RATE:-21000}"
   rm -rf "$dir"
 }
 run_serve_fanout() {

@@ -3,6 +3,7 @@
 //! files), the HTTP/WebSocket server and its hub, cache invalidation and configuration.
 //! Matching logic does not: it belongs to `livegrid-matcher` and `livegrid-engine`.
 
+pub mod allocator;
 pub mod cli;
 pub mod commands;
 pub mod health;

@@ -2,8 +2,7 @@
 
 use std::process::ExitCode;
 
-/// mimalloc: documents are allocated on one thread and freed on another all the time, which
-/// the system allocator handles poorly.
+/// mimalloc, with the settings of `livegrid::allocator` (see there why).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -11,6 +10,7 @@ use clap::Parser;
 use livegrid::cli::{Cli, Command};
 
 fn main() -> ExitCode {
+    livegrid::allocator::configure();
     let cli = Cli::parse();
     match cli.command {
         Command::Match(args) => livegrid::commands::match_docs::run(&args),
