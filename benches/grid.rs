@@ -63,7 +63,13 @@ const IN_FLIGHT: u64 = 20_000;
 struct EmptyDatabase;
 
 impl SnapshotSource for EmptyDatabase {
-    fn read(&self, _ns: &str, _query: &Query, _k: Option<usize>) -> Result<Snapshot, SnapshotError> {
+    fn read(
+        &self,
+        _ns: &str,
+        _spec: &livegrid_matcher::QuerySpec,
+        _query: &Query,
+        _k: Option<usize>,
+    ) -> Result<Snapshot, SnapshotError> {
         Ok(Snapshot { docs: Vec::new(), position: Position::ZERO, complete: true })
     }
 }

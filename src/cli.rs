@@ -113,6 +113,14 @@ pub struct ServeArgs {
     /// With --replay: events per second at most [default: as fast as the engine takes them].
     #[arg(long, env = "LIVEGRID_REPLAY_RATE", requires = "replay")]
     pub replay_rate: Option<f64>,
+    /// Follow a MongoDB replica set or sharded cluster (its change stream) instead of the
+    /// embedded store; initial results are read from it. The resume token is kept in --data.
+    #[arg(long, env = "LIVEGRID_MONGODB_URI", conflicts_with = "replay")]
+    pub mongodb: Option<String>,
+    /// With --mongodb: a database (`db`) or collection (`db.coll`) to watch; repeat for more
+    /// [default: the whole deployment].
+    #[arg(long, requires = "mongodb")]
+    pub watch: Vec<String>,
 }
 
 /// Flags of `livegrid workload`.

@@ -475,7 +475,7 @@ impl Engine {
         let k = self.window_capacity(query);
         let mut attempts = 0;
         loop {
-            let snapshot = self.shared.snapshot.read(ns, query, k)?;
+            let snapshot = self.shared.snapshot.read(ns, spec, query, k)?;
             match self.register_compiled(key, ns, spec, query, snapshot) {
                 Err(EngineError::StaleSnapshot { .. }) if attempts < 3 => attempts += 1,
                 other => return other,
@@ -858,7 +858,7 @@ fn reread(shared: &Shared, key: QueryKey, events: &Sender<EngineEvent>) {
             }
         };
         let k = crate::window::capacity(query, shared.slack);
-        let snapshot = match shared.snapshot.read(&ns, query, k) {
+        let snapshot = match shared.snapshot.read(&ns, &spec, query, k) {
             Ok(snapshot) => snapshot,
             Err(e) => {
                 last_error = e.to_string();

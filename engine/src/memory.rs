@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use bson::Document;
-use livegrid_matcher::Query;
+use livegrid_matcher::{Query, QuerySpec};
 use livegrid_protocol::Position;
 
 use crate::doc_id::DocId;
@@ -74,7 +74,7 @@ pub struct Poisoned;
 pub struct SharedMemory(pub Mutex<MemoryState>);
 
 impl SnapshotSource for SharedMemory {
-    fn read(&self, ns: &str, query: &Query, k: Option<usize>) -> Result<Snapshot, SnapshotError> {
+    fn read(&self, ns: &str, _spec: &QuerySpec, query: &Query, k: Option<usize>) -> Result<Snapshot, SnapshotError> {
         Ok(self.0.lock().map_err(|_| SnapshotError::new(Poisoned))?.read(ns, query, k))
     }
 }

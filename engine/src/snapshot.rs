@@ -2,7 +2,7 @@
 //! (the embedded store, MongoDB, the replay harness).
 
 use bson::Document;
-use livegrid_matcher::Query;
+use livegrid_matcher::{Query, QuerySpec};
 use livegrid_protocol::Position;
 
 /// A consistent read of a query's result.
@@ -31,8 +31,9 @@ impl SnapshotError {
 
 /// Reads query results at a known position.
 pub trait SnapshotSource: Send + Sync {
-    /// Reads the result of `query` in namespace `ns`: with `k`, the first `k` matching
-    /// documents in the query's sort order (ignoring its skip, limit and projection);
-    /// without, every matching document.
-    fn read(&self, ns: &str, query: &Query, k: Option<usize>) -> Result<Snapshot, SnapshotError>;
+    /// Reads the result of `query` (compiled from `spec`) in namespace `ns`: with `k`, the
+    /// first `k` matching documents in the query's sort order (ignoring its skip, limit and
+    /// projection); without, every matching document. Sources that evaluate queries
+    /// themselves use the compiled form; those that send them elsewhere (MongoDB) the spec.
+    fn read(&self, ns: &str, spec: &QuerySpec, query: &Query, k: Option<usize>) -> Result<Snapshot, SnapshotError>;
 }

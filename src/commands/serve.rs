@@ -45,6 +45,8 @@ pub struct FileConfig {
     exit_on_fatal: Option<bool>,
     replay: Option<PathBuf>,
     replay_rate: Option<f64>,
+    mongodb: Option<String>,
+    watch: Option<Vec<String>>,
 }
 
 /// What `serve` runs with: the server's configuration and what the command itself does.
@@ -114,12 +116,17 @@ pub fn config(args: &ServeArgs) -> Result<ServeConfig, String> {
             .or(file.write_deadline_ms)
             .map(Duration::from_millis)
             .unwrap_or(defaults.write_deadline),
-        source: match args.replay.clone().or(file.replay) {
-            Some(path) => SourceChoice::Replay { path, rate: args.replay_rate.or(file.replay_rate) },
-            None if args.replay_rate.or(file.replay_rate).is_some() => {
+        source: match (args.replay.clone().or(file.replay), args.mongodb.clone().or(file.mongodb)) {
+            (Some(_), Some(_)) => return Err("choose one source: replay or mongodb".into()),
+            (Some(path), None) => SourceChoice::Replay { path, rate: args.replay_rate.or(file.replay_rate) },
+            (None, _) if args.replay_rate.or(file.replay_rate).is_some() => {
                 return Err("replay_rate needs a replay file".into());
             }
-            None => SourceChoice::Store,
+            (None, Some(uri)) => {
+                let watch = if args.watch.is_empty() { file.watch.unwrap_or_default() } else { args.watch.clone() };
+                SourceChoice::Mongo { uri, watch }
+            }
+            (None, None) => SourceChoice::Store,
         },
         ..defaults
     };

@@ -15,7 +15,7 @@ pub mod rest;
 pub mod session;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -31,6 +31,7 @@ use tokio::sync::watch;
 
 use crate::health::Health;
 use crate::source::Source;
+use crate::source::mongo::{MongoConfig, MongoSource, Watch, checkpoint_path};
 use crate::source::pump::Pump;
 use crate::source::replay::ReplaySource;
 use crate::source::store::{Durability, Store, StoreConfig, StoreSource};
@@ -100,6 +101,13 @@ pub enum SourceChoice {
         /// Events per second at most (`None`: as fast as the engine takes them).
         rate: Option<f64>,
     },
+    /// A MongoDB deployment's change stream; the REST data API is off.
+    Mongo {
+        /// The connection string.
+        uri: String,
+        /// Databases (`db`) and collections (`db.coll`) to watch; empty: all.
+        watch: Vec<String>,
+    },
 }
 
 impl Default for ServerConfig {
@@ -165,6 +173,11 @@ impl ServerConfig {
         range("write_queue", self.write_queue as u128, 1, 1 << 20)?;
         range("write_deadline (ms)", self.write_deadline.as_millis(), 1, 3_600_000)?;
         range("grid workers", self.grid.workers() as u128, 1, 1024)?;
+        if let SourceChoice::Mongo { watch, .. } = &self.source
+            && let Some(bad) = watch.iter().find(|w| w.is_empty() || w.starts_with('.') || w.ends_with('.'))
+        {
+            return Err(format!("watch entries are `db` or `db.coll`, found {bad:?}"));
+        }
         if let SourceChoice::Replay { rate: Some(rate), .. } = &self.source
             && !ReplaySource::valid_rate(*rate)
         {
@@ -382,6 +395,25 @@ async fn open_source(
                 Some(rate) => source.with_rate(rate),
                 None => source,
             };
+            Ok((Box::new(source), None))
+        }
+        SourceChoice::Mongo { uri, watch } => {
+            let config = MongoConfig {
+                uri: uri.clone(),
+                watch: if watch.is_empty() { Watch::Deployment } else { Watch::Only(watch.clone()) },
+                checkpoint: checkpoint_path(&config.data),
+            };
+            let data = config.checkpoint.parent().map(Path::to_path_buf);
+            // Connecting and opening the stream wait on the network: not on the runtime.
+            let source = tokio::task::spawn_blocking(move || {
+                if let Some(data) = data {
+                    std::fs::create_dir_all(&data)
+                        .map_err(|e| ServerError::Config(format!("creating {}: {e}", data.display())))?;
+                }
+                MongoSource::open(config).map_err(|e| ServerError::Config(e.to_string()))
+            })
+            .await
+            .map_err(|e| ServerError::Config(format!("opening the mongodb source: {e}")))??;
             Ok((Box::new(source), None))
         }
     }

@@ -61,6 +61,17 @@ pub fn parse(
 ) -> Result<Parsed, ChangeEventError> {
     let json: Value = serde_json::from_str(text)?;
     let event = livegrid_protocol::extjson::document_from_json(json)?;
+    parse_document(&event, line, previous, current)
+}
+
+/// Parses one change event given as a BSON document (as the MongoDB driver yields it); see
+/// [`parse`].
+pub fn parse_document(
+    event: &Document,
+    line: u64,
+    previous: Position,
+    current: impl Fn(&str, &Bson) -> Option<Arc<Document>>,
+) -> Result<Parsed, ChangeEventError> {
     let field = |field: &'static str, reason: &str| ChangeEventError::Field { field, reason: reason.to_string() };
     let operation = event.get_str("operationType").map_err(|_| field("operationType", "missing or not a string"))?;
     let op = match operation {

@@ -11,6 +11,7 @@
 
 pub mod change_stream_event;
 pub mod document_path;
+pub mod mongo;
 pub mod namespace;
 pub mod pump;
 pub mod replay;
@@ -69,4 +70,7 @@ pub enum SourceError {
         #[source]
         source: change_stream_event::ChangeEventError,
     },
+    /// The MongoDB source failed (see the cause).
+    #[error(transparent)]
+    Mongo(Box<mongo::MongoError>),
 }

@@ -146,13 +146,13 @@ mod tests {
         let all = Query::compile(&QuerySpec::default()).unwrap();
         let Pulled::Events(first) = source.pull(2, Duration::ZERO).unwrap() else { panic!("events expected") };
         assert_eq!(first.iter().map(|e| e.position.time()).collect::<Vec<_>>(), vec![1, 4]);
-        let snapshot = source.snapshots().read("a.b", &all, None).unwrap();
+        let snapshot = source.snapshots().read("a.b", &QuerySpec::default(), &all, None).unwrap();
         assert_eq!((snapshot.docs.len(), snapshot.position), (2, Position::new(4)));
         let Pulled::Events(rest) = source.pull(10, Duration::ZERO).unwrap() else { panic!("events expected") };
         assert_eq!(rest.len(), 1);
         assert!(matches!(source.pull(10, Duration::ZERO).unwrap(), Pulled::Ended));
         assert_eq!((source.applied(), source.skipped()), (3, 1));
-        assert_eq!(source.snapshots().read("a.b", &all, None).unwrap().docs.len(), 1);
+        assert_eq!(source.snapshots().read("a.b", &QuerySpec::default(), &all, None).unwrap().docs.len(), 1);
     }
 
     #[test]

@@ -45,7 +45,7 @@ use std::time::Duration;
 
 use bson::{Bson, Document, oid::ObjectId};
 use livegrid_engine::{ChangeEvent, Snapshot, SnapshotError, SnapshotSource};
-use livegrid_matcher::{Query, SortKey};
+use livegrid_matcher::{Query, QuerySpec, SortKey};
 use livegrid_protocol::Position;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
@@ -453,7 +453,7 @@ fn recover_position(db: &redb::Database) -> Result<u64, StoreError> {
 }
 
 impl SnapshotSource for Store {
-    fn read(&self, ns: &str, query: &Query, k: Option<usize>) -> Result<Snapshot, SnapshotError> {
+    fn read(&self, ns: &str, _spec: &QuerySpec, query: &Query, k: Option<usize>) -> Result<Snapshot, SnapshotError> {
         Store::read(self, ns, query, k).map_err(SnapshotError::new)
     }
 }
@@ -571,7 +571,6 @@ mod tests {
     use super::*;
     use bson::doc;
     use livegrid_engine::ChangeOp;
-    use livegrid_matcher::QuerySpec;
 
     #[test]
     fn writes_are_atomic_positioned_and_durable() {

@@ -1,0 +1,556 @@
+//! A wire-level MongoDB fixture for tests: a TCP server on loopback that speaks OP_MSG well
+//! enough for the real `mongodb` driver to run change streams, snapshot `find`s and cursors
+//! against it. It is a fixture for the protocol, never a database: it keeps every write in an
+//! in-memory log, answers `find` by replaying the log up to the requested cluster time and
+//! evaluating the query with livegrid's matcher, and serves change events from the log.
+//!
+//! What it speaks (replies follow MongoDB's documentation of these commands): the `isMaster`
+//! / `hello` handshake of a replica-set primary (connect with `directConnection=true`),
+//! `aggregate` with a `$changeStream` stage (`fullDocument: "updateLookup"`, `resumeAfter`,
+//! `startAfter`, `startAtOperationTime`), `getMore` with `postBatchResumeToken` (an empty
+//! batch after waiting), `find` with `readConcern: {level: "snapshot", atClusterTime}` (and
+//! `cursor.atClusterTime` in the reply), `killCursors`, `endSessions`, `ping`. Faults to
+//! inject: a resumable error (`ResumableChangeStreamError` label) on the next `getMore`, a
+//! dropped connection, and lost history (code 286 `ChangeStreamHistoryLost` when a stream
+//! resumes before it).
+//!
+//! Writes are made through the fixture's methods; the events of one [`MongoFixture::transaction`]
+//! share one cluster time, as MongoDB's do.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::{Read, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use bson::{Bson, Document, Timestamp, doc};
+use livegrid_matcher::{Query, QuerySpec};
+
+const OP_MSG: i32 = 2013;
+
+/// How long an empty `getMore` waits for events when the driver gives no `maxTimeMS`.
+const AWAIT: Duration = Duration::from_millis(300);
+
+/// One write.
+#[derive(Debug, Clone)]
+pub enum Write {
+    Insert(Document),
+    /// The document after the update (with its `_id`).
+    Update(Document),
+    Replace(Document),
+    /// The `_id` of the deleted document.
+    Delete(Bson),
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    time: Timestamp,
+    ns: String,
+    write: Write,
+}
+
+impl Entry {
+    fn id(&self) -> Bson {
+        match &self.write {
+            Write::Insert(d) | Write::Update(d) | Write::Replace(d) => d.get("_id").cloned().unwrap_or(Bson::Null),
+            Write::Delete(id) => id.clone(),
+        }
+    }
+}
+
+/// A fault to inject.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fault {
+    /// The next `getMore` fails with a resumable error.
+    ResumableGetMore,
+    /// The next `getMore` closes its connection instead of replying.
+    DropConnection,
+}
+
+enum Cursor {
+    /// `matches`: the `$match` stages after `$changeStream`, applied to the events.
+    Stream { db: String, coll: Option<String>, next: usize, lookup: bool, matches: Vec<livegrid_matcher::Filter> },
+}
+
+#[derive(Default)]
+struct State {
+    log: Vec<Entry>,
+    /// Entries before this index are no longer in the "oplog": a stream cannot resume there.
+    history_start: usize,
+    clock: u32,
+    cursors: HashMap<i64, Cursor>,
+    next_cursor: i64,
+    faults: VecDeque<Fault>,
+    commands: Vec<String>,
+    connection_id: i32,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+    stop: AtomicBool,
+    seconds: u32,
+}
+
+/// The fixture: a server on a loopback port until dropped.
+pub struct MongoFixture {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+impl MongoFixture {
+    pub fn start() -> MongoFixture {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seconds = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as u32;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State { next_cursor: 1, ..Default::default() }),
+            changed: Condvar::new(),
+            stop: AtomicBool::new(false),
+            seconds,
+        });
+        let accepting = shared.clone();
+        std::thread::spawn(move || {
+            while !accepting.stop.load(Ordering::Acquire) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let shared = accepting.clone();
+                        std::thread::spawn(move || serve_connection(stream, &shared, addr));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        MongoFixture { addr, shared }
+    }
+
+    /// A URI for the driver.
+    pub fn uri(&self) -> String {
+        format!("mongodb://{}/?directConnection=true&serverMonitoringMode=poll", self.addr)
+    }
+
+    pub fn insert(&self, ns: &str, doc: Document) {
+        self.transaction(vec![(ns, Write::Insert(doc))]);
+    }
+
+    pub fn update(&self, ns: &str, doc: Document) {
+        self.transaction(vec![(ns, Write::Update(doc))]);
+    }
+
+    pub fn replace(&self, ns: &str, doc: Document) {
+        self.transaction(vec![(ns, Write::Replace(doc))]);
+    }
+
+    pub fn delete(&self, ns: &str, id: impl Into<Bson>) {
+        self.transaction(vec![(ns, Write::Delete(id.into()))]);
+    }
+
+    /// Writes that commit together: their events share one cluster time.
+    pub fn transaction(&self, writes: Vec<(&str, Write)>) {
+        let mut state = self.shared.state.lock().unwrap();
+        state.clock += 1;
+        let time = Timestamp { time: self.shared.seconds, increment: state.clock };
+        for (ns, write) in writes {
+            state.log.push(Entry { time, ns: ns.to_string(), write });
+        }
+        self.shared.changed.notify_all();
+    }
+
+    /// The cluster time of the last write.
+    pub fn cluster_time(&self) -> Timestamp {
+        let state = self.shared.state.lock().unwrap();
+        Timestamp { time: self.shared.seconds, increment: state.clock }
+    }
+
+    pub fn inject(&self, fault: Fault) {
+        self.shared.state.lock().unwrap().faults.push_back(fault);
+    }
+
+    /// Forgets the change stream's history: streams resuming before now get code 286.
+    pub fn lose_history(&self) {
+        let mut state = self.shared.state.lock().unwrap();
+        state.history_start = state.log.len();
+    }
+
+    /// The command names received so far.
+    pub fn commands(&self) -> Vec<String> {
+        self.shared.state.lock().unwrap().commands.clone()
+    }
+
+    /// The documents of `ns` now, by `_id`.
+    pub fn documents(&self, ns: &str) -> Vec<Document> {
+        let state = self.shared.state.lock().unwrap();
+        let time = Timestamp { time: self.shared.seconds, increment: state.clock };
+        documents_at(&state.log, ns, time)
+    }
+}
+
+impl Drop for MongoFixture {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.changed.notify_all();
+    }
+}
+
+/// The documents of `ns` at cluster time `time`, by replaying the log.
+fn documents_at(log: &[Entry], ns: &str, time: Timestamp) -> Vec<Document> {
+    let mut docs: BTreeMap<String, Document> = BTreeMap::new();
+    for entry in log.iter().filter(|e| e.ns == ns && e.time <= time) {
+        let key = format!("{:?}", entry.id());
+        match &entry.write {
+            Write::Insert(d) | Write::Update(d) | Write::Replace(d) => {
+                docs.insert(key, d.clone());
+            }
+            Write::Delete(_) => {
+                docs.remove(&key);
+            }
+        }
+    }
+    docs.into_values().collect()
+}
+
+fn serve_connection(mut stream: TcpStream, shared: &Shared, addr: SocketAddr) {
+    stream.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let _ = stream.set_nodelay(true);
+    loop {
+        let Some((request_id, command)) = read_message(&mut stream, shared) else { return };
+        let reply = match handle(&command, shared, addr) {
+            Handled::Reply(reply) => reply,
+            Handled::Drop => return,
+        };
+        if write_message(&mut stream, request_id, &reply).is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads one OP_MSG: its request id and its command (kind-1 sequences folded in as arrays).
+fn read_message(stream: &mut TcpStream, shared: &Shared) -> Option<(i32, Document)> {
+    let mut header = [0u8; 16];
+    read_exact(stream, &mut header, shared)?;
+    let length = i32::from_le_bytes(header[0..4].try_into().unwrap()) as usize;
+    let request_id = i32::from_le_bytes(header[4..8].try_into().unwrap());
+    let opcode = i32::from_le_bytes(header[12..16].try_into().unwrap());
+    let mut body = vec![0u8; length.checked_sub(16)?];
+    read_exact(stream, &mut body, shared)?;
+    assert_eq!(opcode, OP_MSG, "the fixture speaks OP_MSG only");
+    let mut at = 4; // flag bits
+    let mut command = Document::new();
+    let mut sequences: Vec<(String, Vec<Bson>)> = Vec::new();
+    while at < body.len() {
+        let kind = body[at];
+        at += 1;
+        match kind {
+            0 => {
+                let size = i32::from_le_bytes(body[at..at + 4].try_into().unwrap()) as usize;
+                command = Document::from_reader(&body[at..at + size]).unwrap();
+                at += size;
+            }
+            1 => {
+                let size = i32::from_le_bytes(body[at..at + 4].try_into().unwrap()) as usize;
+                let end = at + size;
+                let mut p = at + 4;
+                let name_end = p + body[p..].iter().position(|b| *b == 0).unwrap();
+                let name = String::from_utf8(body[p..name_end].to_vec()).unwrap();
+                p = name_end + 1;
+                let mut docs = Vec::new();
+                while p < end {
+                    let size = i32::from_le_bytes(body[p..p + 4].try_into().unwrap()) as usize;
+                    docs.push(Bson::Document(Document::from_reader(&body[p..p + size]).unwrap()));
+                    p += size;
+                }
+                sequences.push((name, docs));
+                at = end;
+            }
+            other => panic!("unknown OP_MSG section kind {other}"),
+        }
+    }
+    for (name, docs) in sequences {
+        command.insert(name, docs);
+    }
+    Some((request_id, command))
+}
+
+fn read_exact(stream: &mut TcpStream, buf: &mut [u8], shared: &Shared) -> Option<()> {
+    let mut read = 0;
+    while read < buf.len() {
+        if shared.stop.load(Ordering::Acquire) {
+            return None;
+        }
+        match stream.read(&mut buf[read..]) {
+            Ok(0) => return None,
+            Ok(n) => read += n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return None,
+        }
+    }
+    Some(())
+}
+
+fn write_message(stream: &mut TcpStream, response_to: i32, reply: &Document) -> std::io::Result<()> {
+    let mut doc = Vec::new();
+    reply.to_writer(&mut doc).unwrap();
+    let length = 16 + 4 + 1 + doc.len();
+    let mut out = Vec::with_capacity(length);
+    out.extend_from_slice(&(length as i32).to_le_bytes());
+    out.extend_from_slice(&response_to.wrapping_add(1_000_000).to_le_bytes());
+    out.extend_from_slice(&response_to.to_le_bytes());
+    out.extend_from_slice(&OP_MSG.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.push(0);
+    out.extend_from_slice(&doc);
+    stream.write_all(&out)
+}
+
+enum Handled {
+    Reply(Document),
+    Drop,
+}
+
+fn error(code: i32, name: &str, message: &str, labels: &[&str]) -> Document {
+    let mut reply = doc! { "ok": 0.0, "code": code, "codeName": name, "errmsg": message };
+    if !labels.is_empty() {
+        reply.insert("errorLabels", labels.iter().map(|l| Bson::String(l.to_string())).collect::<Vec<_>>());
+    }
+    reply
+}
+
+/// Resume tokens name a place in the log: "before entry `next`".
+fn token(next: usize) -> Document {
+    doc! { "_data": format!("{next:016x}") }
+}
+
+fn token_place(token: &Document) -> Option<usize> {
+    usize::from_str_radix(token.get_str("_data").ok()?, 16).ok()
+}
+
+fn handle(command: &Document, shared: &Shared, addr: SocketAddr) -> Handled {
+    let name = command.keys().next().cloned().unwrap_or_default();
+    let db = command.get_str("$db").unwrap_or("admin").to_string();
+    let mut state = shared.state.lock().unwrap();
+    state.commands.push(name.clone());
+    let now = Timestamp { time: shared.seconds, increment: state.clock };
+    let reply = match name.as_str() {
+        "isMaster" | "ismaster" | "hello" => {
+            state.connection_id += 1;
+            doc! {
+                "helloOk": true,
+                "ismaster": true,
+                "isWritablePrimary": true,
+                "setName": "rs0",
+                "hosts": [addr.to_string()],
+                "me": addr.to_string(),
+                "maxBsonObjectSize": 16 * 1024 * 1024_i64,
+                "maxMessageSizeBytes": 48_000_000_i32,
+                "maxWriteBatchSize": 100_000_i32,
+                "logicalSessionTimeoutMinutes": 30_i32,
+                "connectionId": state.connection_id,
+                "minWireVersion": 0_i32,
+                "maxWireVersion": 21_i32,
+                "ok": 1.0,
+            }
+        }
+        "ping" | "endSessions" | "buildInfo" => doc! { "ok": 1.0 },
+        "killCursors" => {
+            let killed: Vec<Bson> = command.get_array("cursors").cloned().unwrap_or_default();
+            for id in &killed {
+                if let Bson::Int64(id) = id {
+                    state.cursors.remove(id);
+                }
+            }
+            doc! { "cursorsKilled": killed, "cursorsNotFound": [], "cursorsAlive": [], "cursorsUnknown": [], "ok": 1.0 }
+        }
+        "aggregate" => aggregate(command, &db, &mut state, now),
+        "getMore" => {
+            let id = command.get_i64("getMore").unwrap_or(0);
+            match state.faults.pop_front() {
+                Some(Fault::ResumableGetMore) => {
+                    state.cursors.remove(&id);
+                    error(262, "ExceededTimeLimit", "injected resumable error", &["ResumableChangeStreamError"])
+                }
+                Some(Fault::DropConnection) => return Handled::Drop,
+                None => {
+                    let wait = command
+                        .get("maxTimeMS")
+                        .and_then(Bson::as_i64)
+                        .or_else(|| command.get_i32("maxTimeMS").ok().map(i64::from))
+                        .map_or(AWAIT, |ms| Duration::from_millis(ms as u64));
+                    drop(state);
+                    return Handled::Reply(get_more(id, shared, wait));
+                }
+            }
+        }
+        "find" => find(command, &db, &state, now),
+        other => error(
+            59,
+            "CommandNotFound",
+            &format!("no such command: '{other}' (the fixture speaks only what livegrid uses)"),
+            &[],
+        ),
+    };
+    let mut reply = reply;
+    reply.insert("operationTime", now);
+    Handled::Reply(reply)
+}
+
+fn aggregate(command: &Document, db: &str, state: &mut State, now: Timestamp) -> Document {
+    let pipeline = command.get_array("pipeline").cloned().unwrap_or_default();
+    let Some(stage) = pipeline.first().and_then(Bson::as_document).and_then(|s| s.get_document("$changeStream").ok())
+    else {
+        return error(40324, "Location40324", "the fixture only runs $changeStream pipelines", &[]);
+    };
+    let coll = match command.get("aggregate") {
+        Some(Bson::String(coll)) => Some(coll.clone()),
+        _ => None,
+    };
+    let lookup = stage.get_str("fullDocument").is_ok_and(|f| f == "updateLookup");
+    let mut matches = Vec::new();
+    for stage in &pipeline[1..] {
+        let Some(filter) = stage.as_document().and_then(|s| s.get_document("$match").ok()) else {
+            return error(40324, "Location40324", "the fixture only runs $match after $changeStream", &[]);
+        };
+        match livegrid_matcher::Filter::parse(filter) {
+            Ok(filter) => matches.push(filter),
+            Err(e) => return error(2, "BadValue", &e.to_string(), &[]),
+        }
+    }
+    let resume = stage.get_document("resumeAfter").or_else(|_| stage.get_document("startAfter")).ok();
+    let next = match (resume, stage.get_timestamp("startAtOperationTime").ok()) {
+        (Some(token), _) => match token_place(token) {
+            Some(place) => place,
+            None => return error(260, "InvalidResumeToken", "cannot decode the resume token", &[]),
+        },
+        (None, Some(time)) => state.log.iter().position(|e| e.time >= time).unwrap_or(state.log.len()),
+        (None, None) => state.log.len(),
+    };
+    if next < state.history_start {
+        return error(
+            286,
+            "ChangeStreamHistoryLost",
+            "Resume of change stream was not possible, as the resume point may no longer be in the oplog.",
+            &[],
+        );
+    }
+    let id = state.next_cursor;
+    state.next_cursor += 1;
+    let ns = format!("{db}.{}", coll.clone().unwrap_or_else(|| "$cmd.aggregate".into()));
+    state.cursors.insert(id, Cursor::Stream { db: db.to_string(), coll, next, lookup, matches });
+    let _ = now;
+    doc! { "cursor": { "firstBatch": [], "postBatchResumeToken": token(next), "id": id, "ns": ns }, "ok": 1.0 }
+}
+
+fn get_more(id: i64, shared: &Shared, wait: Duration) -> Document {
+    let deadline = Instant::now() + wait;
+    let mut state = shared.state.lock().unwrap();
+    loop {
+        let now = Timestamp { time: shared.seconds, increment: state.clock };
+        let log_len = state.log.len();
+        let Some(Cursor::Stream { db, coll, next, lookup, matches }) = state.cursors.get(&id) else {
+            return error(43, "CursorNotFound", &format!("cursor id {id} not found"), &[]);
+        };
+        let (start, lookup) = (*next, *lookup);
+        // A cluster-wide stream is opened on `admin`.
+        let everything = db == "admin" && coll.is_none();
+        let events: Vec<Bson> = state.log[start..]
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| {
+                everything
+                    || e.ns.split_once('.').is_some_and(|(d, c)| d == db && coll.as_deref().is_none_or(|w| w == c))
+            })
+            .map(|(i, e)| event(&state.log, start + i, e, lookup, now))
+            .filter(|event| matches.iter().all(|m| m.matches(event)))
+            .map(Bson::Document)
+            .collect();
+        let (db, coll) = (db.clone(), coll.clone());
+        let timed_out = Instant::now() >= deadline || shared.stop.load(Ordering::Acquire);
+        if !events.is_empty() || timed_out {
+            if let Some(Cursor::Stream { next, .. }) = state.cursors.get_mut(&id) {
+                *next = log_len;
+            }
+            let ns = format!("{db}.{}", coll.unwrap_or_else(|| "$cmd.aggregate".into()));
+            let mut reply = doc! { "cursor": { "nextBatch": events, "postBatchResumeToken": token(log_len), "id": id, "ns": ns }, "ok": 1.0 };
+            reply.insert("operationTime", now);
+            return reply;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        state = shared.changed.wait_timeout(state, left).unwrap().0;
+    }
+}
+
+/// The change event for log entry `index`, as MongoDB emits it.
+fn event(log: &[Entry], index: usize, entry: &Entry, lookup: bool, now: Timestamp) -> Document {
+    let (db, coll) = entry.ns.split_once('.').unwrap();
+    let id = entry.id();
+    let mut event = doc! {
+        "_id": token(index + 1),
+        "clusterTime": entry.time,
+        "wallTime": bson::DateTime::now(),
+        "ns": { "db": db, "coll": coll },
+        "documentKey": { "_id": id.clone() },
+    };
+    match &entry.write {
+        Write::Insert(d) => {
+            event.insert("operationType", "insert");
+            event.insert("fullDocument", d.clone());
+        }
+        Write::Replace(d) => {
+            event.insert("operationType", "replace");
+            event.insert("fullDocument", d.clone());
+        }
+        Write::Update(d) => {
+            event.insert("operationType", "update");
+            event.insert("updateDescription", doc! { "updatedFields": d.clone(), "removedFields": [] });
+            if lookup {
+                // updateLookup reads the document as it is when the event is returned: a
+                // later write may have changed or deleted it (then `fullDocument` is null).
+                let current = documents_at(log, &entry.ns, now)
+                    .into_iter()
+                    .find(|doc| doc.get("_id") == Some(&id))
+                    .map_or(Bson::Null, Bson::Document);
+                event.insert("fullDocument", current);
+            }
+        }
+        Write::Delete(_) => {
+            event.insert("operationType", "delete");
+        }
+    }
+    event
+}
+
+fn find(command: &Document, db: &str, state: &State, now: Timestamp) -> Document {
+    let coll = command.get_str("find").unwrap_or_default();
+    let ns = format!("{db}.{coll}");
+    let at =
+        command.get_document("readConcern").ok().and_then(|rc| rc.get_timestamp("atClusterTime").ok()).unwrap_or(now);
+    if at > now {
+        return error(4, "NoSuchKey", "atClusterTime is in the future (the fixture has no later writes)", &[]);
+    }
+    let spec = QuerySpec {
+        filter: command.get_document("filter").cloned().unwrap_or_default(),
+        sort: command.get_document("sort").ok().cloned(),
+        skip: command
+            .get("skip")
+            .and_then(Bson::as_i64)
+            .or_else(|| command.get_i32("skip").ok().map(i64::from))
+            .unwrap_or(0) as u64,
+        limit: command
+            .get("limit")
+            .and_then(Bson::as_i64)
+            .or_else(|| command.get_i32("limit").ok().map(i64::from))
+            .filter(|l| *l > 0)
+            .map(|l| l as u64),
+        projection: command.get_document("projection").ok().cloned(),
+    };
+    let query = match Query::compile(&spec) {
+        Ok(query) => query,
+        Err(e) => return error(2, "BadValue", &e.to_string(), &[]),
+    };
+    let docs = documents_at(&state.log, &ns, at);
+    let batch: Vec<Bson> = query.evaluate(&docs).into_iter().map(Bson::Document).collect();
+    doc! { "cursor": { "firstBatch": batch, "id": 0_i64, "ns": ns, "atClusterTime": at }, "ok": 1.0 }
+}

@@ -1,0 +1,152 @@
+//! `serve --mongodb`: the real `mongodb` driver against the wire-level fixture
+//! (`tests/common/mongo_fixture.rs`), over real WebSockets. Subscriptions see the writes of
+//! another client, initial results come from snapshot `find`s, a transaction arrives whole,
+//! an update whose document is already gone removes it, a resumable error mid-stream is
+//! survived, and the resume token is checkpointed in the data directory.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bson::{Document, doc};
+use livegrid::server::{ServerConfig, SourceChoice};
+use livegrid_matcher::{Query, QuerySpec};
+use livegrid_protocol::{LiveResult, ServerMessage};
+use serde_json::json;
+
+mod common;
+use common::mongo_fixture::{Fault, MongoFixture, Write};
+use common::{Socket, connect, next_within, send, server_with};
+
+const NS: &str = "app.items";
+
+/// Applies messages until every subscription shows what `expected` says (by id), or fails
+/// after `rounds` quiet half-seconds.
+async fn settle(
+    socket: &mut Socket,
+    live: &mut BTreeMap<String, LiveResult>,
+    expected: &BTreeMap<String, Vec<Document>>,
+) {
+    let mut quiet = 0;
+    loop {
+        let done = expected.iter().all(|(id, docs)| {
+            live.get(id).is_some_and(|r| {
+                let text = |d: &Document| bson::Bson::Document(d.clone()).into_relaxed_extjson().to_string();
+                let mut shown: Vec<String> = r.docs().iter().map(text).collect();
+                let mut want: Vec<String> = docs.iter().map(text).collect();
+                shown.sort();
+                want.sort();
+                shown == want
+            })
+        });
+        if done {
+            return;
+        }
+        match next_within(socket, Duration::from_millis(500)).await {
+            Some(message) => {
+                let id = match &message {
+                    ServerMessage::Result(r) => r.id.clone(),
+                    ServerMessage::Delta(d) => d.id.clone(),
+                    other => panic!("unexpected {other:?}"),
+                };
+                live.entry(id).or_default().apply(&message).unwrap();
+            }
+            None => {
+                quiet += 1;
+                let shown: BTreeMap<_, _> = live.iter().map(|(id, r)| (id.clone(), r.docs().len())).collect();
+                assert!(
+                    quiet < 40,
+                    "results did not reach the fixture's state within 20 s: shown {shown:?}, expected {expected:?}"
+                );
+            }
+        }
+    }
+}
+
+fn expected(fixture: &MongoFixture, queries: &[(&str, serde_json::Value)]) -> BTreeMap<String, Vec<Document>> {
+    let docs = fixture.documents(NS);
+    queries
+        .iter()
+        .map(|(id, q)| {
+            let spec = QuerySpec {
+                filter: q.get("filter").map(|f| bson::serialize_to_document(f).unwrap()).unwrap_or_default(),
+                sort: q.get("sort").map(|s| bson::serialize_to_document(s).unwrap()),
+                limit: q.get("limit").and_then(|l| l.as_u64()),
+                ..Default::default()
+            };
+            (id.to_string(), Query::compile(&spec).unwrap().evaluate(&docs))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_queries_follow_the_change_stream() {
+    let fixture = MongoFixture::start();
+    for i in 0..5 {
+        fixture.insert(NS, doc! { "_id": i, "n": i, "tag": "a" });
+    }
+    fixture.insert("other.items", doc! { "_id": 1, "n": 100 });
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let source = SourceChoice::Mongo { uri: fixture.uri(), watch: vec![NS.into()] };
+    let server = server_with(&data, ServerConfig { source, ..Default::default() }).await;
+
+    let mut socket = connect(server.addr).await;
+    let queries = [
+        ("all", json!({})),
+        ("high", json!({"filter": {"n": {"$gte": 3}}})),
+        ("top", json!({"sort": {"n": -1}, "limit": 2})),
+    ];
+    for (id, query) in &queries {
+        let mut message = json!({"type": "subscribe", "id": id, "ns": NS});
+        message.as_object_mut().unwrap().extend(query.as_object().unwrap().clone());
+        send(&mut socket, message).await;
+    }
+    let mut live = BTreeMap::new();
+    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+
+    // Another client writes: inserts, updates, replaces, deletes.
+    fixture.insert(NS, doc! { "_id": 10, "n": 10, "tag": "b" });
+    fixture.update(NS, doc! { "_id": 0, "n": 7, "tag": "a" });
+    fixture.replace(NS, doc! { "_id": 1, "n": -1 });
+    fixture.delete(NS, 4);
+    fixture.insert("other.items", doc! { "_id": 2, "n": 200 });
+    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+
+    // A transaction: its events share a cluster time and arrive together.
+    fixture.transaction(vec![
+        (NS, Write::Insert(doc! { "_id": 20, "n": 20 })),
+        (NS, Write::Insert(doc! { "_id": 21, "n": 21 })),
+        (NS, Write::Delete(bson::Bson::Int32(10))),
+    ]);
+    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+
+    // An update whose document is gone by the time it is looked up (`fullDocument: null`).
+    fixture.transaction(vec![
+        (NS, Write::Update(doc! { "_id": 20, "n": 30 })),
+        (NS, Write::Delete(bson::Bson::Int32(20))),
+    ]);
+    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+
+    // A resumable error mid-stream, then a dropped connection: the stream resumes and
+    // nothing is lost or applied twice.
+    fixture.inject(Fault::ResumableGetMore);
+    fixture.insert(NS, doc! { "_id": 30, "n": 30 });
+    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    fixture.inject(Fault::DropConnection);
+    fixture.insert(NS, doc! { "_id": 31, "n": 31 });
+    fixture.update(NS, doc! { "_id": 30, "n": 32 });
+    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    let commands = fixture.commands();
+    assert!(commands.iter().filter(|c| *c == "aggregate").count() >= 2, "the stream was resumed: {commands:?}");
+    assert!(commands.iter().any(|c| c == "find"), "initial results came from find: {commands:?}");
+
+    // The resume token is on disk.
+    let mut waited = 0;
+    while !data.join("mongodb-resume-token.bson").exists() {
+        waited += 1;
+        assert!(waited < 100, "no checkpoint after 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, health) = common::http(server.addr, "GET", "/healthz", None).await;
+    assert_eq!(status, 200, "{health}");
+}
