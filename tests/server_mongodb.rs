@@ -96,11 +96,7 @@ async fn live_queries_follow_the_change_stream() {
         ("high", json!({"filter": {"n": {"$gte": 3}}})),
         ("top", json!({"sort": {"n": -1}, "limit": 2})),
     ];
-    for (id, query) in &queries {
-        let mut message = json!({"type": "subscribe", "id": id, "ns": NS});
-        message.as_object_mut().unwrap().extend(query.as_object().unwrap().clone());
-        send(&mut socket, message).await;
-    }
+    subscribe(&mut socket, &queries).await;
     let mut live = BTreeMap::new();
     settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
 
@@ -149,4 +145,82 @@ async fn live_queries_follow_the_change_stream() {
     }
     let (status, health) = common::http(server.addr, "GET", "/healthz", None).await;
     assert_eq!(status, 200, "{health}");
+}
+
+async fn subscribe(socket: &mut Socket, queries: &[(&str, serde_json::Value)]) {
+    for (id, query) in queries {
+        let mut message = json!({"type": "subscribe", "id": id, "ns": NS});
+        message.as_object_mut().unwrap().extend(query.as_object().unwrap().clone());
+        send(socket, message).await;
+    }
+}
+
+/// The real binary on the fixture, killed with SIGKILL and restarted: the restart resumes the
+/// change stream from the checkpoint (after what the first process handed to its engine, at
+/// or before what the fixture had written), results are read fresh and exact; when the
+/// checkpoint has fallen off the history, the restart follows the stream from the present.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_and_restart_resume_from_the_checkpoint() {
+    let fixture = MongoFixture::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let uri = fixture.uri();
+    let flags = ["--mongodb", uri.as_str(), "--watch", "app"];
+    let queries = [("all", json!({})), ("top", json!({"sort": {"n": -1}, "limit": 3}))];
+    let port = common::free_port();
+    let mut first = common::spawn_server(&data, port, &flags).await;
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut socket = connect(addr).await;
+    subscribe(&mut socket, &queries).await;
+    for i in 0..20 {
+        fixture.insert(NS, doc! { "_id": i, "n": i });
+    }
+    let mut live = BTreeMap::new();
+    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    // Let the checkpoint catch up, then kill.
+    let checkpoint = data.join("mongodb-resume-token.bson");
+    for _ in 0..100 {
+        if checkpoint.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(checkpoint.exists(), "no checkpoint");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    common::signal(&first, "-KILL");
+    common::wait_exit(&mut first);
+    let written_before_kill = fixture.writes();
+
+    // Writes while livegrid is down.
+    fixture.update(NS, doc! { "_id": 3, "n": 300 });
+    fixture.delete(NS, 19);
+    let mut second = common::spawn_server(&data, port, &flags).await;
+    let starts = fixture.stream_starts();
+    let resumed_at = *starts.last().unwrap();
+    assert!(
+        starts.len() >= 2 && resumed_at > 0 && resumed_at <= written_before_kill,
+        "the restart resumed after the checkpoint, at or before the kill: {starts:?}, {written_before_kill} written"
+    );
+    let mut socket = connect(addr).await;
+    subscribe(&mut socket, &queries).await;
+    let mut live = BTreeMap::new();
+    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    fixture.insert(NS, doc! { "_id": 50, "n": 50 });
+    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    common::signal(&second, "-KILL");
+    common::wait_exit(&mut second);
+
+    // The checkpoint falls off the history while livegrid is down: the restart starts at the
+    // present, and results (read fresh) are exact.
+    fixture.insert(NS, doc! { "_id": 51, "n": 51 });
+    fixture.lose_history();
+    let mut third = common::spawn_server(&data, port, &flags).await;
+    let mut socket = connect(addr).await;
+    subscribe(&mut socket, &queries).await;
+    let mut live = BTreeMap::new();
+    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    fixture.update(NS, doc! { "_id": 51, "n": 510 });
+    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    common::signal(&third, "-KILL");
+    common::wait_exit(&mut third);
 }

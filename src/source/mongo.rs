@@ -15,8 +15,9 @@
 //!   the data directory ([`Checkpoint`]) at most every [`CHECKPOINT_EVERY`]; a restart resumes
 //!   after it. Errors the driver cannot resume itself are retried here with backoff from the
 //!   last token. When the token has fallen off the oplog (`ChangeStreamHistoryLost`, code
-//!   286), changes may have been missed: the source fails, which turns `/healthz` to 503,
-//!   rather than serve results that silently diverge.
+//!   286) at start, no subscription exists yet and the stream starts at the present; while
+//!   subscriptions are live, changes may have been missed: the source fails, which turns
+//!   `/healthz` to 503, rather than serve results that silently diverge.
 //!
 //! The driver is asynchronous; the source owns a small runtime of its own, driven by the
 //! pump thread (pulls) and the engine's re-read threads (snapshots), never by the server's.
@@ -217,7 +218,20 @@ impl MongoSource {
             held: None,
             snapshots,
         };
-        source.reopen()?;
+        match source.reopen() {
+            Err(MongoError::HistoryLost { .. }) => {
+                // At start no subscription exists yet: every result will be read from MongoDB
+                // anew, so nothing before the present is needed. Start there.
+                tracing::warn!(
+                    checkpoint = %source.checkpoint.path.display(),
+                    "the checkpointed resume token fell off the oplog; following the change stream from the present"
+                );
+                metrics::counter!("livegrid_mongodb_history_lost").increment(1);
+                source.token = None;
+                source.reopen()?;
+            }
+            other => other?,
+        }
         Ok(source)
     }
 

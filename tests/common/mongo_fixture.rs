@@ -85,6 +85,8 @@ struct State {
     next_cursor: i64,
     faults: VecDeque<Fault>,
     commands: Vec<String>,
+    /// Where each change stream started in the log (its first event's index).
+    starts: Vec<usize>,
     connection_id: i32,
 }
 
@@ -174,6 +176,17 @@ impl MongoFixture {
     pub fn lose_history(&self) {
         let mut state = self.shared.state.lock().unwrap();
         state.history_start = state.log.len();
+    }
+
+    /// Where each change stream opened so far started in the log: the index of the first
+    /// write it returns (writes are counted from 0 in the order they were made).
+    pub fn stream_starts(&self) -> Vec<usize> {
+        self.shared.state.lock().unwrap().starts.clone()
+    }
+
+    /// How many writes were made.
+    pub fn writes(&self) -> usize {
+        self.shared.state.lock().unwrap().log.len()
     }
 
     /// The command names received so far.
@@ -435,6 +448,7 @@ fn aggregate(command: &Document, db: &str, state: &mut State, now: Timestamp) ->
             &[],
         );
     }
+    state.starts.push(next);
     let id = state.next_cursor;
     state.next_cursor += 1;
     let ns = format!("{db}.{}", coll.clone().unwrap_or_else(|| "$cmd.aggregate".into()));
