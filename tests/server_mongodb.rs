@@ -224,3 +224,28 @@ async fn kill_and_restart_resume_from_the_checkpoint() {
     common::signal(&third, "-KILL");
     common::wait_exit(&mut third);
 }
+
+/// A wrong URI or an unreachable deployment stops `serve` at start with a clear error, within
+/// the server selection timeout, instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_or_unreachable_deployments_fail_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = |uri: &str| {
+        let config = ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data: dir.path().join("data"),
+            source: SourceChoice::Mongo { uri: uri.into(), watch: Vec::new() },
+            ..Default::default()
+        };
+        livegrid::server::start(config)
+    };
+    let Err(error) = start("postgres://127.0.0.1/").await else { panic!("a wrong scheme must fail") };
+    assert!(error.to_string().contains("mongodb: invalid connection string"), "{error}");
+
+    let closed = common::free_port();
+    let began = std::time::Instant::now();
+    let uri = format!("mongodb://127.0.0.1:{closed}/?directConnection=true&serverSelectionTimeoutMS=300");
+    let Err(error) = start(&uri).await else { panic!("an unreachable server must fail") };
+    assert!(error.to_string().contains("mongodb: opening the change stream"), "{error}");
+    assert!(began.elapsed() < Duration::from_secs(20), "took {:?}", began.elapsed());
+}
