@@ -10,12 +10,12 @@ use std::time::Duration;
 use bson::{Document, doc};
 use livegrid::server::{ServerConfig, SourceChoice};
 use livegrid_matcher::{Query, QuerySpec};
-use livegrid_protocol::{LiveResult, ServerMessage};
+use livegrid_protocol::LiveResult;
 use serde_json::json;
 
 mod common;
 use common::mongo_fixture::{Fault, MongoFixture, Write};
-use common::{Socket, connect, next_within, send, server_with};
+use common::{Socket, apply_message, connect, next_within, send, server_with};
 
 const NS: &str = "app.items";
 
@@ -42,14 +42,7 @@ async fn settle(
             return;
         }
         match next_within(socket, Duration::from_millis(500)).await {
-            Some(message) => {
-                let id = match &message {
-                    ServerMessage::Result(r) => r.id.clone(),
-                    ServerMessage::Delta(d) => d.id.clone(),
-                    other => panic!("unexpected {other:?}"),
-                };
-                live.entry(id).or_default().apply(&message).unwrap();
-            }
+            Some(message) => apply_message(live, &message),
             None => {
                 quiet += 1;
                 let shown: BTreeMap<_, _> = live.iter().map(|(id, r)| (id.clone(), r.docs().len())).collect();

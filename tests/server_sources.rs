@@ -9,11 +9,11 @@ use bson::{Bson, doc};
 use livegrid::server::{ServerConfig, SourceChoice};
 use livegrid::workload::change_stream_json;
 use livegrid_engine::{ChangeEvent, ChangeOp};
-use livegrid_protocol::{LiveResult, Position, ServerMessage};
+use livegrid_protocol::{LiveResult, Position};
 use serde_json::json;
 
 mod common;
-use common::{connect, http, next_within, send, server_with};
+use common::{apply_message, connect, http, next_within, send, server_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_replays_a_change_stream_to_live_queries() {
@@ -59,14 +59,7 @@ async fn serve_replays_a_change_stream_to_live_queries() {
     let mut quiet = 0;
     for _ in 0..100_000 {
         match next_within(&mut socket, Duration::from_millis(500)).await {
-            Some(message) => {
-                let id = match &message {
-                    ServerMessage::Result(r) => r.id.clone(),
-                    ServerMessage::Delta(d) => d.id.clone(),
-                    other => panic!("unexpected {other:?}"),
-                };
-                live.entry(id).or_default().apply(&message).unwrap();
-            }
+            Some(message) => apply_message(&mut live, &message),
             None => {
                 quiet += 1;
                 assert!(quiet < 60, "the replayed stream was not processed within 30 s");

@@ -93,6 +93,19 @@ pub async fn close_frame(socket: &mut Socket) -> (u16, String) {
     }
 }
 
+/// Applies a `result` or `delta` to the live result of its subscription id.
+pub fn apply_message(
+    live: &mut std::collections::BTreeMap<String, livegrid_protocol::LiveResult>,
+    message: &ServerMessage,
+) {
+    let id = match message {
+        ServerMessage::Result(r) => r.id.clone(),
+        ServerMessage::Delta(d) => d.id.clone(),
+        other => panic!("unexpected {other:?}"),
+    };
+    live.entry(id).or_default().apply(message).unwrap();
+}
+
 /// A free loopback port.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
