@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks whose figures README.md records.
-# Usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|all]
+# Usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|all]
 #   matcher  criterion: filter evaluation and compilation
 #   grid     events/s, write-to-delta latency and memory per query with 1k/10k/100k queries
 #            (LIVEGRID_BENCH_QUERIES, LIVEGRID_BENCH_GRID, LIVEGRID_BENCH_RATE to vary it)
@@ -12,6 +12,8 @@
 #            (LIVEGRID_FANOUT_RATE events/s, default 21,000)
 #   serve-fanout  livegrid serve end to end with 50 subscriptions changed per write, and
 #            with one connection that reads nothing (peak RSS, slow consumers cut)
+#   mongodb  events/s through the MongoDB source (real driver, wire-level fixture)
+#            (LIVEGRID_MONGODB_EVENTS, default 200,000)
 #   writes   acknowledged single-document writes/s from 64 concurrent keep-alive clients,
 #            durable (group commit) and periodic (LIVEGRID_WRITERS, LIVEGRID_WRITES_SECONDS)
 set -euo pipefail
@@ -68,6 +70,10 @@ run_serve_fanout() {
   echo "== serve-fanout with one connection that reads nothing (it subscribes to every write)"
   LIVEGRID_LOAD_FANOUT=50 LIVEGRID_LOAD_RATE=1000 LIVEGRID_LOAD_SECONDS=20 LIVEGRID_LOAD_SILENT=1 cargo bench --bench load
 }
+run_mongodb() {
+  echo "== mongodb: events/s through the MongoDB source (driver + fixture on loopback)"
+  cargo bench --bench mongodb
+}
 run_writes() {
   echo "== writes: 64 concurrent keep-alive writers, each durability mode"
   for durability in durable periodic; do
@@ -80,8 +86,9 @@ case "$what" in
   replay) run_replay ;;
   load) run_load ;;
   writes) run_writes ;;
+  mongodb) run_mongodb ;;
   fanout) run_fanout ;;
   serve-fanout) run_serve_fanout ;;
-  all) run_matcher; run_grid; run_replay; run_fanout; run_serve_fanout; run_load; run_writes ;;
-  *) echo "usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|all]" >&2; exit 2 ;;
+  all) run_matcher; run_grid; run_replay; run_fanout; run_serve_fanout; run_load; run_writes; run_mongodb ;;
+  *) echo "usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|all]" >&2; exit 2 ;;
 esac

@@ -28,6 +28,29 @@ pub enum Command {
     Workload(WorkloadArgs),
     /// Serve live queries over WebSocket and the embedded document store over REST.
     Serve(Box<ServeArgs>),
+    /// Capture a MongoDB deployment's change stream as the JSON lines `livegrid replay` and
+    /// `serve --replay` read (one event per line, cluster times included).
+    Record(RecordArgs),
+}
+
+/// Flags of `livegrid record`.
+#[derive(Debug, Args)]
+pub struct RecordArgs {
+    /// The deployment (a replica set or sharded cluster).
+    #[arg(long, env = "LIVEGRID_MONGODB_URI")]
+    pub mongodb: String,
+    /// A database (`db`) or collection (`db.coll`) to record; repeat for more [default: all].
+    #[arg(long)]
+    pub watch: Vec<String>,
+    /// Where to write the events (replaced if it exists).
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// Stop after this many events [default: no limit].
+    #[arg(long)]
+    pub events: Option<u64>,
+    /// Stop after this many seconds [default: no limit; stop with Ctrl-C].
+    #[arg(long)]
+    pub seconds: Option<f64>,
 }
 
 /// Flags of `livegrid serve` (each also read from the environment).

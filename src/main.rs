@@ -17,5 +17,6 @@ fn main() -> ExitCode {
         Command::Replay(args) => livegrid::commands::replay::run(&args),
         Command::Workload(args) => livegrid::commands::workload::run(&args),
         Command::Serve(args) => livegrid::commands::serve::run(&args),
+        Command::Record(args) => livegrid::commands::record::run(&args),
     }
 }

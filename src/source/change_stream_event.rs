@@ -4,7 +4,8 @@
 //! (`{"db": .., "coll": ..}` or the string `"db.coll"`), `documentKey._id`, and for inserts,
 //! replaces and (with `fullDocument: "updateLookup"`) updates the `fullDocument`. An update
 //! without `fullDocument` is applied to the previous version of the document through its
-//! `updateDescription` (`updatedFields`, `removedFields`, `truncatedArrays`). Other operation
+//! `updateDescription` (`updatedFields`, `removedFields`, `truncatedArrays`); one whose
+//! `fullDocument` is `null` (looked up and gone) has left every result. Other operation
 //! types (`drop`, `rename`, `invalidate`, ...) carry no document change and are skipped.
 //!
 //! Positions ([`Position`]): `clusterTime` (a BSON timestamp `{t, i}`) is the position's time;
@@ -39,6 +40,15 @@ pub enum ChangeEventError {
         /// What is wrong.
         reason: String,
     },
+}
+
+/// An event's `fullDocument`.
+enum Full {
+    Document(Document),
+    /// `null`: looked up, and gone.
+    Gone,
+    /// Not in the event.
+    Absent,
 }
 
 /// A parsed change event, or an event without a document change.
@@ -96,26 +106,30 @@ pub fn parse_document(
         .and_then(|k| k.get("_id"))
         .cloned()
         .ok_or_else(|| field("documentKey._id", "missing"))?;
+    // With `fullDocument: "updateLookup"` MongoDB sends `null` for an update whose document
+    // is gone by the time it is looked up: the document has left every result. Without the
+    // option the field is absent, and the update is applied to the previous version.
     let full = match event.get("fullDocument") {
-        Some(Bson::Document(d)) => Some(d.clone()),
-        Some(Bson::Null) | None => None,
+        Some(Bson::Document(d)) => Full::Document(d.clone()),
+        Some(Bson::Null) => Full::Gone,
+        None => Full::Absent,
         Some(_) => return Err(field("fullDocument", "not a document")),
     };
-    let doc = match op {
-        ChangeOp::Delete => None,
-        ChangeOp::Insert | ChangeOp::Replace => {
-            Some(full.ok_or_else(|| field("fullDocument", "required for inserts and replaces"))?)
+    let doc = match (op, full) {
+        (ChangeOp::Delete, _) => None,
+        (ChangeOp::Insert | ChangeOp::Replace, Full::Document(d)) => Some(d),
+        (ChangeOp::Insert | ChangeOp::Replace, _) => {
+            return Err(field("fullDocument", "required for inserts and replaces"));
         }
-        ChangeOp::Update => match full {
-            Some(d) => Some(d),
-            None => {
-                let description = event
-                    .get_document("updateDescription")
-                    .map_err(|_| field("updateDescription", "required for updates without fullDocument"))?;
-                // An update of a document the stream never showed cannot be rebuilt.
-                current(&ns, &id).map(|before| apply_update_description(&before, description)).transpose()?
-            }
-        },
+        (ChangeOp::Update, Full::Document(d)) => Some(d),
+        (ChangeOp::Update, Full::Gone) => None,
+        (ChangeOp::Update, Full::Absent) => {
+            let description = event
+                .get_document("updateDescription")
+                .map_err(|_| field("updateDescription", "required for updates without fullDocument"))?;
+            // An update of a document the stream never showed cannot be rebuilt.
+            current(&ns, &id).map(|before| apply_update_description(&before, description)).transpose()?
+        }
     };
     let time = match event.get("clusterTime") {
         Some(Bson::Timestamp(ts)) => Position::from_cluster_time(ts.time, ts.increment, 0),

@@ -31,6 +31,9 @@ use livegrid_matcher::{Query, QuerySpec};
 
 const OP_MSG: i32 = 2013;
 
+/// Events in one `getMore` reply at most.
+const BATCH: usize = 1000;
+
 /// How long an empty `getMore` waits for events when the driver gives no `maxTimeMS`.
 const AWAIT: Duration = Duration::from_millis(300);
 
@@ -85,6 +88,8 @@ struct State {
     next_cursor: i64,
     faults: VecDeque<Fault>,
     commands: Vec<String>,
+    /// The documents now, by namespace and `_id` (what `updateLookup` reads).
+    current: HashMap<(String, String), Document>,
     /// Where each change stream started in the log (its first event's index).
     starts: Vec<usize>,
     connection_id: i32,
@@ -157,7 +162,17 @@ impl MongoFixture {
         state.clock += 1;
         let time = Timestamp { time: self.shared.seconds, increment: state.clock };
         for (ns, write) in writes {
-            state.log.push(Entry { time, ns: ns.to_string(), write });
+            let entry = Entry { time, ns: ns.to_string(), write };
+            let key = (entry.ns.clone(), format!("{:?}", entry.id()));
+            match &entry.write {
+                Write::Insert(d) | Write::Update(d) | Write::Replace(d) => {
+                    state.current.insert(key, d.clone());
+                }
+                Write::Delete(_) => {
+                    state.current.remove(&key);
+                }
+            }
+            state.log.push(entry);
         }
         self.shared.changed.notify_all();
     }
@@ -469,25 +484,32 @@ fn get_more(id: i64, shared: &Shared, wait: Duration) -> Document {
         let (start, lookup) = (*next, *lookup);
         // A cluster-wide stream is opened on `admin`.
         let everything = db == "admin" && coll.is_none();
-        let events: Vec<Bson> = state.log[start..]
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| {
-                everything
-                    || e.ns.split_once('.').is_some_and(|(d, c)| d == db && coll.as_deref().is_none_or(|w| w == c))
-            })
-            .map(|(i, e)| event(&state.log, start + i, e, lookup, now))
-            .filter(|event| matches.iter().all(|m| m.matches(event)))
-            .map(Bson::Document)
-            .collect();
+        let mut events = Vec::new();
+        let mut until = start;
+        for (index, entry) in state.log.iter().enumerate().skip(start) {
+            if events.len() == BATCH {
+                break;
+            }
+            until = index + 1;
+            let watched = everything
+                || entry.ns.split_once('.').is_some_and(|(d, c)| d == db && coll.as_deref().is_none_or(|w| w == c));
+            if !watched {
+                continue;
+            }
+            let event = event(&state.current, index, entry, lookup);
+            if matches.iter().all(|m| m.matches(&event)) {
+                events.push(Bson::Document(event));
+            }
+        }
         let (db, coll) = (db.clone(), coll.clone());
         let timed_out = Instant::now() >= deadline || shared.stop.load(Ordering::Acquire);
         if !events.is_empty() || timed_out {
+            let until = if events.is_empty() { log_len } else { until };
             if let Some(Cursor::Stream { next, .. }) = state.cursors.get_mut(&id) {
-                *next = log_len;
+                *next = until;
             }
             let ns = format!("{db}.{}", coll.unwrap_or_else(|| "$cmd.aggregate".into()));
-            let mut reply = doc! { "cursor": { "nextBatch": events, "postBatchResumeToken": token(log_len), "id": id, "ns": ns }, "ok": 1.0 };
+            let mut reply = doc! { "cursor": { "nextBatch": events, "postBatchResumeToken": token(until), "id": id, "ns": ns }, "ok": 1.0 };
             reply.insert("operationTime", now);
             return reply;
         }
@@ -497,7 +519,7 @@ fn get_more(id: i64, shared: &Shared, wait: Duration) -> Document {
 }
 
 /// The change event for log entry `index`, as MongoDB emits it.
-fn event(log: &[Entry], index: usize, entry: &Entry, lookup: bool, now: Timestamp) -> Document {
+fn event(current: &HashMap<(String, String), Document>, index: usize, entry: &Entry, lookup: bool) -> Document {
     let (db, coll) = entry.ns.split_once('.').unwrap();
     let id = entry.id();
     let mut event = doc! {
@@ -522,11 +544,8 @@ fn event(log: &[Entry], index: usize, entry: &Entry, lookup: bool, now: Timestam
             if lookup {
                 // updateLookup reads the document as it is when the event is returned: a
                 // later write may have changed or deleted it (then `fullDocument` is null).
-                let current = documents_at(log, &entry.ns, now)
-                    .into_iter()
-                    .find(|doc| doc.get("_id") == Some(&id))
-                    .map_or(Bson::Null, Bson::Document);
-                event.insert("fullDocument", current);
+                let now = current.get(&(entry.ns.clone(), format!("{id:?}"))).cloned();
+                event.insert("fullDocument", now.map_or(Bson::Null, Bson::Document));
             }
         }
         Write::Delete(_) => {

@@ -1,0 +1,273 @@
+//! MongoDB as a source: one change stream per deployment (or per watched database or
+//! collection), never one per subscription, and snapshot reads with `find` at a known
+//! cluster time.
+//!
+//! - **Events.** The stream asks for `fullDocument: "updateLookup"`; an update whose
+//!   document is already gone (`fullDocument: null`) becomes a write without an after-image:
+//!   the document has left every result. Positions are the cluster time plus the order inside
+//!   it ([`change_stream_event`]), so the events of one transaction share a time, and a pull
+//!   never ends inside a cluster time while the stream's current batch holds more of it: the
+//!   engine applies a transaction in one step.
+//! - **Snapshots.** Initial results and window re-reads are `find`s in a snapshot session:
+//!   MongoDB picks the cluster time (`atClusterTime`), and the read's position is that time
+//!   with every order inside it, so it compares exactly with the stream's events.
+//! - **Resume.** The resume token of the last event handed to the engine is checkpointed in
+//!   the data directory ([`Checkpoint`]) at most every [`CHECKPOINT_EVERY`]; a restart resumes
+//!   after it. Errors the driver cannot resume itself are retried here with backoff from the
+//!   last token. When the token has fallen off the oplog (`ChangeStreamHistoryLost`, code
+//!   286) at start, no subscription exists yet and the stream starts at the present; while
+//!   subscriptions are live, changes may have been missed: the source fails, which turns
+//!   `/healthz` to 503, rather than serve results that silently diverge.
+//!
+//! The driver is asynchronous; the source owns a small runtime of its own, driven by the
+//! pump thread (pulls) and the engine's re-read threads (snapshots), never by the server's.
+
+pub mod checkpoint;
+pub mod snapshot;
+pub mod stream;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bson::Document;
+use livegrid_engine::{ChangeEvent, SnapshotSource};
+use livegrid_protocol::Position;
+use mongodb::change_stream::event::ResumeToken;
+
+pub use checkpoint::{Checkpoint, checkpoint_path};
+pub use snapshot::MongoSnapshots;
+pub use stream::StreamReader;
+
+use crate::source::change_stream_event::{self, ChangeEventError, Parsed};
+use crate::source::{Pulled, Source, SourceError};
+
+/// How often at most the resume token is written to disk.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+
+/// What to watch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Watch {
+    /// Every database and collection of the deployment.
+    Deployment,
+    /// Some databases (`db`) and collections (`db.coll`).
+    Only(Vec<String>),
+}
+
+/// Settings of the MongoDB source.
+#[derive(Debug, Clone)]
+pub struct MongoConfig {
+    /// The connection string.
+    pub uri: String,
+    /// What to watch.
+    pub watch: Watch,
+    /// Where the resume token is checkpointed.
+    pub checkpoint: PathBuf,
+}
+
+/// Why the MongoDB source failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MongoError {
+    /// The connection string is not valid.
+    #[error("mongodb: invalid connection string: {0}")]
+    Uri(#[source] mongodb::error::Error),
+    /// The deployment could not be reached or refused the change stream.
+    #[error("mongodb: {context}: {source}")]
+    Driver {
+        /// What was being done.
+        context: String,
+        /// The driver's error.
+        #[source]
+        source: mongodb::error::Error,
+    },
+    /// The resume token fell off the oplog: changes since it may be lost.
+    #[error(
+        "mongodb: the change stream's history is lost (the resume token fell off the oplog): changes since then cannot be replayed, so live results can no longer be kept exact; restart livegrid to read every result again"
+    )]
+    HistoryLost,
+    /// A change event could not be decoded.
+    #[error("mongodb: undecodable change event (resume token {token}): {source}")]
+    Event {
+        /// The event's resume token.
+        token: String,
+        /// The cause.
+        #[source]
+        source: ChangeEventError,
+    },
+    /// The checkpoint could not be read or written.
+    #[error("mongodb: checkpoint {path}: {source}")]
+    Checkpoint {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The async runtime of the source could not start.
+    #[error("mongodb: starting the driver's runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// The MongoDB change stream as a [`Source`].
+pub struct MongoSource {
+    reader: StreamReader,
+    checkpoint: Checkpoint,
+    /// The token after the last event handed out, and whether it is on disk.
+    token: Option<ResumeToken>,
+    saved: bool,
+    last_save: Instant,
+    previous: Position,
+    /// An event read ahead that belongs to the next pull, with the token after it.
+    held: Option<(ChangeEvent, Option<ResumeToken>)>,
+    snapshots: Arc<MongoSnapshots>,
+}
+
+impl MongoSource {
+    /// Connects and opens the stream after the checkpoint (or at the present). Errors are
+    /// clear and come quickly (see [`StreamReader::connect`]).
+    pub fn open(config: MongoConfig) -> Result<MongoSource, MongoError> {
+        let mut reader = StreamReader::connect(&config.uri, config.watch.clone())?;
+        let checkpoint = Checkpoint::new(&config.checkpoint);
+        let token = checkpoint.load()?;
+        match reader.open(token.clone()) {
+            Err(MongoError::HistoryLost) => {
+                // At start no subscription exists yet: every result will be read from MongoDB
+                // anew, so nothing before the present is needed. Start there.
+                tracing::warn!(
+                    checkpoint = %config.checkpoint.display(),
+                    "the checkpointed resume token fell off the oplog; following the change stream from the present"
+                );
+                metrics::counter!("livegrid_mongodb_history_lost").increment(1);
+                reader.open(None)?;
+            }
+            other => other?,
+        }
+        let (runtime, client) = reader.driver();
+        Ok(MongoSource {
+            reader,
+            checkpoint,
+            token,
+            saved: true,
+            last_save: Instant::now(),
+            previous: Position::ZERO,
+            held: None,
+            snapshots: Arc::new(MongoSnapshots { runtime, client }),
+        })
+    }
+
+    /// Writes the token of what was handed out, at most every [`CHECKPOINT_EVERY`].
+    fn checkpoint_if_due(&mut self, force: bool) -> Result<(), MongoError> {
+        if self.saved || !(force || self.last_save.elapsed() >= CHECKPOINT_EVERY) {
+            return Ok(());
+        }
+        if let Some(token) = &self.token {
+            self.checkpoint.save(token)?;
+        }
+        self.saved = true;
+        self.last_save = Instant::now();
+        Ok(())
+    }
+
+    /// Reads up to `max` events (more to finish a cluster time), waiting up to `wait` for the
+    /// first.
+    fn read(&mut self, max: usize, wait: Duration) -> Result<Vec<ChangeEvent>, MongoError> {
+        let mut events = Vec::new();
+        // The token after the last event handed out by this pull.
+        let mut handed = None;
+        if let Some((event, token)) = self.held.take() {
+            events.push(event);
+            handed = token;
+        }
+        let deadline = Instant::now() + wait;
+        loop {
+            match self.reader.next_event()? {
+                Some(raw) => {
+                    let token = self.reader.token().cloned();
+                    let parsed = change_stream_event::parse_document(&raw, 0, self.previous, |_, _| None)
+                        .map_err(|source| MongoError::Event { token: describe(&raw), source })?;
+                    match parsed {
+                        Parsed::Write(event) => {
+                            self.previous = event.position;
+                            let same_time =
+                                events.last().is_some_and(|last| last.position.time() == event.position.time());
+                            if events.len() >= max && !same_time {
+                                // The batch is full and this event starts another cluster time.
+                                self.held = Some((event, token));
+                                break;
+                            }
+                            events.push(event);
+                        }
+                        Parsed::Skipped(kind) => self.skipped(&kind, &raw),
+                    }
+                    handed = token;
+                }
+                None => {
+                    // Nothing more for now: the stream's position covers what was read.
+                    if let Some(token) = self.reader.token() {
+                        handed = Some(token.clone());
+                    }
+                    if !events.is_empty() || Instant::now() >= deadline {
+                        break;
+                    }
+                }
+            }
+        }
+        if handed.is_some() {
+            self.token = handed;
+            self.saved = false;
+        }
+        Ok(events)
+    }
+
+    /// An event without a document change: collection or database gone, renamed, stream
+    /// invalidated. Subscriptions on those namespaces see the writes (deletes) MongoDB sends
+    /// before them; the event itself is logged.
+    fn skipped(&mut self, kind: &str, raw: &Document) {
+        tracing::warn!(operation = kind, ns = ?raw.get("ns"), "mongodb change event without document changes");
+        metrics::counter!("livegrid_mongodb_skipped_events", "operation" => kind.to_string()).increment(1);
+        if kind == "invalidate" {
+            self.reader.invalidate();
+        }
+    }
+}
+
+impl Source for MongoSource {
+    fn name(&self) -> &'static str {
+        "mongodb"
+    }
+
+    fn snapshots(&self) -> Arc<dyn SnapshotSource> {
+        self.snapshots.clone()
+    }
+
+    fn pull(&mut self, max: usize, wait: Duration) -> Result<Pulled, SourceError> {
+        // What the previous pull returned has been handed to the engine by now.
+        self.checkpoint_if_due(false).map_err(SourceError::from)?;
+        let events = self.read(max.max(1), wait).map_err(SourceError::from)?;
+        if let Some(last) = events.last() {
+            metrics::counter!("livegrid_mongodb_events").increment(events.len() as u64);
+            let (t, _) = last.position.cluster_time();
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            metrics::gauge!("livegrid_mongodb_lag_seconds").set(now.saturating_sub(u64::from(t)) as f64);
+        }
+        Ok(if events.is_empty() { Pulled::Idle } else { Pulled::Events(events) })
+    }
+}
+
+impl Drop for MongoSource {
+    fn drop(&mut self) {
+        if let Err(e) = self.checkpoint_if_due(true) {
+            tracing::error!(error = %e, "saving the mongodb resume token at shutdown");
+        }
+    }
+}
+
+impl From<MongoError> for SourceError {
+    fn from(error: MongoError) -> Self {
+        SourceError::Mongo(Box::new(error))
+    }
+}
+
+fn describe(raw: &Document) -> String {
+    raw.get("_id").map_or_else(|| "none".into(), |id| id.to_string())
+}
