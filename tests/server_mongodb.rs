@@ -138,6 +138,10 @@ async fn live_queries_follow_the_change_stream() {
     }
     let (status, health) = common::http(server.addr, "GET", "/healthz", None).await;
     assert_eq!(status, 200, "{health}");
+    // The source's figures: events so far and the lag behind the last event's cluster time.
+    assert_eq!(health["source"]["name"], "mongodb", "{health}");
+    assert_eq!(health["source"]["events"], 12, "every write after the stream opened: {health}");
+    assert!(health["source"]["lag_seconds"].as_u64().unwrap() < 3600, "{health}");
 }
 
 async fn subscribe(socket: &mut Socket, queries: &[(&str, serde_json::Value)]) {

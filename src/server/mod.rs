@@ -30,11 +30,11 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 
 use crate::health::Health;
-use crate::source::Source;
 use crate::source::mongo::{MongoConfig, MongoSource, Watch, checkpoint_path};
 use crate::source::pump::Pump;
 use crate::source::replay::ReplaySource;
 use crate::source::store::{Durability, Store, StoreConfig, StoreSource};
+use crate::source::{Source, SourceStats};
 use api_error::ApiError;
 use hub::{Hub, HubLimits};
 
@@ -212,6 +212,8 @@ pub struct AppState {
     config: Arc<ServerConfig>,
     next_connection: Arc<AtomicU64>,
     shutdown: watch::Receiver<bool>,
+    /// The source's name and what its pump reports.
+    source: (&'static str, Arc<SourceStats>),
 }
 
 /// A server that is listening.
@@ -337,6 +339,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         config: Arc::new(config.clone()),
         next_connection: Arc::new(AtomicU64::new(1)),
         shutdown: shutdown.clone(),
+        source: (source_name, pump.stats()),
     };
     let app = Router::new()
         .route("/healthz", get(healthz))
@@ -496,14 +499,25 @@ impl RunningServer {
 
 async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     let position = state.engine.processed();
+    let (name, stats) = &state.source;
+    let source = serde_json::json!({
+        "name": name,
+        "events": stats.events(),
+        "events_per_sec": stats.events_per_sec(),
+        "lag_seconds": stats.lag_seconds(),
+    });
     match state.health.failure() {
         None => (
             StatusCode::OK,
-            axum::Json(serde_json::json!({"status": "ok", "processed": position, "subscriptions": state.hub.len()})),
+            axum::Json(serde_json::json!({
+                "status": "ok", "processed": position, "subscriptions": state.hub.len(), "source": source,
+            })),
         ),
         Some(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({"status": "failed", "reason": reason, "processed": position})),
+            axum::Json(
+                serde_json::json!({"status": "failed", "reason": reason, "processed": position, "source": source}),
+            ),
         ),
     }
 }

@@ -18,9 +18,11 @@ pub mod replay;
 pub mod store;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use livegrid_engine::{ChangeEvent, SnapshotSource};
+use livegrid_protocol::Position;
 
 /// What one pull from a source gave.
 #[derive(Debug)]
@@ -45,6 +47,45 @@ pub trait Source: Send {
     /// The next events: about `max` of them (a store commit is never split), waiting up to
     /// `wait` for the first.
     fn pull(&mut self, max: usize, wait: Duration) -> Result<Pulled, SourceError>;
+
+    /// When the write at `position` happened, in seconds since the Unix epoch, if positions
+    /// carry it (MongoDB cluster times do): the source's lag is now minus this.
+    fn event_seconds(&self, _position: Position) -> Option<u64> {
+        None
+    }
+}
+
+/// What the pump reports about its source (on `/healthz` and as metrics).
+#[derive(Debug, Default)]
+pub struct SourceStats {
+    events: AtomicU64,
+    /// Events in the last whole second, and when that second began (ms since the pump started).
+    rate: AtomicU64,
+    /// The last event's time in seconds since the epoch (0: unknown).
+    last_event_seconds: AtomicU64,
+}
+
+impl SourceStats {
+    /// Events pulled so far.
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::Relaxed)
+    }
+
+    /// Events per second over the last whole second.
+    pub fn events_per_sec(&self) -> u64 {
+        self.rate.load(Ordering::Relaxed)
+    }
+
+    /// Seconds between the last event's write and now, if the source knows when it happened.
+    pub fn lag_seconds(&self) -> Option<u64> {
+        let last = self.last_event_seconds.load(Ordering::Relaxed);
+        (last > 0).then(|| unix_seconds().saturating_sub(last))
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_seconds() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// A source failed; the events it gave before stay valid.

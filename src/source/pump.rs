@@ -9,11 +9,11 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use livegrid_engine::Engine;
 
-use super::{Pulled, Source};
+use super::{Pulled, Source, SourceStats};
 use crate::health::Health;
 
 /// Events pulled at most per batch.
@@ -25,6 +25,7 @@ const WAIT: Duration = Duration::from_millis(50);
 pub struct Pump {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    stats: Arc<SourceStats>,
 }
 
 impl Pump {
@@ -32,18 +33,34 @@ impl Pump {
     pub fn start(mut source: Box<dyn Source>, engine: Arc<Engine>, health: Arc<Health>) -> std::io::Result<Pump> {
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
+        let stats = Arc::new(SourceStats::default());
+        let reported = stats.clone();
         let thread =
             std::thread::Builder::new().name(format!("livegrid-source-{}", source.name())).spawn(move || {
                 let name = source.name();
+                let mut second = (Instant::now(), 0u64);
                 while !stopping.load(Ordering::Acquire) {
-                    match source.pull(MAX_BATCH, WAIT) {
+                    let pulled = source.pull(MAX_BATCH, WAIT);
+                    if second.0.elapsed() >= Duration::from_secs(1) {
+                        reported.rate.store(second.1, Ordering::Relaxed);
+                        second = (Instant::now(), 0);
+                    }
+                    match pulled {
                         Ok(Pulled::Events(events)) => {
                             let count = events.len() as u64;
+                            let last = events.last().map(|e| e.position);
                             if let Err(e) = engine.submit(events) {
                                 health.fail(format!("the engine refused events of the {name} source: {e}"));
                                 return;
                             }
+                            second.1 += count;
+                            reported.events.fetch_add(count, Ordering::Relaxed);
                             metrics::counter!("livegrid_source_events", "source" => name).increment(count);
+                            if let Some(seconds) = last.and_then(|p| source.event_seconds(p)) {
+                                reported.last_event_seconds.store(seconds, Ordering::Relaxed);
+                                let lag = reported.lag_seconds().unwrap_or(0);
+                                metrics::gauge!("livegrid_source_lag_seconds", "source" => name).set(lag as f64);
+                            }
                         }
                         Ok(Pulled::Idle) => {}
                         Ok(Pulled::Ended) => {
@@ -58,7 +75,12 @@ impl Pump {
                     }
                 }
             })?;
-        Ok(Pump { stop, thread: Some(thread) })
+        Ok(Pump { stop, thread: Some(thread), stats })
+    }
+
+    /// What the pump reports about its source.
+    pub fn stats(&self) -> Arc<SourceStats> {
+        self.stats.clone()
     }
 
     /// Waits for the source to end by itself (the store ends once closed and drained).

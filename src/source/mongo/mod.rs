@@ -244,13 +244,11 @@ impl Source for MongoSource {
         // What the previous pull returned has been handed to the engine by now.
         self.checkpoint_if_due(false).map_err(SourceError::from)?;
         let events = self.read(max.max(1), wait).map_err(SourceError::from)?;
-        if let Some(last) = events.last() {
-            metrics::counter!("livegrid_mongodb_events").increment(events.len() as u64);
-            let (t, _) = last.position.cluster_time();
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-            metrics::gauge!("livegrid_mongodb_lag_seconds").set(now.saturating_sub(u64::from(t)) as f64);
-        }
         Ok(if events.is_empty() { Pulled::Idle } else { Pulled::Events(events) })
+    }
+
+    fn event_seconds(&self, position: Position) -> Option<u64> {
+        Some(u64::from(position.cluster_time().0))
     }
 }
 
