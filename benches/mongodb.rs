@@ -34,6 +34,7 @@ fn main() {
         uri: fixture.uri(),
         watch: Watch::Only(vec!["bench".into()]),
         checkpoint: dir.path().join("token.bson"),
+        skip_undecodable: false,
     };
     let mut source = MongoSource::open(config).unwrap();
     let mut written = 0;

@@ -144,6 +144,10 @@ pub struct ServeArgs {
     /// [default: the whole deployment].
     #[arg(long, requires = "mongodb")]
     pub watch: Vec<String>,
+    /// With --mongodb: skip change events that cannot be decoded (each is logged with its
+    /// resume token) instead of stopping with an error [default: stop].
+    #[arg(long, env = "LIVEGRID_SKIP_UNDECODABLE", requires = "mongodb")]
+    pub skip_undecodable: Option<bool>,
 }
 
 /// Flags of `livegrid workload`.

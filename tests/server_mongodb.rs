@@ -80,7 +80,7 @@ async fn live_queries_follow_the_change_stream() {
     fixture.insert("other.items", doc! { "_id": 1, "n": 100 });
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let source = SourceChoice::Mongo { uri: fixture.uri(), watch: vec![NS.into()] };
+    let source = SourceChoice::Mongo { uri: fixture.uri(), watch: vec![NS.into()], skip_undecodable: false };
     let server = server_with(&data, ServerConfig { source, ..Default::default() }).await;
 
     let mut socket = connect(server.addr).await;
@@ -136,6 +136,9 @@ async fn live_queries_follow_the_change_stream() {
         assert!(waited < 100, "no checkpoint after 10 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let (status, body) = common::http(server.addr, "POST", "/v1/db/app/items", Some(json!({"_id": 99}))).await;
+    assert_eq!((status, body["code"].as_str()), (501, Some("no_store")), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("follows MongoDB"), "{body}");
     let (status, health) = common::http(server.addr, "GET", "/healthz", None).await;
     assert_eq!(status, 200, "{health}");
     // The source's figures: events so far and the lag behind the last event's cluster time.
@@ -231,7 +234,7 @@ async fn bad_or_unreachable_deployments_fail_at_start() {
         let config = ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             data: dir.path().join("data"),
-            source: SourceChoice::Mongo { uri: uri.into(), watch: Vec::new() },
+            source: SourceChoice::Mongo { uri: uri.into(), watch: Vec::new(), skip_undecodable: false },
             ..Default::default()
         };
         livegrid::server::start(config)
@@ -254,7 +257,7 @@ async fn bad_or_unreachable_deployments_fail_at_start() {
 async fn a_recording_replays_to_the_live_deltas() {
     let fixture = MongoFixture::start();
     let dir = tempfile::tempdir().unwrap();
-    let source = SourceChoice::Mongo { uri: fixture.uri(), watch: vec!["app".into()] };
+    let source = SourceChoice::Mongo { uri: fixture.uri(), watch: vec!["app".into()], skip_undecodable: false };
     let server = server_with(&dir.path().join("data"), ServerConfig { source, ..Default::default() }).await;
     let queries = [
         ("all", json!({})),
@@ -372,5 +375,45 @@ async fn a_recording_replays_to_the_live_deltas() {
     assert_eq!(deltas.keys().collect::<Vec<_>>(), replayed.keys().collect::<Vec<_>>());
     for (id, live_deltas) in &deltas {
         assert_eq!(live_deltas, &replayed[id], "deltas of {id} differ between the live run and the replay");
+    }
+}
+
+/// An event livegrid cannot decode stops the source with a clear error (`/healthz` 503 names
+/// it and its resume token) unless `--skip-undecodable` asks to skip such events; then later
+/// events still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_events_stop_the_source_unless_skipped() {
+    for skip_undecodable in [false, true] {
+        let fixture = MongoFixture::start();
+        let dir = tempfile::tempdir().unwrap();
+        let source = SourceChoice::Mongo { uri: fixture.uri(), watch: vec![NS.into()], skip_undecodable };
+        let server = server_with(&dir.path().join("data"), ServerConfig { source, ..Default::default() }).await;
+        let queries = [("all", json!({}))];
+        let mut socket = connect(server.addr).await;
+        subscribe(&mut socket, &queries).await;
+        let mut live = BTreeMap::new();
+        settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+        fixture.inject(Fault::UndecodableEvent);
+        fixture.insert(NS, doc! { "_id": 1, "n": 1 });
+        if skip_undecodable {
+            fixture.insert(NS, doc! { "_id": 2, "n": 2 });
+            settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+            let (status, health) = common::http(server.addr, "GET", "/healthz", None).await;
+            assert_eq!(status, 200, "{health}");
+        } else {
+            let mut waited = 0;
+            loop {
+                let (status, health) = common::http(server.addr, "GET", "/healthz", None).await;
+                if status == 503 {
+                    let reason = health["reason"].as_str().unwrap();
+                    assert!(reason.contains("undecodable change event (resume token"), "{reason}");
+                    assert!(reason.contains("fullDocument"), "{reason}");
+                    break;
+                }
+                waited += 1;
+                assert!(waited < 100, "the source did not stop: {health}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
     }
 }

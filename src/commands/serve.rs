@@ -47,6 +47,7 @@ pub struct FileConfig {
     replay_rate: Option<f64>,
     mongodb: Option<String>,
     watch: Option<Vec<String>>,
+    skip_undecodable: Option<bool>,
 }
 
 /// What `serve` runs with: the server's configuration and what the command itself does.
@@ -124,7 +125,8 @@ pub fn config(args: &ServeArgs) -> Result<ServeConfig, String> {
             }
             (None, Some(uri)) => {
                 let watch = if args.watch.is_empty() { file.watch.unwrap_or_default() } else { args.watch.clone() };
-                SourceChoice::Mongo { uri, watch }
+                let skip_undecodable = args.skip_undecodable.or(file.skip_undecodable).unwrap_or(false);
+                SourceChoice::Mongo { uri, watch, skip_undecodable }
             }
             (None, None) => SourceChoice::Store,
         },

@@ -107,6 +107,8 @@ pub enum SourceChoice {
         uri: String,
         /// Databases (`db`) and collections (`db.coll`) to watch; empty: all.
         watch: Vec<String>,
+        /// Skip undecodable change events instead of stopping.
+        skip_undecodable: bool,
     },
 }
 
@@ -400,11 +402,12 @@ async fn open_source(
             };
             Ok((Box::new(source), None))
         }
-        SourceChoice::Mongo { uri, watch } => {
+        SourceChoice::Mongo { uri, watch, skip_undecodable } => {
             let config = MongoConfig {
                 uri: uri.clone(),
                 watch: if watch.is_empty() { Watch::Deployment } else { Watch::Only(watch.clone()) },
                 checkpoint: checkpoint_path(&config.data),
+                skip_undecodable: *skip_undecodable,
             };
             let data = config.checkpoint.parent().map(Path::to_path_buf);
             // Connecting and opening the stream wait on the network: not on the runtime.

@@ -118,11 +118,13 @@ fn body_document(body: Value) -> Result<Document, ApiError> {
 /// The embedded store, or `501` when the server runs on another source.
 fn store(state: &AppState) -> Result<&Arc<Store>, ApiError> {
     state.store.as_ref().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "no_store",
-            "this server reads a replay file: the REST data API needs the embedded store (serve without --replay)",
-        )
+        let message = match state.source.0 {
+            "mongodb" => {
+                "this server follows MongoDB: write to MongoDB itself (the REST data API needs the embedded store)"
+            }
+            _ => "this server reads a replay file: the REST data API needs the embedded store (serve without --replay)",
+        };
+        ApiError::new(StatusCode::NOT_IMPLEMENTED, "no_store", message)
     })
 }
 

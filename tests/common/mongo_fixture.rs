@@ -71,6 +71,8 @@ pub enum Fault {
     ResumableGetMore,
     /// The next `getMore` closes its connection instead of replying.
     DropConnection,
+    /// The next `getMore` with events returns, before them, an insert without its document.
+    UndecodableEvent,
 }
 
 enum Cursor {
@@ -395,7 +397,15 @@ fn handle(command: &Document, shared: &Shared, addr: SocketAddr) -> Handled {
         "aggregate" => aggregate(command, &db, &mut state, now),
         "getMore" => {
             let id = command.get_i64("getMore").unwrap_or(0);
-            match state.faults.pop_front() {
+            let fault = state.faults.front().copied();
+            if fault != Some(Fault::UndecodableEvent) {
+                state.faults.pop_front();
+            }
+            match fault {
+                Some(Fault::UndecodableEvent) => {
+                    drop(state);
+                    return Handled::Reply(get_more(id, shared, AWAIT));
+                }
                 Some(Fault::ResumableGetMore) => {
                     state.cursors.remove(&id);
                     error(262, "ExceededTimeLimit", "injected resumable error", &["ResumableChangeStreamError"])
@@ -502,6 +512,11 @@ fn get_more(id: i64, shared: &Shared, wait: Duration) -> Document {
             }
         }
         let (db, coll) = (db.clone(), coll.clone());
+        if !events.is_empty() && state.faults.front() == Some(&Fault::UndecodableEvent) {
+            state.faults.pop_front();
+            let bogus = doc! { "_id": token(start), "operationType": "insert", "clusterTime": now, "ns": { "db": "app", "coll": "items" }, "documentKey": { "_id": -1 } };
+            events.insert(0, Bson::Document(bogus));
+        }
         let timed_out = Instant::now() >= deadline || shared.stop.load(Ordering::Acquire);
         if !events.is_empty() || timed_out {
             let until = if events.is_empty() { log_len } else { until };

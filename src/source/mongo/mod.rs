@@ -63,6 +63,9 @@ pub struct MongoConfig {
     pub watch: Watch,
     /// Where the resume token is checkpointed.
     pub checkpoint: PathBuf,
+    /// Skip change events that cannot be decoded (each is logged with its resume token and
+    /// counted) instead of stopping the source.
+    pub skip_undecodable: bool,
 }
 
 /// Why the MongoDB source failed.
@@ -120,6 +123,7 @@ pub struct MongoSource {
     /// An event read ahead that belongs to the next pull, with the token after it.
     held: Option<(ChangeEvent, Option<ResumeToken>)>,
     snapshots: Arc<MongoSnapshots>,
+    skip_undecodable: bool,
 }
 
 impl MongoSource {
@@ -152,6 +156,7 @@ impl MongoSource {
             previous: Position::ZERO,
             held: None,
             snapshots: Arc::new(MongoSnapshots { runtime, client }),
+            skip_undecodable: config.skip_undecodable,
         })
     }
 
@@ -183,8 +188,19 @@ impl MongoSource {
             match self.reader.next_event()? {
                 Some(raw) => {
                     let token = self.reader.token().cloned();
-                    let parsed = change_stream_event::parse_document(&raw, 0, self.previous, |_, _| None)
-                        .map_err(|source| MongoError::Event { token: describe(&raw), source })?;
+                    let parsed = match change_stream_event::parse_document(&raw, 0, self.previous, |_, _| None) {
+                        Ok(parsed) => parsed,
+                        Err(source) => {
+                            let error = MongoError::Event { token: describe(&raw), source };
+                            if !self.skip_undecodable {
+                                return Err(error);
+                            }
+                            // Skipped on request: results may miss this write.
+                            tracing::error!(error = %error, "skipping an undecodable mongodb change event");
+                            metrics::counter!("livegrid_mongodb_undecodable_skipped").increment(1);
+                            Parsed::Skipped("undecodable".into())
+                        }
+                    };
                     match parsed {
                         Parsed::Write(event) => {
                             self.previous = event.position;
@@ -225,6 +241,9 @@ impl MongoSource {
     fn skipped(&mut self, kind: &str, raw: &Document) {
         tracing::warn!(operation = kind, ns = ?raw.get("ns"), "mongodb change event without document changes");
         metrics::counter!("livegrid_mongodb_skipped_events", "operation" => kind.to_string()).increment(1);
+        if kind == "undecodable" {
+            return;
+        }
         if kind == "invalidate" {
             self.reader.invalidate();
         }
