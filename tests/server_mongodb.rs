@@ -136,9 +136,6 @@ async fn live_queries_follow_the_change_stream() {
         assert!(waited < 100, "no checkpoint after 10 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (status, body) = common::http(server.addr, "POST", "/v1/db/app/items", Some(json!({"_id": 99}))).await;
-    assert_eq!((status, body["code"].as_str()), (501, Some("no_store")), "{body}");
-    assert!(body["message"].as_str().unwrap().contains("follows MongoDB"), "{body}");
     let (status, health) = common::http(server.addr, "GET", "/healthz", None).await;
     assert_eq!(status, 200, "{health}");
     // The source's figures: events so far and the lag behind the last event's cluster time.
@@ -416,4 +413,62 @@ async fn undecodable_events_stop_the_source_unless_skipped() {
             }
         }
     }
+}
+
+/// With `--mongodb`, the REST data API writes to MongoDB, and the changes reach subscriptions
+/// through the change stream; answers carry the writes' positions (cluster time and order),
+/// a bulk request is one transaction, and errors are MongoDB's (duplicate key, not found).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_writes_go_to_mongodb_and_come_back_through_the_stream() {
+    let fixture = MongoFixture::start();
+    let dir = tempfile::tempdir().unwrap();
+    let source = SourceChoice::Mongo { uri: fixture.uri(), watch: vec![NS.into()], skip_undecodable: false };
+    let server = server_with(&dir.path().join("data"), ServerConfig { source, ..Default::default() }).await;
+    let queries = [("all", json!({})), ("top", json!({"sort": {"n": -1}, "limit": 2}))];
+    let mut socket = connect(server.addr).await;
+    subscribe(&mut socket, &queries).await;
+    let mut live = BTreeMap::new();
+    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    let http = |method: &'static str, path: &'static str, body: Option<serde_json::Value>| {
+        common::http(server.addr, method, path, body)
+    };
+
+    let (status, body) = http("POST", "/v1/db/app/items", Some(json!({"_id": 1, "n": 1}))).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["_id"], 1);
+    let first: livegrid_protocol::Position = serde_json::from_value(body["position"].clone()).unwrap();
+    assert_eq!(first.cluster_time(), (fixture.cluster_time().time, fixture.cluster_time().increment));
+    let (status, body) = http("PATCH", "/v1/db/app/items/1", Some(json!({"$set": {"n": 5}}))).await;
+    assert_eq!((status, body["modified"].as_bool()), (200, Some(true)), "{body}");
+    let (status, body) = http("PATCH", "/v1/db/app/items/1", Some(json!({"$set": {"n": 5}}))).await;
+    assert_eq!((status, body["modified"].as_bool()), (200, Some(false)), "a no-op update: {body}");
+    // A new id from a URL path is a string (the embedded store's rule).
+    let (status, body) = http("PUT", "/v1/db/app/items/2", Some(json!({"n": 2}))).await;
+    assert_eq!((status, &body["_id"]), (201, &json!("2")), "{body}");
+    let (status, body) = http("GET", "/v1/db/app/items/1", None).await;
+    assert_eq!((status, &body), (200, &json!({"_id": 1, "n": 5})));
+    let (status, body) = http("POST", "/v1/db/app/items", Some(json!({"_id": 1, "n": 9}))).await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("duplicate_key")), "{body}");
+
+    // A bulk request is one transaction: one cluster time, orders 0, 1, 2.
+    let bulk = json!({"writes": [
+        {"insert": {"_id": 3, "n": 30}},
+        {"update": {"_id": 1, "update": {"$inc": {"n": 1}}}},
+        {"delete": {"_id": "2"}},
+    ]});
+    let (status, body) = http("POST", "/v1/db/app/items/_bulk", Some(bulk)).await;
+    assert_eq!(status, 200, "{body}");
+    let positions: Vec<livegrid_protocol::Position> = serde_json::from_value(body["positions"].clone()).unwrap();
+    assert_eq!(positions.len(), 3);
+    assert!(positions.iter().all(|p| p.time() == positions[0].time()), "{positions:?}");
+    assert_eq!(positions.iter().map(|p| p.order()).collect::<Vec<_>>(), vec![0, 1, 2]);
+    let (status, body) = http("DELETE", "/v1/db/app/items/2", None).await;
+    assert_eq!((status, body["code"].as_str()), (404, Some("not_found")), "{body}");
+
+    let (status, body) = http("GET", "/v1/db/app/items?filter=%7B%22n%22%3A%7B%22%24gte%22%3A6%7D%7D", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["docs"], json!([{"_id": 1, "n": 6}, {"_id": 3, "n": 30}]));
+
+    assert_eq!(fixture.documents(NS), vec![doc! {"_id": 1, "n": 6}, doc! {"_id": 3, "n": 30}]);
+    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
 }

@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 
+use crate::source::mongo::MongoWriteError;
 use crate::source::namespace::NamespaceError;
 use crate::source::store::StoreError;
 use crate::source::store::limits::LimitError;
@@ -54,6 +55,18 @@ impl From<StoreError> for ApiError {
             StoreError::Storage(_) | StoreError::Corrupt(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             StoreError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             StoreError::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+        };
+        ApiError { status, code, message: e.to_string() }
+    }
+}
+
+impl From<MongoWriteError> for ApiError {
+    fn from(e: MongoWriteError) -> Self {
+        let (status, code) = match &e {
+            MongoWriteError::NotFound(..) => (StatusCode::NOT_FOUND, "not_found"),
+            MongoWriteError::Duplicate(..) => (StatusCode::CONFLICT, "duplicate_key"),
+            MongoWriteError::Refused(_) => (StatusCode::BAD_REQUEST, "refused_by_mongodb"),
+            MongoWriteError::Driver(_) => (StatusCode::BAD_GATEWAY, "mongodb_unavailable"),
         };
         ApiError { status, code, message: e.to_string() }
     }

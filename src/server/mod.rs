@@ -30,7 +30,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 
 use crate::health::Health;
-use crate::source::mongo::{MongoConfig, MongoSource, Watch, checkpoint_path};
+use crate::source::mongo::{MongoConfig, MongoSource, MongoWrites, Watch, checkpoint_path};
 use crate::source::pump::Pump;
 use crate::source::replay::ReplaySource;
 use crate::source::store::{Durability, Store, StoreConfig, StoreSource};
@@ -208,6 +208,8 @@ const STORE_SOURCE_QUEUE: usize = 64;
 pub struct AppState {
     /// The embedded store, when it is the source.
     store: Option<Arc<Store>>,
+    /// MongoDB, when it is the source (the REST data API writes there).
+    mongo: Option<Arc<MongoWrites>>,
     engine: Arc<Engine>,
     hub: Arc<Hub>,
     health: Arc<Health>,
@@ -267,7 +269,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     config.validate().map_err(ServerError::Config)?;
     let metrics = prometheus();
     let health = Arc::new(Health::new());
-    let (source, store) = open_source(&config, &health).await?;
+    let (source, store, mongo) = open_source(&config, &health).await?;
     let engine_config = EngineConfig {
         shape: config.grid,
         retention: config.retention,
@@ -335,6 +337,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     }
     let state = AppState {
         store: store.clone(),
+        mongo,
         engine: engine.clone(),
         hub,
         health: health.clone(),
@@ -374,7 +377,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
 async fn open_source(
     config: &ServerConfig,
     health: &Arc<Health>,
-) -> Result<(Box<dyn Source>, Option<Arc<Store>>), ServerError> {
+) -> Result<(Box<dyn Source>, Option<Arc<Store>>, Option<Arc<MongoWrites>>), ServerError> {
     match &config.source {
         SourceChoice::Store => {
             let store_config = StoreConfig {
@@ -389,7 +392,7 @@ async fn open_source(
                 .await
                 .map_err(|e| ServerError::Config(format!("opening the store: {e}")))??;
             let store = Arc::new(store);
-            Ok((Box::new(StoreSource::new(store.clone(), STORE_SOURCE_QUEUE)), Some(store)))
+            Ok((Box::new(StoreSource::new(store.clone(), STORE_SOURCE_QUEUE)), Some(store), None))
         }
         SourceChoice::Replay { path, rate } => {
             let (path, rate) = (path.clone(), *rate);
@@ -400,7 +403,7 @@ async fn open_source(
                 Some(rate) => source.with_rate(rate),
                 None => source,
             };
-            Ok((Box::new(source), None))
+            Ok((Box::new(source), None, None))
         }
         SourceChoice::Mongo { uri, watch, skip_undecodable } => {
             let config = MongoConfig {
@@ -420,7 +423,8 @@ async fn open_source(
             })
             .await
             .map_err(|e| ServerError::Config(format!("opening the mongodb source: {e}")))??;
-            Ok((Box::new(source), None))
+            let writes = source.writes();
+            Ok((Box::new(source), None, Some(writes)))
         }
     }
 }

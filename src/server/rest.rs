@@ -28,6 +28,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::api_error::ApiError;
+use crate::source::mongo::MongoWrites;
 use crate::source::store::{Store, Write, id_label};
 
 type Reply = Result<(StatusCode, Json<Value>), ApiError>;
@@ -115,34 +116,50 @@ fn body_document(body: Value) -> Result<Document, ApiError> {
     extjson::document_from_json(body).map_err(|e| ApiError::bad_request("bad_json", e.to_string()))
 }
 
-/// The embedded store, or `501` when the server runs on another source.
-fn store(state: &AppState) -> Result<&Arc<Store>, ApiError> {
-    state.store.as_ref().ok_or_else(|| {
-        let message = match state.source.0 {
-            "mongodb" => {
-                "this server follows MongoDB: write to MongoDB itself (the REST data API needs the embedded store)"
-            }
-            _ => "this server reads a replay file: the REST data API needs the embedded store (serve without --replay)",
-        };
-        ApiError::new(StatusCode::NOT_IMPLEMENTED, "no_store", message)
-    })
+/// Where the REST data API reads and writes: the embedded store, or MongoDB when the server
+/// follows it. A replay file has no writer: `501`.
+enum Data {
+    Store(Arc<Store>),
+    Mongo(Arc<MongoWrites>),
 }
 
-/// Runs a read on the blocking pool.
-async fn blocking<T: Send + 'static>(
-    store: &Arc<Store>,
-    work: impl FnOnce(&Store) -> T + Send + 'static,
-) -> Result<T, ApiError> {
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || work(&store))
-        .await
-        .map_err(|e| ApiError::internal(format!("store task failed: {e}")))
+fn data(state: &AppState) -> Result<Data, ApiError> {
+    match (&state.store, &state.mongo) {
+        (Some(store), _) => Ok(Data::Store(store.clone())),
+        (None, Some(mongo)) => Ok(Data::Mongo(mongo.clone())),
+        (None, None) => Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "no_store",
+            "this server reads a replay file: the REST data API needs the embedded store or MongoDB (serve without --replay)",
+        )),
+    }
+}
+
+/// Runs blocking work (store scans, MongoDB calls) on the blocking pool.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| ApiError::internal(format!("data task failed: {e}")))
+}
+
+/// Applies writes to `ns` and returns the changes they made.
+async fn write(
+    state: &AppState,
+    ns: String,
+    writes: Vec<Write>,
+    large: bool,
+) -> Result<Vec<livegrid_engine::ChangeEvent>, ApiError> {
+    match data(state)? {
+        Data::Store(store) => Ok(store.write_async(&ns, writes, large).await?),
+        Data::Mongo(mongo) => Ok(blocking(move || mongo.write(&ns, writes)).await??),
+    }
 }
 
 /// The `_id` a URL path segment names (see the store's module docs).
 async fn resolve(state: &AppState, ns: &str, segment: String) -> Result<Bson, ApiError> {
     let ns = ns.to_string();
-    Ok(blocking(store(state)?, move |s| s.resolve_id(&ns, &segment)).await??)
+    match data(state)? {
+        Data::Store(store) => Ok(blocking(move || store.resolve_id(&ns, &segment)).await??),
+        Data::Mongo(mongo) => Ok(blocking(move || mongo.resolve_id(&ns, &segment)).await??),
+    }
 }
 
 /// The answer to a one-document write: its `_id` and position, and whether it changed the
@@ -160,18 +177,20 @@ fn written(id: Option<&Bson>, events: &[livegrid_engine::ChangeEvent]) -> Value 
 /// `POST /v1/db/{db}/{coll}`
 pub async fn insert(State(state): State<AppState>, Path((db, coll)): Path<(String, String)>, body: JsonBody) -> Reply {
     let ns = namespace(&db, &coll)?;
-    let events = store(&state)?.write_async(&ns, vec![Write::Insert(body.doc)], body.large).await?;
+    let events = write(&state, ns, vec![Write::Insert(body.doc)], body.large).await?;
     Ok((StatusCode::CREATED, Json(written(None, &events))))
 }
 
 /// `GET /v1/db/{db}/{coll}/{id}`
 pub async fn get(State(state): State<AppState>, Path((db, coll, id)): Path<(String, String, String)>) -> Reply {
     let ns = namespace(&db, &coll)?;
-    let found = blocking(store(&state)?, move |s| {
-        let id = s.resolve_id(&ns, &id)?;
-        s.get(&ns, &id)?.ok_or_else(|| crate::source::store::StoreError::NotFound(id_label(&id), ns.clone()))
-    })
-    .await??;
+    let id = resolve(&state, &ns, id).await?;
+    let not_found = ApiError::from(crate::source::store::StoreError::NotFound(id_label(&id), ns.clone()));
+    let found = match data(&state)? {
+        Data::Store(store) => blocking(move || store.get(&ns, &id)).await??,
+        Data::Mongo(mongo) => blocking(move || mongo.get(&ns, &id)).await??,
+    };
+    let found = found.ok_or(not_found)?;
     Ok((StatusCode::OK, Json(extjson::document_to_relaxed_json(&found))))
 }
 
@@ -183,7 +202,7 @@ pub async fn replace(
 ) -> Reply {
     let ns = namespace(&db, &coll)?;
     let id = resolve(&state, &ns, id).await?;
-    let events = store(&state)?.write_async(&ns, vec![Write::Replace(id.clone(), body.doc)], body.large).await?;
+    let events = write(&state, ns, vec![Write::Replace(id.clone(), body.doc)], body.large).await?;
     let created = events.first().is_some_and(|e| e.op == livegrid_engine::ChangeOp::Insert);
     Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(written(Some(&id), &events))))
 }
@@ -203,7 +222,7 @@ pub async fn update(
     }
     let ns = namespace(&db, &coll)?;
     let id = resolve(&state, &ns, id).await?;
-    let events = store(&state)?.write_async(&ns, vec![Write::Update(id.clone(), changes)], large).await?;
+    let events = write(&state, ns, vec![Write::Update(id.clone(), changes)], large).await?;
     Ok((StatusCode::OK, Json(written(Some(&id), &events))))
 }
 
@@ -211,7 +230,7 @@ pub async fn update(
 pub async fn delete(State(state): State<AppState>, Path((db, coll, id)): Path<(String, String, String)>) -> Reply {
     let ns = namespace(&db, &coll)?;
     let id = resolve(&state, &ns, id).await?;
-    let events = store(&state)?.write_async(&ns, vec![Write::Delete(id.clone())], false).await?;
+    let events = write(&state, ns, vec![Write::Delete(id.clone())], false).await?;
     Ok((StatusCode::OK, Json(written(Some(&id), &events))))
 }
 
@@ -245,13 +264,22 @@ pub async fn query(
     };
     let ns = namespace(&db, &coll)?;
     // Compiling (regexes) and scanning belong on the blocking pool.
-    let (docs, position) = blocking(store(&state)?, move |s| {
-        let query = Query::compile(&spec).map_err(|e| ApiError::bad_request("bad_query", e.to_string()))?;
-        let k = query.window_end().map(|end| usize::try_from(end).unwrap_or(usize::MAX));
-        let snapshot = s.read(&ns, &query, k)?;
-        Ok::<_, ApiError>((query.evaluate(&snapshot.docs), snapshot.position))
-    })
-    .await??;
+    let (docs, position) = match data(&state)? {
+        Data::Store(store) => {
+            blocking(move || {
+                let query = Query::compile(&spec).map_err(|e| ApiError::bad_request("bad_query", e.to_string()))?;
+                let k = query.window_end().map(|end| usize::try_from(end).unwrap_or(usize::MAX));
+                let snapshot = store.read(&ns, &query, k)?;
+                Ok::<_, ApiError>((query.evaluate(&snapshot.docs), snapshot.position))
+            })
+            .await??
+        }
+        Data::Mongo(mongo) => {
+            // Checked here so that a bad query gets the same answer on every source.
+            Query::compile(&spec).map_err(|e| ApiError::bad_request("bad_query", e.to_string()))?;
+            blocking(move || mongo.query(&ns, &spec)).await??
+        }
+    };
     let docs: Vec<Value> = docs.iter().map(extjson::document_to_relaxed_json).collect();
     Ok((StatusCode::OK, Json(json!({"docs": docs, "position": position}))))
 }
@@ -289,7 +317,7 @@ pub async fn bulk(State(state): State<AppState>, Path((db, coll)): Path<(String,
         });
     }
     let ns = namespace(&db, &coll)?;
-    let events = store(&state)?.write_async(&ns, writes, large || items_len > 64).await?;
+    let events = write(&state, ns, writes, large || items_len > 64).await?;
     let positions: Vec<Position> = events.iter().map(|e| e.position).collect();
     let ids: Vec<Value> = events.iter().map(|e| extjson::to_relaxed_json(&e.id)).collect();
     Ok((StatusCode::OK, Json(json!({"positions": positions, "ids": ids}))))

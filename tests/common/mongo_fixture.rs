@@ -94,6 +94,8 @@ struct State {
     current: HashMap<(String, String), Document>,
     /// Where each change stream started in the log (its first event's index).
     starts: Vec<usize>,
+    /// Writes of open transactions, by session and transaction number.
+    transactions: HashMap<String, Vec<(String, Write)>>,
     connection_id: i32,
 }
 
@@ -161,21 +163,7 @@ impl MongoFixture {
     /// Writes that commit together: their events share one cluster time.
     pub fn transaction(&self, writes: Vec<(&str, Write)>) {
         let mut state = self.shared.state.lock().unwrap();
-        state.clock += 1;
-        let time = Timestamp { time: self.shared.seconds, increment: state.clock };
-        for (ns, write) in writes {
-            let entry = Entry { time, ns: ns.to_string(), write };
-            let key = (entry.ns.clone(), format!("{:?}", entry.id()));
-            match &entry.write {
-                Write::Insert(d) | Write::Update(d) | Write::Replace(d) => {
-                    state.current.insert(key, d.clone());
-                }
-                Write::Delete(_) => {
-                    state.current.remove(&key);
-                }
-            }
-            state.log.push(entry);
-        }
+        commit(&mut state, self.shared.seconds, writes.into_iter().map(|(ns, w)| (ns.to_string(), w)).collect());
         self.shared.changed.notify_all();
     }
 
@@ -217,6 +205,166 @@ impl MongoFixture {
         let time = Timestamp { time: self.shared.seconds, increment: state.clock };
         documents_at(&state.log, ns, time)
     }
+}
+
+/// Commits writes at one new cluster time; returns it.
+fn commit(state: &mut State, seconds: u32, writes: Vec<(String, Write)>) -> Timestamp {
+    state.clock += 1;
+    let time = Timestamp { time: seconds, increment: state.clock };
+    for (ns, write) in writes {
+        let entry = Entry { time, ns, write };
+        let key = (entry.ns.clone(), format!("{:?}", entry.id()));
+        match &entry.write {
+            Write::Insert(d) | Write::Update(d) | Write::Replace(d) => {
+                state.current.insert(key, d.clone());
+            }
+            Write::Delete(_) => {
+                state.current.remove(&key);
+            }
+        }
+        state.log.push(entry);
+    }
+    time
+}
+
+type View = HashMap<(String, String), Document>;
+
+fn apply_to(view: &mut View, ns: &str, write: &Write) {
+    let id = match write {
+        Write::Insert(d) | Write::Update(d) | Write::Replace(d) => d.get("_id").cloned().unwrap_or(Bson::Null),
+        Write::Delete(id) => id.clone(),
+    };
+    let key = (ns.to_string(), format!("{id:?}"));
+    match write {
+        Write::Insert(d) | Write::Update(d) | Write::Replace(d) => {
+            view.insert(key, d.clone());
+        }
+        Write::Delete(_) => {
+            view.remove(&key);
+        }
+    }
+}
+
+/// The `_id` a write command's query names: the fixture writes by `_id` only.
+fn query_id(q: &Document) -> Result<Bson, Document> {
+    match q.get("_id") {
+        Some(id) if q.len() == 1 && !matches!(id, Bson::Document(d) if d.keys().any(|k| k.starts_with('$'))) => {
+            Ok(id.clone())
+        }
+        _ => Err(error(2, "BadValue", "the fixture writes by {_id: value} only", &[])),
+    }
+}
+
+/// The writes an `insert`, `update` or `delete` command makes on `view`, and its reply counts
+/// (`n`, `nModified`, upserted ids).
+fn plan(command: &Document, ns: &str, view: &mut View) -> Result<(Vec<Write>, Document), Document> {
+    let mut writes = Vec::new();
+    let mut reply = doc! {};
+    let current = |view: &View, id: &Bson| view.get(&(ns.to_string(), format!("{id:?}"))).cloned();
+    if let Ok(docs) = command.get_array("documents") {
+        for doc in docs {
+            let Bson::Document(doc) = doc else { return Err(error(2, "BadValue", "documents must be documents", &[])) };
+            let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
+            if current(view, &id).is_some() {
+                return Err(doc! {
+                    "ok": 1.0, "n": writes.len() as i32,
+                    "writeErrors": [{ "index": writes.len() as i32, "code": 11000, "errmsg": format!("E11000 duplicate key error collection: {ns} index: _id_ dup key: {{ _id: {id} }}") }],
+                });
+            }
+            let write = Write::Insert(doc.clone());
+            apply_to(view, ns, &write);
+            writes.push(write);
+        }
+        reply.insert("n", writes.len() as i32);
+    } else if let Ok(updates) = command.get_array("updates") {
+        let (mut matched, mut modified, mut upserted) = (0, 0, Vec::new());
+        for (index, update) in updates.iter().enumerate() {
+            let Bson::Document(update) = update else { return Err(error(2, "BadValue", "bad update", &[])) };
+            let id = query_id(update.get_document("q").unwrap_or(&Document::new()))?;
+            let u = update.get_document("u").map_err(|_| error(2, "BadValue", "u must be a document", &[]))?;
+            let upsert = update.get_bool("upsert").unwrap_or(false);
+            let before = current(view, &id);
+            let operators = livegrid::source::store::update::is_operator_update(u);
+            let base = before.clone().unwrap_or_else(|| doc! { "_id": id.clone() });
+            let after = if operators {
+                livegrid::source::store::update::apply(&base, u)
+                    .map_err(|e| error(9, "FailedToParse", &e.to_string(), &[]))?
+            } else {
+                let mut replaced = doc! { "_id": id.clone() };
+                replaced.extend(u.clone().into_iter().filter(|(k, _)| k != "_id"));
+                replaced
+            };
+            let write = match &before {
+                None if !upsert => continue,
+                None => {
+                    upserted.push(Bson::Document(doc! { "index": index as i32, "_id": id.clone() }));
+                    Write::Insert(after)
+                }
+                Some(before) => {
+                    matched += 1;
+                    if *before == after {
+                        continue;
+                    }
+                    modified += 1;
+                    if operators { Write::Update(after) } else { Write::Replace(after) }
+                }
+            };
+            apply_to(view, ns, &write);
+            writes.push(write);
+        }
+        reply.insert("n", matched + upserted.len() as i32);
+        reply.insert("nModified", modified);
+        if !upserted.is_empty() {
+            reply.insert("upserted", upserted);
+        }
+    } else if let Ok(deletes) = command.get_array("deletes") {
+        for delete in deletes {
+            let Bson::Document(delete) = delete else { return Err(error(2, "BadValue", "bad delete", &[])) };
+            let id = query_id(delete.get_document("q").unwrap_or(&Document::new()))?;
+            if current(view, &id).is_some() {
+                let write = Write::Delete(id);
+                apply_to(view, ns, &write);
+                writes.push(write);
+            }
+        }
+        reply.insert("n", writes.len() as i32);
+    }
+    Ok((writes, reply))
+}
+
+/// `insert`, `update`, `delete`: applied now, or kept for the transaction they belong to.
+fn write_command(command: &Document, db: &str, state: &mut State, seconds: u32) -> Document {
+    let name = command.keys().next().cloned().unwrap_or_default();
+    let coll = command.get_str(&name).unwrap_or_default();
+    let ns = format!("{db}.{coll}");
+    let in_transaction = command.get_bool("autocommit").is_ok_and(|a| !a);
+    let key = transaction_key(command);
+    let mut view = state.current.clone();
+    if in_transaction {
+        for (ns, write) in state.transactions.get(&key).into_iter().flatten() {
+            apply_to(&mut view, ns, write);
+        }
+    }
+    let (writes, mut reply) = match plan(command, &ns, &mut view) {
+        Ok(planned) => planned,
+        Err(reply) => return reply,
+    };
+    if in_transaction {
+        state.transactions.entry(key).or_default().extend(writes.into_iter().map(|w| (ns.clone(), w)));
+        reply.insert("ok", 1.0);
+        return reply;
+    }
+    if !writes.is_empty() {
+        let time = commit(state, seconds, writes.into_iter().map(|w| (ns.clone(), w)).collect());
+        reply.insert("operationTime", time);
+    }
+    reply.insert("ok", 1.0);
+    reply
+}
+
+fn transaction_key(command: &Document) -> String {
+    let number = command.get("txnNumber").cloned().unwrap_or(Bson::Null);
+    format!("{:?}/{number:?}", command.get("lsid"))
 }
 
 impl Drop for MongoFixture {
@@ -423,6 +571,28 @@ fn handle(command: &Document, shared: &Shared, addr: SocketAddr) -> Handled {
             }
         }
         "find" => find(command, &db, &state, now),
+        "insert" | "update" | "delete" => {
+            let reply = write_command(command, &db, &mut state, shared.seconds);
+            shared.changed.notify_all();
+            if reply.contains_key("operationTime") {
+                return Handled::Reply(reply);
+            }
+            reply
+        }
+        "commitTransaction" => {
+            let writes = state.transactions.remove(&transaction_key(command)).unwrap_or_default();
+            if writes.is_empty() {
+                doc! { "ok": 1.0 }
+            } else {
+                let time = commit(&mut state, shared.seconds, writes);
+                shared.changed.notify_all();
+                return Handled::Reply(doc! { "ok": 1.0, "operationTime": time });
+            }
+        }
+        "abortTransaction" => {
+            state.transactions.remove(&transaction_key(command));
+            doc! { "ok": 1.0 }
+        }
         other => error(
             59,
             "CommandNotFound",

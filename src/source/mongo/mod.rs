@@ -25,6 +25,7 @@
 pub mod checkpoint;
 pub mod snapshot;
 pub mod stream;
+pub mod writes;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,6 +39,7 @@ use mongodb::change_stream::event::ResumeToken;
 pub use checkpoint::{Checkpoint, checkpoint_path};
 pub use snapshot::MongoSnapshots;
 pub use stream::StreamReader;
+pub use writes::{MongoWriteError, MongoWrites};
 
 use crate::source::change_stream_event::{self, ChangeEventError, Parsed};
 use crate::source::{Pulled, Source, SourceError};
@@ -158,6 +160,12 @@ impl MongoSource {
             snapshots: Arc::new(MongoSnapshots { runtime, client }),
             skip_undecodable: config.skip_undecodable,
         })
+    }
+
+    /// Writes and reads for the REST data API, on this source's connection.
+    pub fn writes(&self) -> Arc<MongoWrites> {
+        let (runtime, client) = self.reader.driver();
+        Arc::new(MongoWrites { runtime, client })
     }
 
     /// Writes the token of what was handed out, at most every [`CHECKPOINT_EVERY`].
