@@ -65,7 +65,7 @@ fn main() {
         match source.pull(1024, Duration::from_millis(50)).unwrap() {
             Pulled::Events(batch) => pulled += batch.len(),
             Pulled::Idle => assert!(started.elapsed() < Duration::from_secs(600), "stalled at {pulled} of {written}"),
-            Pulled::Ended => panic!("the stream ended"),
+            Pulled::Ended | Pulled::Lost { .. } => panic!("the stream ended or lost history"),
         }
     }
     let seconds = started.elapsed().as_secs_f64();

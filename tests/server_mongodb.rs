@@ -472,3 +472,76 @@ async fn rest_writes_go_to_mongodb_and_come_back_through_the_stream() {
     assert_eq!(fixture.documents(NS), vec![doc! {"_id": 1, "n": 6}, doc! {"_id": 3, "n": 30}]);
     settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
 }
+
+/// Reads messages until every id in `ids` got a `resubscribe` error; returns their messages.
+async fn resubscribe_errors(socket: &mut Socket, ids: &[&str]) -> BTreeMap<String, String> {
+    let mut errors = BTreeMap::new();
+    for _ in 0..200 {
+        if ids.iter().all(|id| errors.contains_key(*id)) {
+            return errors;
+        }
+        match next_within(socket, Duration::from_millis(100)).await {
+            Some(ServerMessage::Error(e)) => {
+                assert_eq!(e.code, livegrid_protocol::ErrorCode::Resubscribe, "{e:?}");
+                errors.insert(e.id.clone().unwrap(), e.message.clone());
+            }
+            Some(_) | None => {}
+        }
+    }
+    panic!("no resubscribe error for all of {ids:?}: {errors:?}");
+}
+
+/// When MongoDB's history is lost while subscriptions are live, or a collection is dropped
+/// (MongoDB sends no deletes for its documents), livegrid does not keep results that may
+/// have diverged: the subscriptions concerned end with a `resubscribe` error that says why,
+/// the server stays healthy, and subscribing again gives fresh, exact results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_history_and_dropped_collections_end_subscriptions_for_a_fresh_read() {
+    let fixture = MongoFixture::start();
+    fixture.insert(NS, doc! { "_id": 1, "n": 1 });
+    fixture.insert("app.other", doc! { "_id": 1, "m": 1 });
+    let dir = tempfile::tempdir().unwrap();
+    let source = SourceChoice::Mongo { uri: fixture.uri(), watch: vec!["app".into()], skip_undecodable: false };
+    let server = server_with(&dir.path().join("data"), ServerConfig { source, ..Default::default() }).await;
+    let mut socket = connect(server.addr).await;
+    let queries = [("items", json!({}))];
+    subscribe(&mut socket, &queries).await;
+    send(&mut socket, json!({"type": "subscribe", "id": "other", "ns": "app.other"})).await;
+    let mut live = BTreeMap::new();
+    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    assert!(live.contains_key("items"));
+
+    // The stream fails and cannot resume where it was: every subscription ends.
+    fixture.inject(Fault::LoseHistory);
+    fixture.insert(NS, doc! { "_id": 2, "n": 2 });
+    let errors = resubscribe_errors(&mut socket, &["items", "other"]).await;
+    assert!(errors["items"].contains("history was lost"), "{errors:?}");
+    let (status, health) = common::http(server.addr, "GET", "/healthz", None).await;
+    assert_eq!(status, 200, "{health}");
+
+    // Subscribing again reads fresh results, and the stream goes on from the present.
+    subscribe(&mut socket, &queries).await;
+    send(&mut socket, json!({"type": "subscribe", "id": "other", "ns": "app.other"})).await;
+    let mut live = BTreeMap::new();
+    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    fixture.insert(NS, doc! { "_id": 3, "n": 3 });
+    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+
+    // A dropped collection ends the subscriptions on it, and only those.
+    fixture.drop_collection(NS);
+    let errors = resubscribe_errors(&mut socket, &["items"]).await;
+    assert!(errors["items"].contains("collection app.items was dropped"), "{errors:?}");
+    fixture.insert("app.other", doc! { "_id": 2, "m": 2 });
+    let mut other_seen = false;
+    for _ in 0..50 {
+        match next_within(&mut socket, Duration::from_millis(100)).await {
+            Some(ServerMessage::Delta(d)) if d.id == "other" => {
+                other_seen = true;
+                break;
+            }
+            Some(ServerMessage::Error(e)) => panic!("unexpected {e:?}"),
+            _ => {}
+        }
+    }
+    assert!(other_seen, "the subscription on the other collection goes on");
+}

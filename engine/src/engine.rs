@@ -287,6 +287,8 @@ pub struct Engine {
     threads: Mutex<Vec<JoinHandle<()>>>,
     feeds: bool,
     recycler: Recycler,
+    /// For [`Engine::end_subscriptions`]; let go at shutdown, so that the output closes.
+    ender: Mutex<Option<Sender<EngineEvent>>>,
 }
 
 impl Engine {
@@ -364,6 +366,7 @@ impl Engine {
         // time (it waits for it before asking again), and the router never blocks on it.
         let (reread_tx, reread_rx) = crossbeam_channel::unbounded();
         let recycler = Recycler::new();
+        let ender = Mutex::new(Some(event_tx.clone()));
         let mut threads = Vec::with_capacity(1 + REREAD_THREADS);
         let spawn = |name: &str, shared: Arc<Shared>, events: Sender<EngineEvent>, body: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -401,6 +404,7 @@ impl Engine {
             threads: Mutex::new(threads),
             feeds,
             recycler,
+            ender,
         })
     }
 
@@ -620,8 +624,32 @@ impl Engine {
         self.close();
     }
 
+    /// Ends every subscription whose namespace `concerned` accepts: each leaves the grid and
+    /// its client gets a `resubscribe` error with `reason` (for when the source may have
+    /// missed changes to those namespaces). Returns how many ended.
+    pub fn end_subscriptions(&self, concerned: impl Fn(&str) -> bool, reason: &str) -> Result<usize, EngineError> {
+        let ended = {
+            let mut ingest = self.shared.ingest.lock().expect("ingest lock");
+            let keys: Vec<QueryKey> =
+                ingest.subscriptions.iter().filter(|(_, sub)| concerned(&sub.ns)).map(|(key, _)| *key).collect();
+            for key in &keys {
+                self.shared.unregister(&mut ingest, *key)?;
+            }
+            keys
+        };
+        let Some(events) = self.ender.lock().expect("ender lock").clone() else { return Err(EngineError::Closed) };
+        for key in &ended {
+            let message = format!("{reason}; subscribe again for a fresh result");
+            if events.send(EngineEvent::Ended { key: *key, code: ErrorCode::Resubscribe, message }).is_err() {
+                return Err(EngineError::Closed);
+            }
+        }
+        Ok(ended.len())
+    }
+
     /// [`Engine::shutdown`] through a shared reference.
     pub fn close(&self) {
+        self.ender.lock().expect("ender lock").take();
         self.shared.stopping.store(true, Ordering::Release);
         {
             let mut ingest = self.shared.ingest.lock().expect("ingest lock");

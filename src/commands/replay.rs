@@ -170,6 +170,8 @@ pub fn execute(args: &ReplayArgs) -> Result<String, ReplayError> {
             }
             Pulled::Idle => {}
             Pulled::Ended => break,
+            // Replay files have nothing to lose.
+            Pulled::Lost { .. } => {}
         }
     }
     register_due(u64::MAX, &mut next_query, &engine)?;

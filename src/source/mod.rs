@@ -33,6 +33,20 @@ pub enum Pulled {
     Idle,
     /// The source has ended (the end of a replay file, a closed store).
     Ended,
+    /// Changes to some namespaces may have been missed (MongoDB's history was lost, a
+    /// collection was dropped or renamed): their subscriptions must end, and their clients
+    /// subscribe again for fresh results. The source goes on.
+    Lost {
+        /// The namespaces concerned: `db` or `db.coll` each; `None` for all.
+        namespaces: Option<Vec<String>>,
+        /// Why, for the clients.
+        reason: String,
+    },
+}
+
+/// Whether `ns` (`db.coll`) falls under one of `scopes` (`db` or `db.coll` each).
+pub fn in_scope(ns: &str, scopes: &[String]) -> bool {
+    scopes.iter().any(|scope| ns == scope || ns.split_once('.').is_some_and(|(db, _)| db == scope))
 }
 
 /// Where change events come from.

@@ -63,6 +63,18 @@ impl Pump {
                             }
                         }
                         Ok(Pulled::Idle) => {}
+                        Ok(Pulled::Lost { namespaces, reason }) => {
+                            let concerned = |ns: &str| namespaces.as_deref().is_none_or(|n| super::in_scope(ns, n));
+                            match engine.end_subscriptions(concerned, &reason) {
+                                Ok(ended) => {
+                                    tracing::warn!(source = name, ended, reason = %reason, "subscriptions ended")
+                                }
+                                Err(e) => {
+                                    health.fail(format!("the engine could not end subscriptions after {reason}: {e}"));
+                                    return;
+                                }
+                            }
+                        }
                         Ok(Pulled::Ended) => {
                             tracing::info!(source = name, "source ended");
                             return;

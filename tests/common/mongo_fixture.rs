@@ -46,6 +46,8 @@ pub enum Write {
     Replace(Document),
     /// The `_id` of the deleted document.
     Delete(Bson),
+    /// The collection is dropped (a `drop` event; no deletes for its documents).
+    DropCollection,
 }
 
 #[derive(Debug, Clone)]
@@ -60,6 +62,7 @@ impl Entry {
         match &self.write {
             Write::Insert(d) | Write::Update(d) | Write::Replace(d) => d.get("_id").cloned().unwrap_or(Bson::Null),
             Write::Delete(id) => id.clone(),
+            Write::DropCollection => Bson::Null,
         }
     }
 }
@@ -73,6 +76,9 @@ pub enum Fault {
     DropConnection,
     /// The next `getMore` with events returns, before them, an insert without its document.
     UndecodableEvent,
+    /// The next `getMore` fails with a resumable error, and the history it would resume from
+    /// is gone (code 286 on resume).
+    LoseHistory,
 }
 
 enum Cursor {
@@ -156,6 +162,11 @@ impl MongoFixture {
         self.transaction(vec![(ns, Write::Replace(doc))]);
     }
 
+    /// Drops a collection: a `drop` event, and no deletes for its documents (as MongoDB).
+    pub fn drop_collection(&self, ns: &str) {
+        self.transaction(vec![(ns, Write::DropCollection)]);
+    }
+
     pub fn delete(&self, ns: &str, id: impl Into<Bson>) {
         self.transaction(vec![(ns, Write::Delete(id.into()))]);
     }
@@ -221,6 +232,7 @@ fn commit(state: &mut State, seconds: u32, writes: Vec<(String, Write)>) -> Time
             Write::Delete(_) => {
                 state.current.remove(&key);
             }
+            Write::DropCollection => state.current.retain(|(ns, _), _| *ns != entry.ns),
         }
         state.log.push(entry);
     }
@@ -233,6 +245,10 @@ fn apply_to(view: &mut View, ns: &str, write: &Write) {
     let id = match write {
         Write::Insert(d) | Write::Update(d) | Write::Replace(d) => d.get("_id").cloned().unwrap_or(Bson::Null),
         Write::Delete(id) => id.clone(),
+        Write::DropCollection => {
+            view.retain(|(n, _), _| n != ns);
+            return;
+        }
     };
     let key = (ns.to_string(), format!("{id:?}"));
     match write {
@@ -242,6 +258,7 @@ fn apply_to(view: &mut View, ns: &str, write: &Write) {
         Write::Delete(_) => {
             view.remove(&key);
         }
+        Write::DropCollection => {}
     }
 }
 
@@ -386,6 +403,7 @@ fn documents_at(log: &[Entry], ns: &str, time: Timestamp) -> Vec<Document> {
             Write::Delete(_) => {
                 docs.remove(&key);
             }
+            Write::DropCollection => docs.clear(),
         }
     }
     docs.into_values().collect()
@@ -554,6 +572,11 @@ fn handle(command: &Document, shared: &Shared, addr: SocketAddr) -> Handled {
                     drop(state);
                     return Handled::Reply(get_more(id, shared, AWAIT));
                 }
+                Some(Fault::LoseHistory) => {
+                    state.cursors.remove(&id);
+                    state.history_start = state.log.len() + 1;
+                    error(262, "ExceededTimeLimit", "injected resumable error", &["ResumableChangeStreamError"])
+                }
                 Some(Fault::ResumableGetMore) => {
                     state.cursors.remove(&id);
                     error(262, "ExceededTimeLimit", "injected resumable error", &["ResumableChangeStreamError"])
@@ -635,7 +658,8 @@ fn aggregate(command: &Document, db: &str, state: &mut State, now: Timestamp) ->
         (None, Some(time)) => state.log.iter().position(|e| e.time >= time).unwrap_or(state.log.len()),
         (None, None) => state.log.len(),
     };
-    if next < state.history_start {
+    let resuming = resume.is_some() || stage.get_timestamp("startAtOperationTime").is_ok();
+    if resuming && next < state.history_start {
         return error(
             286,
             "ChangeStreamHistoryLost",
@@ -735,6 +759,10 @@ fn event(current: &HashMap<(String, String), Document>, index: usize, entry: &En
         }
         Write::Delete(_) => {
             event.insert("operationType", "delete");
+        }
+        Write::DropCollection => {
+            event.insert("operationType", "drop");
+            event.remove("documentKey");
         }
     }
     event

@@ -16,8 +16,11 @@
 //!   after it. Errors the driver cannot resume itself are retried here with backoff from the
 //!   last token. When the token has fallen off the oplog (`ChangeStreamHistoryLost`, code
 //!   286) at start, no subscription exists yet and the stream starts at the present; while
-//!   subscriptions are live, changes may have been missed: the source fails, which turns
-//!   `/healthz` to 503, rather than serve results that silently diverge.
+//!   subscriptions are live, changes may have been missed: the stream goes on from the
+//!   present and every subscription ends with a `resubscribe` error, so that clients read
+//!   their results again rather than keep results that silently diverge. A dropped or
+//!   renamed collection or database (MongoDB sends no deletes for its documents) ends the
+//!   subscriptions on it the same way.
 //!
 //! The driver is asynchronous; the source owns a small runtime of its own, driven by the
 //! pump thread (pulls) and the engine's re-read threads (snapshots), never by the server's.
@@ -126,6 +129,8 @@ pub struct MongoSource {
     held: Option<(ChangeEvent, Option<ResumeToken>)>,
     snapshots: Arc<MongoSnapshots>,
     skip_undecodable: bool,
+    /// Changes that may have been missed, to report once the events before them are out.
+    lost: Option<(Option<Vec<String>>, String)>,
 }
 
 impl MongoSource {
@@ -159,6 +164,7 @@ impl MongoSource {
             held: None,
             snapshots: Arc::new(MongoSnapshots { runtime, client }),
             skip_undecodable: config.skip_undecodable,
+            lost: None,
         })
     }
 
@@ -193,7 +199,19 @@ impl MongoSource {
         }
         let deadline = Instant::now() + wait;
         loop {
-            match self.reader.next_event()? {
+            let next = match self.reader.next_event() {
+                Err(MongoError::HistoryLost) => {
+                    // Changes since the last token cannot be replayed: follow the stream from
+                    // the present, and have every subscription read its result again.
+                    tracing::error!("mongodb change stream history lost; following it from the present");
+                    metrics::counter!("livegrid_mongodb_history_lost").increment(1);
+                    self.reader.open(None)?;
+                    self.lost = Some((None, "livegrid lost track of MongoDB's change stream (its history was lost): changes may have been missed".into()));
+                    break;
+                }
+                other => other?,
+            };
+            match next {
                 Some(raw) => {
                     let token = self.reader.token().cloned();
                     let parsed = match change_stream_event::parse_document(&raw, 0, self.previous, |_, _| None) {
@@ -224,6 +242,10 @@ impl MongoSource {
                         Parsed::Skipped(kind) => self.skipped(&kind, &raw),
                     }
                     handed = token;
+                    if self.lost.is_some() {
+                        // What came before goes out first; the loss is reported next.
+                        break;
+                    }
                 }
                 None => {
                     // Nothing more for now: the stream's position covers what was read.
@@ -252,8 +274,27 @@ impl MongoSource {
         if kind == "undecodable" {
             return;
         }
-        if kind == "invalidate" {
-            self.reader.invalidate();
+        let ns = |field: &str| -> Option<(String, Option<String>)> {
+            let ns = raw.get_document(field).ok()?;
+            Some((ns.get_str("db").ok()?.to_string(), ns.get_str("coll").ok().map(str::to_string)))
+        };
+        let name = |(db, coll): (String, Option<String>)| coll.map_or(db.clone(), |c| format!("{db}.{c}"));
+        match kind {
+            "invalidate" => self.reader.invalidate(),
+            // No delete events precede these: results on those namespaces must be read again.
+            "drop" | "dropDatabase" => {
+                if let Some(dropped) = ns("ns").map(name) {
+                    let what = if kind == "drop" { "collection" } else { "database" };
+                    self.lost = Some((Some(vec![dropped.clone()]), format!("{what} {dropped} was dropped")));
+                }
+            }
+            "rename" => {
+                if let (Some(from), Some(to)) = (ns("ns").map(name), ns("to").map(name)) {
+                    self.lost =
+                        Some((Some(vec![from.clone(), to.clone()]), format!("collection {from} was renamed to {to}")));
+                }
+            }
+            _ => {}
         }
     }
 }
@@ -270,7 +311,17 @@ impl Source for MongoSource {
     fn pull(&mut self, max: usize, wait: Duration) -> Result<Pulled, SourceError> {
         // What the previous pull returned has been handed to the engine by now.
         self.checkpoint_if_due(false).map_err(SourceError::from)?;
+        if self.held.is_none()
+            && let Some((namespaces, reason)) = self.lost.take()
+        {
+            return Ok(Pulled::Lost { namespaces, reason });
+        }
         let events = self.read(max.max(1), wait).map_err(SourceError::from)?;
+        if events.is_empty()
+            && let Some((namespaces, reason)) = self.lost.take()
+        {
+            return Ok(Pulled::Lost { namespaces, reason });
+        }
         Ok(if events.is_empty() { Pulled::Idle } else { Pulled::Events(events) })
     }
 
