@@ -480,12 +480,9 @@ async fn resubscribe_errors(socket: &mut Socket, ids: &[&str]) -> BTreeMap<Strin
         if ids.iter().all(|id| errors.contains_key(*id)) {
             return errors;
         }
-        match next_within(socket, Duration::from_millis(100)).await {
-            Some(ServerMessage::Error(e)) => {
-                assert_eq!(e.code, livegrid_protocol::ErrorCode::Resubscribe, "{e:?}");
-                errors.insert(e.id.clone().unwrap(), e.message.clone());
-            }
-            Some(_) | None => {}
+        if let Some(ServerMessage::Error(e)) = next_within(socket, Duration::from_millis(100)).await {
+            assert_eq!(e.code, livegrid_protocol::ErrorCode::Resubscribe, "{e:?}");
+            errors.insert(e.id.clone().unwrap(), e.message.clone());
         }
     }
     panic!("no resubscribe error for all of {ids:?}: {errors:?}");
