@@ -222,8 +222,9 @@ async fn kill_and_restart_resume_from_the_checkpoint() {
     common::wait_exit(&mut third);
 }
 
-/// A wrong URI or an unreachable deployment stops `serve` at start with a clear error, within
-/// the server selection timeout, instead of hanging.
+/// A wrong URI, a standalone server (no change streams) or an unreachable deployment stops
+/// `serve` at start with a clear error, within the server selection timeout, instead of
+/// hanging.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_or_unreachable_deployments_fail_at_start() {
     let dir = tempfile::tempdir().unwrap();
@@ -238,6 +239,11 @@ async fn bad_or_unreachable_deployments_fail_at_start() {
     };
     let Err(error) = start("postgres://127.0.0.1/").await else { panic!("a wrong scheme must fail") };
     assert!(error.to_string().contains("mongodb: invalid connection string"), "{error}");
+
+    // A standalone server has no change streams: MongoDB's own words reach the operator.
+    let standalone = MongoFixture::start_as(common::mongo_fixture::Topology::Standalone);
+    let Err(error) = start(&standalone.uri()).await else { panic!("a standalone server must fail") };
+    assert!(error.to_string().contains("only supported on replica sets"), "{error}");
 
     let closed = common::free_port();
     let began = std::time::Instant::now();

@@ -177,7 +177,8 @@ pub enum ErrorCode {
     /// The namespace breaks MongoDB's naming rules.
     BadNamespace,
     /// The server could not keep this subscription's result exact (a sorted window could not
-    /// be refilled): the subscription has ended; subscribe again.
+    /// be refilled, or the source may have missed changes: MongoDB's history was lost, the
+    /// collection was dropped or renamed): the subscription has ended; subscribe again.
     Resubscribe,
     /// The subscription would need more memory than one subscription may hold.
     QueryTooLarge,

@@ -106,6 +106,7 @@ struct State {
 }
 
 struct Shared {
+    topology: Topology,
     state: Mutex<State>,
     changed: Condvar,
     stop: AtomicBool,
@@ -118,13 +119,27 @@ pub struct MongoFixture {
     shared: Arc<Shared>,
 }
 
+/// How the fixture presents itself.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Topology {
+    /// A replica-set primary (change streams work).
+    ReplicaSet,
+    /// A standalone server: `$changeStream` is refused, as MongoDB refuses it.
+    Standalone,
+}
+
 impl MongoFixture {
     pub fn start() -> MongoFixture {
+        Self::start_as(Topology::ReplicaSet)
+    }
+
+    pub fn start_as(topology: Topology) -> MongoFixture {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let seconds = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as u32;
         let shared = Arc::new(Shared {
+            topology,
             state: Mutex::new(State { next_cursor: 1, ..Default::default() }),
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
@@ -559,6 +574,9 @@ fn handle(command: &Document, shared: &Shared, addr: SocketAddr) -> Handled {
                 }
             }
             doc! { "cursorsKilled": killed, "cursorsNotFound": [], "cursorsAlive": [], "cursorsUnknown": [], "ok": 1.0 }
+        }
+        "aggregate" if shared.topology == Topology::Standalone => {
+            error(40573, "Location40573", "The $changeStream stage is only supported on replica sets", &[])
         }
         "aggregate" => aggregate(command, &db, &mut state, now),
         "getMore" => {
