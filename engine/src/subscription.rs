@@ -78,6 +78,32 @@ pub struct Subscriptions {
     slack: usize,
     encoder: Encoder,
     slots: Slots,
+    group: Group,
+}
+
+/// Writes that share a position time (one transaction, one bulk request): a subscription's
+/// deltas from them are marked `more` but the last, so that clients never show half of it.
+#[derive(Default)]
+struct Group {
+    /// Whether the write being applied shares its time with another.
+    active: bool,
+    /// Per subscription, where its last delta of the group is in the output.
+    last: HashMap<QueryKey, usize>,
+}
+
+impl Group {
+    /// Pushes a delta: the subscription's previous delta of the same group gets `more`.
+    fn push(&mut self, out: &mut Vec<StageOutput>, key: QueryKey, frame: DeltaFrame, entered: u64) {
+        if self.active {
+            if let Some(&index) = self.last.get(&key)
+                && let Some(StageOutput::Frame { frame: Frame::Delta(previous), .. }) = out.get_mut(index)
+            {
+                previous.more = true;
+            }
+            self.last.insert(key, out.len());
+        }
+        out.push(StageOutput::Frame { key, frame: Frame::Delta(frame), entered });
+    }
 }
 
 /// Encodings made during the current timestamp, by document (its address) and projection.
@@ -188,7 +214,13 @@ fn text_hash(text: &Encoded) -> u64 {
 impl Subscriptions {
     /// A stage whose windows keep `slack` documents beyond their visible end.
     pub fn new(slack: usize) -> Self {
-        Subscriptions { subs: HashMap::default(), slack, encoder: Encoder::default(), slots: Slots::default() }
+        Subscriptions {
+            subs: HashMap::default(),
+            slack,
+            encoder: Encoder::default(),
+            slots: Slots::default(),
+            group: Group::default(),
+        }
     }
 
     /// How many subscriptions this worker holds.
@@ -214,10 +246,22 @@ impl Subscriptions {
         // different subscriptions, so an unstable sort (no scratch buffer) keeps the order.
         inputs.sort_unstable_by_key(|input| (input.order(), input.key()));
         self.encoder.clear();
-        for input in inputs.drain(..) {
-            if out.len() >= FLUSH_OUTPUTS {
-                flush(out);
+        self.group = Group::default();
+        let mut previous_time = None;
+        let mut inputs = inputs.drain(..).peekable();
+        while let Some(input) = inputs.next() {
+            let time = input.order().0.time();
+            let same_as_next = inputs.peek().is_some_and(|next| next.order().0.time() == time);
+            let same_as_previous = previous_time == Some(time);
+            if !same_as_previous {
+                // A new write time: the group before it is complete.
+                if out.len() >= FLUSH_OUTPUTS {
+                    flush(out);
+                }
+                self.group.last.clear();
             }
+            self.group.active = same_as_next || same_as_previous;
+            previous_time = Some(time);
             match input {
                 StageInput::Init { key, query, init, reload } => {
                     let Ok(query) = query.compile() else { continue };
@@ -342,7 +386,7 @@ impl Subscriptions {
                     }
                 };
                 sub.seq += 1;
-                let frame = Frame::Delta(DeltaFrame {
+                let frame = DeltaFrame {
                     seq: sub.seq,
                     op,
                     doc_id: write.id_text.get_or_init(|| Encoded::value(&id.to_bson())).clone(),
@@ -351,8 +395,9 @@ impl Subscriptions {
                     old_index: None,
                     cause,
                     position,
-                });
-                out.push(StageOutput::Frame { key, frame, entered });
+                    more: false,
+                };
+                self.group.push(out, key, frame, entered);
             }
             Mode::Window(window) => {
                 if sub.reload_pending {
@@ -390,11 +435,12 @@ impl Subscriptions {
         (position, entered): (Position, u64),
         out: &mut Vec<StageOutput>,
     ) {
-        for op in ops {
+        let count = ops.len();
+        for (i, op) in ops.into_iter().enumerate() {
             let doc = op.doc.as_ref().map(|d| self.encoder.encode(d, None));
             let Some(sub) = self.subs.get_mut(&key) else { return };
             sub.seq += 1;
-            let frame = Frame::Delta(DeltaFrame {
+            let frame = DeltaFrame {
                 seq: sub.seq,
                 op: op.op,
                 doc_id: Encoded::value(&op.id),
@@ -403,8 +449,10 @@ impl Subscriptions {
                 old_index: op.old_index,
                 cause: op.cause,
                 position,
-            });
-            out.push(StageOutput::Frame { key, frame, entered });
+                // One write's window changes (a document pushed out, another in) go together.
+                more: i + 1 < count,
+            };
+            self.group.push(out, key, frame, entered);
         }
     }
 }

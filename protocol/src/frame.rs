@@ -153,6 +153,9 @@ pub struct DeltaFrame {
     pub cause: Cause,
     /// That write's position.
     pub position: Position,
+    /// More deltas of the subscription follow from writes at the same time (see
+    /// [`crate::DeltaMessage::more`]).
+    pub more: bool,
 }
 
 /// A result or delta without its subscription id.
@@ -249,6 +252,9 @@ impl Frame {
                 out.extend_from_slice(cause_name(d.cause).as_bytes());
                 out.extend_from_slice(b"\",\"position\":");
                 write_position(d.position, out);
+                if d.more {
+                    out.extend_from_slice(b",\"more\":true");
+                }
                 out.push(b'}');
             }
         }
@@ -310,11 +316,11 @@ mod tests {
     #[test]
     fn frames_write_what_messages_serialize_to() {
         for doc in samples() {
-            for (op, index, old_index, with_doc) in [
-                (DeltaOp::Add, Some(0), None, true),
-                (DeltaOp::Remove, None, Some(3), false),
-                (DeltaOp::Change, None, None, true),
-                (DeltaOp::ChangeIndex, Some(1), Some(2), true),
+            for (op, index, old_index, with_doc, more) in [
+                (DeltaOp::Add, Some(0), None, true, false),
+                (DeltaOp::Remove, None, Some(3), false, true),
+                (DeltaOp::Change, None, None, true, true),
+                (DeltaOp::ChangeIndex, Some(1), Some(2), true, false),
             ] {
                 let id = Bson::String("i\"d".into());
                 let frame = Frame::Delta(DeltaFrame {
@@ -326,6 +332,7 @@ mod tests {
                     old_index,
                     cause: Cause::Update,
                     position: Position::new(42),
+                    more,
                 });
                 let message = ServerMessage::Delta(DeltaMessage {
                     id: "sub \"1\"".into(),
@@ -337,6 +344,7 @@ mod tests {
                     old_index,
                     cause: Cause::Update,
                     position: Position::new(42),
+                    more,
                 });
                 assert_eq!(frame.to_json("sub \"1\"", None), message.to_json());
             }

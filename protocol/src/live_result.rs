@@ -56,12 +56,20 @@ pub struct LiveResult {
     started: bool,
     position: Position,
     docs: Vec<Document>,
+    /// The last delta said more of the same write time follow.
+    partial: bool,
 }
 
 impl LiveResult {
     /// The documents, in result order (for sorted queries) or in the order they arrived.
     pub fn docs(&self) -> &[Document] {
         &self.docs
+    }
+
+    /// Whether the documents are a state the data was in: false between the deltas of one
+    /// transaction (the last delta applied had `more`). A client shows results when this holds.
+    pub fn is_whole(&self) -> bool {
+        !self.partial
     }
 
     /// The seq of the last message applied.
@@ -83,6 +91,7 @@ impl LiveResult {
                 self.seq = result.seq;
                 self.position = result.position;
                 self.docs = result.docs.clone();
+                self.partial = false;
                 Ok(())
             }
             ServerMessage::Delta(delta) => {
@@ -94,6 +103,7 @@ impl LiveResult {
                 }
                 self.apply_delta(delta)?;
                 self.seq = delta.seq;
+                self.partial = delta.more;
                 Ok(())
             }
             _ => Err(ApplyError::NotLive),

@@ -153,6 +153,11 @@ pub struct DeltaMessage {
     pub cause: Cause,
     /// The position of that write.
     pub position: Position,
+    /// More deltas of this subscription follow from writes at the same time (one
+    /// transaction, or one bulk request): a client shows the result once it has applied the
+    /// delta without `more`, so that it never shows half a transaction. Absent when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more: bool,
 }
 
 /// Error codes, stable for clients to act on.
@@ -291,6 +296,7 @@ mod tests {
             index: Some(0),
             old_index: Some(3),
             cause: Cause::Update,
+            more: false,
             position: Position::new(42),
         });
         let json = delta.to_json();
@@ -340,6 +346,7 @@ mod tests {
             index: None,
             old_index: None,
             cause: Cause::Delete,
+            more: false,
             position: Position::new(9),
         })
         .to_json();

@@ -9,8 +9,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use livegrid_engine::SnapshotSource;
 use livegrid_engine::memory::SharedMemory;
+use livegrid_engine::{ChangeEvent, SnapshotSource};
 use livegrid_protocol::Position;
 
 use super::change_stream_event::{self, Parsed};
@@ -27,6 +27,9 @@ pub struct ReplaySource {
     /// Events per second at most, from the first pull on.
     rate: Option<f64>,
     started: Option<Instant>,
+    /// An event read ahead that starts the next pull (a pull never ends inside one position
+    /// time: the events of a transaction reach the engine in one step).
+    held: Option<ChangeEvent>,
 }
 
 impl ReplaySource {
@@ -42,6 +45,7 @@ impl ReplaySource {
             memory: Arc::new(SharedMemory::default()),
             applied: 0,
             skipped: 0,
+            held: None,
             rate: None,
             started: None,
         })
@@ -98,27 +102,69 @@ impl Source for ReplaySource {
             return Ok(Pulled::Idle);
         }
         let mut events = Vec::with_capacity(allowed.min(4096));
-        while events.len() < allowed {
-            let Some((index, line)) = self.lines.next() else { break };
+        if let Some(event) = self.held.take() {
+            self.hand_out(event, &mut events);
+        }
+        while let Some((index, line)) = self.lines.next() {
             if line.trim().is_empty() {
                 continue;
             }
             let line_no = index as u64 + 1;
-            let mut state = self.memory.0.lock().expect("memory state");
+            let state = self.memory.0.lock().expect("memory state");
             let parsed = change_stream_event::parse(&line, line_no, self.previous, |ns, id| state.get(ns, id).cloned())
                 .map_err(|source| SourceError::Event { path: self.path.clone(), line: line_no, source })?;
+            drop(state);
             match parsed {
                 Parsed::Write(event) => {
-                    // The state moves with the pulls: a snapshot read sees what was pulled.
-                    state.apply(&event);
                     self.previous = event.position;
-                    self.applied += 1;
-                    events.push(event);
+                    let full = events.len() >= allowed;
+                    if full
+                        && events.last().is_none_or(|last: &ChangeEvent| last.position.time() != event.position.time())
+                    {
+                        self.held = Some(event);
+                        break;
+                    }
+                    self.hand_out(event, &mut events);
                 }
                 Parsed::Skipped(_) => self.skipped += 1,
             }
         }
         Ok(if events.is_empty() { Pulled::Ended } else { Pulled::Events(events) })
+    }
+}
+
+impl ReplaySource {
+    fn hand_out(&mut self, event: ChangeEvent, events: &mut Vec<ChangeEvent>) {
+        // The state moves with the pulls: a snapshot read sees what was pulled.
+        self.memory.0.lock().expect("memory state").apply(&event);
+        self.applied += 1;
+        events.push(event);
+    }
+}
+
+#[cfg(test)]
+mod transaction_tests {
+    use super::*;
+    use std::io::Write as _;
+
+    #[test]
+    fn a_pull_never_ends_inside_a_transaction() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let event = |id: i32, t: u32, i: u32| {
+            format!(
+                r#"{{"operationType":"insert","ns":"a.b","clusterTime":{{"$timestamp":{{"t":{t},"i":{i}}}}},"documentKey":{{"_id":{id}}},"fullDocument":{{"_id":{id}}}}}"#
+            )
+        };
+        // Events 2, 3 and 4 are one transaction (one cluster time).
+        for (id, i) in [(1, 1), (2, 2), (3, 2), (4, 2), (5, 3)] {
+            writeln!(f, "{}", event(id, 100, i)).unwrap();
+        }
+        let mut source = ReplaySource::open(f.path()).unwrap();
+        let mut sizes = Vec::new();
+        while let Pulled::Events(events) = source.pull(2, Duration::ZERO).unwrap() {
+            sizes.push(events.len());
+        }
+        assert_eq!(sizes, vec![4, 1], "the transaction is not split");
     }
 }
 

@@ -215,6 +215,24 @@ impl MongoFixture {
         self.shared.state.lock().unwrap().starts.clone()
     }
 
+    /// Waits (up to 10 s) until every open change stream has read every write so far: with
+    /// `updateLookup`, what an update event carries depends on when it is read, so tests that
+    /// compare two streams let both read each write before the next write to its document.
+    pub fn wait_streams_caught_up(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            {
+                let state = self.shared.state.lock().unwrap();
+                let end = state.log.len();
+                if state.cursors.values().all(|Cursor::Stream { next, .. }| *next >= end) {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "change streams did not catch up within 10 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// How many writes were made.
     pub fn writes(&self) -> usize {
         self.shared.state.lock().unwrap().log.len()
