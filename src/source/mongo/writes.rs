@@ -17,7 +17,7 @@ use livegrid_protocol::Position;
 use mongodb::error::ErrorKind;
 use mongodb::{Client, ClientSession, Collection};
 
-use crate::source::store::{Write, id_label, ids_from_path};
+use crate::source::store::{Write, id_label, resolve_path_id};
 
 /// MongoDB's `DuplicateKey`.
 const DUPLICATE_KEY: i32 = 11000;
@@ -115,13 +115,7 @@ impl MongoWrites {
     /// The id a URL path segment names: the first candidate that exists, else the first
     /// candidate (the embedded store's rule).
     pub fn resolve_id(&self, ns: &str, segment: &str) -> Result<Bson, MongoWriteError> {
-        let candidates = ids_from_path(segment);
-        for id in &candidates {
-            if self.get(ns, id)?.is_some() {
-                return Ok(id.clone());
-            }
-        }
-        Ok(candidates.into_iter().next().expect("a string candidate always exists"))
+        resolve_path_id(segment, |id| Ok(self.get(ns, id)?.is_some()))
     }
 
     /// The result of a query, read in a snapshot session, and the position it reflects.

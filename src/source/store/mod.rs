@@ -552,17 +552,22 @@ pub fn ids_from_path(segment: &str) -> Vec<Bson> {
     ids
 }
 
-impl Store {
-    /// The id a URL path segment names in `ns`: the first candidate that exists, else the
-    /// first candidate.
-    pub fn resolve_id(&self, ns: &str, segment: &str) -> Result<Bson, StoreError> {
-        let candidates = ids_from_path(segment);
-        for id in &candidates {
-            if self.get(ns, id)?.is_some() {
-                return Ok(id.clone());
-            }
+/// The id a URL path segment names: of [`ids_from_path`], the first that `exists`, else the
+/// first (the rule of every REST data API, whatever stores the documents).
+pub fn resolve_path_id<E>(segment: &str, mut exists: impl FnMut(&Bson) -> Result<bool, E>) -> Result<Bson, E> {
+    let candidates = ids_from_path(segment);
+    for id in &candidates {
+        if exists(id)? {
+            return Ok(id.clone());
         }
-        Ok(candidates.into_iter().next().expect("a string candidate always exists"))
+    }
+    Ok(candidates.into_iter().next().expect("a string candidate always exists"))
+}
+
+impl Store {
+    /// The id a URL path segment names in `ns` (see [`resolve_path_id`]).
+    pub fn resolve_id(&self, ns: &str, segment: &str) -> Result<Bson, StoreError> {
+        resolve_path_id(segment, |id| Ok(self.get(ns, id)?.is_some()))
     }
 }
 
