@@ -35,6 +35,7 @@ fn main() {
         watch: Watch::Only(vec!["bench".into()]),
         checkpoint: dir.path().join("token.bson"),
         skip_undecodable: false,
+        full_document: Default::default(),
     };
     let mut source = MongoSource::open(config).unwrap();
     let mut written = 0;

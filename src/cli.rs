@@ -51,6 +51,9 @@ pub struct RecordArgs {
     /// Stop after this many seconds [default: no limit; stop with Ctrl-C].
     #[arg(long)]
     pub seconds: Option<f64>,
+    /// Where update events' documents come from (see `serve --full-document`).
+    #[arg(long, value_enum, default_value_t)]
+    pub full_document: crate::source::mongo::FullDocument,
 }
 
 /// Flags of `livegrid serve` (each also read from the environment).
@@ -148,6 +151,11 @@ pub struct ServeArgs {
     /// resume token) instead of stopping with an error [default: stop].
     #[arg(long, env = "LIVEGRID_SKIP_UNDECODABLE", requires = "mongodb")]
     pub skip_undecodable: Option<bool>,
+    /// With --mongodb: where update events' documents come from: `lookup` (MongoDB reads the
+    /// current document) or `post-image` (stored with each write; needs
+    /// changeStreamPreAndPostImages on every watched collection) [default: lookup].
+    #[arg(long, value_enum, env = "LIVEGRID_FULL_DOCUMENT", requires = "mongodb")]
+    pub full_document: Option<crate::source::mongo::FullDocument>,
 }
 
 /// Flags of `livegrid workload`.

@@ -81,7 +81,12 @@ async fn live_queries_follow_the_change_stream() {
     fixture.insert("other.items", doc! { "_id": 1, "n": 100 });
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let source = SourceChoice::Mongo { uri: fixture.uri(), watch: vec![NS.into()], skip_undecodable: false };
+    let source = SourceChoice::Mongo {
+        uri: fixture.uri(),
+        watch: vec![NS.into()],
+        skip_undecodable: false,
+        full_document: Default::default(),
+    };
     let server = server_with(&data, ServerConfig { source, ..Default::default() }).await;
 
     let mut socket = connect(server.addr).await;
@@ -100,6 +105,19 @@ async fn live_queries_follow_the_change_stream() {
     fixture.replace(NS, doc! { "_id": 1, "n": -1 });
     fixture.delete(NS, 4);
     fixture.insert("other.items", doc! { "_id": 2, "n": 200 });
+    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+
+    // `_id`s of every BSON type work end to end: ObjectIds, strings, documents, doubles.
+    let oid = bson::oid::ObjectId::new();
+    fixture.insert(NS, doc! { "_id": oid, "n": 40 });
+    fixture.insert(NS, doc! { "_id": "s", "n": 41 });
+    fixture.insert(NS, doc! { "_id": { "a": 1, "b": "x" }, "n": 42 });
+    fixture.insert(NS, doc! { "_id": 1.5, "n": 43 });
+    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    fixture.update(NS, doc! { "_id": oid, "n": 44 });
+    fixture.delete(NS, "s");
+    fixture.delete(NS, doc! { "a": 1, "b": "x" });
+    fixture.update(NS, doc! { "_id": 1.5, "n": 2 });
     settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
 
     // A transaction: its events share a cluster time and arrive together; a subscription's
@@ -154,7 +172,7 @@ async fn live_queries_follow_the_change_stream() {
     assert_eq!(status, 200, "{health}");
     // The source's figures: events so far and the lag behind the last event's cluster time.
     assert_eq!(health["source"]["name"], "mongodb", "{health}");
-    assert_eq!(health["source"]["events"], 12, "every write after the stream opened: {health}");
+    assert_eq!(health["source"]["events"], 20, "every write after the stream opened: {health}");
     assert!(health["source"]["lag_seconds"].as_u64().unwrap() < 3600, "{health}");
 }
 
@@ -246,7 +264,12 @@ async fn bad_or_unreachable_deployments_fail_at_start() {
         let config = ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             data: dir.path().join("data"),
-            source: SourceChoice::Mongo { uri: uri.into(), watch: Vec::new(), skip_undecodable: false },
+            source: SourceChoice::Mongo {
+                uri: uri.into(),
+                watch: Vec::new(),
+                skip_undecodable: false,
+                full_document: Default::default(),
+            },
             ..Default::default()
         };
         livegrid::server::start(config)
@@ -274,7 +297,12 @@ async fn bad_or_unreachable_deployments_fail_at_start() {
 async fn a_recording_replays_to_the_live_deltas() {
     let fixture = MongoFixture::start();
     let dir = tempfile::tempdir().unwrap();
-    let source = SourceChoice::Mongo { uri: fixture.uri(), watch: vec!["app".into()], skip_undecodable: false };
+    let source = SourceChoice::Mongo {
+        uri: fixture.uri(),
+        watch: vec!["app".into()],
+        skip_undecodable: false,
+        full_document: Default::default(),
+    };
     let server = server_with(&dir.path().join("data"), ServerConfig { source, ..Default::default() }).await;
     let queries = [
         ("all", json!({})),
@@ -294,6 +322,7 @@ async fn a_recording_replays_to_the_live_deltas() {
         out: recording.clone(),
         events: Some(60),
         seconds: Some(60.0),
+        full_document: Default::default(),
     };
     let streams = fixture.stream_starts().len();
     let recorder = std::thread::spawn(move || {
@@ -408,7 +437,12 @@ async fn undecodable_events_stop_the_source_unless_skipped() {
     for skip_undecodable in [false, true] {
         let fixture = MongoFixture::start();
         let dir = tempfile::tempdir().unwrap();
-        let source = SourceChoice::Mongo { uri: fixture.uri(), watch: vec![NS.into()], skip_undecodable };
+        let source = SourceChoice::Mongo {
+            uri: fixture.uri(),
+            watch: vec![NS.into()],
+            skip_undecodable,
+            full_document: Default::default(),
+        };
         let server = server_with(&dir.path().join("data"), ServerConfig { source, ..Default::default() }).await;
         let queries = [("all", json!({}))];
         let mut socket = connect(server.addr).await;
@@ -447,7 +481,12 @@ async fn undecodable_events_stop_the_source_unless_skipped() {
 async fn rest_writes_go_to_mongodb_and_come_back_through_the_stream() {
     let fixture = MongoFixture::start();
     let dir = tempfile::tempdir().unwrap();
-    let source = SourceChoice::Mongo { uri: fixture.uri(), watch: vec![NS.into()], skip_undecodable: false };
+    let source = SourceChoice::Mongo {
+        uri: fixture.uri(),
+        watch: vec![NS.into()],
+        skip_undecodable: false,
+        full_document: Default::default(),
+    };
     let server = server_with(&dir.path().join("data"), ServerConfig { source, ..Default::default() }).await;
     let queries = [("all", json!({})), ("top", json!({"sort": {"n": -1}, "limit": 2}))];
     let mut socket = connect(server.addr).await;
@@ -523,7 +562,12 @@ async fn lost_history_and_dropped_collections_end_subscriptions_for_a_fresh_read
     fixture.insert(NS, doc! { "_id": 1, "n": 1 });
     fixture.insert("app.other", doc! { "_id": 1, "m": 1 });
     let dir = tempfile::tempdir().unwrap();
-    let source = SourceChoice::Mongo { uri: fixture.uri(), watch: vec!["app".into()], skip_undecodable: false };
+    let source = SourceChoice::Mongo {
+        uri: fixture.uri(),
+        watch: vec!["app".into()],
+        skip_undecodable: false,
+        full_document: Default::default(),
+    };
     let server = server_with(&dir.path().join("data"), ServerConfig { source, ..Default::default() }).await;
     let mut socket = connect(server.addr).await;
     let queries = [("items", json!({}))];
@@ -566,4 +610,38 @@ async fn lost_history_and_dropped_collections_end_subscriptions_for_a_fresh_read
         }
     }
     assert!(other_seen, "the subscription on the other collection goes on");
+}
+
+/// With `--full-document post-image`, an update event carries the document as the write left
+/// it (MongoDB's post-image), not as it is when the event is read: an update followed by a
+/// delete in one transaction shows the update, then the removal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_images_give_each_update_its_own_document() {
+    let fixture = MongoFixture::start();
+    fixture.insert(NS, doc! { "_id": 1, "n": 1 });
+    let dir = tempfile::tempdir().unwrap();
+    let source = SourceChoice::Mongo {
+        uri: fixture.uri(),
+        watch: vec![NS.into()],
+        skip_undecodable: false,
+        full_document: livegrid::source::mongo::FullDocument::PostImage,
+    };
+    let server = server_with(&dir.path().join("data"), ServerConfig { source, ..Default::default() }).await;
+    let queries = [("all", json!({}))];
+    let mut socket = connect(server.addr).await;
+    subscribe(&mut socket, &queries).await;
+    let mut live = BTreeMap::new();
+    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    fixture
+        .transaction(vec![(NS, Write::Update(doc! { "_id": 1, "n": 2 })), (NS, Write::Delete(bson::Bson::Int32(1)))]);
+    let mut deltas = Vec::new();
+    while deltas.len() < 2 {
+        let message = next_within(&mut socket, Duration::from_secs(10)).await.expect("the transaction's deltas");
+        apply_message(&mut live, &message);
+        if let ServerMessage::Delta(d) = message {
+            deltas.push((d.op, d.doc.and_then(|doc| doc.get("n").cloned()), d.more));
+        }
+    }
+    use livegrid_protocol::DeltaOp;
+    assert_eq!(deltas, vec![(DeltaOp::Change, Some(bson::Bson::Int32(2)), true), (DeltaOp::Remove, None, false)]);
 }

@@ -62,6 +62,7 @@ pub fn record(args: &RecordArgs, stop: &AtomicBool) -> Result<String, RecordErro
     }
     let watch = if args.watch.is_empty() { Watch::Deployment } else { Watch::Only(args.watch.clone()) };
     let mut reader = StreamReader::connect(&args.mongodb, watch)?;
+    reader.set_full_document(args.full_document);
     reader.open(None)?;
     let failed = |source| RecordError::Output { path: args.out.display().to_string(), source };
     let mut out = BufWriter::new(File::create(&args.out).map_err(failed)?);

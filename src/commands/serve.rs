@@ -48,6 +48,7 @@ pub struct FileConfig {
     mongodb: Option<String>,
     watch: Option<Vec<String>>,
     skip_undecodable: Option<bool>,
+    full_document: Option<crate::source::mongo::FullDocument>,
 }
 
 /// What `serve` runs with: the server's configuration and what the command itself does.
@@ -126,7 +127,8 @@ pub fn config(args: &ServeArgs) -> Result<ServeConfig, String> {
             (None, Some(uri)) => {
                 let watch = if args.watch.is_empty() { file.watch.unwrap_or_default() } else { args.watch.clone() };
                 let skip_undecodable = args.skip_undecodable.or(file.skip_undecodable).unwrap_or(false);
-                SourceChoice::Mongo { uri, watch, skip_undecodable }
+                let full_document = args.full_document.or(file.full_document).unwrap_or_default();
+                SourceChoice::Mongo { uri, watch, skip_undecodable, full_document }
             }
             (None, None) => SourceChoice::Store,
         },

@@ -30,7 +30,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 
 use crate::health::Health;
-use crate::source::mongo::{MongoConfig, MongoSource, MongoWrites, Watch, checkpoint_path};
+use crate::source::mongo::{FullDocument, MongoConfig, MongoSource, MongoWrites, Watch, checkpoint_path};
 use crate::source::pump::Pump;
 use crate::source::replay::ReplaySource;
 use crate::source::store::{Durability, Store, StoreConfig, StoreSource};
@@ -109,6 +109,8 @@ pub enum SourceChoice {
         watch: Vec<String>,
         /// Skip undecodable change events instead of stopping.
         skip_undecodable: bool,
+        /// Where update events' documents come from.
+        full_document: FullDocument,
     },
 }
 
@@ -405,12 +407,13 @@ async fn open_source(
             };
             Ok((Box::new(source), None, None))
         }
-        SourceChoice::Mongo { uri, watch, skip_undecodable } => {
+        SourceChoice::Mongo { uri, watch, skip_undecodable, full_document } => {
             let config = MongoConfig {
                 uri: uri.clone(),
                 watch: if watch.is_empty() { Watch::Deployment } else { Watch::Only(watch.clone()) },
                 checkpoint: checkpoint_path(&config.data),
                 skip_undecodable: *skip_undecodable,
+                full_document: *full_document,
             };
             let data = config.checkpoint.parent().map(Path::to_path_buf);
             // Connecting and opening the stream wait on the network: not on the runtime.

@@ -83,7 +83,13 @@ pub enum Fault {
 
 enum Cursor {
     /// `matches`: the `$match` stages after `$changeStream`, applied to the events.
-    Stream { db: String, coll: Option<String>, next: usize, lookup: bool, matches: Vec<livegrid_matcher::Filter> },
+    Stream {
+        db: String,
+        coll: Option<String>,
+        next: usize,
+        lookup: Option<bool>,
+        matches: Vec<livegrid_matcher::Filter>,
+    },
 }
 
 #[derive(Default)]
@@ -674,7 +680,13 @@ fn aggregate(command: &Document, db: &str, state: &mut State, now: Timestamp) ->
         Some(Bson::String(coll)) => Some(coll.clone()),
         _ => None,
     };
-    let lookup = stage.get_str("fullDocument").is_ok_and(|f| f == "updateLookup");
+    // `lookup`: Some(false) reads the document when the event is read (updateLookup),
+    // Some(true) gives the post-image stored with the write (required, whenAvailable).
+    let lookup = match stage.get_str("fullDocument") {
+        Ok("updateLookup") => Some(false),
+        Ok("required" | "whenAvailable") => Some(true),
+        _ => None,
+    };
     let mut matches = Vec::new();
     for stage in &pipeline[1..] {
         let Some(filter) = stage.as_document().and_then(|s| s.get_document("$match").ok()) else {
@@ -764,7 +776,7 @@ fn get_more(id: i64, shared: &Shared, wait: Duration) -> Document {
 }
 
 /// The change event for log entry `index`, as MongoDB emits it.
-fn event(current: &HashMap<(String, String), Document>, index: usize, entry: &Entry, lookup: bool) -> Document {
+fn event(current: &HashMap<(String, String), Document>, index: usize, entry: &Entry, lookup: Option<bool>) -> Document {
     let (db, coll) = entry.ns.split_once('.').unwrap();
     let id = entry.id();
     let mut event = doc! {
@@ -786,11 +798,18 @@ fn event(current: &HashMap<(String, String), Document>, index: usize, entry: &En
         Write::Update(d) => {
             event.insert("operationType", "update");
             event.insert("updateDescription", doc! { "updatedFields": d.clone(), "removedFields": [] });
-            if lookup {
-                // updateLookup reads the document as it is when the event is returned: a
-                // later write may have changed or deleted it (then `fullDocument` is null).
-                let now = current.get(&(entry.ns.clone(), format!("{id:?}"))).cloned();
-                event.insert("fullDocument", now.map_or(Bson::Null, Bson::Document));
+            match lookup {
+                Some(false) => {
+                    // updateLookup reads the document as it is when the event is returned: a
+                    // later write may have changed or deleted it (then `fullDocument` is null).
+                    let now = current.get(&(entry.ns.clone(), format!("{id:?}"))).cloned();
+                    event.insert("fullDocument", now.map_or(Bson::Null, Bson::Document));
+                }
+                // The post-image: the document right after this write.
+                Some(true) => {
+                    event.insert("fullDocument", d.clone());
+                }
+                None => {}
             }
         }
         Write::Delete(_) => {

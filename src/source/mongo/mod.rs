@@ -41,7 +41,7 @@ use mongodb::change_stream::event::ResumeToken;
 
 pub use checkpoint::{Checkpoint, checkpoint_path};
 pub use snapshot::MongoSnapshots;
-pub use stream::StreamReader;
+pub use stream::{FullDocument, StreamReader};
 pub use writes::{MongoWriteError, MongoWrites};
 
 use crate::source::change_stream_event::{self, ChangeEventError, Parsed};
@@ -71,6 +71,8 @@ pub struct MongoConfig {
     /// Skip change events that cannot be decoded (each is logged with its resume token and
     /// counted) instead of stopping the source.
     pub skip_undecodable: bool,
+    /// Where update events' documents come from.
+    pub full_document: FullDocument,
 }
 
 /// Why the MongoDB source failed.
@@ -138,6 +140,7 @@ impl MongoSource {
     /// clear and come quickly (see [`StreamReader::connect`]).
     pub fn open(config: MongoConfig) -> Result<MongoSource, MongoError> {
         let mut reader = StreamReader::connect(&config.uri, config.watch.clone())?;
+        reader.set_full_document(config.full_document);
         let checkpoint = Checkpoint::new(&config.checkpoint);
         let token = checkpoint.load()?;
         match reader.open(token.clone()) {

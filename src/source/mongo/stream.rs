@@ -35,6 +35,20 @@ pub struct StreamReader {
     token: Option<ResumeToken>,
     /// Whether the stream was invalidated: it reopens with `startAfter`, not `resumeAfter`.
     invalidated: bool,
+    full_document: FullDocument,
+}
+
+/// Where an update event's document comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum FullDocument {
+    /// `updateLookup`: MongoDB reads the document when the event is read (it may be newer
+    /// than the write, or gone: then the document has left every result).
+    #[default]
+    Lookup,
+    /// `required`: the post-image stored with the write (exact; every watched collection
+    /// needs `changeStreamPreAndPostImages` enabled, or the stream fails).
+    PostImage,
 }
 
 impl StreamReader {
@@ -56,7 +70,20 @@ impl StreamReader {
             options.app_name.get_or_insert_with(|| "livegrid".into());
             Client::with_options(options).map_err(MongoError::Uri)
         })?;
-        Ok(StreamReader { runtime: Arc::new(runtime), client, watch, stream: None, token: None, invalidated: false })
+        Ok(StreamReader {
+            runtime: Arc::new(runtime),
+            client,
+            watch,
+            stream: None,
+            token: None,
+            invalidated: false,
+            full_document: FullDocument::default(),
+        })
+    }
+
+    /// Where update events' documents come from (before [`StreamReader::open`]).
+    pub fn set_full_document(&mut self, full_document: FullDocument) {
+        self.full_document = full_document;
     }
 
     /// The driver's runtime and client, for snapshot reads.
@@ -111,6 +138,10 @@ impl StreamReader {
         self.stream = None;
         let (client, watch, token) = (self.client.clone(), self.watch.clone(), self.token.clone());
         let invalidated = self.invalidated;
+        let full_document = match self.full_document {
+            FullDocument::Lookup => FullDocumentType::UpdateLookup,
+            FullDocument::PostImage => FullDocumentType::Required,
+        };
         let opened = self.runtime.block_on(async move {
             let pipeline = match &watch {
                 Watch::Deployment => Vec::new(),
@@ -125,8 +156,7 @@ impl StreamReader {
                     vec![doc! { "$match": { "$or": any } }]
                 }
             };
-            let watch =
-                client.watch().pipeline(pipeline).full_document(FullDocumentType::UpdateLookup).max_await_time(AWAIT);
+            let watch = client.watch().pipeline(pipeline).full_document(full_document).max_await_time(AWAIT);
             match token {
                 Some(token) if invalidated => watch.start_after(token).await,
                 token => watch.resume_after(token).await,
