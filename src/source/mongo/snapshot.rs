@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use bson::{Document, Timestamp, doc};
+use bson::{Document, Timestamp};
 use futures_util::TryStreamExt;
 use livegrid_engine::{Snapshot, SnapshotError, SnapshotSource};
 use livegrid_matcher::{Query, QuerySpec};
@@ -21,8 +21,7 @@ impl SnapshotSource for MongoSnapshots {
         let (db, coll) = ns.split_once('.').ok_or_else(|| SnapshotError::new(BadNamespace(ns.to_string())))?;
         let collection = self.client.database(db).collection::<Document>(coll);
         let filter = spec.filter.clone();
-        // Without a sort, windows are in `_id` order (the engine's rule).
-        let sort = spec.sort.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| doc! { "_id": 1 });
+        let sort = with_id_tiebreak(spec.sort.as_ref());
         self.runtime.block_on(async {
             let mut session = self.client.start_session().snapshot(true).await.map_err(SnapshotError::new)?;
             let mut find = collection.find(filter).sort(sort).session(&mut session);
@@ -50,3 +49,27 @@ struct BadNamespace(String);
 #[derive(Debug, thiserror::Error)]
 #[error("the snapshot read of {0} came back without atClusterTime")]
 struct NoClusterTime(String);
+
+/// The engine's order as a MongoDB sort: the query's sort, ties broken by `_id` ascending (as
+/// the engine breaks them), so that the first `k` MongoDB returns are the first `k` the engine
+/// expects; without a sort, `_id` order.
+pub fn with_id_tiebreak(sort: Option<&Document>) -> Document {
+    let mut sort = sort.cloned().unwrap_or_default();
+    if !sort.contains_key("_id") {
+        sort.insert("_id", 1);
+    }
+    sort
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::doc;
+
+    #[test]
+    fn sorts_break_ties_by_id_as_the_engine_does() {
+        assert_eq!(with_id_tiebreak(None), doc! { "_id": 1 });
+        assert_eq!(with_id_tiebreak(Some(&doc! { "n": -1, "m": 1 })), doc! { "n": -1, "m": 1, "_id": 1 });
+        assert_eq!(with_id_tiebreak(Some(&doc! { "_id": -1, "n": 1 })), doc! { "_id": -1, "n": 1 });
+    }
+}

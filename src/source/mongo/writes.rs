@@ -124,9 +124,8 @@ impl MongoWrites {
         self.runtime.block_on(async {
             let mut session = self.client.start_session().snapshot(true).await.map_err(MongoWriteError::from_driver)?;
             let mut find = collection.find(spec.filter.clone()).skip(spec.skip).session(&mut session);
-            if let Some(sort) = &spec.sort {
-                find = find.sort(sort.clone());
-            }
+            // Deterministic pages: ties broken by `_id`, as the embedded store breaks them.
+            find = find.sort(super::snapshot::with_id_tiebreak(spec.sort.as_ref()));
             if let Some(limit) = spec.limit {
                 find = find.limit(i64::try_from(limit).unwrap_or(i64::MAX));
             }
