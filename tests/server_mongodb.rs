@@ -645,3 +645,100 @@ async fn post_images_give_each_update_its_own_document() {
     use livegrid_protocol::DeltaOp;
     assert_eq!(deltas, vec![(DeltaOp::Change, Some(bson::Bson::Int32(2)), true), (DeltaOp::Remove, None, false)]);
 }
+
+/// The end-to-end scenarios above on a real replica set, when `LIVEGRID_TEST_MONGODB_URI`
+/// names one (for example `mongodb://127.0.0.1:27017/?replicaSet=rs0`; see README, "Running
+/// against MongoDB"): writes by another client through the driver (inserts, updates,
+/// replaces, deletes, a transaction), REST writes through livegrid, and live results checked
+/// against MongoDB's own `find`. It works in a database of its own, dropped at the end. The
+/// fixture's faults (errors, lost history) have no real counterpart here. Without the
+/// variable the test says so and passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_replica_set_end_to_end() {
+    let Ok(uri) = std::env::var("LIVEGRID_TEST_MONGODB_URI") else {
+        eprintln!("LIVEGRID_TEST_MONGODB_URI is not set: the real replica set test does not run");
+        return;
+    };
+    driver_end_to_end(&uri).await;
+}
+
+/// The same scenario against the fixture: writes through the driver rather than the fixture's
+/// log, so that the real replica set test's own steps are checked on every run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn driver_writes_end_to_end_on_the_fixture() {
+    let fixture = MongoFixture::start();
+    driver_end_to_end(&fixture.uri()).await;
+}
+
+/// Writes by another client through the driver, REST writes through livegrid, and live
+/// results checked against the deployment's own `find`.
+async fn driver_end_to_end(uri: &str) {
+    let uri = uri.to_string();
+    let client = mongodb::Client::with_uri_str(&uri).await.unwrap();
+    let db = format!("livegrid_test_{}", bson::oid::ObjectId::new());
+    let ns = format!("{db}.items");
+    let items = client.database(&db).collection::<Document>("items");
+    items.insert_one(doc! { "_id": 0, "n": 0 }).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let source = SourceChoice::Mongo {
+        uri: uri.clone(),
+        watch: vec![db.clone()],
+        skip_undecodable: false,
+        full_document: Default::default(),
+    };
+    let server = server_with(&dir.path().join("data"), ServerConfig { source, ..Default::default() }).await;
+    let mut socket = connect(server.addr).await;
+    let queries = [("all", json!({})), ("top", json!({"sort": {"n": -1}, "limit": 2}))];
+    for (id, query) in &queries {
+        let mut message = json!({"type": "subscribe", "id": id, "ns": ns});
+        message.as_object_mut().unwrap().extend(query.as_object().unwrap().clone());
+        send(&mut socket, message).await;
+    }
+    let mut live = BTreeMap::new();
+    settle(&mut socket, &mut live, &truth(&items, &queries).await).await;
+
+    for i in 1..20 {
+        items.insert_one(doc! { "_id": i, "n": i }).await.unwrap();
+    }
+    items.update_one(doc! { "_id": 3 }, doc! { "$set": { "n": 300 } }).await.unwrap();
+    items.replace_one(doc! { "_id": 4 }, doc! { "n": -4 }).await.unwrap();
+    items.delete_one(doc! { "_id": 19 }).await.unwrap();
+    let mut session = client.start_session().await.unwrap();
+    session.start_transaction().await.unwrap();
+    items.insert_one(doc! { "_id": 50, "n": 50 }).session(&mut session).await.unwrap();
+    items.delete_one(doc! { "_id": 18 }).session(&mut session).await.unwrap();
+    session.commit_transaction().await.unwrap();
+    settle(&mut socket, &mut live, &truth(&items, &queries).await).await;
+
+    // REST writes go to MongoDB and come back through the stream.
+    let path = format!("/v1/db/{db}/items");
+    let (status, body) = common::http(server.addr, "POST", &path, Some(json!({"_id": 60, "n": 60}))).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) =
+        common::http(server.addr, "PATCH", &format!("{path}/60"), Some(json!({"$inc": {"n": 1}}))).await;
+    assert_eq!(status, 200, "{body}");
+    settle(&mut socket, &mut live, &truth(&items, &queries).await).await;
+
+    client.database(&db).drop().await.unwrap();
+}
+
+/// What MongoDB holds in `items` now, evaluated per query.
+async fn truth(
+    items: &mongodb::Collection<Document>,
+    queries: &[(&str, serde_json::Value)],
+) -> BTreeMap<String, Vec<Document>> {
+    use futures_util::TryStreamExt;
+    let docs: Vec<Document> = items.find(doc! {}).await.unwrap().try_collect().await.unwrap();
+    queries
+        .iter()
+        .map(|(id, q)| {
+            let spec = QuerySpec {
+                sort: q.get("sort").map(|s| bson::serialize_to_document(s).unwrap()),
+                limit: q.get("limit").and_then(|l| l.as_u64()),
+                ..Default::default()
+            };
+            (id.to_string(), Query::compile(&spec).unwrap().evaluate(&docs))
+        })
+        .collect()
+}

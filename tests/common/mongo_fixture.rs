@@ -654,6 +654,23 @@ fn handle(command: &Document, shared: &Shared, addr: SocketAddr) -> Handled {
                 return Handled::Reply(doc! { "ok": 1.0, "operationTime": time });
             }
         }
+        "dropDatabase" => {
+            let collections: std::collections::BTreeSet<String> = state
+                .current
+                .keys()
+                .map(|(ns, _)| ns.clone())
+                .filter(|ns| ns.split_once('.').is_some_and(|(d, _)| d == db))
+                .collect();
+            if !collections.is_empty() {
+                commit(
+                    &mut state,
+                    shared.seconds,
+                    collections.into_iter().map(|ns| (ns, Write::DropCollection)).collect(),
+                );
+                shared.changed.notify_all();
+            }
+            doc! { "ok": 1.0 }
+        }
         "abortTransaction" => {
             state.transactions.remove(&transaction_key(command));
             doc! { "ok": 1.0 }
