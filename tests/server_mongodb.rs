@@ -201,11 +201,22 @@ async fn kill_and_restart_resume_from_the_checkpoint() {
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut socket = connect(addr).await;
     subscribe(&mut socket, &queries).await;
+    // The resume token of "all", to resume with after the restart.
+    let mut live = BTreeMap::new();
+    let token = loop {
+        let message = next_within(&mut socket, Duration::from_secs(10)).await.expect("a result");
+        apply_message(&mut live, &message);
+        if let ServerMessage::Result(r) = &message
+            && r.id == "all"
+        {
+            break r.token.clone().expect("a resume token");
+        }
+    };
     for i in 0..20 {
         fixture.insert(NS, doc! { "_id": i, "n": i });
     }
-    let mut live = BTreeMap::new();
     settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    let seq = live["all"].seq();
     // Let the checkpoint catch up, then kill.
     let checkpoint = data.join("mongodb-resume-token.bson");
     for _ in 0..100 {
@@ -230,9 +241,16 @@ async fn kill_and_restart_resume_from_the_checkpoint() {
         starts.len() >= 2 && resumed_at > 0 && resumed_at <= written_before_kill,
         "the restart resumed after the checkpoint, at or before the kill: {starts:?}, {written_before_kill} written"
     );
+    // A client resuming with its token and seq gets a correct fresh result (the server's
+    // buffers died with it), and then the deltas.
     let mut socket = connect(addr).await;
-    subscribe(&mut socket, &queries).await;
+    send(&mut socket, json!({"type": "subscribe", "id": "all", "ns": NS, "resume": {"token": token, "seq": seq}}))
+        .await;
+    send(&mut socket, json!({"type": "subscribe", "id": "top", "ns": NS, "sort": {"n": -1}, "limit": 3})).await;
     let mut live = BTreeMap::new();
+    let first_message = next_within(&mut socket, Duration::from_secs(10)).await.expect("a message");
+    assert!(matches!(&first_message, ServerMessage::Result(_)), "a fresh result first: {first_message:?}");
+    apply_message(&mut live, &first_message);
     settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
     fixture.insert(NS, doc! { "_id": 50, "n": 50 });
     settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
