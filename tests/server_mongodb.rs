@@ -95,6 +95,8 @@ async fn live_queries_follow_the_change_stream() {
         ("high", json!({"filter": {"n": {"$gte": 3}}})),
         ("top", json!({"sort": {"n": -1}, "limit": 2})),
     ];
+    // A snapshot MongoDB cannot serve yet is read again, not reported as a failure.
+    fixture.inject(Fault::SnapshotUnavailable);
     subscribe(&mut socket, &queries).await;
     let mut live = BTreeMap::new();
     settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
@@ -159,7 +161,8 @@ async fn live_queries_follow_the_change_stream() {
     settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
     let commands = fixture.commands();
     assert!(commands.iter().filter(|c| *c == "aggregate").count() >= 2, "the stream was resumed: {commands:?}");
-    assert!(commands.iter().any(|c| c == "find"), "initial results came from find: {commands:?}");
+    // Three initial results, one of them read twice (the snapshot was not available at first).
+    assert_eq!(commands.iter().filter(|c| *c == "find").count(), 4, "initial results came from find: {commands:?}");
 
     // The resume token is on disk.
     let mut waited = 0;

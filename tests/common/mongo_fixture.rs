@@ -79,6 +79,8 @@ pub enum Fault {
     /// The next `getMore` fails with a resumable error, and the history it would resume from
     /// is gone (code 286 on resume).
     LoseHistory,
+    /// The next `find` fails with `SnapshotUnavailable` (246).
+    SnapshotUnavailable,
 }
 
 enum Cursor {
@@ -605,10 +607,16 @@ fn handle(command: &Document, shared: &Shared, addr: SocketAddr) -> Handled {
         "aggregate" => aggregate(command, &db, &mut state, now),
         "getMore" => {
             let id = command.get_i64("getMore").unwrap_or(0);
-            let fault = state.faults.front().copied();
-            if fault != Some(Fault::UndecodableEvent) {
-                state.faults.pop_front();
-            }
+            // Faults of `getMore` are taken here (an undecodable event stays until a batch
+            // has events to put it in front of); those of other commands wait for them.
+            let fault = match state.faults.front().copied() {
+                Some(Fault::SnapshotUnavailable) => None,
+                Some(Fault::UndecodableEvent) => Some(Fault::UndecodableEvent),
+                other => {
+                    state.faults.pop_front();
+                    other
+                }
+            };
             match fault {
                 Some(Fault::UndecodableEvent) => {
                     drop(state);
@@ -624,7 +632,7 @@ fn handle(command: &Document, shared: &Shared, addr: SocketAddr) -> Handled {
                     error(262, "ExceededTimeLimit", "injected resumable error", &["ResumableChangeStreamError"])
                 }
                 Some(Fault::DropConnection) => return Handled::Drop,
-                None => {
+                Some(Fault::SnapshotUnavailable) | None => {
                     let wait = command
                         .get("maxTimeMS")
                         .and_then(Bson::as_i64)
@@ -634,6 +642,10 @@ fn handle(command: &Document, shared: &Shared, addr: SocketAddr) -> Handled {
                     return Handled::Reply(get_more(id, shared, wait));
                 }
             }
+        }
+        "find" if state.faults.front() == Some(&Fault::SnapshotUnavailable) => {
+            state.faults.pop_front();
+            error(246, "SnapshotUnavailable", "injected: the snapshot is not available yet", &[])
         }
         "find" => find(command, &db, &state, now),
         "insert" | "update" | "delete" => {

@@ -20,18 +20,54 @@ impl SnapshotSource for MongoSnapshots {
     fn read(&self, ns: &str, spec: &QuerySpec, _query: &Query, k: Option<usize>) -> Result<Snapshot, SnapshotError> {
         let (db, coll) = ns.split_once('.').ok_or_else(|| SnapshotError::new(BadNamespace(ns.to_string())))?;
         let collection = self.client.database(db).collection::<Document>(coll);
-        let filter = spec.filter.clone();
         let sort = with_id_tiebreak(spec.sort.as_ref());
+        let mut attempt = 0;
+        loop {
+            match self.read_once(&collection, spec.filter.clone(), sort.clone(), k) {
+                // MongoDB could not serve the snapshot (no longer, or not yet, available at the
+                // time it chose): read again, at a newer time, rather than guess.
+                Err(ReadError::Driver(e)) if attempt < SNAPSHOT_RETRIES && snapshot_unavailable(&e) => {
+                    attempt += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20 << attempt));
+                }
+                Err(ReadError::Driver(e)) => return Err(SnapshotError::new(e)),
+                Err(ReadError::NoClusterTime) => return Err(SnapshotError::new(NoClusterTime(ns.to_string()))),
+                Ok(snapshot) => return Ok(snapshot),
+            }
+        }
+    }
+}
+
+/// Reads again at most this many times when MongoDB cannot serve a snapshot.
+const SNAPSHOT_RETRIES: u32 = 5;
+
+/// MongoDB's `SnapshotTooOld` (239) and `SnapshotUnavailable` (246).
+fn snapshot_unavailable(error: &mongodb::error::Error) -> bool {
+    matches!(&*error.kind, mongodb::error::ErrorKind::Command(c) if c.code == 239 || c.code == 246)
+}
+
+enum ReadError {
+    Driver(mongodb::error::Error),
+    NoClusterTime,
+}
+
+impl MongoSnapshots {
+    fn read_once(
+        &self,
+        collection: &mongodb::Collection<Document>,
+        filter: Document,
+        sort: Document,
+        k: Option<usize>,
+    ) -> Result<Snapshot, ReadError> {
         self.runtime.block_on(async {
-            let mut session = self.client.start_session().snapshot(true).await.map_err(SnapshotError::new)?;
+            let mut session = self.client.start_session().snapshot(true).await.map_err(ReadError::Driver)?;
             let mut find = collection.find(filter).sort(sort).session(&mut session);
             if let Some(k) = k {
                 find = find.limit(i64::try_from(k).unwrap_or(i64::MAX));
             }
-            let mut cursor = find.await.map_err(SnapshotError::new)?;
-            let docs: Vec<Document> = cursor.stream(&mut session).try_collect().await.map_err(SnapshotError::new)?;
-            let Timestamp { time, increment } =
-                session.snapshot_time().ok_or_else(|| SnapshotError::new(NoClusterTime(ns.to_string())))?;
+            let mut cursor = find.await.map_err(ReadError::Driver)?;
+            let docs: Vec<Document> = cursor.stream(&mut session).try_collect().await.map_err(ReadError::Driver)?;
+            let Timestamp { time, increment } = session.snapshot_time().ok_or(ReadError::NoClusterTime)?;
             let complete = k.is_none_or(|k| docs.len() < k);
             // Every event of the read's cluster time is in it: the position is that time with
             // its largest order.
