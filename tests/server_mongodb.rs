@@ -19,6 +19,25 @@ use common::{Socket, apply_message, connect, next_within, send, server_with};
 
 const NS: &str = "app.items";
 
+/// A server in this process following the fixture, watching `watch`; the directory holds its
+/// data and lives as long as the returned guard.
+async fn serve_on(fixture: &MongoFixture, watch: &str) -> (tempfile::TempDir, livegrid::server::RunningServer) {
+    serve_uri(&fixture.uri(), watch).await
+}
+
+/// A server in this process following the deployment at `uri`, watching `watch`.
+async fn serve_uri(uri: &str, watch: &str) -> (tempfile::TempDir, livegrid::server::RunningServer) {
+    let dir = tempfile::tempdir().unwrap();
+    let source = SourceChoice::Mongo {
+        uri: uri.into(),
+        watch: vec![watch.into()],
+        skip_undecodable: false,
+        full_document: Default::default(),
+    };
+    let server = server_with(&dir.path().join("data"), ServerConfig { source, ..Default::default() }).await;
+    (dir, server)
+}
+
 /// Applies messages until every subscription shows what `expected` says (by id), or fails
 /// after `rounds` quiet half-seconds.
 async fn settle(
@@ -317,14 +336,7 @@ async fn bad_or_unreachable_deployments_fail_at_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recording_replays_to_the_live_deltas() {
     let fixture = MongoFixture::start();
-    let dir = tempfile::tempdir().unwrap();
-    let source = SourceChoice::Mongo {
-        uri: fixture.uri(),
-        watch: vec!["app".into()],
-        skip_undecodable: false,
-        full_document: Default::default(),
-    };
-    let server = server_with(&dir.path().join("data"), ServerConfig { source, ..Default::default() }).await;
+    let (dir, server) = serve_on(&fixture, "app").await;
     let queries = [
         ("all", json!({})),
         ("odd", json!({"filter": {"odd": true}})),
@@ -501,14 +513,7 @@ async fn undecodable_events_stop_the_source_unless_skipped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_writes_go_to_mongodb_and_come_back_through_the_stream() {
     let fixture = MongoFixture::start();
-    let dir = tempfile::tempdir().unwrap();
-    let source = SourceChoice::Mongo {
-        uri: fixture.uri(),
-        watch: vec![NS.into()],
-        skip_undecodable: false,
-        full_document: Default::default(),
-    };
-    let server = server_with(&dir.path().join("data"), ServerConfig { source, ..Default::default() }).await;
+    let (_dir, server) = serve_on(&fixture, NS).await;
     let queries = [("all", json!({})), ("top", json!({"sort": {"n": -1}, "limit": 2}))];
     let mut socket = connect(server.addr).await;
     subscribe(&mut socket, &queries).await;
@@ -582,14 +587,7 @@ async fn lost_history_and_dropped_collections_end_subscriptions_for_a_fresh_read
     let fixture = MongoFixture::start();
     fixture.insert(NS, doc! { "_id": 1, "n": 1 });
     fixture.insert("app.other", doc! { "_id": 1, "m": 1 });
-    let dir = tempfile::tempdir().unwrap();
-    let source = SourceChoice::Mongo {
-        uri: fixture.uri(),
-        watch: vec!["app".into()],
-        skip_undecodable: false,
-        full_document: Default::default(),
-    };
-    let server = server_with(&dir.path().join("data"), ServerConfig { source, ..Default::default() }).await;
+    let (_dir, server) = serve_on(&fixture, "app").await;
     let mut socket = connect(server.addr).await;
     let queries = [("items", json!({}))];
     subscribe(&mut socket, &queries).await;
@@ -701,14 +699,7 @@ async fn driver_end_to_end(uri: &str) {
     let items = client.database(&db).collection::<Document>("items");
     items.insert_one(doc! { "_id": 0, "n": 0 }).await.unwrap();
 
-    let dir = tempfile::tempdir().unwrap();
-    let source = SourceChoice::Mongo {
-        uri: uri.clone(),
-        watch: vec![db.clone()],
-        skip_undecodable: false,
-        full_document: Default::default(),
-    };
-    let server = server_with(&dir.path().join("data"), ServerConfig { source, ..Default::default() }).await;
+    let (_dir, server) = serve_uri(&uri, &db).await;
     let mut socket = connect(server.addr).await;
     let queries = [("all", json!({})), ("top", json!({"sort": {"n": -1}, "limit": 2}))];
     for (id, query) in &queries {
