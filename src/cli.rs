@@ -114,6 +114,10 @@ pub struct ServeArgs {
     /// Largest REST request body in bytes [default: 20971520].
     #[arg(long, env = "LIVEGRID_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// Seconds HTTP caches may keep a REST read (Cache-Control max-age); with 0 they
+    /// revalidate every time, cheaply, through ETag and 304 [default: 0].
+    #[arg(long, env = "LIVEGRID_CACHE_MAX_AGE")]
+    pub cache_max_age: Option<u32>,
     /// Bytes all subscriptions together may hold; new ones are refused beyond it
     /// [default: 1073741824].
     #[arg(long, env = "LIVEGRID_SUBSCRIPTION_MEMORY")]

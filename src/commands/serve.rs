@@ -38,6 +38,7 @@ pub struct FileConfig {
     max_connections: Option<usize>,
     header_timeout_seconds: Option<u64>,
     max_body_bytes: Option<usize>,
+    cache_max_age: Option<u32>,
     subscription_memory: Option<usize>,
     max_subscription_bytes: Option<usize>,
     write_queue: Option<usize>,
@@ -104,6 +105,7 @@ pub fn config(args: &ServeArgs) -> Result<ServeConfig, String> {
         max_connections: args.max_connections.or(file.max_connections).unwrap_or(defaults.max_connections),
         header_timeout: secs(args.header_timeout_seconds, file.header_timeout_seconds, defaults.header_timeout),
         max_body_bytes: args.max_body_bytes.or(file.max_body_bytes).unwrap_or(defaults.max_body_bytes),
+        cache_max_age: args.cache_max_age.or(file.cache_max_age).unwrap_or(defaults.cache_max_age),
         subscription_memory: args
             .subscription_memory
             .or(file.subscription_memory)

@@ -74,6 +74,9 @@ pub struct ServerConfig {
     pub header_timeout: Duration,
     /// Largest REST request body, in bytes.
     pub max_body_bytes: usize,
+    /// Seconds HTTP caches may keep a REST read (`Cache-Control: public, max-age=N`); 0 makes
+    /// them revalidate every time (`ETag`, `304`).
+    pub cache_max_age: u32,
     /// Memory all subscriptions together may hold, in bytes.
     pub subscription_memory: usize,
     /// Memory one subscription may hold, in bytes.
@@ -133,6 +136,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             header_timeout: Duration::from_secs(10),
             max_body_bytes: 20 << 20,
+            cache_max_age: 0,
             subscription_memory: 1 << 30,
             max_subscription_bytes: 16 << 20,
             window_slack: 16,
@@ -164,6 +168,7 @@ impl ServerConfig {
         range("max_connections", self.max_connections as u128, 1, 1 << 20)?;
         range("header_timeout (ms)", self.header_timeout.as_millis(), 10, 3_600_000)?;
         range("max_body_bytes", self.max_body_bytes as u128, 1024, 1 << 30)?;
+        range("cache_max_age (s)", u128::from(self.cache_max_age), 0, 31_536_000)?;
         range("subscription_memory", self.subscription_memory as u128, 1 << 20, 1 << 44)?;
         range("max_subscription_bytes", self.max_subscription_bytes as u128, 4096, 1 << 40)?;
         range("window_slack", self.window_slack as u128, 0, 1 << 20)?;

@@ -18,8 +18,9 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{FromRequest, FromRequestParts, Path as AxumPath, Query as AxumQuery, Request, State};
-use axum::http::StatusCode;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use bson::{Bson, Document};
 use livegrid_matcher::{Query, QuerySpec};
 use livegrid_protocol::{Position, extjson};
@@ -32,6 +33,42 @@ use crate::source::mongo::MongoWrites;
 use crate::source::store::{Store, Write, id_label};
 
 type Reply = Result<(StatusCode, Json<Value>), ApiError>;
+
+/// A REST read: cacheable by HTTP caches, validated by an `ETag` derived from the result.
+type Read = Result<Response, ApiError>;
+
+/// The answer to a read: `body` with `Cache-Control` and an `ETag` of `result` (the documents
+/// only, not the position, so that writes elsewhere leave it alone), or `304 Not Modified`
+/// when the request's `If-None-Match` names that tag.
+fn cacheable(state: &AppState, headers: &HeaderMap, result: &Value, body: Value) -> Response {
+    let tag = etag(result);
+    let cache_control = format!("public, max-age={}", state.config.cache_max_age);
+    let headers_out = [(header::ETAG, tag.clone()), (header::CACHE_CONTROL, cache_control)];
+    let matches = headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|candidate| matches!(candidate.trim(), "*") || candidate.trim().trim_start_matches("W/") == tag);
+    if matches {
+        return (StatusCode::NOT_MODIFIED, headers_out).into_response();
+    }
+    (StatusCode::OK, headers_out, Json(body)).into_response()
+}
+
+/// A strong entity tag: two independent 64-bit hashes of the result's JSON text.
+fn etag(result: &Value) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let text = result.to_string();
+    let half = |seed: u64| {
+        let mut hasher =
+            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().build_hasher();
+        hasher.write_u64(seed);
+        hasher.write(text.as_bytes());
+        hasher.finish()
+    };
+    format!("\"{:016x}{:016x}\"", half(0x6c69_7665), half(0x6772_6964))
+}
 
 /// Bodies larger than this are parsed and checked on the blocking pool, not the runtime.
 const LARGE_BODY: usize = 64 * 1024;
@@ -182,7 +219,11 @@ pub async fn insert(State(state): State<AppState>, Path((db, coll)): Path<(Strin
 }
 
 /// `GET /v1/db/{db}/{coll}/{id}`
-pub async fn get(State(state): State<AppState>, Path((db, coll, id)): Path<(String, String, String)>) -> Reply {
+pub async fn get(
+    State(state): State<AppState>,
+    Path((db, coll, id)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Read {
     let ns = namespace(&db, &coll)?;
     let id = resolve(&state, &ns, id).await?;
     let not_found = ApiError::from(crate::source::store::StoreError::NotFound(id_label(&id), ns.clone()));
@@ -190,8 +231,8 @@ pub async fn get(State(state): State<AppState>, Path((db, coll, id)): Path<(Stri
         Data::Store(store) => blocking(move || store.get(&ns, &id)).await??,
         Data::Mongo(mongo) => blocking(move || mongo.get(&ns, &id)).await??,
     };
-    let found = found.ok_or(not_found)?;
-    Ok((StatusCode::OK, Json(extjson::document_to_relaxed_json(&found))))
+    let found = extjson::document_to_relaxed_json(&found.ok_or(not_found)?);
+    Ok(cacheable(&state, &headers, &found, found.clone()))
 }
 
 /// `PUT /v1/db/{db}/{coll}/{id}`
@@ -249,7 +290,8 @@ pub async fn query(
     State(state): State<AppState>,
     Path((db, coll)): Path<(String, String)>,
     UrlQuery(params): UrlQuery<QueryParams>,
-) -> Reply {
+    headers: HeaderMap,
+) -> Read {
     let parse = |name: &str, text: &Option<String>| {
         text.as_deref()
             .map(|t| extjson::parse_document(t).map_err(|e| ApiError::bad_request("bad_query", format!("{name}: {e}"))))
@@ -280,8 +322,8 @@ pub async fn query(
             blocking(move || mongo.query(&ns, &spec)).await??
         }
     };
-    let docs: Vec<Value> = docs.iter().map(extjson::document_to_relaxed_json).collect();
-    Ok((StatusCode::OK, Json(json!({"docs": docs, "position": position}))))
+    let docs = Value::Array(docs.iter().map(extjson::document_to_relaxed_json).collect());
+    Ok(cacheable(&state, &headers, &docs, json!({"docs": docs, "position": position})))
 }
 
 /// `POST /v1/db/{db}/{coll}/_bulk` with `{"writes": [{"insert": doc} | {"replace": {"_id", "doc"}}

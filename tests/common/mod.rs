@@ -44,14 +44,34 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<Value
 
 /// Sends raw request bytes; the status and the body as text.
 pub async fn http_raw(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    let (status, _, body) = http_response(addr, request).await;
+    (status, body)
+}
+
+/// Sends raw request bytes; the status, the headers (names lowercase) and the body as text.
+pub async fn http_response(addr: SocketAddr, request: &[u8]) -> (u16, Vec<(String, String)>, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream.write_all(request).await.unwrap();
     let mut response = Vec::new();
     tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut response)).await.unwrap().unwrap();
     let text = String::from_utf8_lossy(&response).to_string();
     let status: u16 = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}
+
+/// A GET with extra headers; the status, one response header's value, and the body.
+pub async fn get_with(addr: SocketAddr, path: &str, extra: &str, header: &str) -> (u16, Option<String>, String) {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Connection: close\r\n\r\n");
+    let (status, headers, body) = http_response(addr, request.as_bytes()).await;
+    let value = headers.into_iter().find(|(name, _)| name == header).map(|(_, v)| v);
+    (status, value, body)
 }
 
 pub async fn connect(addr: SocketAddr) -> Socket {
