@@ -18,7 +18,7 @@ mod mongo_fixture;
 use std::time::{Duration, Instant};
 
 use bson::doc;
-use livegrid::source::mongo::{MongoConfig, MongoSource, Watch};
+use livegrid::source::mongodb::{MongoConfig, MongoSource, Watch};
 use livegrid::source::{Pulled, Source};
 use mongo_fixture::{MongoFixture, Write};
 

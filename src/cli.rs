@@ -53,7 +53,7 @@ pub struct RecordArgs {
     pub seconds: Option<f64>,
     /// Where update events' documents come from (see `serve --full-document`).
     #[arg(long, value_enum, default_value_t)]
-    pub full_document: crate::source::mongo::FullDocument,
+    pub full_document: crate::source::mongodb::FullDocument,
 }
 
 /// Flags of `livegrid serve` (each also read from the environment).
@@ -159,7 +159,7 @@ pub struct ServeArgs {
     /// current document) or `post-image` (stored with each write; needs
     /// changeStreamPreAndPostImages on every watched collection) [default: lookup].
     #[arg(long, value_enum, env = "LIVEGRID_FULL_DOCUMENT", requires = "mongodb")]
-    pub full_document: Option<crate::source::mongo::FullDocument>,
+    pub full_document: Option<crate::source::mongodb::FullDocument>,
 }
 
 /// Flags of `livegrid workload`.

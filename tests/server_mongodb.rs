@@ -643,7 +643,7 @@ async fn post_images_give_each_update_its_own_document() {
         uri: fixture.uri(),
         watch: vec![NS.into()],
         skip_undecodable: false,
-        full_document: livegrid::source::mongo::FullDocument::PostImage,
+        full_document: livegrid::source::mongodb::FullDocument::PostImage,
     };
     let server = server_with(&dir.path().join("data"), ServerConfig { source, ..Default::default() }).await;
     let queries = [("all", json!({}))];

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::cli::RecordArgs;
-use crate::source::mongo::{MongoError, StreamReader, Watch};
+use crate::source::mongodb::{MongoError, StreamReader, Watch};
 
 /// Why recording failed.
 #[derive(Debug, thiserror::Error)]

@@ -49,7 +49,7 @@ pub struct FileConfig {
     mongodb: Option<String>,
     watch: Option<Vec<String>>,
     skip_undecodable: Option<bool>,
-    full_document: Option<crate::source::mongo::FullDocument>,
+    full_document: Option<crate::source::mongodb::FullDocument>,
 }
 
 /// What `serve` runs with: the server's configuration and what the command itself does.

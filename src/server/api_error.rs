@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 
-use crate::source::mongo::MongoWriteError;
+use crate::source::mongodb::MongoWriteError;
 use crate::source::namespace::NamespaceError;
 use crate::source::store::StoreError;
 use crate::source::store::limits::LimitError;

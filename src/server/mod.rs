@@ -30,7 +30,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 
 use crate::health::Health;
-use crate::source::mongo::{FullDocument, MongoConfig, MongoSource, MongoWrites, Watch, checkpoint_path};
+use crate::source::mongodb::{FullDocument, MongoConfig, MongoSource, MongoWrites, Watch, checkpoint_path};
 use crate::source::pump::Pump;
 use crate::source::replay::ReplaySource;
 use crate::source::store::{Durability, Store, StoreConfig, StoreSource};

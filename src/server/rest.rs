@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::api_error::ApiError;
-use crate::source::mongo::MongoWrites;
+use crate::source::mongodb::MongoWrites;
 use crate::source::store::{Store, Write, id_label};
 
 type Reply = Result<(StatusCode, Json<Value>), ApiError>;

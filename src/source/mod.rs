@@ -2,7 +2,7 @@
 //! [`ChangeEvent`]s. Every source sits behind one trait, [`Source`]: it yields events in
 //! [`Position`](livegrid_protocol::Position) order and answers snapshot reads at a known
 //! position. The embedded store ([`store::StoreSource`]) and recorded change streams
-//! ([`replay::ReplaySource`]) are its implementations; MongoDB's change stream is the next.
+//! ([`replay::ReplaySource`]) are its implementations; MongoDB's change stream (`mongodb/`).
 //!
 //! A [`pump`] thread pulls batches from the source and submits them to the engine. Pulling is
 //! the backpressure: while the engine is full, `submit` waits and the source is not read, so
@@ -11,7 +11,7 @@
 
 pub mod change_stream_event;
 pub mod document_path;
-pub mod mongo;
+pub mod mongodb;
 pub mod namespace;
 pub mod pump;
 pub mod replay;
@@ -127,5 +127,5 @@ pub enum SourceError {
     },
     /// The MongoDB source failed (see the cause).
     #[error(transparent)]
-    Mongo(Box<mongo::MongoError>),
+    Mongo(Box<self::mongodb::MongoError>),
 }
