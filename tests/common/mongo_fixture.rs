@@ -168,9 +168,11 @@ impl MongoFixture {
         MongoFixture { addr, shared }
     }
 
-    /// A URI for the driver.
+    /// A URI for the driver. The monitor checks the server every half second (the driver's
+    /// least): after a dropped connection the driver waits for a check before it selects the
+    /// server again, and the default ten seconds would make recovery times in tests a lottery.
     pub fn uri(&self) -> String {
-        format!("mongodb://{}/?directConnection=true&serverMonitoringMode=poll", self.addr)
+        format!("mongodb://{}/?directConnection=true&serverMonitoringMode=poll&heartbeatFrequencyMS=500", self.addr)
     }
 
     pub fn insert(&self, ns: &str, doc: Document) {
