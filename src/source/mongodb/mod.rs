@@ -227,7 +227,8 @@ impl MongoSource {
                             // Skipped on request: results may miss this write.
                             tracing::error!(error = %error, "skipping an undecodable mongodb change event");
                             metrics::counter!("livegrid_mongodb_undecodable_skipped").increment(1);
-                            Parsed::Skipped("undecodable".into())
+                            handed = token;
+                            continue;
                         }
                     };
                     match parsed {
@@ -274,9 +275,6 @@ impl MongoSource {
     fn skipped(&mut self, kind: &str, raw: &Document) {
         tracing::warn!(operation = kind, ns = ?raw.get("ns"), "mongodb change event without document changes");
         metrics::counter!("livegrid_mongodb_skipped_events", "operation" => kind.to_string()).increment(1);
-        if kind == "undecodable" {
-            return;
-        }
         let ns = |field: &str| -> Option<(String, Option<String>)> {
             let ns = raw.get_document(field).ok()?;
             Some((ns.get_str("db").ok()?.to_string(), ns.get_str("coll").ok().map(str::to_string)))
