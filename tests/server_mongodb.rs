@@ -27,13 +27,19 @@ async fn serve_on(fixture: &MongoFixture, watch: &str) -> (tempfile::TempDir, li
 
 /// A server in this process following the deployment at `uri`, watching `watch`.
 async fn serve_uri(uri: &str, watch: &str) -> (tempfile::TempDir, livegrid::server::RunningServer) {
-    let dir = tempfile::tempdir().unwrap();
-    let source = SourceChoice::Mongo {
+    serve_source(SourceChoice::Mongo {
         uri: uri.into(),
         watch: vec![watch.into()],
         skip_undecodable: false,
         full_document: Default::default(),
-    };
+    })
+    .await
+}
+
+/// A server in this process on `source`, its data in a directory that lives as long as the
+/// returned guard.
+async fn serve_source(source: SourceChoice) -> (tempfile::TempDir, livegrid::server::RunningServer) {
+    let dir = tempfile::tempdir().unwrap();
     let server = server_with(&dir.path().join("data"), ServerConfig { source, ..Default::default() }).await;
     (dir, server)
 }
@@ -469,14 +475,13 @@ async fn a_recording_replays_to_the_live_deltas() {
 async fn undecodable_events_stop_the_source_unless_skipped() {
     for skip_undecodable in [false, true] {
         let fixture = MongoFixture::start();
-        let dir = tempfile::tempdir().unwrap();
-        let source = SourceChoice::Mongo {
+        let (_dir, server) = serve_source(SourceChoice::Mongo {
             uri: fixture.uri(),
             watch: vec![NS.into()],
             skip_undecodable,
             full_document: Default::default(),
-        };
-        let server = server_with(&dir.path().join("data"), ServerConfig { source, ..Default::default() }).await;
+        })
+        .await;
         let queries = [("all", json!({}))];
         let mut socket = connect(server.addr).await;
         subscribe(&mut socket, &queries).await;
@@ -638,14 +643,13 @@ async fn lost_history_and_dropped_collections_end_subscriptions_for_a_fresh_read
 async fn post_images_give_each_update_its_own_document() {
     let fixture = MongoFixture::start();
     fixture.insert(NS, doc! { "_id": 1, "n": 1 });
-    let dir = tempfile::tempdir().unwrap();
-    let source = SourceChoice::Mongo {
+    let (_dir, server) = serve_source(SourceChoice::Mongo {
         uri: fixture.uri(),
         watch: vec![NS.into()],
         skip_undecodable: false,
         full_document: livegrid::source::mongodb::FullDocument::PostImage,
-    };
-    let server = server_with(&dir.path().join("data"), ServerConfig { source, ..Default::default() }).await;
+    })
+    .await;
     let queries = [("all", json!({}))];
     let mut socket = connect(server.addr).await;
     subscribe(&mut socket, &queries).await;
