@@ -114,10 +114,33 @@ pub struct ServeArgs {
     /// Largest REST request body in bytes [default: 20971520].
     #[arg(long, env = "LIVEGRID_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
-    /// Seconds HTTP caches may keep a REST read (Cache-Control max-age); with 0 they
-    /// revalidate every time, cheaply, through ETag and 304 [default: 0].
+    /// How long HTTP caches may keep a REST read (Cache-Control max-age): seconds, or `auto`
+    /// (`auto:MIN-MAX`, default bounds 1-3600) to estimate it per URL from how often its
+    /// result changes. Cached results are watched and invalidated when they change; with 0
+    /// caches revalidate every time, cheaply, through ETag and 304 [default: 0].
     #[arg(long, env = "LIVEGRID_CACHE_MAX_AGE")]
-    pub cache_max_age: Option<u32>,
+    pub cache_max_age: Option<crate::invalidation::ttl::MaxAge>,
+    /// A max-age for one namespace, `db.coll=AGE` or `db=AGE` (repeatable).
+    #[arg(long = "cache-namespace", env = "LIVEGRID_CACHE_NAMESPACES", value_delimiter = ',')]
+    pub cache_namespaces: Vec<String>,
+    /// Send `PURGE <url>` here when a cached result changes: http://host[:port][/prefix] of
+    /// Varnish, nginx or a CDN adapter (repeatable).
+    #[arg(long = "purge", env = "LIVEGRID_PURGE", value_delimiter = ',')]
+    pub purge: Vec<String>,
+    /// Cached results watched at once; reads beyond them are served with max-age=0
+    /// [default: 10000].
+    #[arg(long, env = "LIVEGRID_CACHE_ENTRIES")]
+    pub cache_entries: Option<usize>,
+    /// Changes queued per purge endpoint; beyond it purges are dropped and counted
+    /// [default: 10000].
+    #[arg(long, env = "LIVEGRID_PURGE_QUEUE")]
+    pub purge_queue: Option<usize>,
+    /// Bits of the cache sketch (GET /v1/cache-sketch) [default: 262144].
+    #[arg(long, env = "LIVEGRID_SKETCH_BITS")]
+    pub sketch_bits: Option<u64>,
+    /// Hash functions of the cache sketch [default: 7].
+    #[arg(long, env = "LIVEGRID_SKETCH_HASHES")]
+    pub sketch_hashes: Option<u32>,
     /// Bytes all subscriptions together may hold; new ones are refused beyond it
     /// [default: 1073741824].
     #[arg(long, env = "LIVEGRID_SUBSCRIPTION_MEMORY")]

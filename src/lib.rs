@@ -7,6 +7,7 @@ pub mod allocator;
 pub mod cli;
 pub mod commands;
 pub mod health;
+pub mod invalidation;
 pub mod server;
 pub mod source;
 pub mod workload;

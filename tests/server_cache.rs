@@ -1,18 +1,30 @@
 //! REST reads are cacheable: `Cache-Control: public, max-age=N` (`--cache-max-age`) and an
 //! `ETag` derived from the result alone, so a cache or a client revalidates with
 //! `If-None-Match` and gets `304` until the result itself changes (writes elsewhere, which
-//! move the position, leave it alone).
+//! move the position, leave it alone). Served URLs are watched: a change that makes them stale
+//! puts them in the cache sketch (checked here with the hash scheme as README documents it)
+//! and on the invalidation feed; a change that leaves them alone does neither.
 
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use livegrid::invalidation::CacheConfig;
+use livegrid::invalidation::ttl::MaxAge;
 use livegrid::server::ServerConfig;
-use serde_json::json;
+use livegrid_protocol::ServerMessage;
+use serde_json::{Value, json};
 
 mod common;
-use common::{get_with, http, server_with};
+use common::{connect, get_with, http, http_response, next, next_within, send, server_with};
+
+fn cached(max_age: MaxAge) -> ServerConfig {
+    ServerConfig { cache: CacheConfig { max_age, ..Default::default() }, ..Default::default() }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_carry_cache_control_and_etags_and_revalidate_with_304() {
     let dir = tempfile::tempdir().unwrap();
-    let server = server_with(dir.path(), ServerConfig { cache_max_age: 60, ..Default::default() }).await;
+    let server = server_with(dir.path(), cached(MaxAge::Fixed(60))).await;
     for (id, n) in [(1, 1), (2, 5), (3, 9)] {
         let (status, body) = http(server.addr, "POST", "/v1/db/app/items", Some(json!({"_id": id, "n": n}))).await;
         assert_eq!(status, 201, "{body}");
@@ -59,4 +71,144 @@ async fn reads_carry_cache_control_and_etags_and_revalidate_with_304() {
     let server = server_with(dir.path(), ServerConfig::default()).await;
     let (_, cache_control, _) = get_with(server.addr, "/v1/db/app/items", "", "cache-control").await;
     assert_eq!(cache_control.as_deref(), Some("public, max-age=0"));
+}
+
+/// Membership in the cache sketch, written from README's description of the hash scheme.
+fn in_sketch(sketch: &Value, url: &str) -> bool {
+    let m = sketch["m"].as_u64().unwrap();
+    let k = sketch["k"].as_u64().unwrap();
+    let bytes = base64_decode(sketch["b"].as_str().unwrap());
+    assert_eq!(bytes.len() as u64, m.div_ceil(8));
+    let mut h: u64 = 0xcbf29ce484222325;
+    for byte in url.as_bytes() {
+        h ^= u64::from(*byte);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    let (h1, h2) = (h & 0xffff_ffff, h >> 32);
+    (0..k).all(|i| {
+        let bit = (h1 + i * h2) % m;
+        bytes[(bit / 8) as usize] & (1 << (bit % 8)) != 0
+    })
+}
+
+/// Standard base64 with padding (RFC 4648), decoded.
+fn base64_decode(text: &str) -> Vec<u8> {
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in text.bytes().filter(|c| *c != b'=') {
+        let value = alphabet.iter().position(|a| *a == c).expect("base64") as u32;
+        acc = (acc << 6) | value;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+async fn sketch(addr: std::net::SocketAddr) -> Value {
+    let (status, body) = http(addr, "GET", "/v1/cache-sketch", None).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// The next `invalidate` message's URLs and position.
+async fn invalidated(socket: &mut common::Socket) -> (BTreeSet<String>, Value) {
+    match next(socket).await {
+        ServerMessage::Invalidate(m) => (m.urls.into_iter().collect(), json!(m.position)),
+        other => panic!("expected invalidate, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_urls_enter_the_sketch_and_the_feed_until_their_copies_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with(dir.path(), cached(MaxAge::Fixed(2))).await;
+    let addr = server.addr;
+    let mut feed = connect(addr).await;
+    send(&mut feed, json!({"type": "invalidations"})).await;
+    send(&mut feed, json!({"type": "ping"})).await;
+    assert_eq!(next(&mut feed).await, ServerMessage::Pong);
+    for (id, n) in [(1, 1), (2, 5), (3, 9)] {
+        http(addr, "POST", "/v1/db/app/items", Some(json!({"_id": id, "n": n}))).await;
+    }
+    // Two spellings of one query: parameters reordered, whitespace and key order changed.
+    let one = "/v1/db/app/items?filter=%7B%22n%22%3A%7B%22%24lt%22%3A100%2C%22%24gte%22%3A5%7D%7D&limit=10";
+    let two = "/v1/db/app/items?limit=10&filter=%7B%20%22n%22%3A%20%7B%22%24gte%22%3A5%2C%20%22%24lt%22%3A100%7D%7D";
+    let quiet = "/v1/db/app/items?filter=%7B%22n%22%3A100%7D";
+    let doc = "/v1/db/app/items/3";
+    let mut locations = Vec::new();
+    for url in [one, two, quiet, doc] {
+        let request = format!("GET {url} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let (status, headers, body) = http_response(addr, request.as_bytes()).await;
+        assert_eq!(status, 200, "{url}: {body}");
+        let header = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+        assert_eq!(header("cache-control").as_deref(), Some("public, max-age=2"), "{url}");
+        locations.push(header("content-location").unwrap());
+    }
+    assert_eq!(locations[0], locations[1], "one canonical URL for both spellings");
+    assert_eq!(
+        locations[0],
+        "/v1/db/app/items?filter=%7B%22n%22%3A%7B%22%24gte%22%3A5%2C%22%24lt%22%3A100%7D%7D&limit=10"
+    );
+    assert_eq!(locations[3], doc);
+    let (_, health) = http(addr, "GET", "/healthz", None).await;
+    assert_eq!(health["cache"]["watched"], 3, "{health}");
+
+    // A write that changes none of the results: nothing is invalidated.
+    let (_, written) = http(addr, "PATCH", "/v1/db/app/items/1", Some(json!({"$set": {"n": 2}}))).await;
+    assert!(written["modified"].as_bool().unwrap());
+    // A write that changes the query's result: both spellings, at the write's position.
+    let (_, written) = http(addr, "PATCH", "/v1/db/app/items/2", Some(json!({"$set": {"n": 6}}))).await;
+    let (urls, position) = invalidated(&mut feed).await;
+    assert_eq!(urls, BTreeSet::from([one.to_string(), two.to_string()]), "only the changed result");
+    assert_eq!(position, written["position"]);
+    // A document URL: a write to that document (which is in the query's result too: one
+    // message per watched result).
+    http(addr, "PATCH", "/v1/db/app/items/3", Some(json!({"$inc": {"n": 1}}))).await;
+    let (mut urls, _) = invalidated(&mut feed).await;
+    urls.extend(invalidated(&mut feed).await.0);
+    assert_eq!(urls, BTreeSet::from([doc.to_string(), one.to_string(), two.to_string()]));
+
+    let stale = sketch(addr).await;
+    assert_eq!(stale["entries"], 3, "{stale}");
+    for url in [one, two, doc] {
+        assert!(in_sketch(&stale, url), "{url} changed while copies live");
+    }
+    assert!(!in_sketch(&stale, quiet), "a URL that never changed");
+    assert!(next_within(&mut feed, Duration::from_millis(300)).await.is_none(), "nothing else changed");
+
+    // Gone once the copies (max-age 2 s) have expired.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = sketch(addr).await;
+        if now["entries"] == 0 {
+            assert!([one, two, doc].iter().all(|url| !in_sketch(&now, url)), "{now}");
+            assert!(now["b"].as_str().unwrap().trim_end_matches('=').bytes().all(|b| b == b'A'), "all bits clear");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the sketch still holds expired URLs: {now}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A URL read again is watched again.
+    let (_, cache_control, _) = get_with(addr, one, "", "cache-control").await;
+    assert_eq!(cache_control.as_deref(), Some("public, max-age=2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_are_bounded_and_overrides_apply_per_namespace() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = cached(MaxAge::Fixed(30));
+    config.cache.entries = 1;
+    config.cache.namespaces.insert("app.live".into(), MaxAge::Fixed(0));
+    config.cache.namespaces.insert("other".into(), MaxAge::Fixed(5));
+    let server = server_with(dir.path(), config).await;
+    let addr = server.addr;
+    let age = |path: &'static str| async move { get_with(addr, path, "", "cache-control").await.1.unwrap() };
+    assert_eq!(age("/v1/db/app/live").await, "public, max-age=0", "caching off for app.live");
+    assert_eq!(age("/v1/db/app/items").await, "public, max-age=30");
+    assert_eq!(age("/v1/db/app/items").await, "public, max-age=30", "the same watch");
+    assert_eq!(age("/v1/db/other/things").await, "public, max-age=0", "all watches taken: not cacheable");
 }

@@ -155,6 +155,7 @@ fn apply(client: &mut Client, message: ServerMessage, context: &str) {
         ServerMessage::Result(r) => r.id.clone(),
         ServerMessage::Delta(d) => d.id.clone(),
         ServerMessage::Error(e) => panic!("{context}: unexpected error {e:?}"),
+        ServerMessage::Invalidate(i) => panic!("{context}: unexpected invalidation {i:?}"),
         ServerMessage::Pong => return,
     };
     if trace() {

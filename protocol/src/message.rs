@@ -1,5 +1,6 @@
-//! Live-query messages: what clients send (`subscribe`, `unsubscribe`, `ping`) and what the
-//! server and engine send back (`result`, `delta`, `error`, `pong`). JSON text, one message
+//! Live-query messages: what clients send (`subscribe`, `unsubscribe`, `ping`,
+//! `invalidations`) and what the server and engine send back (`result`, `delta`, `error`,
+//! `pong`, `invalidate`). JSON text, one message
 //! per WebSocket frame (or per line in `livegrid replay` output), documents as relaxed
 //! Extended JSON.
 
@@ -25,6 +26,9 @@ pub enum ClientMessage {
     },
     /// Ask for a `pong` (a struct variant, so that unknown fields are refused here too).
     Ping {},
+    /// Follow the cache invalidation feed: an `invalidate` message whenever cacheable URLs
+    /// the server handed out go stale, until the connection closes.
+    Invalidations {},
 }
 
 /// A live query request.
@@ -77,6 +81,18 @@ pub enum ServerMessage {
     Error(ErrorMessage),
     /// The answer to a `ping`.
     Pong,
+    /// Cacheable URLs whose copies went stale (the invalidation feed).
+    Invalidate(InvalidateMessage),
+}
+
+/// URLs (request targets: path and query, as they were requested) whose cached copies are
+/// stale from `position` on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvalidateMessage {
+    /// The stale URLs.
+    pub urls: Vec<String>,
+    /// The position of the change that made them stale.
+    pub position: Position,
 }
 
 /// A subscription's result, in result order.

@@ -9,6 +9,7 @@
 //! acknowledged. In debug builds (the tests'), `LIVEGRID_TEST_FAULT=worker-panic` makes a grid
 //! worker panic half a second after start, so tests can exercise that path on the real binary.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -16,6 +17,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::cli::ServeArgs;
+use crate::invalidation::CacheConfig;
+use crate::invalidation::ttl::MaxAge;
 use crate::server::{ServerConfig, SourceChoice, start};
 
 /// The TOML configuration file; every field is optional.
@@ -38,7 +41,13 @@ pub struct FileConfig {
     max_connections: Option<usize>,
     header_timeout_seconds: Option<u64>,
     max_body_bytes: Option<usize>,
-    cache_max_age: Option<u32>,
+    cache_max_age: Option<AgeSetting>,
+    cache_namespaces: Option<BTreeMap<String, AgeSetting>>,
+    purge: Option<Vec<String>>,
+    cache_entries: Option<usize>,
+    purge_queue: Option<usize>,
+    sketch_bits: Option<u64>,
+    sketch_hashes: Option<u32>,
     subscription_memory: Option<usize>,
     max_subscription_bytes: Option<usize>,
     write_queue: Option<usize>,
@@ -50,6 +59,51 @@ pub struct FileConfig {
     watch: Option<Vec<String>>,
     skip_undecodable: Option<bool>,
     full_document: Option<crate::source::mongodb::FullDocument>,
+}
+
+/// A max-age in the configuration file: seconds, or text (`"auto"`, `"auto:5-600"`, `"60"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum AgeSetting {
+    Seconds(u32),
+    Text(String),
+}
+
+impl AgeSetting {
+    fn parse(&self) -> Result<MaxAge, String> {
+        match self {
+            AgeSetting::Seconds(n) => format!("{n}").parse(),
+            AgeSetting::Text(text) => text.parse(),
+        }
+    }
+}
+
+/// The cache settings: flags over file over defaults.
+fn cache_config(args: &ServeArgs, file: &FileConfig) -> Result<CacheConfig, String> {
+    let defaults = CacheConfig::default();
+    let max_age = match (&args.cache_max_age, &file.cache_max_age) {
+        (Some(age), _) => *age,
+        (None, Some(setting)) => setting.parse()?,
+        (None, None) => defaults.max_age,
+    };
+    let mut namespaces = BTreeMap::new();
+    for (ns, setting) in file.cache_namespaces.iter().flatten() {
+        namespaces.insert(ns.clone(), setting.parse().map_err(|e| format!("cache_namespaces.{ns}: {e}"))?);
+    }
+    for item in &args.cache_namespaces {
+        let (ns, age) =
+            item.split_once('=').ok_or_else(|| format!("--cache-namespace takes NS=AGE, found {item:?}"))?;
+        namespaces.insert(ns.trim().to_string(), age.parse().map_err(|e| format!("--cache-namespace {ns}: {e}"))?);
+    }
+    Ok(CacheConfig {
+        max_age,
+        namespaces,
+        purge: if args.purge.is_empty() { file.purge.clone().unwrap_or_default() } else { args.purge.clone() },
+        entries: args.cache_entries.or(file.cache_entries).unwrap_or(defaults.entries),
+        purge_queue: args.purge_queue.or(file.purge_queue).unwrap_or(defaults.purge_queue),
+        sketch_bits: args.sketch_bits.or(file.sketch_bits).unwrap_or(defaults.sketch_bits),
+        sketch_hashes: args.sketch_hashes.or(file.sketch_hashes).unwrap_or(defaults.sketch_hashes),
+    })
 }
 
 /// What `serve` runs with: the server's configuration and what the command itself does.
@@ -70,6 +124,7 @@ pub fn config(args: &ServeArgs) -> Result<ServeConfig, String> {
         }
         None => FileConfig::default(),
     };
+    let cache = cache_config(args, &file)?;
     let defaults = ServerConfig::default();
     let listen = match args.listen.clone().or(file.listen) {
         Some(l) => l.parse().map_err(|e| format!("listen address {l:?}: {e}"))?,
@@ -105,7 +160,7 @@ pub fn config(args: &ServeArgs) -> Result<ServeConfig, String> {
         max_connections: args.max_connections.or(file.max_connections).unwrap_or(defaults.max_connections),
         header_timeout: secs(args.header_timeout_seconds, file.header_timeout_seconds, defaults.header_timeout),
         max_body_bytes: args.max_body_bytes.or(file.max_body_bytes).unwrap_or(defaults.max_body_bytes),
-        cache_max_age: args.cache_max_age.or(file.cache_max_age).unwrap_or(defaults.cache_max_age),
+        cache,
         subscription_memory: args
             .subscription_memory
             .or(file.subscription_memory)

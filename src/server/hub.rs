@@ -47,6 +47,7 @@ use livegrid_protocol::{ErrorCode, ErrorMessage, Frame, ServerMessage};
 use tokio::sync::mpsc;
 
 use super::budget::MemoryBudget;
+use crate::invalidation::Invalidator;
 
 /// A connection's side of the hub: a queue bounded in messages and in bytes.
 #[derive(Debug)]
@@ -165,6 +166,8 @@ pub struct Hub {
     tokens: DashMap<String, QueryKey>,
     limits: HubLimits,
     budget: MemoryBudget,
+    /// Where the messages of subscriptions without a route go: the cache watches.
+    watches: Option<Arc<Invalidator>>,
 }
 
 /// Batches waiting for one hub shard at most.
@@ -187,7 +190,14 @@ impl Hub {
     /// A hub keeping `limits` per subscription for resuming, with `budget` bytes for all
     /// subscriptions.
     pub fn new(limits: HubLimits, budget: usize) -> Self {
-        Hub { routes: DashMap::new(), tokens: DashMap::new(), limits, budget: MemoryBudget::new(budget) }
+        Hub { routes: DashMap::new(), tokens: DashMap::new(), limits, budget: MemoryBudget::new(budget), watches: None }
+    }
+
+    /// Hands the messages of subscriptions the hub does not route (the cache's watches) to
+    /// `invalidator`.
+    pub fn with_invalidator(mut self, invalidator: Arc<Invalidator>) -> Self {
+        self.watches = Some(invalidator);
+        self
     }
 
     /// The subscriptions' memory budget.
@@ -436,20 +446,29 @@ impl Hub {
 
     /// The engine ended a subscription (its window could not be refilled): tell its client.
     fn ended(&self, key: QueryKey, code: ErrorCode, message: String) {
-        if let Some((_, route)) = self.routes.remove(&key) {
-            let route = self.forget(route);
-            if let Some(outbox) = &route.outbox {
-                let error = ServerMessage::Error(ErrorMessage { id: Some(route.client_id.clone()), code, message });
-                outbox.deliver(error.to_json());
+        let Some((_, route)) = self.routes.remove(&key) else {
+            if let Some(watches) = &self.watches {
+                watches.ended(key);
             }
-            metrics::gauge!("livegrid_subscriptions").decrement(1.0);
+            return;
+        };
+        let route = self.forget(route);
+        if let Some(outbox) = &route.outbox {
+            let error = ServerMessage::Error(ErrorMessage { id: Some(route.client_id.clone()), code, message });
+            outbox.deliver(error.to_json());
         }
+        metrics::gauge!("livegrid_subscriptions").decrement(1.0);
     }
 
     /// Delivers one message to its subscription's connection and resume buffer.
     fn deliver(&self, message: Message, end: &impl Fn(QueryKey)) {
         let Message { key, frame, latency } = message;
-        let Some(entry) = self.routes.get(&key) else { return };
+        let Some(entry) = self.routes.get(&key) else {
+            if let (Some(watches), Frame::Delta(delta)) = (&self.watches, &frame) {
+                watches.changed(key, delta.position, !delta.more);
+            }
+            return;
+        };
         let mut route = entry.lock().expect("route lock");
         if let Some(latency) = latency {
             metrics::histogram!("livegrid_event_to_delta_seconds").record(latency.as_secs_f64());

@@ -30,6 +30,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 
 use crate::health::Health;
+use crate::invalidation::{CacheConfig, Invalidator};
 use crate::source::mongodb::{FullDocument, MongoConfig, MongoSource, MongoWrites, Watch, checkpoint_path};
 use crate::source::pump::Pump;
 use crate::source::replay::ReplaySource;
@@ -74,9 +75,8 @@ pub struct ServerConfig {
     pub header_timeout: Duration,
     /// Largest REST request body, in bytes.
     pub max_body_bytes: usize,
-    /// Seconds HTTP caches may keep a REST read (`Cache-Control: public, max-age=N`); 0 makes
-    /// them revalidate every time (`ETag`, `304`).
-    pub cache_max_age: u32,
+    /// How REST reads are cached and invalidated (see [`crate::invalidation`]).
+    pub cache: CacheConfig,
     /// Memory all subscriptions together may hold, in bytes.
     pub subscription_memory: usize,
     /// Memory one subscription may hold, in bytes.
@@ -136,7 +136,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             header_timeout: Duration::from_secs(10),
             max_body_bytes: 20 << 20,
-            cache_max_age: 0,
+            cache: CacheConfig::default(),
             subscription_memory: 1 << 30,
             max_subscription_bytes: 16 << 20,
             window_slack: 16,
@@ -168,7 +168,7 @@ impl ServerConfig {
         range("max_connections", self.max_connections as u128, 1, 1 << 20)?;
         range("header_timeout (ms)", self.header_timeout.as_millis(), 10, 3_600_000)?;
         range("max_body_bytes", self.max_body_bytes as u128, 1024, 1 << 30)?;
-        range("cache_max_age (s)", u128::from(self.cache_max_age), 0, 31_536_000)?;
+        self.cache.validate()?;
         range("subscription_memory", self.subscription_memory as u128, 1 << 20, 1 << 44)?;
         range("max_subscription_bytes", self.max_subscription_bytes as u128, 4096, 1 << 40)?;
         range("window_slack", self.window_slack as u128, 0, 1 << 20)?;
@@ -219,6 +219,8 @@ pub struct AppState {
     mongo: Option<Arc<MongoWrites>>,
     engine: Arc<Engine>,
     hub: Arc<Hub>,
+    /// Watches cacheable reads and invalidates their copies.
+    cache: Arc<Invalidator>,
     health: Arc<Health>,
     config: Arc<ServerConfig>,
     next_connection: Arc<AtomicU64>,
@@ -291,14 +293,18 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let source_name = source.name();
     let pump = Pump::start(source, engine.clone(), health.clone())
         .map_err(|e| ServerError::Config(format!("starting the source: {e}")))?;
-    let hub = Arc::new(Hub::new(
-        HubLimits {
-            messages: config.resume_buffer,
-            bytes: config.resume_buffer_bytes,
-            result_bytes: config.max_subscription_bytes,
-        },
-        config.subscription_memory,
-    ));
+    let cache = Invalidator::start(config.cache.clone(), engine.clone());
+    let hub = Arc::new(
+        Hub::new(
+            HubLimits {
+                messages: config.resume_buffer,
+                bytes: config.resume_buffer_bytes,
+                result_bytes: config.max_subscription_bytes,
+            },
+            config.subscription_memory,
+        )
+        .with_invalidator(cache.clone()),
+    );
     // Hub shards: one per core, at least two.
     let shards = std::thread::available_parallelism().map_or(2, |n| n.get()).max(2);
     let hub_thread = {
@@ -325,17 +331,19 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             .map_err(|e| ServerError::Config(format!("starting the hub: {e}")))?
     };
     let (stop, shutdown) = watch::channel(false);
-    spawn_expiry(hub.clone(), engine.clone(), config.resume_grace, shutdown.clone());
+    spawn_expiry(hub.clone(), cache.clone(), engine.clone(), config.resume_grace, shutdown.clone());
     {
-        // On failure: every subscription ends (sessions tell their clients why).
-        let (hub, engine, health, mut until) = (hub.clone(), engine.clone(), health.clone(), shutdown.clone());
+        // On failure: every subscription ends (sessions tell their clients why), and every
+        // cached copy is invalidated.
+        let (hub, cache, engine, health, mut until) =
+            (hub.clone(), cache.clone(), engine.clone(), health.clone(), shutdown.clone());
         tokio::spawn(async move {
             tokio::select! {
                 _ = health.failed() => {}
                 _ = until.changed() => return,
             };
             let _ = tokio::task::spawn_blocking(move || {
-                for key in hub.fail_all() {
+                for key in hub.fail_all().into_iter().chain(cache.fail_all()) {
                     let _ = engine.unregister(key);
                 }
             })
@@ -347,6 +355,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         mongo,
         engine: engine.clone(),
         hub,
+        cache,
         health: health.clone(),
         config: Arc::new(config.clone()),
         next_connection: Arc::new(AtomicU64::new(1)),
@@ -357,6 +366,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         .route("/healthz", get(healthz))
         .route("/metrics", get(move || async move { metrics.render() }))
         .route("/v1/ws", get(websocket))
+        .route("/v1/cache-sketch", get(cache_sketch))
         .route("/v1/db/{db}/{coll}", post(rest::insert).get(rest::query))
         .route("/v1/db/{db}/{coll}/_bulk", post(rest::bulk))
         .route("/v1/db/{db}/{coll}/{id}", get(rest::get).put(rest::replace).patch(rest::update).delete(rest::delete))
@@ -437,8 +447,15 @@ async fn open_source(
     }
 }
 
-/// Ends detached subscriptions nobody resumed within the grace window.
-fn spawn_expiry(hub: Arc<Hub>, engine: Arc<Engine>, grace: Duration, mut until: watch::Receiver<bool>) {
+/// Ends detached subscriptions nobody resumed within the grace window, and cache watches whose
+/// copies have all expired.
+fn spawn_expiry(
+    hub: Arc<Hub>,
+    cache: Arc<Invalidator>,
+    engine: Arc<Engine>,
+    grace: Duration,
+    mut until: watch::Receiver<bool>,
+) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500).min(grace.max(Duration::from_millis(10))));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -446,11 +463,14 @@ fn spawn_expiry(hub: Arc<Hub>, engine: Arc<Engine>, grace: Duration, mut until: 
             tokio::select! {
                 _ = tick.tick() => {
                     // A scan of every route and engine calls: not on the runtime's threads.
-                    let (hub, engine) = (hub.clone(), engine.clone());
+                    let (hub, cache, engine) = (hub.clone(), cache.clone(), engine.clone());
                     let _ = tokio::task::spawn_blocking(move || {
                         for key in hub.expire(grace) {
                             let _ = engine.unregister(key);
                             metrics::gauge!("livegrid_subscriptions").decrement(1.0);
+                        }
+                        for key in cache.tick() {
+                            let _ = engine.unregister(key);
                         }
                     })
                     .await;
@@ -521,11 +541,13 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
         "events_per_sec": stats.events_per_sec(),
         "lag_seconds": stats.lag_seconds(),
     });
+    let cache = serde_json::json!({"watched": state.cache.watched()});
     match state.health.failure() {
         None => (
             StatusCode::OK,
             axum::Json(serde_json::json!({
                 "status": "ok", "processed": position, "subscriptions": state.hub.len(), "source": source,
+                "cache": cache,
             })),
         ),
         Some(reason) => (
@@ -535,6 +557,18 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
             ),
         ),
     }
+}
+
+/// `GET /v1/cache-sketch`: the URLs that may be stale in some cache, as a Bloom filter (see
+/// [`crate::invalidation::sketch`]). Never cached itself.
+async fn cache_sketch(State(state): State<AppState>) -> impl IntoResponse {
+    let sketch = state.cache.sketch();
+    let position = state.engine.processed();
+    let body = serde_json::json!({
+        "m": sketch.m, "k": sketch.k, "b": sketch.b, "entries": sketch.entries,
+        "hash": "fnv1a64-double", "position": position,
+    });
+    ([(axum::http::header::CACHE_CONTROL, "no-store")], axum::Json(body))
 }
 
 async fn websocket(

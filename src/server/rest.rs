@@ -19,7 +19,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{FromRequest, FromRequestParts, Path as AxumPath, Query as AxumQuery, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bson::{Bson, Document};
 use livegrid_matcher::{Query, QuerySpec};
@@ -29,22 +29,33 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::api_error::ApiError;
+use crate::invalidation::{Read, Ticket, canonical};
 use crate::source::mongodb::MongoWrites;
-use crate::source::store::{Store, Write, id_label};
+use crate::source::store::{Store, Write, id_label, ids_from_path};
 
 type Reply = Result<(StatusCode, Json<Value>), ApiError>;
 
 /// A REST read: cacheable by HTTP caches, validated by an `ETag` derived from the result.
-type Read = Result<Response, ApiError>;
+type ReadReply = Result<Response, ApiError>;
 
-/// The answer to a read: `body` with `Cache-Control` and an `ETag` of `result` (the documents
-/// only, not the position, so that writes elsewhere leave it alone), or `304 Not Modified`
-/// when the request's `If-None-Match` names that tag.
-fn cacheable(state: &AppState, headers: &HeaderMap, result: &Value, body: Value) -> Response {
+/// The answer to a read: `body` with `Cache-Control`, the canonical URL in
+/// `Content-Location` and an `ETag` of `result` (the documents only, not the position, so that
+/// writes elsewhere leave it alone), or `304 Not Modified` when the request's `If-None-Match`
+/// names that tag. The read was watched under `ticket` (see [`crate::invalidation`]): without
+/// one it is served with `max-age=0`.
+fn cacheable(state: &AppState, request: &ReadRequest, ticket: Option<Ticket>, result: &Value, body: Value) -> Response {
     let tag = etag(result);
-    let cache_control = format!("public, max-age={}", state.config.cache_max_age);
-    let headers_out = [(header::ETAG, tag.clone()), (header::CACHE_CONTROL, cache_control)];
-    let matches = headers
+    let host = request.headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let target = request.uri.path_and_query().map_or_else(|| request.uri.path(), |pq| pq.as_str());
+    let max_age = ticket.map_or(0, |ticket| state.cache.served(&ticket, host, target));
+    let location = HeaderValue::from_str(&request.canonical).unwrap_or_else(|_| HeaderValue::from_static("/"));
+    let headers_out = [
+        (header::ETAG, HeaderValue::from_str(&tag).expect("hex is a valid header")),
+        (header::CACHE_CONTROL, HeaderValue::from_str(&format!("public, max-age={max_age}")).expect("ascii")),
+        (header::CONTENT_LOCATION, location),
+    ];
+    let matches = request
+        .headers
         .get_all(header::IF_NONE_MATCH)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -54,6 +65,32 @@ fn cacheable(state: &AppState, headers: &HeaderMap, result: &Value, body: Value)
         return (StatusCode::NOT_MODIFIED, headers_out).into_response();
     }
     (StatusCode::OK, headers_out, Json(body)).into_response()
+}
+
+/// What answering a read needs of its request.
+struct ReadRequest {
+    headers: HeaderMap,
+    uri: Uri,
+    /// The canonical URL of what is read.
+    canonical: String,
+}
+
+/// Compiles `spec` on the blocking pool.
+async fn compile(spec: QuerySpec) -> Result<(QuerySpec, Query), ApiError> {
+    blocking(move || {
+        let query = Query::compile(&spec).map_err(|e| ApiError::bad_request("bad_query", e.to_string()))?;
+        Ok((spec, query))
+    })
+    .await?
+}
+
+/// Watches the read of `spec` on `ns` under `url` (before it is read), when caching is on.
+async fn watch(state: &AppState, ns: &str, url: &str, spec: &QuerySpec, query: &Query) -> Option<Ticket> {
+    if !state.cache.config().max_age_for(ns).caches() {
+        return None;
+    }
+    let read = Read { ns: ns.to_string(), url: url.to_string(), spec: spec.clone(), query: query.clone() };
+    state.cache.watch(read).await
 }
 
 /// A strong entity tag: two independent 64-bit hashes of the result's JSON text.
@@ -221,18 +258,32 @@ pub async fn insert(State(state): State<AppState>, Path((db, coll)): Path<(Strin
 /// `GET /v1/db/{db}/{coll}/{id}`
 pub async fn get(
     State(state): State<AppState>,
-    Path((db, coll, id)): Path<(String, String, String)>,
+    Path((db, coll, segment)): Path<(String, String, String)>,
     headers: HeaderMap,
-) -> Read {
+    uri: Uri,
+) -> ReadReply {
     let ns = namespace(&db, &coll)?;
-    let id = resolve(&state, &ns, id).await?;
+    let canonical = canonical::document_url(&db, &coll, &segment);
+    // Watched before it is read: any document the segment may name.
+    let ids = ids_from_path(&segment);
+    let spec =
+        QuerySpec { filter: bson::doc! {"_id": {"$in": ids}}, sort: None, skip: 0, limit: None, projection: None };
+    let ticket = match state.cache.config().max_age_for(&ns).caches() {
+        true => {
+            let (spec, query) = compile(spec).await?;
+            watch(&state, &ns, &canonical, &spec, &query).await
+        }
+        false => None,
+    };
+    let id = resolve(&state, &ns, segment).await?;
     let not_found = ApiError::from(crate::source::store::StoreError::NotFound(id_label(&id), ns.clone()));
     let found = match data(&state)? {
         Data::Store(store) => blocking(move || store.get(&ns, &id)).await??,
         Data::Mongo(mongo) => blocking(move || mongo.get(&ns, &id)).await??,
     };
     let found = extjson::document_to_relaxed_json(&found.ok_or(not_found)?);
-    Ok(cacheable(&state, &headers, &found, found.clone()))
+    let request = ReadRequest { headers, uri, canonical };
+    Ok(cacheable(&state, &request, ticket, &found, found.clone()))
 }
 
 /// `PUT /v1/db/{db}/{coll}/{id}`
@@ -291,7 +342,8 @@ pub async fn query(
     Path((db, coll)): Path<(String, String)>,
     UrlQuery(params): UrlQuery<QueryParams>,
     headers: HeaderMap,
-) -> Read {
+    uri: Uri,
+) -> ReadReply {
     let parse = |name: &str, text: &Option<String>| {
         text.as_deref()
             .map(|t| extjson::parse_document(t).map_err(|e| ApiError::bad_request("bad_query", format!("{name}: {e}"))))
@@ -305,25 +357,25 @@ pub async fn query(
         projection: parse("projection", &params.projection)?,
     };
     let ns = namespace(&db, &coll)?;
-    // Compiling (regexes) and scanning belong on the blocking pool.
+    let canonical = canonical::query_url(&db, &coll, &spec);
+    // Compiling (regexes) and scanning belong on the blocking pool; the result is watched
+    // before it is read.
+    let (spec, query) = compile(canonical::query_key(&spec)).await?;
+    let ticket = watch(&state, &ns, &canonical, &spec, &query).await;
     let (docs, position) = match data(&state)? {
         Data::Store(store) => {
             blocking(move || {
-                let query = Query::compile(&spec).map_err(|e| ApiError::bad_request("bad_query", e.to_string()))?;
                 let k = query.window_end().map(|end| usize::try_from(end).unwrap_or(usize::MAX));
                 let snapshot = store.read(&ns, &query, k)?;
                 Ok::<_, ApiError>((query.evaluate(&snapshot.docs), snapshot.position))
             })
             .await??
         }
-        Data::Mongo(mongo) => {
-            // Checked here so that a bad query gets the same answer on every source.
-            Query::compile(&spec).map_err(|e| ApiError::bad_request("bad_query", e.to_string()))?;
-            blocking(move || mongo.query(&ns, &spec)).await??
-        }
+        Data::Mongo(mongo) => blocking(move || mongo.query(&ns, &spec)).await??,
     };
     let docs = Value::Array(docs.iter().map(extjson::document_to_relaxed_json).collect());
-    Ok(cacheable(&state, &headers, &docs, json!({"docs": docs, "position": position})))
+    let request = ReadRequest { headers, uri, canonical };
+    Ok(cacheable(&state, &request, ticket, &docs, json!({"docs": docs, "position": position})))
 }
 
 /// `POST /v1/db/{db}/{coll}/_bulk` with `{"writes": [{"insert": doc} | {"replace": {"_id", "doc"}}

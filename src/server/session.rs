@@ -7,6 +7,11 @@
 //! closes it, stops answering pings, does not read fast enough (its queue fills: 1008), sends
 //! a frame over the size limit (1009) or text that is not UTF-8 (1007).
 //!
+//! # The invalidation feed
+//! After `{"type": "invalidations"}`, the connection also gets an `invalidate` message for
+//! every change that makes cached REST reads stale (see [`crate::invalidation`]). A client that
+//! falls more than [`crate::invalidation::FEED_QUEUE`] messages behind is cut (1008).
+//!
 //! # Heartbeats
 //! The server pings every `heartbeat`. A peer is dropped only when nothing at all arrived
 //! from it for a whole interval after a ping was sent. Frames already received are read
@@ -34,6 +39,7 @@ use futures_util::{SinkExt, StreamExt};
 use livegrid_engine::{EngineError, QueryKey};
 use livegrid_matcher::{Query, QuerySpec};
 use livegrid_protocol::{ClientMessage, ErrorCode, ErrorMessage, ServerMessage, SubscribeMessage};
+use tokio::sync::broadcast;
 use tokio::time::MissedTickBehavior;
 use tokio_tungstenite::tungstenite;
 
@@ -71,6 +77,8 @@ pub async fn run(socket: WebSocket, state: AppState, permit: Option<ConnectionPe
     let send_timeout = state.config.heartbeat;
     let (mut sink, mut stream) = socket.split();
     let mut subscriptions: HashMap<String, Active> = HashMap::new();
+    // The invalidation feed, once the client asked for it.
+    let mut feed: Option<broadcast::Receiver<Arc<str>>> = None;
     let interval = state.config.heartbeat;
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -92,7 +100,7 @@ pub async fn run(socket: WebSocket, state: AppState, permit: Option<ConnectionPe
                 match incoming {
                     Some(Ok(Message::Text(text))) => {
                         let replies =
-                            handle(&state, connection, &outbox, &mut subscriptions, text.as_str()).await;
+                            handle(&state, connection, &outbox, &mut subscriptions, &mut feed, text.as_str()).await;
                         for reply in replies {
                             outbox.deliver(reply.to_json());
                         }
@@ -118,6 +126,14 @@ pub async fn run(socket: WebSocket, state: AppState, permit: Option<ConnectionPe
                     }
                 }
             }
+            invalidation = next_invalidation(&mut feed) => match invalidation {
+                Ok(json) => outbox.deliver(json.to_string()),
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    metrics::counter!("livegrid_slow_consumers_cut").increment(1);
+                    break Some((CLOSE_POLICY, "client too slow: the invalidation feed fell behind; reconnect".to_string()));
+                }
+                Err(broadcast::error::RecvError::Closed) => feed = None,
+            },
             _ = outbox.overflow.notified() => {
                 break Some((CLOSE_POLICY, "client too slow: outgoing queue full; reconnect and resume".to_string()));
             }
@@ -197,6 +213,16 @@ fn error(id: Option<String>, code: ErrorCode, message: String) -> ServerMessage 
     ServerMessage::Error(ErrorMessage { id, code, message })
 }
 
+/// The next message of the invalidation feed, if the client follows it.
+async fn next_invalidation(
+    feed: &mut Option<broadcast::Receiver<Arc<str>>>,
+) -> Result<Arc<str>, broadcast::error::RecvError> {
+    match feed {
+        Some(feed) => feed.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// A subscription of this connection: its engine key.
 struct Active {
     key: QueryKey,
@@ -224,6 +250,7 @@ async fn handle(
     connection: ConnectionId,
     outbox: &Arc<Outbox>,
     subscriptions: &mut HashMap<String, Active>,
+    feed: &mut Option<broadcast::Receiver<Arc<str>>>,
     text: &str,
 ) -> Vec<ServerMessage> {
     if text.len() > state.config.max_message_bytes {
@@ -241,6 +268,12 @@ async fn handle(
     };
     match message {
         ClientMessage::Ping {} => vec![ServerMessage::Pong],
+        ClientMessage::Invalidations {} => {
+            if feed.is_none() {
+                *feed = Some(state.cache.feed());
+            }
+            Vec::new()
+        }
         ClientMessage::Unsubscribe { id } => match subscriptions.remove(&id) {
             Some(active) => {
                 end(state, connection, &active);
