@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks whose figures README.md records.
-# Usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|all]
+# Usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|all]
 #   matcher  criterion: filter evaluation and compilation
 #   grid     events/s, write-to-delta latency and memory per query with 1k/10k/100k queries
 #            (LIVEGRID_BENCH_QUERIES, LIVEGRID_BENCH_GRID, LIVEGRID_BENCH_RATE to vary it)
@@ -14,6 +14,9 @@
 #            with one connection that reads nothing (peak RSS, slow consumers cut)
 #   mongodb  events/s through the MongoDB source (real driver, wire-level fixture)
 #            (LIVEGRID_MONGODB_EVENTS, default 200,000)
+#   cache    cache invalidation: changes turned into purges and purge latency, adaptive vs
+#            fixed TTL hit and stale-read rates, cache sketch size and false positives
+#            (LIVEGRID_CACHE_BENCH=purge|ttl|sketch, LIVEGRID_CACHE_SECONDS, LIVEGRID_TTL_SECONDS)
 #   writes   acknowledged single-document writes/s from 64 concurrent keep-alive clients,
 #            durable (group commit) and periodic (LIVEGRID_WRITERS, LIVEGRID_WRITES_SECONDS)
 set -euo pipefail
@@ -74,6 +77,10 @@ run_mongodb() {
   echo "== mongodb: events/s through the MongoDB source (driver + fixture on loopback)"
   cargo bench --bench mongodb
 }
+run_cache() {
+  echo "== cache: purges, adaptive TTLs, the cache sketch"
+  cargo bench --bench cache
+}
 run_writes() {
   echo "== writes: 64 concurrent keep-alive writers, each durability mode"
   for durability in durable periodic; do
@@ -89,6 +96,7 @@ case "$what" in
   mongodb) run_mongodb ;;
   fanout) run_fanout ;;
   serve-fanout) run_serve_fanout ;;
-  all) run_matcher; run_grid; run_replay; run_fanout; run_serve_fanout; run_load; run_writes; run_mongodb ;;
-  *) echo "usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|all]" >&2; exit 2 ;;
+  cache) run_cache ;;
+  all) run_matcher; run_grid; run_replay; run_fanout; run_serve_fanout; run_load; run_writes; run_mongodb; run_cache ;;
+  *) echo "usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|all]" >&2; exit 2 ;;
 esac

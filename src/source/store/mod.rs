@@ -38,14 +38,14 @@ pub mod limits;
 pub mod source;
 pub mod update;
 
-use std::collections::BinaryHeap;
+use std::collections::{BTreeSet, BinaryHeap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bson::{Bson, Document, oid::ObjectId};
 use livegrid_engine::{ChangeEvent, Snapshot, SnapshotError, SnapshotSource};
-use livegrid_matcher::{Query, QuerySpec, SortKey};
+use livegrid_matcher::{IndexPlan, Query, QuerySpec, SortKey};
 use livegrid_protocol::Position;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
@@ -354,14 +354,9 @@ impl Store {
         let mut best: BinaryHeap<Ranked> = BinaryHeap::new();
         let mut all: Vec<Ranked> = Vec::new();
         let mut matched = 0usize;
-        for entry in docs.range(prefix.as_slice()..).map_err(redb::Error::from)? {
-            let (key, value) = entry.map_err(redb::Error::from)?;
-            if !key.value().starts_with(&prefix) {
-                break;
-            }
-            let doc = decode(value.value())?;
+        let mut consider = |doc: Document| {
             if !query.filter.matches(&doc) {
-                continue;
+                return;
             }
             matched += 1;
             let ranked = Ranked(query.sort.key(&doc), doc);
@@ -376,6 +371,25 @@ impl Store {
                     }
                 }
             }
+        };
+        match id_keys(ns, query) {
+            // Every match has one of a few ids: read those, not the collection.
+            Some(keys) => {
+                for key in keys {
+                    if let Some(value) = docs.get(key.as_slice()).map_err(redb::Error::from)? {
+                        consider(decode(value.value())?);
+                    }
+                }
+            }
+            None => {
+                for entry in docs.range(prefix.as_slice()..).map_err(redb::Error::from)? {
+                    let (key, value) = entry.map_err(redb::Error::from)?;
+                    if !key.value().starts_with(&prefix) {
+                        break;
+                    }
+                    consider(decode(value.value())?);
+                }
+            }
         }
         let mut ranked = if k.is_some() { best.into_vec() } else { all };
         ranked.sort_by(|a, b| a.0.cmp(&b.0));
@@ -383,6 +397,21 @@ impl Store {
         let docs = ranked.into_iter().map(|Ranked(_, d)| d).collect();
         Ok(Snapshot { docs, position: Position::new(position), complete })
     }
+}
+
+/// The keys of the only documents `query` can match in `ns`, when its filter requires `_id` to
+/// equal one of a few ObjectIds, strings or integers (whose keys are exact); `None` otherwise.
+fn id_keys(ns: &str, query: &Query) -> Option<BTreeSet<Vec<u8>>> {
+    let IndexPlan::Equality { path, values } = query.filter.index_plan() else { return None };
+    let exact = |id: &Bson| match id {
+        Bson::ObjectId(_) | Bson::String(_) | Bson::Int32(_) | Bson::Int64(_) => true,
+        Bson::Double(f) => f.fract() == 0.0 && f.abs() < 9.0e15,
+        _ => false,
+    };
+    if path.as_str() != "_id" || values.len() > 1000 || !values.iter().all(exact) {
+        return None;
+    }
+    values.iter().map(|id| doc_key(ns, id).ok()).collect()
 }
 
 /// A matching document with its sort key, ordered by the key (for the top-k heap).
@@ -729,6 +758,33 @@ mod tests {
         assert_eq!(snapshot.docs.iter().map(|d| d.get_i32("n").unwrap()).collect::<Vec<_>>(), vec![9, 8, 7]);
         assert!(store.read("db.c", &query, None).unwrap().complete);
         assert!(matches!(store.write("nodot", vec![]), Err(StoreError::Namespace(_))));
+    }
+
+    #[test]
+    fn reads_by_id_fetch_only_those_documents_and_agree_with_a_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let oid = ObjectId::new();
+        let writes = vec![
+            Write::Insert(doc! {"_id": 1, "n": 1}),
+            Write::Insert(doc! {"_id": 2_i64, "n": 2}),
+            Write::Insert(doc! {"_id": "a", "n": 3}),
+            Write::Insert(doc! {"_id": oid, "n": 4}),
+            Write::Insert(doc! {"_id": 1.5, "n": 5}),
+        ];
+        store.write("db.c", writes).unwrap();
+        store.write("db.d", vec![Write::Insert(doc! {"_id": 1, "n": 9})]).unwrap();
+        let read = |filter: Document| {
+            let query = Query::compile(&QuerySpec { filter, ..Default::default() }).unwrap();
+            let ns: Vec<i32> =
+                store.read("db.c", &query, None).unwrap().docs.iter().map(|d| d.get_i32("n").unwrap()).collect();
+            (id_keys("db.c", &query).is_some(), ns)
+        };
+        assert_eq!(read(doc! {"_id": {"$in": [1.0, 2, "a", oid, "missing"]}}), (true, vec![1, 2, 3, 4]));
+        assert_eq!(read(doc! {"_id": 2, "n": {"$gt": 5}}), (true, vec![]));
+        // Ids whose keys are not exact take the scan, with the same answer.
+        assert_eq!(read(doc! {"_id": 1.5}), (false, vec![5]));
+        assert_eq!(read(doc! {"n": {"$lt": 3}}), (false, vec![1, 2]));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
