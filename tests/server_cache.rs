@@ -212,3 +212,26 @@ async fn watches_are_bounded_and_overrides_apply_per_namespace() {
     assert_eq!(age("/v1/db/app/items").await, "public, max-age=30", "the same watch");
     assert_eq!(age("/v1/db/other/things").await, "public, max-age=0", "all watches taken: not cacheable");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_max_age_starts_at_its_minimum_and_grows_while_nothing_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with(dir.path(), cached(MaxAge::Auto { min: 1, max: 600 })).await;
+    let addr = server.addr;
+    http(addr, "POST", "/v1/db/app/items", Some(json!({"_id": 1, "n": 1}))).await;
+    let age = || async move {
+        let value = get_with(addr, "/v1/db/app/items/1", "", "cache-control").await.1.unwrap();
+        value.trim_start_matches("public, max-age=").parse::<u32>().unwrap()
+    };
+    assert_eq!(age().await, 1, "never watched: the minimum");
+    // Watched 10 s without a change (the prior counts as 10 minimums): a tenth of 20 s.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(age().await, 2);
+    // A change: the estimate halves, back to the minimum.
+    http(addr, "PATCH", "/v1/db/app/items/1", Some(json!({"$set": {"n": 2}}))).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while age().await != 1 {
+        assert!(Instant::now() < deadline, "the change did not count");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

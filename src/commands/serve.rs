@@ -274,3 +274,46 @@ async fn wait_for_signal() {
         let _ = ctrl_c.await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn serve_config(args: &[&str]) -> Result<ServeConfig, String> {
+        let cli = Cli::try_parse_from(["livegrid", "serve"].iter().chain(args)).map_err(|e| e.to_string())?;
+        let Command::Serve(args) = cli.command else { unreachable!() };
+        config(&args)
+    }
+
+    #[test]
+    fn cache_settings_come_from_flags_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("livegrid.toml");
+        let file = "cache_max_age = \"auto:5-600\"\npurge = [\"http://127.0.0.1:6081\"]\ncache_entries = 50\n\
+                    [cache_namespaces]\n\"app.hot\" = 1\napp = \"auto\"\n";
+        std::fs::write(&path, file).unwrap();
+        let path = path.to_str().unwrap();
+        let cache = serve_config(&["--config", path, "--cache-namespace", "app.cold=600"]).unwrap().server.cache;
+        assert_eq!(cache.max_age, MaxAge::Auto { min: 5, max: 600 });
+        assert_eq!(cache.purge, vec!["http://127.0.0.1:6081".to_string()]);
+        assert_eq!(cache.entries, 50);
+        assert_eq!(cache.max_age_for("app.hot"), MaxAge::Fixed(1));
+        assert_eq!(cache.max_age_for("app.cold"), MaxAge::Fixed(600));
+        assert_eq!(cache.max_age_for("app.other"), MaxAge::Auto { min: 1, max: 3600 });
+        assert_eq!(cache.max_age_for("shop.items"), MaxAge::Auto { min: 5, max: 600 });
+        let flags = serve_config(&["--config", path, "--cache-max-age", "30", "--purge", "http://a:1,http://b:2"]);
+        let cache = flags.unwrap().server.cache;
+        assert_eq!((cache.max_age, cache.purge.len()), (MaxAge::Fixed(30), 2));
+        for bad in [
+            vec!["--cache-max-age", "soon"],
+            vec!["--purge", "https://cdn.example"],
+            vec!["--cache-namespace", "app.hot"],
+            vec!["--sketch-bits", "8"],
+        ] {
+            assert!(serve_config(&bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -187,6 +187,18 @@ mod tests {
     }
 
     #[test]
+    fn the_test_vectors_of_the_readme_hold() {
+        let vectors: [(&str, [u64; 7]); 3] = [
+            ("a", [126092, 116952, 107812, 98672, 89532, 80392, 71252]),
+            ("/v1/db/app/todos?filter=%7B%22done%22%3Afalse%7D", [524, 45676, 90828, 135980, 181132, 226284, 9292]),
+            ("/v1/db/app/todos/42", [256611, 41534, 88601, 135668, 182735, 229802, 14725]),
+        ];
+        for (url, expected) in vectors {
+            assert_eq!(bits(url, 1 << 18, 7).collect::<Vec<_>>(), expected, "{url}");
+        }
+    }
+
+    #[test]
     fn measured_false_positives_match_the_formula() {
         let (m, k, n) = (1 << 18, 7, 20_000);
         let mut sketch = Sketch::new(m, k);
