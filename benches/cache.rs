@@ -78,6 +78,20 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)].as_secs_f64() * 1e3
 }
 
+/// A server on a fresh store with `cache`: it, its base URL and its folder.
+async fn serve(cache: CacheConfig) -> (livegrid::server::RunningServer, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data: dir.path().to_path_buf(),
+        cache,
+        ..Default::default()
+    };
+    let server = start(config).await.unwrap();
+    let base = format!("http://{}", server.addr);
+    (server, base, dir)
+}
+
 /// A purge endpoint that records what it receives.
 async fn purge_receiver() -> (SocketAddr, Arc<Mutex<Vec<(String, Instant)>>>) {
     let received = Arc::new(Mutex::new(Vec::new()));
@@ -103,18 +117,9 @@ async fn bench_purge() {
     let rate: u64 = env("LIVEGRID_CACHE_RATE", 0);
     let (cached, uncached, writers) = (5_000u64, 1_000u64, 32u64);
     let (endpoint, received) = purge_receiver().await;
-    let dir = tempfile::tempdir().unwrap();
     let cache =
         CacheConfig { max_age: MaxAge::Fixed(3600), purge: vec![format!("http://{endpoint}")], ..Default::default() };
-    let server = start(ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data: dir.path().to_path_buf(),
-        cache,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let base = format!("http://{}", server.addr);
+    let (server, base, _dir) = serve(cache).await;
     let http = client();
     let docs: Vec<Value> = (0..cached + uncached).map(|i| json!({"insert": {"_id": i, "n": 0}})).collect();
     for chunk in docs.chunks(1000) {
@@ -307,17 +312,8 @@ async fn bench_ttl() {
     let measured: u64 = env("LIVEGRID_TTL_SECONDS", 60);
     let warmup: u64 = env("LIVEGRID_TTL_WARMUP", 120);
     let (read_rate, chat_rate, item_rate) = (300u64, 100u64, 100u64);
-    let dir = tempfile::tempdir().unwrap();
     let cache = CacheConfig { max_age: MaxAge::Auto { min: 1, max: 600 }, ..Default::default() };
-    let server = start(ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data: dir.path().to_path_buf(),
-        cache,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let base = format!("http://{}", server.addr);
+    let (server, base, _dir) = serve(cache).await;
     let http = client();
     let mut items = Workload::new(7);
     let docs: Vec<Value> =
