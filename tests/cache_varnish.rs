@@ -158,6 +158,14 @@ async fn varnish_serves_hits_until_livegrid_purges_a_changed_result() {
     let (_, hit, _) = get(v, doc).await;
     assert_eq!(hit, "HIT", "cached again");
 
+    // A document read before it exists: the 404 is not cached (errors carry no-store), so
+    // the document shows once created.
+    let missing = "/v1/db/app/items/99";
+    assert_eq!(get(v, missing).await.0, 404);
+    assert_eq!(get(v, missing).await.1, "MISS", "a 404 is never a hit");
+    http(lg, "POST", "/v1/db/app/items", Some(json!({"_id": 99, "n": 99}))).await;
+    assert_eq!(get(v, missing).await.2["n"], 99);
+
     // The purges are counted.
     let metrics = common::get_with(lg, "/metrics", "", "content-type").await.2;
     let sent = metrics.lines().find(|l| l.starts_with("livegrid_purges_sent")).unwrap_or_default().to_string();

@@ -178,6 +178,10 @@ async fn changed_urls_enter_the_sketch_and_the_feed_until_their_copies_expire() 
         assert!(in_sketch(&stale, url), "{url} changed while copies live");
     }
     assert!(!in_sketch(&stale, quiet), "a URL that never changed");
+    // Nor, up to the false-positive rate (about (21 / 262,144)^7 here), any of a thousand
+    // others.
+    let others = (0..1000).filter(|i| in_sketch(&stale, &format!("/v1/db/app/items/{i}?x"))).count();
+    assert_eq!(others, 0);
     assert!(next_within(&mut feed, Duration::from_millis(300)).await.is_none(), "nothing else changed");
 
     // Gone once the copies (max-age 2 s) have expired.
@@ -232,6 +236,40 @@ async fn auto_max_age_starts_at_its_minimum_and_grows_while_nothing_changes() {
     let deadline = Instant::now() + Duration::from_secs(10);
     while age().await != 1 {
         assert!(Instant::now() < deadline, "the change did not count");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_whose_result_exceeds_the_limits_ends_and_invalidates_what_it_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = cached(MaxAge::Fixed(60));
+    config.max_subscription_bytes = 4096;
+    config.queue_bytes = 1 << 20;
+    let server = server_with(dir.path(), config).await;
+    let addr = server.addr;
+    let mut feed = connect(addr).await;
+    send(&mut feed, json!({"type": "invalidations"})).await;
+    send(&mut feed, json!({"type": "ping"})).await;
+    assert_eq!(next(&mut feed).await, ServerMessage::Pong);
+    for id in 0..8 {
+        http(addr, "POST", "/v1/db/app/big", Some(json!({"_id": id, "text": "x".repeat(1000)}))).await;
+    }
+    // The watch's result (8 KB) exceeds what one subscription may hold: whatever the read was
+    // served with, it is invalidated and nothing stays watched.
+    let (status, cache_control, _) = get_with(addr, "/v1/db/app/big", "", "cache-control").await;
+    assert_eq!(status, 200);
+    if cache_control.as_deref() != Some("public, max-age=0") {
+        let (urls, _) = invalidated(&mut feed).await;
+        assert_eq!(urls, BTreeSet::from(["/v1/db/app/big".to_string()]));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, health) = http(addr, "GET", "/healthz", None).await;
+        if health["cache"]["watched"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the oversized watch stayed: {health}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

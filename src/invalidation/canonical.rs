@@ -52,9 +52,10 @@ pub fn canonical_filter(filter: &Document) -> Document {
         .collect()
 }
 
-/// Whether every key of `doc` is an operator (and there is one).
+/// Whether `doc` is an operator document: the matcher's rule, its first key is an operator
+/// (a document mixing operators and fields is refused when the query compiles).
 fn is_operator_document(doc: &Document) -> bool {
-    !doc.is_empty() && doc.keys().all(|k| k.starts_with('$'))
+    doc.keys().next().is_some_and(|k| k.starts_with('$'))
 }
 
 /// An operator document with its keys sorted; `$elemMatch` and `$not` hold filters or

@@ -37,6 +37,8 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use livegrid_engine::{Engine, QueryKey};
+
+use crate::budget::MemoryBudget;
 use livegrid_matcher::{Query, QuerySpec};
 use livegrid_protocol::{InvalidateMessage, Position, ServerMessage};
 use tokio::sync::broadcast;
@@ -108,7 +110,7 @@ impl CacheConfig {
         };
         check("cache_entries", self.entries as u64, 1, 10_000_000)?;
         check("purge_queue", self.purge_queue as u64, 1, 10_000_000)?;
-        check("sketch_bits", self.sketch_bits, 64, 1 << 32)?;
+        check("sketch_bits", self.sketch_bits, 64, 1 << 26)?;
         check("sketch_hashes", u64::from(self.sketch_hashes), 1, 64)
     }
 
@@ -134,20 +136,28 @@ pub struct Read {
 /// A read under watch: pass it to [`Invalidator::served`] with the answer.
 pub struct Ticket {
     url: String,
+    /// The watch it was taken on (a later watch of the same URL is another).
+    key: QueryKey,
     started: Instant,
     max_age: MaxAge,
+}
+
+/// A copy handed out: which spelling, until when it may be cached, when it was last served.
+struct Copy {
+    url: Stale,
+    expires: Instant,
+    served: Instant,
 }
 
 /// One watched result.
 struct Entry {
     key: QueryKey,
+    /// Bytes charged to the memory budget.
+    charge: usize,
     /// Whether its internal subscription is registered.
     live: bool,
-    /// The spellings served (with their `Host`).
-    copies: Vec<Stale>,
-    /// When the last copy served expires.
-    expires: Instant,
-    last_served: Option<Instant>,
+    /// The spellings served (with their `Host`), at most [`MAX_SPELLINGS`].
+    copies: Vec<Copy>,
     /// When a change last arrived.
     last_change: Option<Instant>,
     watched_since: Instant,
@@ -161,12 +171,26 @@ impl Entry {
     fn history(&self, now: Instant) -> History {
         self.learnt.then(History { observed: now.duration_since(self.watched_since), changes: self.changes })
     }
+
+    /// Until when the watch is needed: the last copy's expiry, plus [`GRACE`].
+    fn needed_until(&self) -> Instant {
+        self.copies.iter().map(|c| c.expires).max().unwrap_or(self.watched_since) + GRACE
+    }
+
+    /// The copies that may still be in a cache at `now`, with their expiry.
+    fn alive(&self, now: Instant) -> Vec<(Stale, Instant)> {
+        self.copies.iter().filter(|c| c.expires + GRACE > now).map(|c| (c.url.clone(), c.expires)).collect()
+    }
 }
 
 /// Watches cacheable results and invalidates their copies.
 pub struct Invalidator {
     config: CacheConfig,
     engine: Arc<Engine>,
+    /// Shared with client subscriptions.
+    budget: Arc<MemoryBudget>,
+    /// Documents a sorted window keeps beyond its end (for the charge).
+    slack: usize,
     entries: DashMap<String, Entry>,
     by_key: DashMap<QueryKey, String>,
     /// Histories of URLs no longer watched (at most `4 * entries`).
@@ -178,12 +202,15 @@ pub struct Invalidator {
 }
 
 impl Invalidator {
-    /// An invalidator for `engine`; starts the purge tasks on the current runtime.
-    pub fn start(config: CacheConfig, engine: Arc<Engine>) -> Arc<Invalidator> {
+    /// An invalidator for `engine`, charging its watches to `budget`; starts the purge tasks
+    /// on the current runtime.
+    pub fn start(config: CacheConfig, engine: Arc<Engine>, budget: Arc<MemoryBudget>, slack: usize) -> Arc<Self> {
         let purger = Purger::start(&config.purge, config.purge_queue);
         let sketch = Mutex::new(Sketch::new(config.sketch_bits, config.sketch_hashes));
         Arc::new(Invalidator {
             engine,
+            budget,
+            slack,
             entries: DashMap::new(),
             by_key: DashMap::new(),
             learnt: DashMap::new(),
@@ -201,17 +228,19 @@ impl Invalidator {
     }
 
     /// Watches `read` before it is read. `None`: serve it with `max-age=0` (caching is off for
-    /// its namespace, all watches are taken, its watch is still registering or failed).
-    pub async fn watch(&self, read: Read) -> Option<Ticket> {
+    /// its namespace, all watches or the memory budget are taken, its watch is still
+    /// registering or failed).
+    pub async fn watch(self: &Arc<Self>, read: Read) -> Option<Ticket> {
         let max_age = self.config.max_age_for(&read.ns);
         if !max_age.caches() {
             return None;
         }
         let now = Instant::now();
         if let Some(entry) = self.entries.get(&read.url) {
-            return entry.live.then(|| Ticket { url: read.url.clone(), started: now, max_age });
+            return entry.live.then(|| Ticket { url: read.url.clone(), key: entry.key, started: now, max_age });
         }
-        if self.entries.len() >= self.config.entries {
+        let charge = crate::budget::subscription_charge(&read.query, self.slack);
+        if self.entries.len() >= self.config.entries || !self.budget.try_charge(charge) {
             metrics::counter!("livegrid_cache_watches_refused").increment(1);
             return None;
         }
@@ -219,55 +248,100 @@ impl Invalidator {
         let learnt = self.learnt.remove(&read.url).map(|(_, h)| h).unwrap_or_default();
         let entry = Entry {
             key,
+            charge,
             live: false,
             copies: Vec::new(),
-            expires: now,
-            last_served: None,
             last_change: None,
             watched_since: now,
             learnt,
             changes: 0,
         };
-        match self.entries.entry(read.url.clone()) {
-            dashmap::Entry::Occupied(_) => return None,
-            dashmap::Entry::Vacant(vacant) => vacant.insert(entry),
+        let inserted = match self.entries.entry(read.url.clone()) {
+            dashmap::Entry::Occupied(_) => false,
+            dashmap::Entry::Vacant(vacant) => {
+                vacant.insert(entry);
+                true
+            }
         };
+        if !inserted {
+            self.budget.release(charge);
+            return None;
+        }
         self.by_key.insert(key, read.url.clone());
+        // Registered by a task of its own: a request that goes away meanwhile (its client
+        // disconnected) cannot leave the watch half made.
+        let this = self.clone();
+        let registering = tokio::spawn(async move { this.register(key, read).await });
+        let url = registering.await.ok().flatten()?;
+        Some(Ticket { url, key, started: Instant::now(), max_age })
+    }
+
+    /// Registers watch `key` in the engine; its URL once it is live.
+    async fn register(&self, key: QueryKey, read: Read) -> Option<String> {
         let engine = self.engine.clone();
         let Read { ns, url, spec, query } = read;
         let registered = tokio::task::spawn_blocking(move || engine.register_as(key, &ns, &spec, &query)).await;
         if let Ok(Ok(())) = registered {
             // (No other map access while the entry's shard is locked.)
-            let live = self.entries.get_mut(&url).map(|mut entry| entry.live = true).is_some();
+            let live = self.entries.get_mut(&url).filter(|e| e.key == key).map(|mut e| e.live = true).is_some();
             metrics::gauge!("livegrid_cache_watches").set(self.entries.len() as f64);
-            return live.then(|| Ticket { url, started: Instant::now(), max_age });
+            if live {
+                return Some(url);
+            }
+        } else {
+            tracing::warn!(url, error = ?registered, "watching a cacheable result failed: served uncacheable");
         }
-        tracing::warn!(url, error = ?registered, "watching a cacheable result failed: served uncacheable");
-        self.entries.remove(&url);
-        self.by_key.remove(&key);
+        self.drop_watch(&url, key);
         let engine = self.engine.clone();
         let _ = tokio::task::spawn_blocking(move || engine.unregister(key)).await;
         None
+    }
+
+    /// Removes watch `key` of `url` (if it is still that watch) and gives its memory back;
+    /// returns it.
+    fn drop_watch(&self, url: &str, key: QueryKey) -> Option<Entry> {
+        self.by_key.remove(&key);
+        let (_, entry) = self.entries.remove_if(url, |_, e| e.key == key)?;
+        self.budget.release(entry.charge);
+        Some(entry)
     }
 
     /// Records that `target` (requested with `host`) was answered for `ticket`'s read, and
     /// returns the max-age to serve it with (0: uncacheable).
     pub fn served(&self, ticket: &Ticket, host: Option<&str>, target: &str) -> u32 {
         let now = Instant::now();
-        let Some(mut entry) = self.entries.get_mut(&ticket.url) else { return 0 };
-        if !entry.live || entry.last_change.is_some_and(|at| at >= ticket.started) {
-            return 0;
-        }
-        let copy = Stale { host: host.map(Arc::from), target: Arc::from(target) };
-        if !entry.copies.contains(&copy) {
-            if entry.copies.len() >= MAX_SPELLINGS {
+        let evicted = {
+            let Some(mut entry) = self.entries.get_mut(&ticket.url) else { return 0 };
+            if !entry.live || entry.key != ticket.key || entry.last_change.is_some_and(|at| at >= ticket.started) {
                 return 0;
             }
-            entry.copies.push(copy);
+            let ttl = ticket.max_age.ttl(&entry.history(now));
+            if ttl == 0 {
+                return 0;
+            }
+            let expires = now + Duration::from_secs(u64::from(ttl));
+            entry.copies.retain(|c| c.expires + GRACE > now);
+            let url = Stale { host: host.map(Arc::from), target: Arc::from(target) };
+            let mut evicted = None;
+            if let Some(copy) = entry.copies.iter_mut().find(|c| c.url == url) {
+                copy.expires = copy.expires.max(expires);
+                copy.served = now;
+            } else {
+                if entry.copies.len() >= MAX_SPELLINGS {
+                    // The least recently served spelling makes room, invalidated as if it
+                    // changed: it is no longer watched.
+                    let oldest = (0..entry.copies.len()).min_by_key(|i| entry.copies[*i].served).expect("full");
+                    let copy = entry.copies.swap_remove(oldest);
+                    evicted = Some((copy.url, copy.expires));
+                }
+                entry.copies.push(Copy { url, expires, served: now });
+            }
+            (ttl, evicted)
+        };
+        let (ttl, evicted) = evicted;
+        if let Some(copy) = evicted {
+            self.invalidate(&[copy], self.engine.processed(), now);
         }
-        let ttl = ticket.max_age.ttl(&entry.history(now));
-        entry.expires = entry.expires.max(now + Duration::from_secs(u64::from(ttl)));
-        entry.last_served = Some(now);
         ttl
     }
 
@@ -277,22 +351,27 @@ impl Invalidator {
         let Some(url) = self.by_key.get(&key).map(|u| u.clone()) else { return };
         let now = Instant::now();
         let Some(mut entry) = self.entries.get_mut(&url) else { return };
+        if entry.key != key {
+            return;
+        }
         entry.last_change = Some(now);
         if !whole {
             return;
         }
         entry.changes = entry.changes.saturating_add(1);
-        if entry.copies.is_empty() || entry.expires + GRACE <= now {
-            return;
-        }
-        let (copies, until) = (entry.copies.clone(), entry.expires);
-        let repurge = entry.last_served.is_some_and(|at| now.duration_since(at) < REPURGE_AFTER);
+        let alive = entry.alive(now);
+        let recent: Vec<Stale> = entry
+            .copies
+            .iter()
+            .filter(|c| now.duration_since(c.served) < REPURGE_AFTER)
+            .map(|c| c.url.clone())
+            .collect();
         drop(entry);
-        self.invalidate(&copies, until, position, now);
-        if repurge {
+        self.invalidate(&alive, position, now);
+        if !recent.is_empty() {
             let mut repurges = self.repurges.lock().expect("repurge lock");
             if repurges.len() < self.config.purge_queue {
-                repurges.push_back((now + REPURGE_AFTER, copies, now));
+                repurges.push_back((now + REPURGE_AFTER, recent, now));
             }
         }
     }
@@ -300,59 +379,73 @@ impl Invalidator {
     /// Watch `key` ended in the engine: its URLs are invalidated, as they can no longer be
     /// watched.
     pub fn ended(&self, key: QueryKey) {
-        let Some((_, url)) = self.by_key.remove(&key) else { return };
-        if let Some((_, entry)) = self.entries.remove(&url) {
-            self.forget(url, &entry, Instant::now());
-            self.invalidate(&entry.copies, entry.expires, self.engine.processed(), Instant::now());
+        let Some(url) = self.by_key.get(&key).map(|u| u.clone()) else { return };
+        let now = Instant::now();
+        if let Some(entry) = self.drop_watch(&url, key) {
+            self.invalidate(&entry.alive(now), self.engine.processed(), now);
+            self.forget(url, &entry, now);
+        }
+    }
+
+    /// Watch `key`'s initial result does not fit the limits: the watch ends (its URLs are
+    /// invalidated) and `true` tells the caller to end it in the engine.
+    pub fn refuse(&self, key: QueryKey) -> bool {
+        let Some(url) = self.by_key.get(&key).map(|u| u.clone()) else { return false };
+        metrics::counter!("livegrid_cache_watches_refused").increment(1);
+        let now = Instant::now();
+        match self.drop_watch(&url, key) {
+            Some(entry) => {
+                self.invalidate(&entry.alive(now), self.engine.processed(), now);
+                true
+            }
+            None => false,
         }
     }
 
     /// Invalidates every watched URL and ends every watch (the server failed); returns the
     /// engine keys to end.
     pub fn fail_all(&self) -> Vec<QueryKey> {
-        let urls: Vec<String> = self.entries.iter().map(|e| e.key().clone()).collect();
-        let position = self.engine.processed();
-        urls.into_iter()
-            .filter_map(|url| self.entries.remove(&url))
-            .map(|(_, entry)| {
-                self.by_key.remove(&entry.key);
-                self.invalidate(&entry.copies, entry.expires, position, Instant::now());
+        let watched: Vec<(String, QueryKey)> = self.entries.iter().map(|e| (e.key().clone(), e.key)).collect();
+        let (position, now) = (self.engine.processed(), Instant::now());
+        watched
+            .into_iter()
+            .filter_map(|(url, key)| self.drop_watch(&url, key))
+            .map(|entry| {
+                self.invalidate(&entry.alive(now), position, now);
                 entry.key
             })
             .collect()
     }
 
-    /// Marks `copies` stale: purges, the sketch (until `until`), the feed.
-    fn invalidate(&self, copies: &[Stale], until: Instant, position: Position, since: Instant) {
+    /// Marks `copies` stale: purges, the sketch (each until its copy expires), the feed.
+    fn invalidate(&self, copies: &[(Stale, Instant)], position: Position, since: Instant) {
         if copies.is_empty() {
             return;
         }
         metrics::counter!("livegrid_cache_invalidations").increment(copies.len() as u64);
-        self.purger.purge(copies, since);
-        let mut urls: Vec<String> = Vec::with_capacity(copies.len());
+        let urls: Vec<Stale> = copies.iter().map(|(url, _)| url.clone()).collect();
+        self.purger.purge(&urls, since);
+        let mut targets: Vec<String> = Vec::with_capacity(copies.len());
         {
             let mut sketch = self.sketch.lock().expect("sketch lock");
-            for copy in copies {
-                if !urls.iter().any(|u| **u == *copy.target) {
-                    sketch.add(&copy.target, until);
-                    urls.push(copy.target.to_string());
+            for (url, until) in copies {
+                if *until > since {
+                    sketch.add(&url.target, *until);
+                }
+                if !targets.iter().any(|t| **t == *url.target) {
+                    targets.push(url.target.to_string());
                 }
             }
         }
         if self.feed.receiver_count() > 0 {
-            let message = ServerMessage::Invalidate(InvalidateMessage { urls, position }).to_json();
+            let message = ServerMessage::Invalidate(InvalidateMessage { urls: targets, position }).to_json();
             let _ = self.feed.send(Arc::from(message));
         }
     }
 
-    /// Keeps what watching `url` taught (bounded: an arbitrary old history makes room).
+    /// Keeps what watching `url` taught.
     fn forget(&self, url: String, entry: &Entry, now: Instant) {
-        if self.learnt.len() >= self.config.entries.saturating_mul(4)
-            && let Some(old) = self.learnt.iter().next().map(|e| e.key().clone())
-        {
-            self.learnt.remove(&old);
-        }
-        self.learnt.insert(url, entry.history(now));
+        remember(&self.learnt, self.config.entries.saturating_mul(4), url, entry.history(now));
     }
 
     /// Ends the watches whose copies have all expired (the caller ends their engine
@@ -360,15 +453,22 @@ impl Invalidator {
     /// milliseconds on the blocking pool.
     pub fn tick(&self) -> Vec<QueryKey> {
         let now = Instant::now();
-        let expired: Vec<String> =
-            self.entries.iter().filter(|e| e.live && e.expires + GRACE <= now).map(|e| e.key().clone()).collect();
+        let expired: Vec<(String, QueryKey)> = self
+            .entries
+            .iter()
+            .filter(|e| e.live && e.needed_until() <= now)
+            .map(|e| (e.key().clone(), e.key))
+            .collect();
         let mut ended = Vec::with_capacity(expired.len());
-        for url in expired {
-            if let Some((url, entry)) = self.entries.remove_if(&url, |_, e| e.live && e.expires + GRACE <= now) {
-                self.by_key.remove(&entry.key);
-                ended.push(entry.key);
-                self.forget(url, &entry, now);
-            }
+        for (url, key) in expired {
+            let Some((url, entry)) = self.entries.remove_if(&url, |_, e| e.key == key && e.needed_until() <= now)
+            else {
+                continue;
+            };
+            self.by_key.remove(&key);
+            self.budget.release(entry.charge);
+            ended.push(key);
+            self.forget(url, &entry, now);
         }
         let sketched = {
             let mut sketch = self.sketch.lock().expect("sketch lock");
@@ -392,9 +492,10 @@ impl Invalidator {
         ended
     }
 
-    /// The cache sketch as clients fetch it.
+    /// The cache sketch as clients fetch it (encoded outside the sketch's lock).
     pub fn sketch(&self) -> sketch::Encoded {
-        self.sketch.lock().expect("sketch lock").encode()
+        let bits = self.sketch.lock().expect("sketch lock").bits();
+        bits.encode()
     }
 
     /// Results watched now.
@@ -405,5 +506,33 @@ impl Invalidator {
     /// The invalidation feed: `invalidate` messages as JSON text.
     pub fn feed(&self) -> broadcast::Receiver<Arc<str>> {
         self.feed.subscribe()
+    }
+}
+
+/// Adds `history` for `url` to `learnt`, making room first when it holds `cap` (an arbitrary
+/// entry goes).
+fn remember(learnt: &DashMap<String, History>, cap: usize, url: String, history: History) {
+    if learnt.len() >= cap {
+        // The iterator's shard guard must be gone before `remove` locks that shard.
+        let old = learnt.iter().next().map(|e| e.key().clone());
+        if let Some(old) = old {
+            learnt.remove(&old);
+        }
+    }
+    learnt.insert(url, history);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_was_learnt_stays_bounded() {
+        let learnt = DashMap::new();
+        for i in 0..50 {
+            remember(&learnt, 8, format!("/u/{i}"), History::default());
+            assert!(learnt.len() <= 8);
+        }
+        assert!(learnt.contains_key("/u/49"));
     }
 }

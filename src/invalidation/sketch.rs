@@ -134,13 +134,33 @@ impl Sketch {
         self.members.is_empty()
     }
 
+    /// A copy of the bit array (cheap: encode it outside any lock).
+    pub fn bits(&self) -> Bits {
+        Bits { m: self.m, k: self.k, bytes: self.bytes.clone(), entries: self.members.len() }
+    }
+
     /// The bit array as clients read it.
     pub fn encode(&self) -> Encoded {
+        self.bits().encode()
+    }
+}
+
+/// A copy of a sketch's bits.
+pub struct Bits {
+    m: u64,
+    k: u32,
+    bytes: Vec<u8>,
+    entries: usize,
+}
+
+impl Bits {
+    /// The bits as clients read them.
+    pub fn encode(self) -> Encoded {
         Encoded {
             m: self.m,
             k: self.k,
             b: base64::engine::general_purpose::STANDARD.encode(&self.bytes),
-            entries: self.members.len(),
+            entries: self.entries,
         }
     }
 }

@@ -97,10 +97,13 @@ impl IntoResponse for ApiError {
             tracing::error!(code = self.code, message = %self.message, "request failed");
         }
         let body = Json(serde_json::json!({"code": self.code, "message": self.message}));
+        // Errors are never cached: a 404 must not outlive the document's creation in a cache
+        // (caches keep some errors by default; Varnish for two minutes).
+        let no_store = (axum::http::header::CACHE_CONTROL, "no-store");
         if self.code == "busy" {
             // The write was not taken: the client may retry it after a moment.
-            return (self.status, [(axum::http::header::RETRY_AFTER, "1")], body).into_response();
+            return (self.status, [no_store, (axum::http::header::RETRY_AFTER, "1")], body).into_response();
         }
-        (self.status, body).into_response()
+        (self.status, [no_store], body).into_response()
     }
 }

@@ -46,7 +46,7 @@ use livegrid_engine::{EngineEvent, Message, QueryKey, Recycler};
 use livegrid_protocol::{ErrorCode, ErrorMessage, Frame, ServerMessage};
 use tokio::sync::mpsc;
 
-use super::budget::MemoryBudget;
+use crate::budget::MemoryBudget;
 use crate::invalidation::Invalidator;
 
 /// A connection's side of the hub: a queue bounded in messages and in bytes.
@@ -165,7 +165,7 @@ pub struct Hub {
     routes: DashMap<QueryKey, Mutex<Route>>,
     tokens: DashMap<String, QueryKey>,
     limits: HubLimits,
-    budget: MemoryBudget,
+    budget: Arc<MemoryBudget>,
     /// Where the messages of subscriptions without a route go: the cache watches.
     watches: Option<Arc<Invalidator>>,
 }
@@ -187,10 +187,10 @@ fn new_token() -> String {
 }
 
 impl Hub {
-    /// A hub keeping `limits` per subscription for resuming, with `budget` bytes for all
-    /// subscriptions.
-    pub fn new(limits: HubLimits, budget: usize) -> Self {
-        Hub { routes: DashMap::new(), tokens: DashMap::new(), limits, budget: MemoryBudget::new(budget), watches: None }
+    /// A hub keeping `limits` per subscription for resuming, charging what subscriptions hold
+    /// to `budget`.
+    pub fn new(limits: HubLimits, budget: Arc<MemoryBudget>) -> Self {
+        Hub { routes: DashMap::new(), tokens: DashMap::new(), limits, budget, watches: None }
     }
 
     /// Hands the messages of subscriptions the hub does not route (the cache's watches) to
@@ -464,8 +464,19 @@ impl Hub {
     fn deliver(&self, message: Message, end: &impl Fn(QueryKey)) {
         let Message { key, frame, latency } = message;
         let Some(entry) = self.routes.get(&key) else {
-            if let (Some(watches), Frame::Delta(delta)) = (&self.watches, &frame) {
-                watches.changed(key, delta.position, !delta.more);
+            match (&self.watches, &frame) {
+                (Some(watches), Frame::Delta(delta)) => watches.changed(key, delta.position, !delta.more),
+                // A watch's initial result must fit the same limits as a client's.
+                (Some(watches), Frame::Result(_)) => {
+                    let bytes = frame.shared_bytes();
+                    let fits = bytes <= self.limits.result_bytes && self.budget.try_charge(bytes);
+                    if fits {
+                        self.budget.release(bytes);
+                    } else if watches.refuse(key) {
+                        end(key);
+                    }
+                }
+                _ => {}
             }
             return;
         };
@@ -551,7 +562,10 @@ mod tests {
 
     #[test]
     fn tokens_are_random_and_bound() {
-        let hub = Hub::new(HubLimits { messages: 8, bytes: 1 << 20, result_bytes: 1 << 20 }, 1000);
+        let hub = Hub::new(
+            HubLimits { messages: 8, bytes: 1 << 20, result_bytes: 1 << 20 },
+            Arc::new(MemoryBudget::new(1000)),
+        );
         let (outbox, _rx) = Outbox::new(16, 1 << 20);
         hub.add(7, outbox.clone(), 1, "a".into(), binding("{}"), 400).unwrap();
         hub.add(8, outbox.clone(), 1, "b".into(), binding("{}"), 400).unwrap();

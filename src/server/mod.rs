@@ -8,7 +8,6 @@
 //! with a reason, and lets the engine drain.
 
 pub mod api_error;
-pub mod budget;
 pub mod hub;
 pub mod listener;
 pub mod rest;
@@ -29,6 +28,7 @@ use livegrid_engine::{Engine, EngineConfig, GridShape};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 
+use crate::budget::MemoryBudget;
 use crate::health::Health;
 use crate::invalidation::{CacheConfig, Invalidator};
 use crate::source::mongodb::{FullDocument, MongoConfig, MongoSource, MongoWrites, Watch, checkpoint_path};
@@ -293,7 +293,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let source_name = source.name();
     let pump = Pump::start(source, engine.clone(), health.clone())
         .map_err(|e| ServerError::Config(format!("starting the source: {e}")))?;
-    let cache = Invalidator::start(config.cache.clone(), engine.clone());
+    // Client subscriptions and the cache's watches share one memory budget.
+    let budget = Arc::new(MemoryBudget::new(config.subscription_memory));
+    let cache = Invalidator::start(config.cache.clone(), engine.clone(), budget.clone(), config.window_slack);
     let hub = Arc::new(
         Hub::new(
             HubLimits {
@@ -301,7 +303,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
                 bytes: config.resume_buffer_bytes,
                 result_bytes: config.max_subscription_bytes,
             },
-            config.subscription_memory,
+            budget,
         )
         .with_invalidator(cache.clone()),
     );

@@ -60,12 +60,6 @@ const CLOSE_PROTOCOL: u16 = 1002;
 /// Close code for a server error (here: the server failed).
 const CLOSE_INTERNAL: u16 = 1011;
 
-/// Bytes charged to the memory budget per window slot of a subscription (ids and keys; the
-/// documents themselves are shared).
-const WINDOW_SLOT_BYTES: usize = 256;
-/// Bytes charged per subscription whatever its query (routes, names, grid state).
-const SUBSCRIPTION_BASE_BYTES: usize = 2048;
-
 /// Runs a session until the connection ends. `permit` keeps the connection's place under the
 /// connection cap for as long as the session lives.
 pub async fn run(socket: WebSocket, state: AppState, permit: Option<ConnectionPermit>) {
@@ -337,10 +331,7 @@ async fn subscribe_one(
         let (spec, slack, max_bytes) = (spec.clone(), state.config.window_slack, state.config.max_subscription_bytes);
         tokio::task::spawn_blocking(move || -> Result<Compiled, (ErrorCode, String)> {
             let query = Query::compile(&spec).map_err(|e| (ErrorCode::BadQuery, e.to_string()))?;
-            let window = livegrid_engine::window::capacity(&query, slack).unwrap_or(0);
-            let charge = SUBSCRIPTION_BASE_BYTES
-                .saturating_add(query.memory_estimate())
-                .saturating_add(window.saturating_mul(WINDOW_SLOT_BYTES));
+            let charge = crate::budget::subscription_charge(&query, slack);
             if charge > max_bytes {
                 return Err((
                     ErrorCode::QueryTooLarge,

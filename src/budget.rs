@@ -1,5 +1,6 @@
 //! The memory budget for subscriptions: what their compiled queries, windows and resume
-//! buffers hold, counted against one limit for the whole server.
+//! buffers hold, counted against one limit for the whole server. Client subscriptions (the
+//! hub) and the cache's watches (`crate::invalidation`) share it.
 //!
 //! New subscriptions are refused (`over_capacity`) while the budget is spent, and so is an
 //! initial result that does not fit it; subscriptions that exist keep working, and what their
@@ -8,6 +9,23 @@
 //! `/metrics` shows the figure as `livegrid_subscription_memory_bytes`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use livegrid_matcher::Query;
+
+/// Bytes charged per window slot of a subscription (ids and keys; the documents themselves
+/// are shared).
+const WINDOW_SLOT_BYTES: usize = 256;
+/// Bytes charged per subscription whatever its query (routes, names, grid state).
+const SUBSCRIPTION_BASE_BYTES: usize = 2048;
+
+/// What a subscription to `query` is charged: a fixed part, its compiled query and its window
+/// (with `slack` documents beyond the visible end).
+pub fn subscription_charge(query: &Query, slack: usize) -> usize {
+    let window = livegrid_engine::window::capacity(query, slack).unwrap_or(0);
+    SUBSCRIPTION_BASE_BYTES
+        .saturating_add(query.memory_estimate())
+        .saturating_add(window.saturating_mul(WINDOW_SLOT_BYTES))
+}
 
 /// A shared byte budget.
 #[derive(Debug)]
