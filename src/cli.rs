@@ -141,6 +141,17 @@ pub struct ServeArgs {
     /// Hash functions of the cache sketch [default: 7].
     #[arg(long, env = "LIVEGRID_SKETCH_HASHES")]
     pub sketch_hashes: Option<u32>,
+    /// Accept bearer tokens (JWT) signed with this HS256 secret (at least 32 bytes); needs
+    /// --rules. Prefer the environment variable over the flag (process lists show flags).
+    #[arg(long, env = "LIVEGRID_AUTH_SECRET", hide_env_values = true)]
+    pub auth_secret: Option<String>,
+    /// Accept bearer tokens (JWT) signed with the private key of this RS256 or ES256 public
+    /// key (a PEM file); needs --rules.
+    #[arg(long, env = "LIVEGRID_AUTH_PUBLIC_KEY")]
+    pub auth_public_key: Option<PathBuf>,
+    /// Who may read and write which namespaces (a TOML file; see README "Authentication").
+    #[arg(long, env = "LIVEGRID_RULES")]
+    pub rules: Option<PathBuf>,
     /// Bytes all subscriptions together may hold; new ones are refused beyond it
     /// [default: 1073741824].
     #[arg(long, env = "LIVEGRID_SUBSCRIPTION_MEMORY")]

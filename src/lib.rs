@@ -4,6 +4,7 @@
 //! Matching logic does not: it belongs to `livegrid-matcher` and `livegrid-engine`.
 
 pub mod allocator;
+pub mod auth;
 pub mod budget;
 pub mod cli;
 pub mod commands;

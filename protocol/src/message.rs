@@ -26,6 +26,11 @@ pub enum ClientMessage {
     },
     /// Ask for a `pong` (a struct variant, so that unknown fields are refused here too).
     Ping {},
+    /// Authenticate the connection with a bearer token (a JWT); replaces an earlier one.
+    Auth {
+        /// The token.
+        token: String,
+    },
     /// Follow the cache invalidation feed: an `invalidate` message whenever cacheable URLs
     /// the server handed out go stale, until the connection closes.
     Invalidations {},

@@ -16,10 +16,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::auth::Rules;
 use crate::cli::ServeArgs;
 use crate::invalidation::CacheConfig;
 use crate::invalidation::ttl::MaxAge;
-use crate::server::{ServerConfig, SourceChoice, start};
+use crate::server::{AuthConfig, ServerConfig, SourceChoice, start};
 
 /// The TOML configuration file; every field is optional.
 #[derive(Debug, Default, Deserialize)]
@@ -48,6 +49,9 @@ pub struct FileConfig {
     purge_queue: Option<usize>,
     sketch_bits: Option<u64>,
     sketch_hashes: Option<u32>,
+    auth_secret: Option<String>,
+    auth_public_key: Option<PathBuf>,
+    rules: Option<PathBuf>,
     subscription_memory: Option<usize>,
     max_subscription_bytes: Option<usize>,
     write_queue: Option<usize>,
@@ -106,6 +110,17 @@ fn cache_config(args: &ServeArgs, file: &FileConfig) -> Result<CacheConfig, Stri
     })
 }
 
+/// The authentication settings: flags over file; key and rules files are read here.
+fn auth_config(args: &ServeArgs, file: &FileConfig) -> Result<AuthConfig, String> {
+    let read = |path: &PathBuf| std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()));
+    let public_key_pem = args.auth_public_key.as_ref().or(file.auth_public_key.as_ref()).map(read).transpose()?;
+    let rules = match args.rules.as_ref().or(file.rules.as_ref()) {
+        Some(path) => Some(Rules::parse(&read(path)?).map_err(|e| format!("{}: {e}", path.display()))?),
+        None => None,
+    };
+    Ok(AuthConfig { secret: args.auth_secret.clone().or(file.auth_secret.clone()), public_key_pem, rules })
+}
+
 /// What `serve` runs with: the server's configuration and what the command itself does.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -125,6 +140,7 @@ pub fn config(args: &ServeArgs) -> Result<ServeConfig, String> {
         None => FileConfig::default(),
     };
     let cache = cache_config(args, &file)?;
+    let auth = auth_config(args, &file)?;
     let defaults = ServerConfig::default();
     let listen = match args.listen.clone().or(file.listen) {
         Some(l) => l.parse().map_err(|e| format!("listen address {l:?}: {e}"))?,
@@ -161,6 +177,7 @@ pub fn config(args: &ServeArgs) -> Result<ServeConfig, String> {
         header_timeout: secs(args.header_timeout_seconds, file.header_timeout_seconds, defaults.header_timeout),
         max_body_bytes: args.max_body_bytes.or(file.max_body_bytes).unwrap_or(defaults.max_body_bytes),
         cache,
+        auth,
         subscription_memory: args
             .subscription_memory
             .or(file.subscription_memory)

@@ -141,6 +141,8 @@ pub enum Resume {
     Replaced(QueryKey),
     /// The token is unusable for this request: start afresh; nothing was touched.
     Unusable,
+    /// The token is another principal's: refuse (`unauthorized`); nothing was touched.
+    Forbidden,
 }
 
 /// The server's subscription memory budget is spent.
@@ -284,6 +286,9 @@ impl Hub {
         let Some(key) = self.tokens.get(token).map(|k| *k) else { return Resume::Unusable };
         let Some(entry) = self.routes.get(&key) else { return Resume::Unusable };
         let mut route = entry.lock().expect("route lock");
+        if route.binding.principal != binding.principal {
+            return Resume::Forbidden;
+        }
         match resumable(&route, seq, binding, owner) {
             Some(true) => {}
             None => return Resume::Unusable,

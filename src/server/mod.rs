@@ -28,6 +28,7 @@ use livegrid_engine::{Engine, EngineConfig, GridShape};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 
+use crate::auth::{Authenticator, Principal, Rules};
 use crate::budget::MemoryBudget;
 use crate::health::Health;
 use crate::invalidation::{CacheConfig, Invalidator};
@@ -77,6 +78,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// How REST reads are cached and invalidated (see [`crate::invalidation`]).
     pub cache: CacheConfig,
+    /// Authentication and access rules (see [`crate::auth`]).
+    pub auth: AuthConfig,
     /// Memory all subscriptions together may hold, in bytes.
     pub subscription_memory: usize,
     /// Memory one subscription may hold, in bytes.
@@ -89,6 +92,18 @@ pub struct ServerConfig {
     pub write_deadline: Duration,
     /// Where change events come from.
     pub source: SourceChoice,
+}
+
+/// Authentication settings: keys for bearer tokens and the access rules.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AuthConfig {
+    /// The HS256 secret.
+    pub secret: Option<String>,
+    /// An RS256 or ES256 public key, PEM.
+    pub public_key_pem: Option<String>,
+    /// Who may read and write which namespaces (`None`: everyone everything, without
+    /// authentication).
+    pub rules: Option<Rules>,
 }
 
 /// The source `serve` runs on.
@@ -137,6 +152,7 @@ impl Default for ServerConfig {
             header_timeout: Duration::from_secs(10),
             max_body_bytes: 20 << 20,
             cache: CacheConfig::default(),
+            auth: AuthConfig::default(),
             subscription_memory: 1 << 30,
             max_subscription_bytes: 16 << 20,
             window_slack: 16,
@@ -169,6 +185,12 @@ impl ServerConfig {
         range("header_timeout (ms)", self.header_timeout.as_millis(), 10, 3_600_000)?;
         range("max_body_bytes", self.max_body_bytes as u128, 1024, 1 << 30)?;
         self.cache.validate()?;
+        if (self.auth.secret.is_some() || self.auth.public_key_pem.is_some()) && self.auth.rules.is_none() {
+            return Err("authentication needs a rules file (--rules): with it, what no rule allows is denied".into());
+        }
+        if self.auth.secret.as_ref().is_some_and(|s| s.len() < 32) {
+            return Err("the auth secret must be at least 32 bytes (HS256 keys shorter than the hash are weak)".into());
+        }
         range("subscription_memory", self.subscription_memory as u128, 1 << 20, 1 << 44)?;
         range("max_subscription_bytes", self.max_subscription_bytes as u128, 4096, 1 << 40)?;
         range("window_slack", self.window_slack as u128, 0, 1 << 20)?;
@@ -221,12 +243,27 @@ pub struct AppState {
     hub: Arc<Hub>,
     /// Watches cacheable reads and invalidates their copies.
     cache: Arc<Invalidator>,
+    /// Checks bearer tokens (`None`: no authentication, everyone is anonymous).
+    auth: Option<Arc<Authenticator>>,
+    /// Who may read and write what.
+    rules: Arc<Rules>,
     health: Arc<Health>,
     config: Arc<ServerConfig>,
     next_connection: Arc<AtomicU64>,
     shutdown: watch::Receiver<bool>,
     /// The source's name and what its pump reports.
     source: (&'static str, Arc<SourceStats>),
+}
+
+impl AppState {
+    /// `filter` as `principal` may see it: with authentication, restricted by object ACLs
+    /// (see [`crate::auth::acl`]).
+    pub(crate) fn visible(&self, filter: &bson::Document, principal: &Principal) -> bson::Document {
+        match self.auth {
+            Some(_) => crate::auth::acl::restrict(filter, principal),
+            None => filter.clone(),
+        }
+    }
 }
 
 /// A server that is listening.
@@ -352,7 +389,15 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             .await;
         });
     }
+    let auth = Authenticator::new(config.auth.secret.as_deref(), config.auth.public_key_pem.as_deref())
+        .map_err(|e| ServerError::Config(e.to_string()))?
+        .map(Arc::new);
+    if auth.is_none() && !config.listen.ip().is_loopback() {
+        tracing::warn!(listen = %config.listen, "listening beyond loopback without authentication: anyone who can connect may read and write everything");
+    }
     let state = AppState {
+        auth,
+        rules: Arc::new(config.auth.rules.clone().unwrap_or_else(Rules::allow_all)),
         store: store.clone(),
         mongo,
         engine: engine.clone(),
@@ -577,12 +622,23 @@ async fn websocket(
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
     State(state): State<AppState>,
     permit: Option<axum::Extension<listener::ConnectionPermit>>,
+    headers: axum::http::HeaderMap,
+    uri: axum::http::Uri,
 ) -> axum::response::Response {
     let ws = match ws {
         Ok(ws) => ws,
         Err(rejection) => {
             return ApiError::new(rejection.status(), "bad_upgrade", rejection.body_text()).into_response();
         }
+    };
+    // A token at connect: the Authorization header, or `?token=` (browsers cannot set headers
+    // on a WebSocket).
+    let from_query = uri
+        .query()
+        .and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "token").map(|(_, v)| v.into_owned()));
+    let principal = match authenticate(&state, &headers, from_query.as_deref()) {
+        Ok(principal) => principal,
+        Err(e) => return e.into_response(),
     };
     // Messages over `max_message_bytes` get a `message_too_large` error; frames far beyond it
     // end the connection with 1009 before they are buffered.
@@ -591,5 +647,33 @@ async fn websocket(
     ws.max_message_size(limit)
         .max_frame_size(limit)
         .read_buffer_size(WS_READ_BUFFER)
-        .on_upgrade(move |socket| session::run(socket, state, permit))
+        .on_upgrade(move |socket| session::run(socket, state, permit, principal))
+}
+
+/// The principal of a request: from its `Authorization: Bearer` header, or `token` (a query
+/// parameter), or anonymous. A token that proves nothing is refused (401), never taken as
+/// anonymous.
+pub(crate) fn authenticate(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+    token: Option<&str>,
+) -> Result<Principal, ApiError> {
+    let header = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let token = match (header, token) {
+        (Some(header), _) => Some(crate::auth::bearer(header).ok_or_else(|| {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "expected Authorization: Bearer <token>")
+        })?),
+        (None, token) => token,
+    };
+    match (token, &state.auth) {
+        (None, _) => Ok(Principal::anonymous()),
+        (Some(_), None) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this server does not use authentication; send no token",
+        )),
+        (Some(token), Some(auth)) => {
+            auth.verify(token).map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()))
+        }
+    }
 }

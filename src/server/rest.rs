@@ -29,6 +29,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::api_error::ApiError;
+use crate::auth::{Principal, acl};
 use crate::invalidation::{Read, Ticket, canonical};
 use crate::source::mongodb::MongoWrites;
 use crate::source::store::{Store, Write, id_label, ids_from_path};
@@ -48,10 +49,11 @@ fn cacheable(state: &AppState, request: &ReadRequest, ticket: Option<Ticket>, re
     let host = request.headers.get(header::HOST).and_then(|h| h.to_str().ok());
     let target = request.uri.path_and_query().map_or_else(|| request.uri.path(), |pq| pq.as_str());
     let max_age = ticket.map_or(0, |ticket| state.cache.served(&ticket, host, target));
+    let scope = if request.private { "private" } else { "public" };
     let location = HeaderValue::from_str(&request.canonical).unwrap_or_else(|_| HeaderValue::from_static("/"));
     let headers_out = [
         (header::ETAG, HeaderValue::from_str(&tag).expect("hex is a valid header")),
-        (header::CACHE_CONTROL, HeaderValue::from_str(&format!("public, max-age={max_age}")).expect("ascii")),
+        (header::CACHE_CONTROL, HeaderValue::from_str(&format!("{scope}, max-age={max_age}")).expect("ascii")),
         (header::CONTENT_LOCATION, location),
     ];
     let matches = request
@@ -73,6 +75,8 @@ struct ReadRequest {
     uri: Uri,
     /// The canonical URL of what is read.
     canonical: String,
+    /// Whether the answer is the caller's own (authenticated): shared caches must not keep it.
+    private: bool,
 }
 
 /// Compiles `spec` on the blocking pool.
@@ -160,6 +164,33 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
     }
 }
 
+/// Who sent a request (its bearer token, or anonymous); a token that proves nothing is
+/// refused with 401.
+pub struct Caller(pub Principal);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        super::authenticate(state, &parts.headers, None).map(Caller)
+    }
+}
+
+/// Refusal of what `principal` may not do: 401 when anonymous (a token may help), 403 when
+/// authenticated.
+fn denied(principal: &Principal, what: &str, ns: &str) -> ApiError {
+    match &principal.user {
+        None => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", format!("anonymous clients may not {what} {ns}"))
+        }
+        Some(user) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("user {user:?} may not {what} {ns}")),
+    }
+}
+
+fn check_read(state: &AppState, ns: &str, principal: &Principal) -> Result<(), ApiError> {
+    if state.rules.may_read(ns, principal) { Ok(()) } else { Err(denied(principal, "read", ns)) }
+}
+
 /// Path parameters; their rejections are API errors.
 pub struct Path<T>(pub T);
 
@@ -214,13 +245,35 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
     tokio::task::spawn_blocking(work).await.map_err(|e| ApiError::internal(format!("data task failed: {e}")))
 }
 
-/// Applies writes to `ns` and returns the changes they made.
+/// Applies writes to `ns` for `principal` and returns the changes they made. With
+/// authentication, `principal` must be allowed to write `ns`, and documents that exist must
+/// admit it in their `_acl.write` (checked before the write is queued).
 async fn write(
     state: &AppState,
+    principal: &Principal,
     ns: String,
     writes: Vec<Write>,
     large: bool,
 ) -> Result<Vec<livegrid_engine::ChangeEvent>, ApiError> {
+    if !state.rules.may_write(&ns, principal) {
+        return Err(denied(principal, "write", &ns));
+    }
+    if state.auth.is_some() {
+        for write in &writes {
+            let id = match write {
+                Write::Insert(_) => continue,
+                Write::Replace(id, _) | Write::Update(id, _) | Write::Delete(id) => id.clone(),
+            };
+            let target = ns.clone();
+            let existing = match data(state)? {
+                Data::Store(store) => blocking(move || store.get(&target, &id)).await??,
+                Data::Mongo(mongo) => blocking(move || mongo.get(&target, &id)).await??,
+            };
+            if existing.is_some_and(|doc| !acl::may_write(&doc, principal)) {
+                return Err(denied(principal, "change this document of", &ns));
+            }
+        }
+    }
     match data(state)? {
         Data::Store(store) => Ok(store.write_async(&ns, writes, large).await?),
         Data::Mongo(mongo) => Ok(blocking(move || mongo.write(&ns, writes)).await??),
@@ -249,9 +302,14 @@ fn written(id: Option<&Bson>, events: &[livegrid_engine::ChangeEvent]) -> Value 
 }
 
 /// `POST /v1/db/{db}/{coll}`
-pub async fn insert(State(state): State<AppState>, Path((db, coll)): Path<(String, String)>, body: JsonBody) -> Reply {
+pub async fn insert(
+    State(state): State<AppState>,
+    Path((db, coll)): Path<(String, String)>,
+    Caller(principal): Caller,
+    body: JsonBody,
+) -> Reply {
     let ns = namespace(&db, &coll)?;
-    let events = write(&state, ns, vec![Write::Insert(body.doc)], body.large).await?;
+    let events = write(&state, &principal, ns, vec![Write::Insert(body.doc)], body.large).await?;
     Ok((StatusCode::CREATED, Json(written(None, &events))))
 }
 
@@ -263,12 +321,21 @@ pub async fn get(
     uri: Uri,
 ) -> ReadReply {
     let ns = namespace(&db, &coll)?;
+    let principal = super::authenticate(&state, &headers, None)?;
+    check_read(&state, &ns, &principal)?;
     let canonical = canonical::document_url(&db, &coll, &segment);
-    // Watched before it is read: any document the segment may name.
+    // Watched before it is read: any document the segment may name, as the caller may see it.
+    // Only anonymous reads are the same for everyone and so cacheable by shared caches.
+    let shared = !principal.is_authenticated();
     let ids = ids_from_path(&segment);
-    let spec =
-        QuerySpec { filter: bson::doc! {"_id": {"$in": ids}}, sort: None, skip: 0, limit: None, projection: None };
-    let ticket = match state.cache.config().max_age_for(&ns).caches() {
+    let spec = QuerySpec {
+        filter: state.visible(&bson::doc! {"_id": {"$in": ids}}, &principal),
+        sort: None,
+        skip: 0,
+        limit: None,
+        projection: None,
+    };
+    let ticket = match shared && state.cache.config().max_age_for(&ns).caches() {
         true => {
             let (spec, query) = compile(spec).await?;
             watch(&state, &ns, &canonical, &spec, &query).await
@@ -281,8 +348,10 @@ pub async fn get(
         Data::Store(store) => blocking(move || store.get(&ns, &id)).await??,
         Data::Mongo(mongo) => blocking(move || mongo.get(&ns, &id)).await??,
     };
-    let found = extjson::document_to_relaxed_json(&found.ok_or(not_found)?);
-    let request = ReadRequest { headers, uri, canonical };
+    // A document the caller may not read does not exist for it.
+    let found = found.filter(|doc| state.auth.is_none() || acl::may_read(doc, &principal)).ok_or(not_found)?;
+    let found = extjson::document_to_relaxed_json(&found);
+    let request = ReadRequest { headers, uri, canonical, private: !shared };
     Ok(cacheable(&state, &request, ticket, &found, found.clone()))
 }
 
@@ -290,11 +359,12 @@ pub async fn get(
 pub async fn replace(
     State(state): State<AppState>,
     Path((db, coll, id)): Path<(String, String, String)>,
+    Caller(principal): Caller,
     body: JsonBody,
 ) -> Reply {
     let ns = namespace(&db, &coll)?;
     let id = resolve(&state, &ns, id).await?;
-    let events = write(&state, ns, vec![Write::Replace(id.clone(), body.doc)], body.large).await?;
+    let events = write(&state, &principal, ns, vec![Write::Replace(id.clone(), body.doc)], body.large).await?;
     let created = events.first().is_some_and(|e| e.op == livegrid_engine::ChangeOp::Insert);
     Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(written(Some(&id), &events))))
 }
@@ -303,6 +373,7 @@ pub async fn replace(
 pub async fn update(
     State(state): State<AppState>,
     Path((db, coll, id)): Path<(String, String, String)>,
+    Caller(principal): Caller,
     body: JsonBody,
 ) -> Reply {
     let (changes, large) = (body.doc, body.large);
@@ -314,15 +385,19 @@ pub async fn update(
     }
     let ns = namespace(&db, &coll)?;
     let id = resolve(&state, &ns, id).await?;
-    let events = write(&state, ns, vec![Write::Update(id.clone(), changes)], large).await?;
+    let events = write(&state, &principal, ns, vec![Write::Update(id.clone(), changes)], large).await?;
     Ok((StatusCode::OK, Json(written(Some(&id), &events))))
 }
 
 /// `DELETE /v1/db/{db}/{coll}/{id}`
-pub async fn delete(State(state): State<AppState>, Path((db, coll, id)): Path<(String, String, String)>) -> Reply {
+pub async fn delete(
+    State(state): State<AppState>,
+    Path((db, coll, id)): Path<(String, String, String)>,
+    Caller(principal): Caller,
+) -> Reply {
     let ns = namespace(&db, &coll)?;
     let id = resolve(&state, &ns, id).await?;
-    let events = write(&state, ns, vec![Write::Delete(id.clone())], false).await?;
+    let events = write(&state, &principal, ns, vec![Write::Delete(id.clone())], false).await?;
     Ok((StatusCode::OK, Json(written(Some(&id), &events))))
 }
 
@@ -357,11 +432,19 @@ pub async fn query(
         projection: parse("projection", &params.projection)?,
     };
     let ns = namespace(&db, &coll)?;
+    let principal = super::authenticate(&state, &headers, None)?;
+    check_read(&state, &ns, &principal)?;
     let canonical = canonical::query_url(&db, &coll, &spec);
-    // Compiling (regexes) and scanning belong on the blocking pool; the result is watched
-    // before it is read.
-    let (spec, query) = compile(canonical::query_key(&spec)).await?;
-    let ticket = watch(&state, &ns, &canonical, &spec, &query).await;
+    let shared = !principal.is_authenticated();
+    // Only what the caller may read. Compiling (regexes) and scanning belong on the blocking
+    // pool; an anonymous result is watched before it is read.
+    let mut spec = canonical::query_key(&spec);
+    spec.filter = state.visible(&spec.filter, &principal);
+    let (spec, query) = compile(spec).await?;
+    let ticket = match shared {
+        true => watch(&state, &ns, &canonical, &spec, &query).await,
+        false => None,
+    };
     let (docs, position) = match data(&state)? {
         Data::Store(store) => {
             blocking(move || {
@@ -374,13 +457,18 @@ pub async fn query(
         Data::Mongo(mongo) => blocking(move || mongo.query(&ns, &spec)).await??,
     };
     let docs = Value::Array(docs.iter().map(extjson::document_to_relaxed_json).collect());
-    let request = ReadRequest { headers, uri, canonical };
+    let request = ReadRequest { headers, uri, canonical, private: !shared };
     Ok(cacheable(&state, &request, ticket, &docs, json!({"docs": docs, "position": position})))
 }
 
 /// `POST /v1/db/{db}/{coll}/_bulk` with `{"writes": [{"insert": doc} | {"replace": {"_id", "doc"}}
 /// | {"update": {"_id", "update"}} | {"delete": {"_id"}}]}`
-pub async fn bulk(State(state): State<AppState>, Path((db, coll)): Path<(String, String)>, body: JsonBody) -> Reply {
+pub async fn bulk(
+    State(state): State<AppState>,
+    Path((db, coll)): Path<(String, String)>,
+    Caller(principal): Caller,
+    body: JsonBody,
+) -> Reply {
     let (large, body) = (body.large, body.doc);
     let Ok(items) = body.get_array("writes") else {
         return Err(ApiError::bad_request("bad_bulk", "expected {\"writes\": [...]}"));
@@ -411,7 +499,7 @@ pub async fn bulk(State(state): State<AppState>, Path((db, coll)): Path<(String,
         });
     }
     let ns = namespace(&db, &coll)?;
-    let events = write(&state, ns, writes, large || items_len > 64).await?;
+    let events = write(&state, &principal, ns, writes, large || items_len > 64).await?;
     let positions: Vec<Position> = events.iter().map(|e| e.position).collect();
     let ids: Vec<Value> = events.iter().map(|e| extjson::to_relaxed_json(&e.id)).collect();
     Ok((StatusCode::OK, Json(json!({"positions": positions, "ids": ids}))))

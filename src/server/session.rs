@@ -46,6 +46,7 @@ use tokio_tungstenite::tungstenite;
 use super::AppState;
 use super::hub::{Binding, ConnectionId, Outbox, Resume};
 use super::listener::ConnectionPermit;
+use crate::auth::Principal;
 
 /// Close code for policy violations (RFC 6455), used for clients that cannot keep up.
 const CLOSE_POLICY: u16 = 1008;
@@ -62,8 +63,11 @@ const CLOSE_INTERNAL: u16 = 1011;
 
 /// Runs a session until the connection ends. `permit` keeps the connection's place under the
 /// connection cap for as long as the session lives.
-pub async fn run(socket: WebSocket, state: AppState, permit: Option<ConnectionPermit>) {
+pub async fn run(socket: WebSocket, state: AppState, permit: Option<ConnectionPermit>, principal: Principal) {
     let _permit = permit;
+    let mut principal = principal;
+    // Subscriptions opened with a token end when it expires.
+    let mut expiry = Box::pin(tokio::time::sleep(expiry_of(&principal)));
     let connection: ConnectionId = state.next_connection.fetch_add(1, Ordering::Relaxed);
     let (outbox, mut outgoing) = Outbox::new(state.config.queue_capacity, state.config.queue_bytes);
     // A peer that stops reading blocks a send once socket buffers fill: such a send fails
@@ -93,8 +97,14 @@ pub async fn run(socket: WebSocket, state: AppState, permit: Option<ConnectionPe
                 }
                 match incoming {
                     Some(Ok(Message::Text(text))) => {
-                        let replies =
-                            handle(&state, connection, &outbox, &mut subscriptions, &mut feed, text.as_str()).await;
+                        let before = principal.expires;
+                        let replies = handle(
+                            &state, connection, &outbox, &mut subscriptions, &mut feed, &mut principal, text.as_str(),
+                        )
+                        .await;
+                        if principal.expires != before {
+                            expiry.as_mut().reset(tokio::time::Instant::now() + expiry_of(&principal));
+                        }
                         for reply in replies {
                             outbox.deliver(reply.to_json());
                         }
@@ -147,6 +157,15 @@ pub async fn run(socket: WebSocket, state: AppState, permit: Option<ConnectionPe
                 if !matches!(tokio::time::timeout(send_timeout, sink.send(Message::Ping(Vec::new().into()))).await, Ok(Ok(()))) {
                     break None;
                 }
+            }
+            _ = &mut expiry => {
+                for (id, active) in subscriptions.drain() {
+                    end(&state, connection, &active);
+                    let message = "the token expired: authenticate again and subscribe again".to_string();
+                    outbox.deliver(error(Some(id), ErrorCode::Unauthorized, message).to_json());
+                }
+                principal = Principal::anonymous();
+                expiry.as_mut().reset(tokio::time::Instant::now() + expiry_of(&principal));
             }
             _ = shutdown.changed() => break Some((CLOSE_GOING_AWAY, "server shutting down".to_string())),
             reason = health.failed() => {
@@ -207,6 +226,11 @@ fn error(id: Option<String>, code: ErrorCode, message: String) -> ServerMessage 
     ServerMessage::Error(ErrorMessage { id, code, message })
 }
 
+/// How long until `principal`'s token expires (a year for anonymous connections).
+fn expiry_of(principal: &Principal) -> Duration {
+    principal.expires_in().unwrap_or(Duration::from_secs(365 * 86_400))
+}
+
 /// The next message of the invalidation feed, if the client follows it.
 async fn next_invalidation(
     feed: &mut Option<broadcast::Receiver<Arc<str>>>,
@@ -245,6 +269,7 @@ async fn handle(
     outbox: &Arc<Outbox>,
     subscriptions: &mut HashMap<String, Active>,
     feed: &mut Option<broadcast::Receiver<Arc<str>>>,
+    principal: &mut Principal,
     text: &str,
 ) -> Vec<ServerMessage> {
     if text.len() > state.config.max_message_bytes {
@@ -262,6 +287,16 @@ async fn handle(
     };
     match message {
         ClientMessage::Ping {} => vec![ServerMessage::Pong],
+        ClientMessage::Auth { token } => match &state.auth {
+            Some(auth) => match auth.verify(&token) {
+                Ok(proven) => {
+                    *principal = proven;
+                    Vec::new()
+                }
+                Err(e) => vec![error(None, ErrorCode::Unauthorized, e.to_string())],
+            },
+            None => vec![error(None, ErrorCode::Unauthorized, "this server does not use authentication".into())],
+        },
         ClientMessage::Invalidations {} => {
             if feed.is_none() {
                 *feed = Some(state.cache.feed());
@@ -280,7 +315,7 @@ async fn handle(
             )],
         },
         ClientMessage::Subscribe(subscribe) => {
-            match subscribe_one(state, connection, outbox, subscriptions, *subscribe).await {
+            match subscribe_one(state, connection, outbox, subscriptions, principal, *subscribe).await {
                 Ok(()) => Vec::new(),
                 Err(e) => vec![e],
             }
@@ -299,6 +334,7 @@ async fn subscribe_one(
     connection: ConnectionId,
     outbox: &Arc<Outbox>,
     subscriptions: &mut HashMap<String, Active>,
+    principal: &Principal,
     subscribe: SubscribeMessage,
 ) -> Result<(), ServerMessage> {
     let id = subscribe.id.clone();
@@ -320,8 +356,13 @@ async fn subscribe_one(
     }
     crate::source::namespace::check_namespace(&subscribe.ns)
         .map_err(|e| fail(ErrorCode::BadNamespace, e.to_string()))?;
+    if !state.rules.may_read(&subscribe.ns, principal) {
+        let who = principal.user.as_deref().map_or("anonymous clients".to_string(), |u| format!("user {u:?}"));
+        return Err(fail(ErrorCode::Unauthorized, format!("{who} may not read {}", subscribe.ns)));
+    }
     let spec = QuerySpec {
-        filter: subscribe.filter,
+        // Only what the principal may read: object ACLs are part of the query.
+        filter: state.visible(&subscribe.filter, principal),
         sort: subscribe.sort,
         skip: subscribe.skip,
         limit: subscribe.limit,
@@ -344,7 +385,7 @@ async fn subscribe_one(
         .map_err(|e| fail(ErrorCode::Internal, format!("compiling the query failed: {e}")))?
         .map_err(|(code, message)| fail(code, message))?
     };
-    let binding = Binding { ns: subscribe.ns.clone(), query: canonical_query(&spec), principal: None };
+    let binding = Binding { ns: subscribe.ns.clone(), query: canonical_query(&spec), principal: principal.binding() };
     if let Some(resume) = &subscribe.resume {
         match state.hub.resume(&resume.token, resume.seq, &binding, outbox, connection, &id) {
             Resume::Resumed(key) => {
@@ -361,6 +402,10 @@ async fn subscribe_one(
                 metrics::gauge!("livegrid_subscriptions").decrement(1.0);
             }
             Resume::Unusable => metrics::counter!("livegrid_resumes_refused").increment(1),
+            Resume::Forbidden => {
+                metrics::counter!("livegrid_resumes_refused").increment(1);
+                return Err(fail(ErrorCode::Unauthorized, "this resume token belongs to another user".into()));
+            }
         }
     }
     // The key first, so that the hub can route the result the moment the grid emits it.
