@@ -6,6 +6,11 @@
 //! `LIVEGRID_LOAD_SILENT=1` the first connection subscribes and then reads nothing at all:
 //! the server must cut it and stay within its memory budget (the peak RSS of this process,
 //! server and clients together, is reported).
+//! With `LIVEGRID_LOAD_ACL=1` the server uses authentication: connection `c` is user `u<c>`
+//! (1,000 users), every subscription's filter gets the object-ACL predicate folded in, and
+//! every write carries `_acl: {"read": ["user:<the owner's user>"]}` (so the same deltas flow
+//! as without ACLs). The CPU time of the process during the write phase is reported, to
+//! compare the two.
 //! Write-to-client latency: each document carries the time it was sent; each client takes
 //! the time its delta arrives. The server and the clients share this process and its 2
 //! cores, so the figures are conservative.
@@ -34,11 +39,31 @@ fn micros() -> u64 {
     BASE.get_or_init(Instant::now).elapsed().as_micros() as u64
 }
 
-async fn post(addr: std::net::SocketAddr, path: &str, body: &Value) -> u16 {
+/// The HS256 secret of the ACL mode.
+const SECRET: &str = "the load benchmark's secret of 32+ bytes";
+
+fn token(user: &str, roles: &[&str]) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 86_400;
+    let claims = json!({"sub": user, "roles": roles, "exp": exp});
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+}
+
+/// CPU seconds this process has used (user and system).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat (11 and 12 after the command name).
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+async fn post(addr: std::net::SocketAddr, path: &str, body: &Value, auth: Option<&str>) -> u16 {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let body = body.to_string();
+    let auth = auth.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).await.unwrap();
@@ -83,6 +108,7 @@ fn main() {
     let seconds: u64 = std::env::var("LIVEGRID_LOAD_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let fanout: usize = std::env::var("LIVEGRID_LOAD_FANOUT").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
     let silent = std::env::var("LIVEGRID_LOAD_SILENT").is_ok_and(|v| v == "1");
+    let acl = std::env::var("LIVEGRID_LOAD_ACL").is_ok_and(|v| v == "1");
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async move {
         let dir = tempfile::tempdir().unwrap();
@@ -91,6 +117,16 @@ fn main() {
             data: dir.path().to_path_buf(),
             queue_capacity: 65_536,
             durability: std::env::var("LIVEGRID_DURABILITY").ok().map(|d| d.parse().expect("durability")).unwrap_or_default(),
+            auth: if acl {
+                let rules = "[namespaces.\"load.*\"]\nread = \"authenticated\"\nwrite = [\"role:writer\"]\n";
+                livegrid::server::AuthConfig {
+                    secret: Some(SECRET.into()),
+                    public_key_pem: None,
+                    rules: Some(livegrid::auth::Rules::parse(rules).unwrap()),
+                }
+            } else {
+                Default::default()
+            },
             ..Default::default()
         })
         .await
@@ -103,10 +139,11 @@ fn main() {
         for c in 0..CONNECTIONS {
             // A small read buffer: tungstenite zeroes all of it before every read.
             let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(16 * 1024);
-            let (mut socket, _) =
-                tokio_tungstenite::connect_async_with_config(format!("ws://{addr}/v1/ws"), Some(config), false)
-                    .await
-                    .unwrap();
+            let url = match acl {
+                true => format!("ws://{addr}/v1/ws?token={}", token(&format!("u{c}"), &[])),
+                false => format!("ws://{addr}/v1/ws"),
+            };
+            let (mut socket, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), false).await.unwrap();
             for j in 0..PER_CONNECTION {
                 let owner = (c * PER_CONNECTION + j) / fanout;
                 // The silent connection subscribes to every write, ten times over.
@@ -164,6 +201,8 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
 
+        let writer = acl.then(|| token("writer", &["writer"]));
+        let cpu_before = cpu_seconds();
         let per_tick = (rate / 1000).max(1);
         let ticks = seconds * 1000;
         let mut next_id = 0u64;
@@ -182,10 +221,19 @@ fn main() {
                     seed ^= seed << 17;
                     next_id += 1;
                     let owner = seed % owners;
-                    json!({"insert": {"_id": next_id as i64, "owner": format!("u{owner}"), "t": micros() as i64}})
+                    let mut doc = json!({"_id": next_id as i64, "owner": format!("u{owner}"), "t": micros() as i64});
+                    if acl {
+                        // Readable by the user (connection) holding the owner's subscriptions.
+                        let user = owner as usize * fanout / PER_CONNECTION;
+                        doc["_acl"] = json!({"read": [format!("user:u{user}")]});
+                    }
+                    json!({"insert": doc})
                 })
                 .collect();
-            sending.push(tokio::spawn(async move { post(addr, "/v1/db/load/items/_bulk", &json!({"writes": writes})).await }));
+            let writer = writer.clone();
+            sending.push(tokio::spawn(async move {
+                post(addr, "/v1/db/load/items/_bulk", &json!({"writes": writes}), writer.as_deref()).await
+            }));
             if sending.len() > 64 {
                 for handle in sending.drain(..32) {
                     assert_eq!(handle.await.unwrap(), 200);
@@ -212,6 +260,7 @@ fn main() {
         // Delivered deltas per second: from the first write to the last delta seen.
         let elapsed = (last.1 - started).as_secs_f64().max(1e-3);
         let received = deltas.load(Ordering::Relaxed);
+        let cpu = cpu_seconds() - cpu_before;
         let cut = metric(addr, "livegrid_slow_consumers_cut").await;
         server.shutdown().await;
         for client in clients {
@@ -222,10 +271,10 @@ fn main() {
         let pct = |p: f64| all.get(((all.len().saturating_sub(1)) as f64 * p).round() as usize).map_or(f64::NAN, |v| *v as f64 / 1000.0);
         let durability = std::env::var("LIVEGRID_DURABILITY").unwrap_or_else(|_| "durable".into());
         let peak_mib = peak_rss.load(Ordering::Relaxed) as f64 / (1 << 20) as f64;
-        println!("| durability | connections | subscriptions | fan-out | silent connection | offered writes/s | delivered deltas | deltas/s | p50 ms | p99 ms | max ms | peak RSS MiB | slow consumers cut |");
-        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        println!("| durability | connections | subscriptions | fan-out | silent connection | object ACLs | offered writes/s | delivered deltas | deltas/s | p50 ms | p99 ms | max ms | peak RSS MiB | slow consumers cut | CPU s (write phase) |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         println!(
-            "| {durability} | {CONNECTIONS} | {subscriptions} | {fanout} | {silent} | {offered:.0} | {received} of {expected} | {:.0} | {:.2} | {:.2} | {:.2} | {peak_mib:.0} | {cut} |",
+            "| {durability} | {CONNECTIONS} | {subscriptions} | {fanout} | {silent} | {acl} | {offered:.0} | {received} of {expected} | {:.0} | {:.2} | {:.2} | {:.2} | {peak_mib:.0} | {cut} | {cpu:.2} |",
             received as f64 / elapsed,
             pct(0.5),
             pct(0.99),

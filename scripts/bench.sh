@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks whose figures README.md records.
-# Usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|all]
+# Usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|all]
 #   matcher  criterion: filter evaluation and compilation
 #   grid     events/s, write-to-delta latency and memory per query with 1k/10k/100k queries
 #            (LIVEGRID_BENCH_QUERIES, LIVEGRID_BENCH_GRID, LIVEGRID_BENCH_RATE to vary it)
@@ -14,6 +14,8 @@
 #            with one connection that reads nothing (peak RSS, slow consumers cut)
 #   mongodb  events/s through the MongoDB source (real driver, wire-level fixture)
 #            (LIVEGRID_MONGODB_EVENTS, default 200,000)
+#   acl      what object ACLs cost: the load benchmark (1,000 users x 10 subscriptions) with and
+#            without ACLs, fan-out 1 at 10,000 writes/s and fan-out 10 at 2,000 writes/s
 #   cache    cache invalidation: changes turned into purges and purge latency, adaptive vs
 #            fixed TTL hit and stale-read rates, cache sketch size and false positives
 #            (LIVEGRID_CACHE_BENCH=purge|ttl|sketch, LIVEGRID_CACHE_SECONDS, LIVEGRID_TTL_SECONDS)
@@ -77,6 +79,15 @@ run_mongodb() {
   echo "== mongodb: events/s through the MongoDB source (driver + fixture on loopback)"
   cargo bench --bench mongodb
 }
+run_acl() {
+  echo "== acl: 1,000 users x 10 subscriptions, with and without object ACLs (CPU, memory)"
+  for acl in 0 1; do
+    sync; LIVEGRID_LOAD_ACL=$acl LIVEGRID_LOAD_SECONDS=10 cargo bench --bench load
+  done
+  for acl in 0 1; do
+    sync; LIVEGRID_LOAD_ACL=$acl LIVEGRID_LOAD_FANOUT=10 LIVEGRID_LOAD_RATE=2000 LIVEGRID_LOAD_SECONDS=10 cargo bench --bench load
+  done
+}
 run_cache() {
   echo "== cache: purges, adaptive TTLs, the cache sketch"
   cargo bench --bench cache
@@ -97,6 +108,7 @@ case "$what" in
   fanout) run_fanout ;;
   serve-fanout) run_serve_fanout ;;
   cache) run_cache ;;
-  all) run_matcher; run_grid; run_replay; run_fanout; run_serve_fanout; run_load; run_writes; run_mongodb; run_cache ;;
-  *) echo "usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|all]" >&2; exit 2 ;;
+  acl) run_acl ;;
+  all) run_matcher; run_grid; run_replay; run_fanout; run_serve_fanout; run_load; run_writes; run_mongodb; run_cache; run_acl ;;
+  *) echo "usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|all]" >&2; exit 2 ;;
 esac
