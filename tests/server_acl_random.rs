@@ -156,8 +156,12 @@ async fn run_seed(seed: u64, steps: usize) {
     for (name, roles) in people {
         let url = format!("ws://{addr}/v1/ws?token={}", token(name, roles));
         let socket = tokio_tungstenite::connect_async(url).await.unwrap().0;
-        let principal =
-            Principal { user: Some(name.into()), roles: roles.iter().map(|r| r.to_string()).collect(), expires: None };
+        let principal = Principal {
+            user: Some(name.into()),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            expires: None,
+            via: None,
+        };
         let mut user = User { principal, socket, subs: BTreeMap::new() };
         for (i, query) in queries.iter().enumerate() {
             let id = format!("q{i}");

@@ -153,6 +153,14 @@ async fn rules_and_acls_decide_what_each_user_reads_and_writes() {
     assert!(next_within(&mut socket, Duration::from_millis(500)).await.is_none(), "nothing about document 5");
 }
 
+/// Two posts by an editor: 1 readable by everyone signed in, 2 by alice only.
+async fn http_post_as(addr: std::net::SocketAddr, editor: &str) {
+    let posts = [json!({"_id": 1, "rank": 1}), json!({"_id": 2, "rank": 2, "_acl": {"read": ["user:alice"]}})];
+    for post in posts {
+        assert_eq!(call(addr, "POST", "/v1/db/app/posts", Some(editor), Some(post)).await.0, 201);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_authenticate_resume_only_as_themselves_and_expire() {
     let dir = tempfile::tempdir().unwrap();
@@ -175,6 +183,17 @@ async fn connections_authenticate_resume_only_as_themselves_and_expire() {
     let mut other = connect_as(addr, Some(&alice)).await;
     send(&mut other, json!({"type": "subscribe", "id": "a", "ns": "app.posts", "resume": {"token": stolen, "seq": 1}}))
         .await;
+    assert!(matches!(next(&mut other).await, ServerMessage::Error(e) if e.code == ErrorCode::Unauthorized));
+
+    // A service subscribes on behalf of a user and sees what that user may see; a user may
+    // not do that.
+    http_post_as(addr, &token("root", &["editor"], 600)).await;
+    let service = token("backend", &["service"], 600);
+    let mut svc = connect_as(addr, Some(&service)).await;
+    send(&mut svc, json!({"type": "subscribe", "id": "s", "ns": "app.posts", "as": {"sub": "bob"}})).await;
+    let ServerMessage::Result(result) = next(&mut svc).await else { panic!("a result") };
+    assert_eq!(ids(&result.docs), vec![1], "bob's view: the public post, not alice's");
+    send(&mut other, json!({"type": "subscribe", "id": "x", "ns": "app.posts", "as": {"sub": "bob"}})).await;
     assert!(matches!(next(&mut other).await, ServerMessage::Error(e) if e.code == ErrorCode::Unauthorized));
 
     // A token that expires ends its subscriptions with `unauthorized`.

@@ -23,6 +23,6 @@ pub use live_result::{ApplyError, LiveResult};
 pub use position::PositionError;
 
 pub use message::{
-    Cause, ClientMessage, DeltaMessage, DeltaOp, ErrorCode, ErrorMessage, InvalidateMessage, Position, ResultMessage,
-    Resume, ServerMessage, SubscribeMessage, SubscriptionId,
+    Cause, ClientMessage, DeltaMessage, DeltaOp, ErrorCode, ErrorMessage, InvalidateMessage, OnBehalfOf, Position,
+    ResultMessage, Resume, ServerMessage, SubscribeMessage, SubscriptionId,
 };

@@ -62,6 +62,21 @@ pub struct SubscribeMessage {
     /// Resume an earlier subscription after a dropped connection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume: Option<Resume>,
+    /// Subscribe on behalf of this user (only for connections authenticated with the
+    /// `service` role): rules and object ACLs are those of the named user.
+    #[serde(default, rename = "as", skip_serializing_if = "Option::is_none")]
+    pub on_behalf_of: Option<OnBehalfOf>,
+}
+
+/// The user a service subscribes for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnBehalfOf {
+    /// The user's id (`sub`).
+    pub sub: String,
+    /// The user's roles.
+    #[serde(default)]
+    pub roles: Vec<String>,
 }
 
 /// Where a resumed subscription left off.

@@ -71,8 +71,8 @@ mod tests {
 
     #[test]
     fn the_folded_filter_agrees_with_the_direct_check() {
-        let alice = Principal { user: Some("alice".into()), roles: vec!["editor".into()], expires: None };
-        let bob = Principal { user: Some("bob".into()), roles: vec![], expires: None };
+        let alice = Principal { user: Some("alice".into()), roles: vec!["editor".into()], expires: None, via: None };
+        let bob = Principal { user: Some("bob".into()), roles: vec![], expires: None, via: None };
         let anon = Principal::anonymous();
         let docs = [
             doc! {"_id": 1, "n": 1},

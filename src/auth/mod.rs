@@ -28,6 +28,8 @@ pub struct Principal {
     pub roles: Vec<String>,
     /// When the token expires (seconds since the Unix epoch); `None` for anonymous.
     pub expires: Option<u64>,
+    /// The service acting for this user, when it is one (see the `as` of `subscribe`).
+    pub via: Option<String>,
 }
 
 impl Principal {
@@ -52,9 +54,12 @@ impl Principal {
         self.expires.map(|exp| Duration::from_secs(exp.saturating_sub(now)))
     }
 
-    /// What resume tokens and cache keys are bound to: the user, or nothing.
+    /// What resume tokens are bound to: the user (and the service acting for it), or nothing.
     pub fn binding(&self) -> Option<String> {
-        self.user.clone()
+        match (&self.user, &self.via) {
+            (Some(user), Some(service)) => Some(format!("{user} via {service}")),
+            (user, _) => user.clone(),
+        }
     }
 }
 
@@ -126,7 +131,7 @@ impl Authenticator {
         validation.leeway = 5;
         let claims = jsonwebtoken::decode::<Claims>(token, key, &validation)?.claims;
         let user = claims.sub.filter(|s| !s.is_empty()).ok_or(AuthError::NoSubject)?;
-        Ok(Principal { user: Some(user), roles: claims.roles, expires: Some(claims.exp) })
+        Ok(Principal { user: Some(user), roles: claims.roles, expires: Some(claims.exp), via: None })
     }
 }
 

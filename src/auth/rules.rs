@@ -179,7 +179,12 @@ mod tests {
     use super::*;
 
     fn user(id: &str, roles: &[&str]) -> Principal {
-        Principal { user: Some(id.into()), roles: roles.iter().map(|r| r.to_string()).collect(), expires: None }
+        Principal {
+            user: Some(id.into()),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            expires: None,
+            via: None,
+        }
     }
 
     #[test]

@@ -356,6 +356,26 @@ async fn subscribe_one(
     }
     crate::source::namespace::check_namespace(&subscribe.ns)
         .map_err(|e| fail(ErrorCode::BadNamespace, e.to_string()))?;
+    // A service subscribes as the user it names; nobody else may.
+    let on_behalf;
+    let principal = match &subscribe.on_behalf_of {
+        None => principal,
+        Some(user) if principal.has_role("service") && !user.sub.is_empty() => {
+            on_behalf = Principal {
+                user: Some(user.sub.clone()),
+                roles: user.roles.clone(),
+                expires: principal.expires,
+                via: principal.user.clone(),
+            };
+            &on_behalf
+        }
+        Some(_) => {
+            return Err(fail(
+                ErrorCode::Unauthorized,
+                "only a token with the service role may subscribe as another user".into(),
+            ));
+        }
+    };
     if !state.rules.may_read(&subscribe.ns, principal) {
         let who = principal.user.as_deref().map_or("anonymous clients".to_string(), |u| format!("user {u:?}"));
         return Err(fail(ErrorCode::Unauthorized, format!("{who} may not read {}", subscribe.ns)));
