@@ -152,6 +152,12 @@ pub struct ServeArgs {
     /// Who may read and write which namespaces (a TOML file; see README "Authentication").
     #[arg(long, env = "LIVEGRID_RULES")]
     pub rules: Option<PathBuf>,
+    /// Serve HTTPS and WSS with this PEM certificate chain (with --tls-key).
+    #[arg(long, env = "LIVEGRID_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "LIVEGRID_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// Bytes all subscriptions together may hold; new ones are refused beyond it
     /// [default: 1073741824].
     #[arg(long, env = "LIVEGRID_SUBSCRIPTION_MEMORY")]

@@ -52,6 +52,8 @@ pub struct FileConfig {
     auth_secret: Option<String>,
     auth_public_key: Option<PathBuf>,
     rules: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     subscription_memory: Option<usize>,
     max_subscription_bytes: Option<usize>,
     write_queue: Option<usize>,
@@ -178,6 +180,11 @@ pub fn config(args: &ServeArgs) -> Result<ServeConfig, String> {
         max_body_bytes: args.max_body_bytes.or(file.max_body_bytes).unwrap_or(defaults.max_body_bytes),
         cache,
         auth,
+        tls: match (args.tls_cert.clone().or(file.tls_cert), args.tls_key.clone().or(file.tls_key)) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => return Err("TLS needs both a certificate (tls_cert) and its key (tls_key)".into()),
+        },
         subscription_memory: args
             .subscription_memory
             .or(file.subscription_memory)

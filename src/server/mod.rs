@@ -80,6 +80,8 @@ pub struct ServerConfig {
     pub cache: CacheConfig,
     /// Authentication and access rules (see [`crate::auth`]).
     pub auth: AuthConfig,
+    /// A PEM certificate chain and private key: serve HTTPS and WSS only.
+    pub tls: Option<(PathBuf, PathBuf)>,
     /// Memory all subscriptions together may hold, in bytes.
     pub subscription_memory: usize,
     /// Memory one subscription may hold, in bytes.
@@ -153,6 +155,7 @@ impl Default for ServerConfig {
             max_body_bytes: 20 << 20,
             cache: CacheConfig::default(),
             auth: AuthConfig::default(),
+            tls: None,
             subscription_memory: 1 << 30,
             max_subscription_bytes: 16 << 20,
             window_slack: 16,
@@ -430,10 +433,15 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let listener =
         tokio::net::TcpListener::bind(config.listen).await.map_err(|e| ServerError::Listen(config.listen, e))?;
     let addr = listener.local_addr().map_err(|e| ServerError::Listen(config.listen, e))?;
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(listener::tls_acceptor(cert, key).map_err(|e| ServerError::Config(e.to_string()))?),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let limits =
-        listener::ListenLimits { max_connections: config.max_connections, header_timeout: config.header_timeout };
+        listener::ListenLimits { max_connections: config.max_connections, header_timeout: config.header_timeout, tls };
     let serving = tokio::spawn(listener::serve(listener, app, limits, shutdown));
-    tracing::info!(%addr, grid = %config.grid, source = source_name, data = %config.data.display(), durability = ?config.durability, "livegrid listening");
+    tracing::info!(%addr, scheme, grid = %config.grid, source = source_name, data = %config.data.display(), durability = ?config.durability, "livegrid listening");
     Ok(RunningServer { addr, stop, serving, store, engine, health, hub_thread: Some(hub_thread), pump: Some(pump) })
 }
 
