@@ -158,6 +158,19 @@ pub struct ServeArgs {
     /// The PEM private key of --tls-cert.
     #[arg(long, env = "LIVEGRID_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// WebSocket connections one client address may hold at once [default: 1000].
+    #[arg(long, env = "LIVEGRID_MAX_CONNECTIONS_PER_ADDRESS")]
+    pub max_connections_per_address: Option<usize>,
+    /// Messages a WebSocket connection may send per second; more get `rate_limited`
+    /// [default: 1000].
+    #[arg(long, env = "LIVEGRID_MAX_MESSAGES_PER_SECOND")]
+    pub max_messages_per_second: Option<u32>,
+    /// Values one $in, $nin or $all of a subscription may list [default: 10000].
+    #[arg(long, env = "LIVEGRID_MAX_IN_VALUES")]
+    pub max_in_values: Option<usize>,
+    /// The furthest end (skip + limit) of a subscription's sorted window [default: 10000].
+    #[arg(long, env = "LIVEGRID_MAX_WINDOW")]
+    pub max_window: Option<u64>,
     /// Bytes all subscriptions together may hold; new ones are refused beyond it
     /// [default: 1073741824].
     #[arg(long, env = "LIVEGRID_SUBSCRIPTION_MEMORY")]

@@ -470,3 +470,59 @@ async fn a_client_that_stops_reading_is_cut_even_with_a_large_queue() {
     drop(stalled);
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_connection_and_per_query_limits_get_specific_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        max_connections_per_address: 2,
+        max_messages_per_second: 5,
+        max_in_values: 3,
+        max_window: 100,
+        ..Default::default()
+    };
+    let server = server_with(dir.path(), config).await;
+    let addr = server.addr;
+    // Sets and windows beyond the limits: query_too_large naming the limit; the connection stays.
+    let mut socket = connect(addr).await;
+    send(&mut socket, json!({"type": "subscribe", "id": "a", "ns": "db.c", "filter": {"x": {"$in": [1, 2, 3, 4]}}}))
+        .await;
+    assert!(expect_error(&next(&mut socket).await, ErrorCode::QueryTooLarge).contains("at most 3"));
+    send(&mut socket, json!({"type": "subscribe", "id": "b", "ns": "db.c", "sort": {"x": 1}, "skip": 90, "limit": 11}))
+        .await;
+    assert!(expect_error(&next(&mut socket).await, ErrorCode::QueryTooLarge).contains("at most at 100"));
+    send(&mut socket, json!({"type": "subscribe", "id": "c", "ns": "db.c", "sort": {"x": 1}, "limit": 100})).await;
+    expect_result(&next(&mut socket).await);
+    // A burst beyond 5 messages a second: the rest are dropped with rate_limited.
+    for _ in 0..10 {
+        send(&mut socket, json!({"type": "ping"})).await;
+    }
+    let (mut pongs, mut limited) = (0, 0);
+    for _ in 0..10 {
+        match next(&mut socket).await {
+            ServerMessage::Pong => pongs += 1,
+            other => {
+                expect_error(&other, ErrorCode::RateLimited);
+                limited += 1;
+            }
+        }
+    }
+    assert!(pongs <= 6 && limited >= 4, "{pongs} pongs, {limited} limited");
+    // A second later the connection is served again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    send(&mut socket, json!({"type": "ping"})).await;
+    assert_eq!(next(&mut socket).await, ServerMessage::Pong);
+    // Two WebSockets per address: the third is refused with 429 until one closes.
+    let second = connect(addr).await;
+    let refused = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws")).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 429),
+        other => panic!("expected 429, got {other:?}"),
+    }
+    drop(second);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws")).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "the closed connection's place never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -79,6 +79,26 @@ pub(crate) fn measure_document(doc: &Document, part: &str) -> Result<usize, Quer
     Ok(bytes)
 }
 
+/// The most values any `$in`, `$nin` or `$all` of `filter` lists (servers cap it; a
+/// compiled set costs memory and matching time in proportion). The walk keeps its own stack.
+pub fn largest_value_set(filter: &Document) -> usize {
+    let mut largest = 0;
+    let mut pending: Vec<&Document> = vec![filter];
+    while let Some(doc) = pending.pop() {
+        for (key, value) in doc {
+            if let ("$in" | "$nin" | "$all", Bson::Array(items)) = (key.as_str(), value) {
+                largest = largest.max(items.len());
+            }
+            match value {
+                Bson::Document(d) => pending.push(d),
+                Bson::Array(items) => pending.extend(items.iter().filter_map(|i| i.as_document())),
+                _ => {}
+            }
+        }
+    }
+    largest
+}
+
 /// Queues the values of `doc`, which sit at level `depth`, and returns the bytes of its
 /// entries (key, value and index slot each).
 fn queue_entries<'a>(doc: &'a Document, depth: usize, pending: &mut Vec<(&'a Bson, usize)>) -> usize {
@@ -102,6 +122,13 @@ mod tests {
             d = doc! {"a": d};
         }
         d
+    }
+
+    #[test]
+    fn the_largest_value_set_is_found_at_any_depth() {
+        let filter = doc! {"a": {"$in": [1, 2]}, "$or": [{"b": {"$all": [1, 2, 3]}}, {"c": {"$elemMatch": {"d": {"$nin": [1, 2, 3, 4]}}}}]};
+        assert_eq!(largest_value_set(&filter), 4);
+        assert_eq!(largest_value_set(&doc! {"a": 1}), 0);
     }
 
     #[test]

@@ -210,6 +210,9 @@ pub enum ErrorCode {
     MessageTooLarge,
     /// The client may not do this.
     Unauthorized,
+    /// The connection sent more messages per second than the server takes: this one was
+    /// dropped; slow down.
+    RateLimited,
     /// The subscription id is already in use on this connection.
     DuplicateSubscription,
     /// The snapshot a registration was read at is older than the engine's retention buffer;

@@ -54,6 +54,10 @@ pub struct FileConfig {
     rules: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    max_connections_per_address: Option<usize>,
+    max_messages_per_second: Option<u32>,
+    max_in_values: Option<usize>,
+    max_window: Option<u64>,
     subscription_memory: Option<usize>,
     max_subscription_bytes: Option<usize>,
     write_queue: Option<usize>,
@@ -162,6 +166,16 @@ pub fn config(args: &ServeArgs) -> Result<ServeConfig, String> {
         queue_capacity: args.queue_capacity.or(file.queue_capacity).unwrap_or(defaults.queue_capacity),
         queue_bytes: args.queue_bytes.or(file.queue_bytes).unwrap_or(defaults.queue_bytes),
         max_subscriptions: args.max_subscriptions.or(file.max_subscriptions).unwrap_or(defaults.max_subscriptions),
+        max_connections_per_address: args
+            .max_connections_per_address
+            .or(file.max_connections_per_address)
+            .unwrap_or(defaults.max_connections_per_address),
+        max_messages_per_second: args
+            .max_messages_per_second
+            .or(file.max_messages_per_second)
+            .unwrap_or(defaults.max_messages_per_second),
+        max_in_values: args.max_in_values.or(file.max_in_values).unwrap_or(defaults.max_in_values),
+        max_window: args.max_window.or(file.max_window).unwrap_or(defaults.max_window),
         max_message_bytes: args.max_message_bytes.or(file.max_message_bytes).unwrap_or(defaults.max_message_bytes),
         heartbeat: secs(args.heartbeat_seconds, file.heartbeat_seconds, defaults.heartbeat),
         retention: args.retention.or(file.retention).unwrap_or(defaults.retention),

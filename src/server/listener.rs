@@ -114,6 +114,7 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ListenLimits, mut
         let app = app.clone();
         let service = TowerToHyperService::new(app.map_request(move |mut request: Request<Incoming>| {
             request.extensions_mut().insert(permit.clone());
+            request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
             request.map(axum::body::Body::new)
         }));
         let (open, stop, limits) = (open_rx.clone(), stop.clone(), limits.clone());

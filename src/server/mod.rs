@@ -55,6 +55,14 @@ pub struct ServerConfig {
     pub queue_bytes: usize,
     /// Subscriptions a connection may hold.
     pub max_subscriptions: usize,
+    /// WebSocket connections one client address may hold at once.
+    pub max_connections_per_address: usize,
+    /// Messages a WebSocket connection may send per second (bursts of as many are allowed).
+    pub max_messages_per_second: u32,
+    /// Values one `$in`, `$nin` or `$all` of a subscription's filter may list.
+    pub max_in_values: usize,
+    /// The end of a sorted window (`skip + limit`) a subscription may ask for.
+    pub max_window: u64,
     /// Largest client message, in bytes.
     pub max_message_bytes: usize,
     /// Interval between WebSocket pings; a peer silent for a whole interval after one is
@@ -143,6 +151,10 @@ impl Default for ServerConfig {
             queue_capacity: 4096,
             queue_bytes: 64 << 20,
             max_subscriptions: 1000,
+            max_connections_per_address: 1000,
+            max_messages_per_second: 1000,
+            max_in_values: 10_000,
+            max_window: 10_000,
             max_message_bytes: 1 << 20,
             heartbeat: session::DEFAULT_HEARTBEAT,
             retention: 100_000,
@@ -178,6 +190,10 @@ impl ServerConfig {
         };
         range("queue_capacity", self.queue_capacity as u128, 1, 1 << 20)?;
         range("max_subscriptions", self.max_subscriptions as u128, 1, 1 << 20)?;
+        range("max_connections_per_address", self.max_connections_per_address as u128, 1, 1 << 20)?;
+        range("max_messages_per_second", u128::from(self.max_messages_per_second), 1, 1 << 24)?;
+        range("max_in_values", self.max_in_values as u128, 1, 1 << 24)?;
+        range("max_window", u128::from(self.max_window), 1, 1 << 24)?;
         range("max_message_bytes", self.max_message_bytes as u128, 64, 64 << 20)?;
         range("heartbeat (ms)", self.heartbeat.as_millis(), 10, 3_600_000)?;
         range("retention", self.retention as u128, 1, 100_000_000)?;
@@ -253,6 +269,8 @@ pub struct AppState {
     health: Arc<Health>,
     config: Arc<ServerConfig>,
     next_connection: Arc<AtomicU64>,
+    /// Open WebSocket connections per client address.
+    per_address: Arc<dashmap::DashMap<std::net::IpAddr, usize>>,
     shutdown: watch::Receiver<bool>,
     /// The source's name and what its pump reports.
     source: (&'static str, Arc<SourceStats>),
@@ -409,6 +427,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         health: health.clone(),
         config: Arc::new(config.clone()),
         next_connection: Arc::new(AtomicU64::new(1)),
+        per_address: Arc::new(dashmap::DashMap::new()),
         shutdown: shutdown.clone(),
         source: (source_name, pump.stats()),
     };
@@ -632,6 +651,7 @@ async fn websocket(
     permit: Option<axum::Extension<listener::ConnectionPermit>>,
     headers: axum::http::HeaderMap,
     uri: axum::http::Uri,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<SocketAddr>>>,
 ) -> axum::response::Response {
     let ws = match ws {
         Ok(ws) => ws,
@@ -652,10 +672,28 @@ async fn websocket(
     // end the connection with 1009 before they are buffered.
     let limit = state.config.frame_limit();
     let permit = permit.map(|p| p.0);
-    ws.max_message_size(limit)
-        .max_frame_size(limit)
-        .read_buffer_size(WS_READ_BUFFER)
-        .on_upgrade(move |socket| session::run(socket, state, permit, principal))
+    // At most so many WebSockets per client address.
+    let address = peer.map(|p| p.0.0.ip());
+    let held = match address {
+        Some(ip) => match AddressSlot::take(&state.per_address, ip, state.config.max_connections_per_address) {
+            Some(slot) => Some(slot),
+            None => {
+                metrics::counter!("livegrid_connections_refused", "reason" => "per_address").increment(1);
+                let message = format!(
+                    "at most {} WebSocket connections per client address",
+                    state.config.max_connections_per_address
+                );
+                return ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_connections", message).into_response();
+            }
+        },
+        None => None,
+    };
+    ws.max_message_size(limit).max_frame_size(limit).read_buffer_size(WS_READ_BUFFER).on_upgrade(
+        move |socket| async move {
+            let _held = held;
+            session::run(socket, state, permit, principal).await
+        },
+    )
 }
 
 /// The principal of a request: from its `Authorization: Bearer` header, or `token` (a query
@@ -683,5 +721,33 @@ pub(crate) fn authenticate(
         (Some(token), Some(auth)) => {
             auth.verify(token).map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()))
         }
+    }
+}
+
+/// One WebSocket's place under its address's cap; given back when dropped.
+struct AddressSlot {
+    map: Arc<dashmap::DashMap<std::net::IpAddr, usize>>,
+    ip: std::net::IpAddr,
+}
+
+impl AddressSlot {
+    /// A place for `ip` if it holds fewer than `max`.
+    fn take(map: &Arc<dashmap::DashMap<std::net::IpAddr, usize>>, ip: std::net::IpAddr, max: usize) -> Option<Self> {
+        let mut count = map.entry(ip).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot { map: map.clone(), ip })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        // The entry goes when its last connection does, so the map only holds live addresses.
+        self.map.remove_if_mut(&self.ip, |_, count| {
+            *count -= 1;
+            *count == 0
+        });
     }
 }

@@ -66,6 +66,7 @@ const CLOSE_INTERNAL: u16 = 1011;
 pub async fn run(socket: WebSocket, state: AppState, permit: Option<ConnectionPermit>, principal: Principal) {
     let _permit = permit;
     let mut principal = principal;
+    let mut rate = RateLimit::new(state.config.max_messages_per_second);
     // Subscriptions opened with a token end when it expires.
     let mut expiry = Box::pin(tokio::time::sleep(expiry_of(&principal)));
     let connection: ConnectionId = state.next_connection.fetch_add(1, Ordering::Relaxed);
@@ -96,6 +97,15 @@ pub async fn run(socket: WebSocket, state: AppState, permit: Option<ConnectionPe
                     last_frame = Instant::now();
                 }
                 match incoming {
+                    Some(Ok(Message::Text(text))) if !rate.admit() => {
+                        metrics::counter!("livegrid_messages_rate_limited").increment(1);
+                        let message = format!(
+                            "at most {} messages per second: this one was dropped; slow down",
+                            state.config.max_messages_per_second
+                        );
+                        outbox.deliver(error(None, ErrorCode::RateLimited, message).to_json());
+                        drop(text);
+                    }
                     Some(Ok(Message::Text(text))) => {
                         let before = principal.expires;
                         let replies = handle(
@@ -224,6 +234,34 @@ fn read_error_close(error: axum::Error, limit: usize) -> Option<(u16, String)> {
 
 fn error(id: Option<String>, code: ErrorCode, message: String) -> ServerMessage {
     ServerMessage::Error(ErrorMessage { id, code, message })
+}
+
+/// A token bucket: `per_second` messages a second, in bursts of as many.
+struct RateLimit {
+    per_second: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(per_second: u32) -> Self {
+        let per_second = f64::from(per_second.max(1));
+        RateLimit { per_second, tokens: per_second, last: Instant::now() }
+    }
+
+    /// Whether one more message may be taken now.
+    fn admit(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.per_second).min(self.per_second);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// How long until `principal`'s token expires (a year for anonymous connections).
@@ -390,8 +428,19 @@ async fn subscribe_one(
     };
     let compiled = {
         let (spec, slack, max_bytes) = (spec.clone(), state.config.window_slack, state.config.max_subscription_bytes);
+        let (max_in, max_window) = (state.config.max_in_values, state.config.max_window);
         tokio::task::spawn_blocking(move || -> Result<Compiled, (ErrorCode, String)> {
+            let values = livegrid_matcher::largest_value_set(&spec.filter);
+            if values > max_in {
+                let message = format!("an $in, $nin or $all lists {values} values; at most {max_in} are allowed");
+                return Err((ErrorCode::QueryTooLarge, message));
+            }
             let query = Query::compile(&spec).map_err(|e| (ErrorCode::BadQuery, e.to_string()))?;
+            if let Some(end) = query.window_end().filter(|end| *end > max_window) {
+                let message =
+                    format!("the window ends at {end} (skip + limit); sorted windows may end at most at {max_window}");
+                return Err((ErrorCode::QueryTooLarge, message));
+            }
             let charge = crate::budget::subscription_charge(&query, slack);
             if charge > max_bytes {
                 return Err((
