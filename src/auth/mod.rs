@@ -158,6 +158,23 @@ mod tests {
     }
 
     #[test]
+    fn es256_tokens_are_checked_with_the_public_key() {
+        let issuer = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let auth = Authenticator::new(None, Some(&issuer.public_key_pem())).unwrap().unwrap();
+        let key = EncodingKey::from_ec_pem(issuer.serialize_pem().as_bytes()).unwrap();
+        let claims = json!({"sub": "carol", "roles": ["service"], "exp": later()});
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &key).unwrap();
+        let principal = auth.verify(&token).unwrap();
+        assert_eq!((principal.user.as_deref(), principal.has_role("service")), (Some("carol"), true));
+        // Another issuer's key, or an HS256 token where only the public key is configured.
+        let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let forged = EncodingKey::from_ec_pem(other.serialize_pem().as_bytes()).unwrap();
+        assert!(auth.verify(&jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &forged).unwrap()).is_err());
+        assert!(matches!(auth.verify(&self::token("any secret", claims)), Err(AuthError::Algorithm(Algorithm::HS256))));
+        assert!(matches!(Authenticator::new(None, Some("not a key")), Err(AuthError::Key(_))));
+    }
+
+    #[test]
     fn hs256_tokens_prove_their_claims_and_nothing_else_does() {
         assert!(Authenticator::new(None, None).unwrap().is_none());
         let auth = Authenticator::new(Some("s3cret"), None).unwrap().unwrap();
