@@ -171,6 +171,12 @@ pub struct ServeArgs {
     /// The furthest end (skip + limit) of a subscription's sorted window [default: 10000].
     #[arg(long, env = "LIVEGRID_MAX_WINDOW")]
     pub max_window: Option<u64>,
+    /// Levels of nesting a subscription's filter may have, at most 100 [default: 100].
+    #[arg(long, env = "LIVEGRID_MAX_FILTER_DEPTH")]
+    pub max_filter_depth: Option<usize>,
+    /// Bytes of one regular expression in a subscription's filter [default: 8192].
+    #[arg(long, env = "LIVEGRID_MAX_REGEX_BYTES")]
+    pub max_regex_bytes: Option<usize>,
     /// Bytes all subscriptions together may hold; new ones are refused beyond it
     /// [default: 1073741824].
     #[arg(long, env = "LIVEGRID_SUBSCRIPTION_MEMORY")]

@@ -476,9 +476,11 @@ async fn per_connection_and_per_query_limits_get_specific_errors() {
     let dir = tempfile::tempdir().unwrap();
     let config = ServerConfig {
         max_connections_per_address: 2,
-        max_messages_per_second: 5,
+        max_messages_per_second: 10,
         max_in_values: 3,
         max_window: 100,
+        max_filter_depth: 4,
+        max_regex_bytes: 10,
         ..Default::default()
     };
     let server = server_with(dir.path(), config).await;
@@ -491,6 +493,18 @@ async fn per_connection_and_per_query_limits_get_specific_errors() {
     send(&mut socket, json!({"type": "subscribe", "id": "b", "ns": "db.c", "sort": {"x": 1}, "skip": 90, "limit": 11}))
         .await;
     assert!(expect_error(&next(&mut socket).await, ErrorCode::QueryTooLarge).contains("at most at 100"));
+    send(
+        &mut socket,
+        json!({"type": "subscribe", "id": "d", "ns": "db.c", "filter": {"a": {"b": {"c": {"d": {"e": 1}}}}}}),
+    )
+    .await;
+    assert!(expect_error(&next(&mut socket).await, ErrorCode::QueryTooLarge).contains("at most 4 are allowed"));
+    send(
+        &mut socket,
+        json!({"type": "subscribe", "id": "r", "ns": "db.c", "filter": {"a": {"$regex": "a".repeat(11)}}}),
+    )
+    .await;
+    assert!(expect_error(&next(&mut socket).await, ErrorCode::QueryTooLarge).contains("at most 10 are allowed"));
     send(&mut socket, json!({"type": "subscribe", "id": "c", "ns": "db.c", "sort": {"x": 1}, "limit": 100})).await;
     expect_result(&next(&mut socket).await);
     // A burst beyond 5 messages a second: the rest are dropped with rate_limited.

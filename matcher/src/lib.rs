@@ -56,7 +56,7 @@ pub use bson_order::{compare_values, value_hash, values_equal};
 pub use error::QueryError;
 pub use filter::Filter;
 pub use index_plan::{Bound, IndexPlan};
-pub use limits::{MAX_NESTING_DEPTH, MAX_PATH_COMPONENTS, QUERY_REGEX_BUDGET, largest_value_set};
+pub use limits::{FilterShape, MAX_NESTING_DEPTH, MAX_PATH_COMPONENTS, QUERY_REGEX_BUDGET, filter_shape};
 pub use path::{FieldPath, LeafArrays};
 pub use projection::Projection;
 pub use query::{Query, QuerySpec};

@@ -79,24 +79,51 @@ pub(crate) fn measure_document(doc: &Document, part: &str) -> Result<usize, Quer
     Ok(bytes)
 }
 
-/// The most values any `$in`, `$nin` or `$all` of `filter` lists (servers cap it; a
-/// compiled set costs memory and matching time in proportion). The walk keeps its own stack.
-pub fn largest_value_set(filter: &Document) -> usize {
-    let mut largest = 0;
-    let mut pending: Vec<&Document> = vec![filter];
-    while let Some(doc) = pending.pop() {
-        for (key, value) in doc {
-            if let ("$in" | "$nin" | "$all", Bson::Array(items)) = (key.as_str(), value) {
-                largest = largest.max(items.len());
+/// What servers may cap in a filter before compiling it (each cap is a setting there).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FilterShape {
+    /// The most values any `$in`, `$nin` or `$all` lists (a compiled set costs memory and
+    /// matching time in proportion).
+    pub largest_set: usize,
+    /// Levels of nested documents and arrays (the filter itself is 1).
+    pub depth: usize,
+    /// The longest regular expression pattern, in bytes.
+    pub longest_regex: usize,
+}
+
+/// The shape of `filter`. The walk keeps its own stack, so any depth is safe to measure.
+pub fn filter_shape(filter: &Document) -> FilterShape {
+    let mut shape = FilterShape::default();
+    let mut pending: Vec<(&Bson, usize)> = filter.iter().map(|(_, v)| (v, 1)).collect();
+    shape.depth = 1;
+    let note_key = |key: &str, value: &Bson, shape: &mut FilterShape| match (key, value) {
+        ("$in" | "$nin" | "$all", Bson::Array(items)) => shape.largest_set = shape.largest_set.max(items.len()),
+        ("$regex", Bson::String(pattern)) => shape.longest_regex = shape.longest_regex.max(pattern.len()),
+        _ => {}
+    };
+    for (key, value) in filter {
+        note_key(key, value, &mut shape);
+    }
+    while let Some((value, depth)) = pending.pop() {
+        match value {
+            Bson::Document(doc) => {
+                shape.depth = shape.depth.max(depth + 1);
+                for (key, inner) in doc {
+                    note_key(key, inner, &mut shape);
+                    pending.push((inner, depth + 1));
+                }
             }
-            match value {
-                Bson::Document(d) => pending.push(d),
-                Bson::Array(items) => pending.extend(items.iter().filter_map(|i| i.as_document())),
-                _ => {}
+            Bson::Array(items) => {
+                shape.depth = shape.depth.max(depth + 1);
+                pending.extend(items.iter().map(|item| (item, depth + 1)));
             }
+            Bson::RegularExpression(regex) => {
+                shape.longest_regex = shape.longest_regex.max(regex.pattern.as_str().len());
+            }
+            _ => {}
         }
     }
-    largest
+    shape
 }
 
 /// Queues the values of `doc`, which sit at level `depth`, and returns the bytes of its
@@ -125,10 +152,20 @@ mod tests {
     }
 
     #[test]
-    fn the_largest_value_set_is_found_at_any_depth() {
-        let filter = doc! {"a": {"$in": [1, 2]}, "$or": [{"b": {"$all": [1, 2, 3]}}, {"c": {"$elemMatch": {"d": {"$nin": [1, 2, 3, 4]}}}}]};
-        assert_eq!(largest_value_set(&filter), 4);
-        assert_eq!(largest_value_set(&doc! {"a": 1}), 0);
+    fn the_shape_of_a_filter_is_measured_at_any_depth() {
+        let filter = doc! {
+            "a": {"$in": [1, 2]},
+            "$or": [{"b": {"$all": [1, 2, 3]}}, {"c": {"$elemMatch": {"d": {"$nin": [1, 2, 3, 4]}}}}],
+            "e": {"$regex": "abcdef"},
+            "f": Bson::RegularExpression(bson::Regex { pattern: "xyz".try_into().unwrap(), options: "".try_into().unwrap() }),
+        };
+        let shape = filter_shape(&filter);
+        assert_eq!((shape.largest_set, shape.longest_regex), (4, 6));
+        // The filter, the $or array, {c: ...}, {$elemMatch: ...}, {d: ...}, {$nin: ...}, the
+        // $nin array: 7 levels.
+        assert_eq!(shape.depth, 7);
+        assert_eq!(filter_shape(&doc! {"a": 1}), FilterShape { largest_set: 0, depth: 1, longest_regex: 0 });
+        assert_eq!(filter_shape(&nested_documents(500)).depth, 500);
     }
 
     #[test]

@@ -63,6 +63,10 @@ pub struct ServerConfig {
     pub max_in_values: usize,
     /// The end of a sorted window (`skip + limit`) a subscription may ask for.
     pub max_window: u64,
+    /// Levels of nesting a subscription's filter may have (at most the matcher's 100).
+    pub max_filter_depth: usize,
+    /// Bytes of one regular expression pattern in a subscription's filter.
+    pub max_regex_bytes: usize,
     /// Largest client message, in bytes.
     pub max_message_bytes: usize,
     /// Interval between WebSocket pings; a peer silent for a whole interval after one is
@@ -155,6 +159,8 @@ impl Default for ServerConfig {
             max_messages_per_second: 1000,
             max_in_values: 10_000,
             max_window: 10_000,
+            max_filter_depth: livegrid_matcher::MAX_NESTING_DEPTH,
+            max_regex_bytes: 8192,
             max_message_bytes: 1 << 20,
             heartbeat: session::DEFAULT_HEARTBEAT,
             retention: 100_000,
@@ -194,6 +200,8 @@ impl ServerConfig {
         range("max_messages_per_second", u128::from(self.max_messages_per_second), 1, 1 << 24)?;
         range("max_in_values", self.max_in_values as u128, 1, 1 << 24)?;
         range("max_window", u128::from(self.max_window), 1, 1 << 24)?;
+        range("max_filter_depth", self.max_filter_depth as u128, 1, livegrid_matcher::MAX_NESTING_DEPTH as u128)?;
+        range("max_regex_bytes", self.max_regex_bytes as u128, 1, 1 << 20)?;
         range("max_message_bytes", self.max_message_bytes as u128, 64, 64 << 20)?;
         range("heartbeat (ms)", self.heartbeat.as_millis(), 10, 3_600_000)?;
         range("retention", self.retention as u128, 1, 100_000_000)?;

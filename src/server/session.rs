@@ -429,11 +429,21 @@ async fn subscribe_one(
     let compiled = {
         let (spec, slack, max_bytes) = (spec.clone(), state.config.window_slack, state.config.max_subscription_bytes);
         let (max_in, max_window) = (state.config.max_in_values, state.config.max_window);
+        let (max_depth, max_regex) = (state.config.max_filter_depth, state.config.max_regex_bytes);
         tokio::task::spawn_blocking(move || -> Result<Compiled, (ErrorCode, String)> {
-            let values = livegrid_matcher::largest_value_set(&spec.filter);
-            if values > max_in {
-                let message = format!("an $in, $nin or $all lists {values} values; at most {max_in} are allowed");
-                return Err((ErrorCode::QueryTooLarge, message));
+            let shape = livegrid_matcher::filter_shape(&spec.filter);
+            let too_large = |message: String| Err((ErrorCode::QueryTooLarge, message));
+            if shape.largest_set > max_in {
+                let values = shape.largest_set;
+                return too_large(format!("an $in, $nin or $all lists {values} values; at most {max_in} are allowed"));
+            }
+            if shape.depth > max_depth {
+                let depth = shape.depth;
+                return too_large(format!("the filter nests {depth} levels; at most {max_depth} are allowed"));
+            }
+            if shape.longest_regex > max_regex {
+                let bytes = shape.longest_regex;
+                return too_large(format!("a regular expression is {bytes} bytes; at most {max_regex} are allowed"));
             }
             let query = Query::compile(&spec).map_err(|e| (ErrorCode::BadQuery, e.to_string()))?;
             if let Some(end) = query.window_end().filter(|end| *end > max_window) {
