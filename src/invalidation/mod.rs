@@ -379,27 +379,28 @@ impl Invalidator {
     /// Watch `key` ended in the engine: its URLs are invalidated, as they can no longer be
     /// watched.
     pub fn ended(&self, key: QueryKey) {
-        let Some(url) = self.by_key.get(&key).map(|u| u.clone()) else { return };
-        let now = Instant::now();
-        if let Some(entry) = self.drop_watch(&url, key) {
-            self.invalidate(&entry.alive(now), self.engine.processed(), now);
-            self.forget(url, &entry, now);
-        }
+        self.end_early(key);
     }
 
     /// Watch `key`'s initial result does not fit the limits: the watch ends (its URLs are
     /// invalidated) and `true` tells the caller to end it in the engine.
     pub fn refuse(&self, key: QueryKey) -> bool {
-        let Some(url) = self.by_key.get(&key).map(|u| u.clone()) else { return false };
-        metrics::counter!("livegrid_cache_watches_refused").increment(1);
-        let now = Instant::now();
-        match self.drop_watch(&url, key) {
-            Some(entry) => {
-                self.invalidate(&entry.alive(now), self.engine.processed(), now);
-                true
-            }
-            None => false,
+        let ended = self.end_early(key);
+        if ended {
+            metrics::counter!("livegrid_cache_watches_refused").increment(1);
         }
+        ended
+    }
+
+    /// Ends watch `key` before its copies expired: invalidates them and keeps what it learnt.
+    /// Whether there was such a watch.
+    fn end_early(&self, key: QueryKey) -> bool {
+        let Some(url) = self.by_key.get(&key).map(|u| u.clone()) else { return false };
+        let now = Instant::now();
+        let Some(entry) = self.drop_watch(&url, key) else { return false };
+        self.invalidate(&entry.alive(now), self.engine.processed(), now);
+        self.forget(url, &entry, now);
+        true
     }
 
     /// Invalidates every watched URL and ends every watch (the server failed); returns the

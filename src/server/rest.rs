@@ -264,11 +264,7 @@ async fn write(
                 Write::Insert(_) => continue,
                 Write::Replace(id, _) | Write::Update(id, _) | Write::Delete(id) => id.clone(),
             };
-            let target = ns.clone();
-            let existing = match data(state)? {
-                Data::Store(store) => blocking(move || store.get(&target, &id)).await??,
-                Data::Mongo(mongo) => blocking(move || mongo.get(&target, &id)).await??,
-            };
+            let existing = fetch(state, &ns, id).await?;
             if existing.is_some_and(|doc| !acl::may_write(&doc, principal)) {
                 return Err(denied(principal, "change this document of", &ns));
             }
@@ -286,6 +282,15 @@ async fn resolve(state: &AppState, ns: &str, segment: String) -> Result<Bson, Ap
     match data(state)? {
         Data::Store(store) => Ok(blocking(move || store.resolve_id(&ns, &segment)).await??),
         Data::Mongo(mongo) => Ok(blocking(move || mongo.resolve_id(&ns, &segment)).await??),
+    }
+}
+
+/// The document with `_id` `id` in `ns`, if there is one.
+async fn fetch(state: &AppState, ns: &str, id: Bson) -> Result<Option<Document>, ApiError> {
+    let ns = ns.to_string();
+    match data(state)? {
+        Data::Store(store) => Ok(blocking(move || store.get(&ns, &id)).await??),
+        Data::Mongo(mongo) => Ok(blocking(move || mongo.get(&ns, &id)).await??),
     }
 }
 
@@ -344,10 +349,7 @@ pub async fn get(
     };
     let id = resolve(&state, &ns, segment).await?;
     let not_found = ApiError::from(crate::source::store::StoreError::NotFound(id_label(&id), ns.clone()));
-    let found = match data(&state)? {
-        Data::Store(store) => blocking(move || store.get(&ns, &id)).await??,
-        Data::Mongo(mongo) => blocking(move || mongo.get(&ns, &id)).await??,
-    };
+    let found = fetch(&state, &ns, id).await?;
     // A document the caller may not read does not exist for it.
     let found = found.filter(|doc| state.auth.is_none() || acl::may_read(doc, &principal)).ok_or(not_found)?;
     let found = extjson::document_to_relaxed_json(&found);
