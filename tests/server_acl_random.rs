@@ -10,10 +10,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bson::Document;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use livegrid::auth::{Principal, Rules, acl};
 use livegrid::server::{AuthConfig, ServerConfig};
 use livegrid_matcher::{Query, QuerySpec};
@@ -22,16 +21,13 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
-use common::{Socket, http_response, next_within, send, server_with};
+use common::{SECRET, Socket, http_response, next_within, send, server_with};
 
-const SECRET: &str = "the acl leak test's secret, 32 bytes or more";
 const NS: &str = "app.docs";
 const IDS: i64 = 30;
 
 fn token(user: &str, roles: &[&str]) -> String {
-    let exp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 3600;
-    let claims = json!({"sub": user, "roles": roles, "exp": exp});
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+    common::token(user, roles, 3600)
 }
 
 fn random_acl(rng: &mut StdRng) -> Value {

@@ -4,24 +4,15 @@
 //! access is an `add`, revoking it a `remove`, and a user never hears of documents it may not
 //! read, deletions included), resume tokens bound to their user, and expiring tokens.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use livegrid::auth::Rules;
 use livegrid::server::{AuthConfig, ServerConfig};
 use livegrid_protocol::{DeltaOp, ErrorCode, ServerMessage};
 use serde_json::{Value, json};
 
 mod common;
-use common::{Socket, http_response, next, next_within, send, server_with};
-
-const SECRET: &str = "a test secret of at least thirty-two bytes";
-
-fn token(user: &str, roles: &[&str], seconds: u64) -> String {
-    let exp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + seconds;
-    let claims = json!({"sub": user, "roles": roles, "exp": exp});
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
-}
+use common::{SECRET, Socket, next, next_within, send, server_with, token};
 
 fn config() -> ServerConfig {
     let rules = Rules::parse(
@@ -49,15 +40,9 @@ async fn call(
     token: Option<&str>,
     body: Option<Value>,
 ) -> (u16, String, Value) {
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let (status, headers, text) = http_response(addr, request.as_bytes()).await;
+    let (status, headers, body) = common::http_as(addr, method, path, token, body).await;
     let cache = headers.into_iter().find(|(n, _)| n == "cache-control").map(|(_, v)| v).unwrap_or_default();
-    (status, cache, serde_json::from_str(&text).unwrap_or(Value::Null))
+    (status, cache, body)
 }
 
 async fn connect_as(addr: std::net::SocketAddr, token: Option<&str>) -> Socket {

@@ -568,6 +568,60 @@ async fn rest_writes_go_to_mongodb_and_come_back_through_the_stream() {
     settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
 }
 
+/// With authentication, a document's `_acl.write` is checked by MongoDB in the write itself
+/// (its condition is part of the write's filter): a refused update, replacement or delete
+/// changes nothing, and a refused write in a bulk request aborts its transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn document_write_acls_are_checked_in_the_mongodb_write() {
+    let fixture = MongoFixture::start();
+    fixture.insert(NS, doc! {"_id": 1, "n": 1, "_acl": {"read": ["*"], "write": ["user:alice"]}});
+    fixture.insert(NS, doc! {"_id": 2, "n": 2});
+    let dir = tempfile::tempdir().unwrap();
+    let rules = livegrid::auth::Rules::parse("[namespaces.\"app.*\"]\nread = \"public\"\nwrite = \"authenticated\"\n");
+    let config = ServerConfig {
+        source: SourceChoice::Mongo {
+            uri: fixture.uri(),
+            watch: vec![NS.into()],
+            skip_undecodable: false,
+            full_document: Default::default(),
+        },
+        auth: livegrid::server::AuthConfig {
+            secret: Some(common::SECRET.into()),
+            public_key_pem: None,
+            rules: Some(rules.unwrap()),
+        },
+        ..Default::default()
+    };
+    let server = server_with(&dir.path().join("data"), config).await;
+    let (alice, bob) = (common::token("alice", &[], 600), common::token("bob", &[], 600));
+    let call = |method: &'static str, path: &'static str, who: &str, body: Option<serde_json::Value>| {
+        let who = who.to_string();
+        async move {
+            let (status, _, body) = common::http_as(server.addr, method, path, Some(&who), body).await;
+            (status, body["code"].as_str().unwrap_or_default().to_string())
+        }
+    };
+    let forbidden = (403, "forbidden".to_string());
+    assert_eq!(call("PATCH", "/v1/db/app/items/1", &bob, Some(json!({"$set": {"n": 9}}))).await, forbidden);
+    assert_eq!(call("PUT", "/v1/db/app/items/1", &bob, Some(json!({"n": 9}))).await, forbidden);
+    assert_eq!(call("DELETE", "/v1/db/app/items/1", &bob, None).await, forbidden);
+    let bulk = json!({"writes": [
+        {"update": {"_id": 2, "update": {"$set": {"n": 20}}}},
+        {"delete": {"_id": 1}},
+    ]});
+    assert_eq!(call("POST", "/v1/db/app/items/_bulk", &bob, Some(bulk)).await, forbidden);
+    assert_eq!(
+        fixture.documents(NS),
+        vec![doc! {"_id": 1, "n": 1, "_acl": {"read": ["*"], "write": ["user:alice"]}}, doc! {"_id": 2, "n": 2}]
+    );
+    // What the ACL admits, and documents without one, are written; missing ones are missing.
+    assert_eq!(call("PATCH", "/v1/db/app/items/2", &bob, Some(json!({"$set": {"n": 20}}))).await.0, 200);
+    assert_eq!(call("PATCH", "/v1/db/app/items/1", &alice, Some(json!({"$set": {"n": 10}}))).await.0, 200);
+    assert_eq!(call("DELETE", "/v1/db/app/items/7", &bob, None).await, (404, "not_found".to_string()));
+    assert_eq!(call("DELETE", "/v1/db/app/items/1", &alice, None).await.0, 200);
+    assert_eq!(fixture.documents(NS), vec![doc! {"_id": 2, "n": 20}]);
+}
+
 /// Reads messages until every id in `ids` got a `resubscribe` error; returns their messages.
 async fn resubscribe_errors(socket: &mut Socket, ids: &[&str]) -> BTreeMap<String, String> {
     let mut errors = BTreeMap::new();

@@ -32,6 +32,11 @@ pub fn readable_by(principal: &Principal) -> Document {
     admitted_by("read", principal)
 }
 
+/// The predicate a document must satisfy for `principal` to change or delete it.
+pub fn writable_by(principal: &Principal) -> Document {
+    admitted_by("write", principal)
+}
+
 /// The predicate `_acl.<list>` admits `principal`, or there is no `_acl`.
 fn admitted_by(list: &str, principal: &Principal) -> Document {
     doc! {"$or": [{"_acl": {"$exists": false}}, {format!("_acl.{list}"): {"$in": identities(principal)}}]}
@@ -49,11 +54,6 @@ pub fn restrict(filter: &Document, principal: &Principal) -> Document {
 /// never disagree, whatever shape `_acl` has).
 pub fn may_read(doc: &Document, principal: &Principal) -> bool {
     admits(doc, "read", principal)
-}
-
-/// Whether `principal` may change or delete `doc` (its `_acl.write`; no `_acl`: yes).
-pub fn may_write(doc: &Document, principal: &Principal) -> bool {
-    admits(doc, "write", principal)
 }
 
 fn admits(doc: &Document, list: &str, principal: &Principal) -> bool {
@@ -100,6 +100,8 @@ mod tests {
             assert_eq!(folded, ids);
             assert_eq!(direct, ids);
         }
+        let may_write =
+            |doc: &Document, principal: &Principal| Filter::parse(&writable_by(principal)).unwrap().matches(doc);
         assert!(may_write(&docs[2], &bob) && !may_write(&docs[2], &alice) && may_write(&docs[0], &anon));
     }
 }

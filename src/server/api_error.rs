@@ -55,6 +55,7 @@ impl From<StoreError> for ApiError {
             StoreError::Storage(_) | StoreError::Corrupt(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             StoreError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             StoreError::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+            StoreError::Refused(..) => (StatusCode::FORBIDDEN, "forbidden"),
         };
         ApiError { status, code, message: e.to_string() }
     }
@@ -65,7 +66,8 @@ impl From<MongoWriteError> for ApiError {
         let (status, code) = match &e {
             MongoWriteError::NotFound(..) => (StatusCode::NOT_FOUND, "not_found"),
             MongoWriteError::Duplicate(..) => (StatusCode::CONFLICT, "duplicate_key"),
-            MongoWriteError::Refused(_) => (StatusCode::BAD_REQUEST, "refused_by_mongodb"),
+            MongoWriteError::Refused(..) => (StatusCode::FORBIDDEN, "forbidden"),
+            MongoWriteError::Invalid(_) => (StatusCode::BAD_REQUEST, "refused_by_mongodb"),
             MongoWriteError::Driver(_) => (StatusCode::BAD_GATEWAY, "mongodb_unavailable"),
         };
         ApiError { status, code, message: e.to_string() }

@@ -32,7 +32,7 @@ use super::api_error::ApiError;
 use crate::auth::{Principal, acl};
 use crate::invalidation::{Read, Ticket, canonical};
 use crate::source::mongodb::MongoWrites;
-use crate::source::store::{Store, Write, id_label, ids_from_path};
+use crate::source::store::{Guard, Store, Write, id_label, ids_from_path};
 
 type Reply = Result<(StatusCode, Json<Value>), ApiError>;
 
@@ -246,8 +246,8 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
 }
 
 /// Applies writes to `ns` for `principal` and returns the changes they made. With
-/// authentication, `principal` must be allowed to write `ns`, and documents that exist must
-/// admit it in their `_acl.write` (checked before the write is queued).
+/// authentication, `principal` must be allowed to write `ns`, and every document the writes
+/// change must admit it in its `_acl.write`: a guard checked in the transaction that writes.
 async fn write(
     state: &AppState,
     principal: &Principal,
@@ -258,21 +258,13 @@ async fn write(
     if !state.rules.may_write(&ns, principal) {
         return Err(denied(principal, "write", &ns));
     }
-    if state.auth.is_some() {
-        for write in &writes {
-            let id = match write {
-                Write::Insert(_) => continue,
-                Write::Replace(id, _) | Write::Update(id, _) | Write::Delete(id) => id.clone(),
-            };
-            let existing = fetch(state, &ns, id).await?;
-            if existing.is_some_and(|doc| !acl::may_write(&doc, principal)) {
-                return Err(denied(principal, "change this document of", &ns));
-            }
-        }
-    }
+    let guard = match state.auth {
+        Some(_) => Some(Guard::new(acl::writable_by(principal))?),
+        None => None,
+    };
     match data(state)? {
-        Data::Store(store) => Ok(store.write_async(&ns, writes, large).await?),
-        Data::Mongo(mongo) => Ok(blocking(move || mongo.write(&ns, writes)).await??),
+        Data::Store(store) => Ok(store.write_guarded(&ns, writes, guard, large).await?),
+        Data::Mongo(mongo) => Ok(blocking(move || mongo.write(&ns, writes, guard.as_ref())).await??),
     }
 }
 

@@ -33,13 +33,38 @@ pub async fn server_with(data: &std::path::Path, config: ServerConfig) -> Runnin
 /// One request on its own connection; the status and the body parsed as JSON (`Null` when
 /// it is not JSON).
 pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let (status, _, body) = http_as(addr, method, path, None, body).await;
+    (status, body)
+}
+
+/// The secret tests sign their tokens with.
+pub const SECRET: &str = "a test secret of at least thirty-two bytes";
+
+/// An HS256 token signed with [`SECRET`] for `user` with `roles`, valid for `seconds`.
+pub fn token(user: &str, roles: &[&str], seconds: u64) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + seconds;
+    let claims = serde_json::json!({"sub": user, "roles": roles, "exp": exp});
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+}
+
+/// A JSON request with an optional bearer token: the status, the headers (names lowercase)
+/// and the body as JSON (`null` if it is not JSON).
+pub async fn http_as(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Vec<(String, String)>, Value) {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    let (status, text) = http_raw(addr, request.as_bytes()).await;
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    let (status, headers, text) = http_response(addr, request.as_bytes()).await;
+    (status, headers, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
 /// Sends raw request bytes; the status and the body as text.

@@ -305,13 +305,33 @@ fn apply_to(view: &mut View, ns: &str, write: &Write) {
     }
 }
 
-/// The `_id` a write command's query names: the fixture writes by `_id` only.
-fn query_id(q: &Document) -> Result<Bson, Document> {
-    match q.get("_id") {
+/// The `_id` a write command's query names, and the condition the rest of it puts on that
+/// document: the fixture writes by `{_id: value}` or `{$and: [{_id: value}, condition]}`.
+fn query_id(q: &Document) -> Result<(Bson, Option<livegrid_matcher::Filter>), Document> {
+    let plain = |q: &Document| match q.get("_id") {
         Some(id) if q.len() == 1 && !matches!(id, Bson::Document(d) if d.keys().any(|k| k.starts_with('$'))) => {
-            Ok(id.clone())
+            Some(id.clone())
         }
-        _ => Err(error(2, "BadValue", "the fixture writes by {_id: value} only", &[])),
+        _ => None,
+    };
+    if let Some(id) = plain(q) {
+        return Ok((id, None));
+    }
+    let by_id = q.get_array("$and").ok().filter(|_| q.len() == 1).and_then(|all| match all.first() {
+        Some(Bson::Document(first)) => plain(first),
+        _ => None,
+    });
+    let condition = livegrid_matcher::Filter::parse(q).ok();
+    match (by_id, condition) {
+        (Some(id), Some(condition)) => Ok((id, Some(condition))),
+        _ => Err(error(2, "BadValue", "the fixture writes by {_id: value} (and a condition) only", &[])),
+    }
+}
+
+fn duplicate(ns: &str, index: usize, id: &Bson) -> Document {
+    doc! {
+        "ok": 1.0, "n": 0,
+        "writeErrors": [{ "index": index as i32, "code": 11000, "errmsg": format!("E11000 duplicate key error collection: {ns} index: _id_ dup key: {{ _id: {id} }}") }],
     }
 }
 
@@ -326,10 +346,9 @@ fn plan(command: &Document, ns: &str, view: &mut View) -> Result<(Vec<Write>, Do
             let Bson::Document(doc) = doc else { return Err(error(2, "BadValue", "documents must be documents", &[])) };
             let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
             if current(view, &id).is_some() {
-                return Err(doc! {
-                    "ok": 1.0, "n": writes.len() as i32,
-                    "writeErrors": [{ "index": writes.len() as i32, "code": 11000, "errmsg": format!("E11000 duplicate key error collection: {ns} index: _id_ dup key: {{ _id: {id} }}") }],
-                });
+                let mut refused = duplicate(ns, writes.len(), &id);
+                refused.insert("n", writes.len() as i32);
+                return Err(refused);
             }
             let write = Write::Insert(doc.clone());
             apply_to(view, ns, &write);
@@ -340,10 +359,17 @@ fn plan(command: &Document, ns: &str, view: &mut View) -> Result<(Vec<Write>, Do
         let (mut matched, mut modified, mut upserted) = (0, 0, Vec::new());
         for (index, update) in updates.iter().enumerate() {
             let Bson::Document(update) = update else { return Err(error(2, "BadValue", "bad update", &[])) };
-            let id = query_id(update.get_document("q").unwrap_or(&Document::new()))?;
+            let (id, condition) = query_id(update.get_document("q").unwrap_or(&Document::new()))?;
             let u = update.get_document("u").map_err(|_| error(2, "BadValue", "u must be a document", &[]))?;
             let upsert = update.get_bool("upsert").unwrap_or(false);
-            let before = current(view, &id);
+            let mut before = current(view, &id);
+            if before.as_ref().is_some_and(|doc| condition.as_ref().is_some_and(|c| !c.matches(doc))) {
+                // Not selected; an upsert then inserts a second document with this `_id`.
+                if upsert {
+                    return Err(duplicate(ns, index, &id));
+                }
+                before = None;
+            }
             let operators = livegrid::source::store::update::is_operator_update(u);
             let base = before.clone().unwrap_or_else(|| doc! { "_id": id.clone() });
             let after = if operators {
@@ -380,8 +406,8 @@ fn plan(command: &Document, ns: &str, view: &mut View) -> Result<(Vec<Write>, Do
     } else if let Ok(deletes) = command.get_array("deletes") {
         for delete in deletes {
             let Bson::Document(delete) = delete else { return Err(error(2, "BadValue", "bad delete", &[])) };
-            let id = query_id(delete.get_document("q").unwrap_or(&Document::new()))?;
-            if current(view, &id).is_some() {
+            let (id, condition) = query_id(delete.get_document("q").unwrap_or(&Document::new()))?;
+            if current(view, &id).is_some_and(|doc| condition.as_ref().is_none_or(|c| c.matches(&doc))) {
                 let write = Write::Delete(id);
                 apply_to(view, ns, &write);
                 writes.push(write);

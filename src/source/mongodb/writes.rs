@@ -17,7 +17,7 @@ use livegrid_protocol::Position;
 use mongodb::error::ErrorKind;
 use mongodb::{Client, ClientSession, Collection};
 
-use crate::source::store::{Write, id_label, resolve_path_id};
+use crate::source::store::{Guard, Write, id_label, resolve_path_id};
 
 /// MongoDB's `DuplicateKey`.
 const DUPLICATE_KEY: i32 = 11000;
@@ -31,9 +31,12 @@ pub enum MongoWriteError {
     /// A document with the id exists already.
     #[error("a document with _id {0} exists in {1}")]
     Duplicate(String, String),
+    /// The document exists but does not match the request's guard: nothing was written.
+    #[error("the document with _id {0} in {1} does not admit this write")]
+    Refused(String, String),
     /// MongoDB refused the request as invalid (its message says why).
     #[error("mongodb refused the request: {0}")]
-    Refused(#[source] mongodb::error::Error),
+    Invalid(#[source] mongodb::error::Error),
     /// MongoDB could not be reached or failed.
     #[error("mongodb: {0}")]
     Driver(#[source] mongodb::error::Error),
@@ -42,7 +45,7 @@ pub enum MongoWriteError {
 impl MongoWriteError {
     fn from_driver(e: mongodb::error::Error) -> Self {
         match &*e.kind {
-            ErrorKind::Command(_) | ErrorKind::Write(_) | ErrorKind::InsertMany(_) => MongoWriteError::Refused(e),
+            ErrorKind::Command(_) | ErrorKind::Write(_) | ErrorKind::InsertMany(_) => MongoWriteError::Invalid(e),
             _ => MongoWriteError::Driver(e),
         }
     }
@@ -70,7 +73,14 @@ impl MongoWrites {
 
     /// Applies `writes` to `ns` (several in one transaction) and returns the changes they
     /// made, with their positions; writes that change nothing give no change, as in MongoDB.
-    pub fn write(&self, ns: &str, writes: Vec<Write>) -> Result<Vec<ChangeEvent>, MongoWriteError> {
+    /// With a guard, every document changed must match it, checked by MongoDB in the same
+    /// operation (its filter is part of the write's filter).
+    pub fn write(
+        &self,
+        ns: &str,
+        writes: Vec<Write>,
+        guard: Option<&Guard>,
+    ) -> Result<Vec<ChangeEvent>, MongoWriteError> {
         let collection = self.collection(ns);
         self.runtime.block_on(async {
             let mut session = self.client.start_session().await.map_err(MongoWriteError::Driver)?;
@@ -80,7 +90,7 @@ impl MongoWrites {
             }
             let mut changes = Vec::with_capacity(writes.len());
             for write in writes {
-                match apply(&collection, ns, write, &mut session).await {
+                match apply(&collection, ns, write, guard, &mut session).await {
                     Ok(Some(change)) => changes.push(change),
                     Ok(None) => {}
                     Err(e) => {
@@ -146,10 +156,28 @@ async fn apply(
     collection: &Collection<Document>,
     ns: &str,
     write: Write,
+    guard: Option<&Guard>,
     session: &mut ClientSession,
 ) -> Result<Option<ChangeEvent>, MongoWriteError> {
     let change = |op, id: Bson| ChangeEvent { position: Position::ZERO, ns: ns.to_string(), op, id, doc: None };
-    let not_found = |id: &Bson| MongoWriteError::NotFound(id_label(id), ns.to_string());
+    let refused = |id: &Bson| MongoWriteError::Refused(id_label(id), ns.to_string());
+    // The document by id, and, with a guard, only if it matches it.
+    let selector = |id: &Bson| match guard {
+        Some(guard) => doc! { "$and": [{ "_id": id.clone() }, guard.filter().clone()] },
+        None => doc! { "_id": id.clone() },
+    };
+    // Nothing matched the selector: missing, or (with a guard) refused; read in the session so
+    // a transaction sees its own writes.
+    let unmatched = async |id: &Bson, session: &mut ClientSession| -> Result<MongoWriteError, MongoWriteError> {
+        let exists = guard.is_some()
+            && collection
+                .find_one(doc! { "_id": id.clone() })
+                .session(&mut *session)
+                .await
+                .map_err(MongoWriteError::from_driver)?
+                .is_some();
+        Ok(if exists { refused(id) } else { MongoWriteError::NotFound(id_label(id), ns.to_string()) })
+    };
     match write {
         Write::Insert(doc) => {
             // `_id` first, generated when missing, as MongoDB and the embedded store do.
@@ -165,12 +193,12 @@ async fn apply(
         Write::Replace(id, doc) => {
             let mut with_id = doc! { "_id": id.clone() };
             with_id.extend(doc.into_iter().filter(|(k, _)| k != "_id"));
-            let result = collection
-                .replace_one(doc! { "_id": id.clone() }, with_id)
-                .upsert(true)
-                .session(&mut *session)
-                .await
-                .map_err(MongoWriteError::from_driver)?;
+            // A document the guard refuses is not selected, so the upsert collides with it.
+            let result = match collection.replace_one(selector(&id), with_id).upsert(true).session(&mut *session).await
+            {
+                Err(e) if guard.is_some() && is_duplicate(&e) => return Err(refused(&id)),
+                other => other.map_err(MongoWriteError::from_driver)?,
+            };
             Ok(if result.upserted_id.is_some() {
                 Some(change(ChangeOp::Insert, id))
             } else if result.modified_count > 0 {
@@ -181,23 +209,23 @@ async fn apply(
         }
         Write::Update(id, update) => {
             let result = collection
-                .update_one(doc! { "_id": id.clone() }, update)
+                .update_one(selector(&id), update)
                 .session(&mut *session)
                 .await
                 .map_err(MongoWriteError::from_driver)?;
             if result.matched_count == 0 {
-                return Err(not_found(&id));
+                return Err(unmatched(&id, session).await?);
             }
             Ok((result.modified_count > 0).then(|| change(ChangeOp::Update, id)))
         }
         Write::Delete(id) => {
             let result = collection
-                .delete_one(doc! { "_id": id.clone() })
+                .delete_one(selector(&id))
                 .session(&mut *session)
                 .await
                 .map_err(MongoWriteError::from_driver)?;
             if result.deleted_count == 0 {
-                return Err(not_found(&id));
+                return Err(unmatched(&id, session).await?);
             }
             Ok(Some(change(ChangeOp::Delete, id)))
         }

@@ -29,8 +29,8 @@ use redb::{ReadableTable, Table};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    DOCS, Durability, Listener, META, POSITION, RESERVED, StoreConfig, StoreError, Write, decode, doc_key, id_label,
-    limits, replacement, update, with_id,
+    DOCS, Durability, Guard, Listener, META, POSITION, RESERVED, StoreConfig, StoreError, Write, decode, doc_key,
+    id_label, limits, replacement, update, with_id,
 };
 use crate::health::Health;
 
@@ -43,6 +43,8 @@ const MAX_PENDING: usize = 100_000;
 pub(crate) struct Request {
     pub ns: String,
     pub writes: Vec<Write>,
+    /// What every document the request changes must match.
+    pub guard: Option<Guard>,
     pub reply: oneshot::Sender<Result<Vec<ChangeEvent>, StoreError>>,
 }
 
@@ -254,7 +256,7 @@ impl Committer {
             let mut docs = txn.open_table(DOCS)?;
             for request in requests {
                 let mut overlay = Overlay::default();
-                match overlay.apply(&docs, &request.ns, &request.writes, position) {
+                match overlay.apply(&docs, &request.ns, &request.writes, request.guard.as_ref(), position) {
                     Ok(events) => {
                         for (key, value) in overlay.changes {
                             match value {
@@ -366,8 +368,14 @@ impl Overlay {
         docs: &Table<&[u8], &[u8]>,
         ns: &str,
         writes: &[Write],
+        guard: Option<&Guard>,
         mut position: u64,
     ) -> Result<Vec<ChangeEvent>, StoreError> {
+        let refused = |id: &bson::Bson| StoreError::Refused(id_label(id), ns.into());
+        let guarded = |before: &Option<Document>, id: &bson::Bson| match (guard, before) {
+            (Some(guard), Some(before)) if !guard.admits(before) => Err(refused(id)),
+            _ => Ok(()),
+        };
         let mut events = Vec::with_capacity(writes.len());
         for write in writes {
             let (op, id, after) = match write {
@@ -385,6 +393,7 @@ impl Overlay {
                     let doc = replacement(id, doc.clone())?;
                     let key = doc_key(ns, id)?;
                     let before = self.current(docs, &key)?;
+                    guarded(&before, id)?;
                     if before.as_ref() == Some(&doc) {
                         // A no-op, as in MongoDB: no write, no event, no position.
                         continue;
@@ -395,7 +404,9 @@ impl Overlay {
                 }
                 Write::Update(id, changes) => {
                     let key = doc_key(ns, id)?;
-                    let Some(before) = self.current(docs, &key)? else {
+                    let before = self.current(docs, &key)?;
+                    guarded(&before, id)?;
+                    let Some(before) = before else {
                         return Err(StoreError::NotFound(id_label(id), ns.into()));
                     };
                     let after = if update::is_operator_update(changes) {
@@ -415,7 +426,9 @@ impl Overlay {
                 }
                 Write::Delete(id) => {
                     let key = doc_key(ns, id)?;
-                    if self.current(docs, &key)?.is_none() {
+                    let before = self.current(docs, &key)?;
+                    guarded(&before, id)?;
+                    if before.is_none() {
                         return Err(StoreError::NotFound(id_label(id), ns.into()));
                     }
                     self.set(key, None);

@@ -27,6 +27,12 @@
 //! 1,500,000 elements ([`update`]). Requests are checked before they reach the committer where
 //! possible, and stored bytes are checked before they are decoded.
 //!
+//! # Guards
+//! A write request may carry a [`Guard`]: a filter every document it replaces, updates or
+//! deletes must match, checked by the committer inside the transaction that writes it (so
+//! nothing can change the document between the check and the write). The REST API uses it
+//! for documents' `_acl.write`.
+//!
 //! # Ids
 //! `_id` may be any BSON value except an array; a missing `_id` gets a new ObjectId. A URL
 //! path segment names the first of these that exists: an ObjectId (24 hexadecimal digits), a
@@ -96,6 +102,35 @@ pub enum StoreError {
     /// Stored bytes cannot be read back (written by something else, or damaged).
     #[error("stored document cannot be read: {0}")]
     Corrupt(limits::LimitError),
+    /// The document exists but does not match the request's [`Guard`]: nothing was written.
+    #[error("the document with _id {0} in {1} does not admit this write")]
+    Refused(String, String),
+}
+
+/// A condition on the documents a request changes (see the module docs).
+#[derive(Debug, Clone)]
+pub struct Guard {
+    filter: Document,
+    compiled: Arc<livegrid_matcher::Filter>,
+}
+
+impl Guard {
+    /// A guard admitting the documents that match `filter` (MongoDB query language).
+    pub fn new(filter: Document) -> Result<Guard, StoreError> {
+        let compiled =
+            livegrid_matcher::Filter::parse(&filter).map_err(|e| StoreError::Invalid(format!("write guard: {e}")))?;
+        Ok(Guard { filter, compiled: Arc::new(compiled) })
+    }
+
+    /// The filter, to send to a database that checks it itself.
+    pub fn filter(&self) -> &Document {
+        &self.filter
+    }
+
+    /// Whether `doc` may be changed.
+    pub fn admits(&self, doc: &Document) -> bool {
+        self.compiled.matches(doc)
+    }
 }
 
 /// One write of a batch.
@@ -286,13 +321,25 @@ impl Store {
     /// With `large`, the request's checks (which encode its documents) run on the blocking
     /// pool rather than on the caller's async thread.
     pub async fn write_async(&self, ns: &str, writes: Vec<Write>, large: bool) -> Result<Vec<ChangeEvent>, StoreError> {
+        self.write_guarded(ns, writes, None, large).await
+    }
+
+    /// [`Store::write_async`] with a [`Guard`] on the documents the writes change: if one does
+    /// not match it, the request fails with [`StoreError::Refused`] and writes nothing.
+    pub async fn write_guarded(
+        &self,
+        ns: &str,
+        writes: Vec<Write>,
+        guard: Option<Guard>,
+        large: bool,
+    ) -> Result<Vec<ChangeEvent>, StoreError> {
         let (job, done, bytes) = if large {
             let ns = ns.to_string();
-            tokio::task::spawn_blocking(move || prepare(&ns, writes))
+            tokio::task::spawn_blocking(move || prepare(&ns, writes, guard))
                 .await
                 .map_err(|e| StoreError::Unavailable(format!("checking the write failed: {e}")))??
         } else {
-            prepare(ns, writes)?
+            prepare(ns, writes, guard)?
         };
         // Queued requests hold their documents: they wait for room in a byte budget too. Only
         // entering the queue has a deadline: once queued, a write is committed or fails, and
@@ -313,7 +360,7 @@ impl Store {
 
     /// [`Store::write_async`] for threads outside the async runtime.
     pub fn write(&self, ns: &str, writes: Vec<Write>) -> Result<Vec<ChangeEvent>, StoreError> {
-        let (job, done, _) = prepare(ns, writes)?;
+        let (job, done, _) = prepare(ns, writes, None)?;
         self.sender()?.blocking_send(job).map_err(|_| closed())?;
         done.blocking_recv().map_err(|_| closed())?
     }
@@ -451,14 +498,14 @@ fn closed() -> StoreError {
 type Answer = oneshot::Receiver<Result<Vec<ChangeEvent>, StoreError>>;
 
 /// Checks a request and wraps it for the committer.
-fn prepare(ns: &str, writes: Vec<Write>) -> Result<(commit::Job, Answer, usize), StoreError> {
+fn prepare(ns: &str, writes: Vec<Write>, guard: Option<Guard>) -> Result<(commit::Job, Answer, usize), StoreError> {
     check_namespace(ns)?;
     let mut bytes = 0usize;
     for write in &writes {
         bytes = bytes.saturating_add(write.precheck()?);
     }
     let (reply, done) = oneshot::channel();
-    Ok((commit::Job::Write(commit::Request { ns: ns.to_string(), writes, reply }), done, bytes))
+    Ok((commit::Job::Write(commit::Request { ns: ns.to_string(), writes, guard, reply }), done, bytes))
 }
 
 /// The position to continue from: above every position a crashed run may have handed out.
@@ -704,6 +751,70 @@ mod tests {
         let seen = seen.lock().unwrap().clone();
         assert_eq!(seen, (1..=641).collect::<Vec<u64>>());
         assert_eq!(store.position().unwrap().time(), 641);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn guarded_writes_only_change_documents_the_guard_admits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let history = Arc::new(Mutex::new(Vec::new()));
+        let sink = history.clone();
+        store.set_listener(move |events| sink.lock().unwrap().extend(events));
+        let first = vec![Write::Insert(doc! {"_id": 1, "owner": "a"}), Write::Insert(doc! {"_id": 2, "owner": "b"})];
+        store.write_async("db.c", first, false).await.unwrap();
+        let guard = || Some(Guard::new(doc! {"owner": "a"}).unwrap());
+        let write = |writes: Vec<Write>| store.write_guarded("db.c", writes, guard(), false);
+        let set = |x: i32| doc! {"$set": {"x": x}};
+        assert!(write(vec![Write::Update(Bson::Int32(1), set(1))]).await.is_ok());
+        for refused in [
+            vec![Write::Update(Bson::Int32(2), set(1))],
+            vec![Write::Replace(Bson::Int32(2), doc! {"owner": "a"})],
+            vec![Write::Delete(Bson::Int32(2))],
+            // All or nothing: the first write is not kept.
+            vec![Write::Update(Bson::Int32(1), set(2)), Write::Delete(Bson::Int32(2))],
+            // A later write sees what an earlier one of the request did.
+            vec![Write::Update(Bson::Int32(1), doc! {"$set": {"owner": "b"}}), Write::Update(Bson::Int32(1), set(3))],
+        ] {
+            assert!(matches!(write(refused).await, Err(StoreError::Refused(..))));
+        }
+        assert_eq!(store.get("db.c", &Bson::Int32(1)).unwrap(), Some(doc! {"_id": 1, "owner": "a", "x": 1}));
+        assert_eq!(store.get("db.c", &Bson::Int32(2)).unwrap(), Some(doc! {"_id": 2, "owner": "b"}));
+        // Documents that do not exist yet are not guarded; missing ones are still missing.
+        assert!(write(vec![Write::Insert(doc! {"_id": 3, "owner": "b"})]).await.is_ok());
+        assert!(write(vec![Write::Replace(Bson::Int32(4), doc! {"owner": "b"})]).await.is_ok());
+        assert!(matches!(write(vec![Write::Delete(Bson::Int32(5))]).await, Err(StoreError::NotFound(..))));
+
+        // The check and the write are one: while another writer flips the owner back and
+        // forth, every guarded write that lands finds the owner it requires.
+        let flipper = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for i in 0..200 {
+                    let owner = if i % 2 == 0 { "b" } else { "a" };
+                    let update = doc! {"$set": {"owner": owner, "by": "flipper"}};
+                    store.write_async("db.c", vec![Write::Update(Bson::Int32(1), update)], false).await.unwrap();
+                }
+            })
+        };
+        let mut landed = 0;
+        for i in 0..200 {
+            let update = doc! {"$set": {"x": i, "by": "guarded"}};
+            match store.write_guarded("db.c", vec![Write::Update(Bson::Int32(1), update)], guard(), false).await {
+                Ok(_) => landed += 1,
+                Err(StoreError::Refused(..)) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        flipper.await.unwrap();
+        let history = history.lock().unwrap();
+        let ones: Vec<&Document> =
+            history.iter().filter(|e| e.id == Bson::Int32(1)).map(|e| &**e.doc.as_ref().unwrap()).collect();
+        let guarded: Vec<usize> = (1..ones.len()).filter(|&i| ones[i].get_str("by").ok() == Some("guarded")).collect();
+        assert_eq!(guarded.len(), landed);
+        assert!(
+            guarded.iter().all(|&i| ones[i - 1].get_str("owner").ok() == Some("a")),
+            "a guarded write found owner b"
+        );
     }
 
     #[test]
