@@ -10,7 +10,8 @@
 //! (1,000 users), every subscription's filter gets the object-ACL predicate folded in, and
 //! every write carries `_acl: {"read": ["user:<the owner's user>"]}` (so the same deltas flow
 //! as without ACLs). The CPU time of the process during the write phase is reported, to
-//! compare the two.
+//! compare the two. `LIVEGRID_STORE_CACHE_MIB` sets the store's page cache (default 256)
+//! and `LIVEGRID_RETENTION` the writes the retention buffer keeps (default 100,000).
 //! Write-to-client latency: each document carries the time it was sent; each client takes
 //! the time its delta arrives. The server and the clients share this process and its 2
 //! cores, so the figures are conservative.
@@ -117,6 +118,11 @@ fn main() {
             data: dir.path().to_path_buf(),
             queue_capacity: 65_536,
             durability: std::env::var("LIVEGRID_DURABILITY").ok().map(|d| d.parse().expect("durability")).unwrap_or_default(),
+            retention: std::env::var("LIVEGRID_RETENTION").ok().map(|n| n.parse().expect("retention")).unwrap_or(100_000),
+            store_cache_bytes: std::env::var("LIVEGRID_STORE_CACHE_MIB")
+                .ok()
+                .map(|mib| mib.parse::<usize>().expect("store cache MiB") << 20)
+                .unwrap_or(livegrid::source::store::DEFAULT_CACHE_BYTES),
             auth: if acl {
                 let rules = "[namespaces.\"load.*\"]\nread = \"authenticated\"\nwrite = [\"role:writer\"]\n";
                 livegrid::server::AuthConfig {

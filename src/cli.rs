@@ -89,6 +89,10 @@ pub struct ServeArgs {
     /// Recent writes kept to catch subscriptions up [default: 100000].
     #[arg(long, env = "LIVEGRID_RETENTION")]
     pub retention: Option<usize>,
+    /// Bytes of recent writes kept to catch subscriptions up (documents' rough heap size)
+    /// [default: 268435456].
+    #[arg(long, env = "LIVEGRID_RETENTION_BYTES")]
+    pub retention_bytes: Option<usize>,
     /// Seconds the subscriptions of a dropped connection wait to be resumed [default: 60].
     #[arg(long, env = "LIVEGRID_RESUME_GRACE_SECONDS")]
     pub resume_grace_seconds: Option<u64>,
@@ -174,9 +178,13 @@ pub struct ServeArgs {
     /// Levels of nesting a subscription's filter may have, at most 100 [default: 100].
     #[arg(long, env = "LIVEGRID_MAX_FILTER_DEPTH")]
     pub max_filter_depth: Option<usize>,
-    /// Bytes of one regular expression in a subscription's filter [default: 8192].
+    /// Bytes of one regular expression in a filter [default: 8192].
     #[arg(long, env = "LIVEGRID_MAX_REGEX_BYTES")]
     pub max_regex_bytes: Option<usize>,
+    /// Bytes the compiled regular expressions of one filter may hold, at most 4194304
+    /// [default: 1048576].
+    #[arg(long, env = "LIVEGRID_MAX_REGEX_MEMORY")]
+    pub max_regex_memory: Option<usize>,
     /// Bytes all subscriptions together may hold; new ones are refused beyond it
     /// [default: 1073741824].
     #[arg(long, env = "LIVEGRID_SUBSCRIPTION_MEMORY")]
@@ -187,6 +195,10 @@ pub struct ServeArgs {
     /// Write requests waiting for the store's committer; writers wait beyond it [default: 4096].
     #[arg(long, env = "LIVEGRID_WRITE_QUEUE")]
     pub write_queue: Option<usize>,
+    /// MiB of the embedded store's database pages kept in memory (read cache and write
+    /// buffer) [default: 256].
+    #[arg(long, env = "LIVEGRID_STORE_CACHE_MIB")]
+    pub store_cache_mib: Option<usize>,
     /// Milliseconds a write may wait for room in that queue before it is refused with 503
     /// and Retry-After (nothing is written then) [default: 5000].
     #[arg(long, env = "LIVEGRID_WRITE_DEADLINE_MS")]
@@ -268,6 +280,9 @@ pub struct ReplayArgs {
     /// Recent events kept for catching up subscriptions.
     #[arg(long, default_value_t = 100_000)]
     pub retention: usize,
+    /// Bytes of recent events kept for catching up subscriptions.
+    #[arg(long, default_value_t = livegrid_engine::DEFAULT_RETENTION_BYTES)]
+    pub retention_bytes: usize,
     /// Documents a sorted window keeps beyond its visible end.
     #[arg(long, default_value_t = 16)]
     pub slack: usize,

@@ -481,6 +481,7 @@ async fn per_connection_and_per_query_limits_get_specific_errors() {
         max_window: 100,
         max_filter_depth: 4,
         max_regex_bytes: 10,
+        max_regex_memory: 64 << 10,
         ..Default::default()
     };
     let server = server_with(dir.path(), config).await;
@@ -505,6 +506,21 @@ async fn per_connection_and_per_query_limits_get_specific_errors() {
     )
     .await;
     assert!(expect_error(&next(&mut socket).await, ErrorCode::QueryTooLarge).contains("at most 10 are allowed"));
+    // Short patterns whose compiled form is large (Unicode classes) meet the memory limit.
+    let heavy = json!({"$or": [{"a": {"$regex": "\\w{9}"}}, {"b": {"$regex": "\\w{9}"}}]});
+    send(&mut socket, json!({"type": "subscribe", "id": "m", "ns": "db.c", "filter": heavy.clone()})).await;
+    let message = expect_error(&next(&mut socket).await, ErrorCode::QueryTooLarge);
+    assert!(message.contains("regular expressions compile to") && message.contains("at most 65536"), "{message}");
+    // REST queries meet the same limits.
+    let filter = |f: &serde_json::Value| form_urlencoded::byte_serialize(f.to_string().as_bytes()).collect::<String>();
+    for (f, code) in [
+        (heavy, "query_too_large"),
+        (json!({"x": {"$in": [1, 2, 3, 4]}}), "query_too_large"),
+        (json!({"x": {"$bogus": 1}}), "bad_query"),
+    ] {
+        let (status, body) = common::http(addr, "GET", &format!("/v1/db/db/c?filter={}", filter(&f)), None).await;
+        assert_eq!((status, body["code"].as_str()), (400, Some(code)), "{f}: {body}");
+    }
     send(&mut socket, json!({"type": "subscribe", "id": "c", "ns": "db.c", "sort": {"x": 1}, "limit": 100})).await;
     expect_result(&next(&mut socket).await);
     // A burst beyond 5 messages a second: the rest are dropped with rate_limited.

@@ -54,6 +54,8 @@ pub struct EngineConfig {
     pub cluster: Option<ClusterConfig>,
     /// How many recent writes the retention buffer keeps.
     pub retention: usize,
+    /// How many bytes of recent writes the retention buffer keeps (see [`crate::retention`]).
+    pub retention_bytes: usize,
     /// Documents a window keeps beyond its visible end (fewer re-reads, more memory).
     pub slack: usize,
     /// Messages the engine holds for its consumer at most ([`Engine::messages`]); beyond it the
@@ -64,12 +66,16 @@ pub struct EngineConfig {
     pub max_inflight: u64,
 }
 
+/// The default for [`EngineConfig::retention_bytes`]: 256 MiB.
+pub const DEFAULT_RETENTION_BYTES: usize = 256 << 20;
+
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             shape: GridShape { query_partitions: 1, write_partitions: 1 },
             cluster: None,
             retention: 100_000,
+            retention_bytes: DEFAULT_RETENTION_BYTES,
             slack: 16,
             output_capacity: 65_536,
             max_inflight: 64,
@@ -338,7 +344,7 @@ impl Engine {
             slack: config.slack,
             max_inflight: config.max_inflight.max(1),
             ingest: Mutex::new(Ingest {
-                retention: Retention::new(config.retention),
+                retention: Retention::new(config.retention, config.retention_bytes),
                 subscriptions: HashMap::default(),
                 namespaces: HashMap::default(),
                 commands: feeds.then_some(command_tx),

@@ -16,7 +16,10 @@ pub mod subscription;
 pub mod window;
 pub mod wire;
 
-pub use engine::{ClusterConfig, Engine, EngineConfig, EngineError, EngineEvent, Message, OUTPUT_BATCH, Recycler};
+pub use engine::{
+    ClusterConfig, DEFAULT_RETENTION_BYTES, Engine, EngineConfig, EngineError, EngineEvent, Message, OUTPUT_BATCH,
+    Recycler,
+};
 pub use event::{ChangeEvent, ChangeOp};
 pub use grid::GridShape;
 pub use query_index::QueryKey;

@@ -23,6 +23,8 @@ pub struct Filter {
     root: Expr,
     /// See [`Filter::memory_estimate`].
     memory: usize,
+    /// See [`Filter::regex_memory`].
+    regex_memory: usize,
 }
 
 impl Filter {
@@ -34,7 +36,7 @@ impl Filter {
         let document_bytes = crate::limits::measure_document(source, "filter")?;
         let mut regexes = RegexBudget::default();
         let root = crate::parse::parse_filter(source, &mut regexes)?;
-        Ok(Filter { root, memory: document_bytes + regexes.spent() })
+        Ok(Filter { root, memory: document_bytes + regexes.spent(), regex_memory: regexes.spent() })
     }
 
     /// Parses a filter from (canonical or relaxed Extended) JSON text.
@@ -60,6 +62,12 @@ impl Filter {
     /// that matching threads keep per regex are not counted (see [`crate::regex`]).
     pub fn memory_estimate(&self) -> usize {
         self.memory
+    }
+
+    /// Bytes the filter's compiled regular expressions hold (at most
+    /// [`crate::QUERY_REGEX_BUDGET`]).
+    pub fn regex_memory(&self) -> usize {
+        self.regex_memory
     }
 
     /// What an index of queries needs to find this filter from a document: predicates that

@@ -56,7 +56,9 @@ pub use bson_order::{compare_values, value_hash, values_equal};
 pub use error::QueryError;
 pub use filter::Filter;
 pub use index_plan::{Bound, IndexPlan};
-pub use limits::{FilterShape, MAX_NESTING_DEPTH, MAX_PATH_COMPONENTS, QUERY_REGEX_BUDGET, filter_shape};
+pub use limits::{
+    FilterShape, MAX_NESTING_DEPTH, MAX_PATH_COMPONENTS, QUERY_REGEX_BUDGET, document_heap_bytes, filter_shape,
+};
 pub use path::{FieldPath, LeafArrays};
 pub use projection::Projection;
 pub use query::{Query, QuerySpec};

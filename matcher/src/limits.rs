@@ -54,12 +54,24 @@ pub(crate) fn check_path_components(dotted: &str) -> Result<(), QueryError> {
 ///
 /// The walk keeps its own stack, so any depth is safe to check.
 pub(crate) fn measure_document(doc: &Document, part: &str) -> Result<usize, QueryError> {
+    heap_bytes_within(doc, MAX_NESTING_DEPTH)
+        .ok_or_else(|| QueryError::NestingTooDeep { part: part.to_string(), max: MAX_NESTING_DEPTH })
+}
+
+/// A rough count of the heap bytes `doc` holds (its keys, strings and binaries, and a node per
+/// element), whatever its depth: what a buffer of documents charges for each.
+pub fn document_heap_bytes(doc: &Document) -> usize {
+    heap_bytes_within(doc, usize::MAX).unwrap_or(usize::MAX)
+}
+
+/// [`document_heap_bytes`], or `None` if `doc` nests deeper than `max_depth`.
+fn heap_bytes_within(doc: &Document, max_depth: usize) -> Option<usize> {
     let mut pending = Vec::new();
     let mut bytes = queue_entries(doc, 2, &mut pending);
     while let Some((value, depth)) = pending.pop() {
         let container = matches!(value, Bson::Document(_) | Bson::Array(_) | Bson::JavaScriptCodeWithScope(_));
-        if container && depth > MAX_NESTING_DEPTH {
-            return Err(QueryError::NestingTooDeep { part: part.to_string(), max: MAX_NESTING_DEPTH });
+        if container && depth > max_depth {
+            return None;
         }
         bytes += match value {
             Bson::Document(d) => queue_entries(d, depth + 1, &mut pending),
@@ -76,7 +88,7 @@ pub(crate) fn measure_document(doc: &Document, part: &str) -> Result<usize, Quer
             _ => 0,
         };
     }
-    Ok(bytes)
+    Some(bytes)
 }
 
 /// What servers may cap in a filter before compiling it (each cap is a setting there).

@@ -99,6 +99,7 @@ pub fn execute(args: &ReplayArgs) -> Result<String, ReplayError> {
         shape: args.grid,
         cluster: cluster(args)?,
         retention: args.retention,
+        retention_bytes: args.retention_bytes,
         slack: args.slack,
         ..Default::default()
     };

@@ -35,6 +35,7 @@ pub struct FileConfig {
     max_message_bytes: Option<usize>,
     heartbeat_seconds: Option<u64>,
     retention: Option<usize>,
+    retention_bytes: Option<usize>,
     resume_grace_seconds: Option<u64>,
     resume_buffer: Option<usize>,
     durability: Option<String>,
@@ -60,10 +61,12 @@ pub struct FileConfig {
     max_window: Option<u64>,
     max_filter_depth: Option<usize>,
     max_regex_bytes: Option<usize>,
+    max_regex_memory: Option<usize>,
     subscription_memory: Option<usize>,
     max_subscription_bytes: Option<usize>,
     write_queue: Option<usize>,
     write_deadline_ms: Option<u64>,
+    store_cache_mib: Option<usize>,
     exit_on_fatal: Option<bool>,
     replay: Option<PathBuf>,
     replay_rate: Option<f64>,
@@ -180,9 +183,11 @@ pub fn config(args: &ServeArgs) -> Result<ServeConfig, String> {
         max_window: args.max_window.or(file.max_window).unwrap_or(defaults.max_window),
         max_filter_depth: args.max_filter_depth.or(file.max_filter_depth).unwrap_or(defaults.max_filter_depth),
         max_regex_bytes: args.max_regex_bytes.or(file.max_regex_bytes).unwrap_or(defaults.max_regex_bytes),
+        max_regex_memory: args.max_regex_memory.or(file.max_regex_memory).unwrap_or(defaults.max_regex_memory),
         max_message_bytes: args.max_message_bytes.or(file.max_message_bytes).unwrap_or(defaults.max_message_bytes),
         heartbeat: secs(args.heartbeat_seconds, file.heartbeat_seconds, defaults.heartbeat),
         retention: args.retention.or(file.retention).unwrap_or(defaults.retention),
+        retention_bytes: args.retention_bytes.or(file.retention_bytes).unwrap_or(defaults.retention_bytes),
         resume_grace: secs(args.resume_grace_seconds, file.resume_grace_seconds, defaults.resume_grace),
         resume_buffer: args.resume_buffer.or(file.resume_buffer).unwrap_or(defaults.resume_buffer),
         durability: match args.durability.clone().or(file.durability) {
@@ -212,6 +217,11 @@ pub fn config(args: &ServeArgs) -> Result<ServeConfig, String> {
             .or(file.max_subscription_bytes)
             .unwrap_or(defaults.max_subscription_bytes),
         write_queue: args.write_queue.or(file.write_queue).unwrap_or(defaults.write_queue),
+        store_cache_bytes: args
+            .store_cache_mib
+            .or(file.store_cache_mib)
+            .map(|mib| mib.saturating_mul(1 << 20))
+            .unwrap_or(defaults.store_cache_bytes),
         write_deadline: args
             .write_deadline_ms
             .or(file.write_deadline_ms)

@@ -10,6 +10,7 @@
 pub mod api_error;
 pub mod hub;
 pub mod listener;
+pub mod query_limits;
 pub mod rest;
 pub mod session;
 
@@ -65,8 +66,11 @@ pub struct ServerConfig {
     pub max_window: u64,
     /// Levels of nesting a subscription's filter may have (at most the matcher's 100).
     pub max_filter_depth: usize,
-    /// Bytes of one regular expression pattern in a subscription's filter.
+    /// Bytes of one regular expression pattern in a filter.
     pub max_regex_bytes: usize,
+    /// Bytes the compiled regular expressions of one filter may hold (at most the matcher's
+    /// 4 MiB).
+    pub max_regex_memory: usize,
     /// Largest client message, in bytes.
     pub max_message_bytes: usize,
     /// Interval between WebSocket pings; a peer silent for a whole interval after one is
@@ -74,6 +78,8 @@ pub struct ServerConfig {
     pub heartbeat: Duration,
     /// Recent writes kept to catch subscriptions up.
     pub retention: usize,
+    /// Bytes of recent writes kept to catch subscriptions up.
+    pub retention_bytes: usize,
     /// How long the subscriptions of a dropped connection wait to be resumed.
     pub resume_grace: Duration,
     /// Messages kept per subscription for resuming.
@@ -104,6 +110,8 @@ pub struct ServerConfig {
     pub write_queue: usize,
     /// How long a write may wait for room in that queue before it gets 503 with Retry-After.
     pub write_deadline: Duration,
+    /// Bytes of the embedded store's pages kept in memory.
+    pub store_cache_bytes: usize,
     /// Where change events come from.
     pub source: SourceChoice,
 }
@@ -161,9 +169,11 @@ impl Default for ServerConfig {
             max_window: 10_000,
             max_filter_depth: livegrid_matcher::MAX_NESTING_DEPTH,
             max_regex_bytes: 8192,
+            max_regex_memory: 1 << 20,
             max_message_bytes: 1 << 20,
             heartbeat: session::DEFAULT_HEARTBEAT,
             retention: 100_000,
+            retention_bytes: livegrid_engine::DEFAULT_RETENTION_BYTES,
             resume_grace: Duration::from_secs(60),
             resume_buffer: 128,
             resume_buffer_bytes: 1 << 20,
@@ -179,12 +189,26 @@ impl Default for ServerConfig {
             window_slack: 16,
             write_queue: 4096,
             write_deadline: Duration::from_secs(5),
+            store_cache_bytes: crate::source::store::DEFAULT_CACHE_BYTES,
             source: SourceChoice::Store,
         }
     }
 }
 
 impl ServerConfig {
+    /// The limits on the queries clients send.
+    pub fn query_limits(&self) -> query_limits::QueryLimits {
+        query_limits::QueryLimits {
+            max_in_values: self.max_in_values,
+            max_filter_depth: self.max_filter_depth,
+            max_regex_bytes: self.max_regex_bytes,
+            max_regex_memory: self.max_regex_memory,
+            max_window: self.max_window,
+            max_subscription_bytes: self.max_subscription_bytes,
+            window_slack: self.window_slack,
+        }
+    }
+
     /// Checks that every setting is usable, naming the first that is not.
     pub fn validate(&self) -> Result<(), String> {
         let range = |name: &str, value: u128, min: u128, max: u128| {
@@ -202,9 +226,16 @@ impl ServerConfig {
         range("max_window", u128::from(self.max_window), 1, 1 << 24)?;
         range("max_filter_depth", self.max_filter_depth as u128, 1, livegrid_matcher::MAX_NESTING_DEPTH as u128)?;
         range("max_regex_bytes", self.max_regex_bytes as u128, 1, 1 << 20)?;
+        range(
+            "max_regex_memory",
+            self.max_regex_memory as u128,
+            1 << 10,
+            livegrid_matcher::QUERY_REGEX_BUDGET as u128,
+        )?;
         range("max_message_bytes", self.max_message_bytes as u128, 64, 64 << 20)?;
         range("heartbeat (ms)", self.heartbeat.as_millis(), 10, 3_600_000)?;
         range("retention", self.retention as u128, 1, 100_000_000)?;
+        range("retention_bytes", self.retention_bytes as u128, 1 << 20, 1 << 40)?;
         range("resume_grace_seconds", self.resume_grace.as_secs() as u128, 0, 86_400)?;
         range("resume_buffer", self.resume_buffer as u128, 0, 1 << 20)?;
         range("resume_buffer_bytes", self.resume_buffer_bytes as u128, 0, 1 << 30)?;
@@ -230,6 +261,7 @@ impl ServerConfig {
         }
         range("write_queue", self.write_queue as u128, 1, 1 << 20)?;
         range("write_deadline (ms)", self.write_deadline.as_millis(), 1, 3_600_000)?;
+        range("store_cache_bytes", self.store_cache_bytes as u128, 1 << 20, 1 << 40)?;
         range("grid workers", self.grid.workers() as u128, 1, 1024)?;
         if let SourceChoice::Mongo { watch, .. } = &self.source
             && let Some(bad) = watch.iter().find(|w| w.is_empty() || w.starts_with('.') || w.ends_with('.'))
@@ -348,6 +380,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let engine_config = EngineConfig {
         shape: config.grid,
         retention: config.retention,
+        retention_bytes: config.retention_bytes,
         slack: config.window_slack,
         ..Default::default()
     };
@@ -485,6 +518,7 @@ async fn open_source(
                 max_group: 1024,
                 queue_deadline: config.write_deadline,
                 health: health.clone(),
+                cache_bytes: config.store_cache_bytes,
             };
             let data = config.data.clone();
             let store = tokio::task::spawn_blocking(move || Store::open_with(&data, store_config))

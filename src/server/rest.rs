@@ -23,12 +23,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bson::{Bson, Document};
 use livegrid_matcher::{Query, QuerySpec};
-use livegrid_protocol::{Position, extjson};
+use livegrid_protocol::{ErrorCode, Position, extjson};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::AppState;
 use super::api_error::ApiError;
+use super::query_limits;
 use crate::auth::{Principal, acl};
 use crate::invalidation::{Read, Ticket, canonical};
 use crate::source::mongodb::MongoWrites;
@@ -79,10 +80,14 @@ struct ReadRequest {
     private: bool,
 }
 
-/// Compiles `spec` on the blocking pool.
-async fn compile(spec: QuerySpec) -> Result<(QuerySpec, Query), ApiError> {
+/// Checks `spec` against the server's query limits and compiles it, on the blocking pool.
+async fn compile(state: &AppState, spec: QuerySpec) -> Result<(QuerySpec, Query), ApiError> {
+    let limits = state.config.query_limits();
     blocking(move || {
-        let query = Query::compile(&spec).map_err(|e| ApiError::bad_request("bad_query", e.to_string()))?;
+        let query = query_limits::compile(&spec, &limits).map_err(|(code, message)| {
+            let code = if code == ErrorCode::QueryTooLarge { "query_too_large" } else { "bad_query" };
+            ApiError::bad_request(code, message)
+        })?;
         Ok((spec, query))
     })
     .await?
@@ -334,7 +339,7 @@ pub async fn get(
     };
     let ticket = match shared && state.cache.config().max_age_for(&ns).caches() {
         true => {
-            let (spec, query) = compile(spec).await?;
+            let (spec, query) = compile(&state, spec).await?;
             watch(&state, &ns, &canonical, &spec, &query).await
         }
         false => None,
@@ -434,7 +439,7 @@ pub async fn query(
     // pool; an anonymous result is watched before it is read.
     let mut spec = canonical::query_key(&spec);
     spec.filter = state.visible(&spec.filter, &principal);
-    let (spec, query) = compile(spec).await?;
+    let (spec, query) = compile(&state, spec).await?;
     let ticket = match shared {
         true => watch(&state, &ns, &canonical, &spec, &query).await,
         false => None,

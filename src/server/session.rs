@@ -46,6 +46,7 @@ use tokio_tungstenite::tungstenite;
 use super::AppState;
 use super::hub::{Binding, ConnectionId, Outbox, Resume};
 use super::listener::ConnectionPermit;
+use super::query_limits;
 use crate::auth::Principal;
 
 /// Close code for policy violations (RFC 6455), used for clients that cannot keep up.
@@ -427,37 +428,10 @@ async fn subscribe_one(
         projection: subscribe.projection,
     };
     let compiled = {
-        let (spec, slack, max_bytes) = (spec.clone(), state.config.window_slack, state.config.max_subscription_bytes);
-        let (max_in, max_window) = (state.config.max_in_values, state.config.max_window);
-        let (max_depth, max_regex) = (state.config.max_filter_depth, state.config.max_regex_bytes);
-        tokio::task::spawn_blocking(move || -> Result<Compiled, (ErrorCode, String)> {
-            let shape = livegrid_matcher::filter_shape(&spec.filter);
-            let too_large = |message: String| Err((ErrorCode::QueryTooLarge, message));
-            if shape.largest_set > max_in {
-                let values = shape.largest_set;
-                return too_large(format!("an $in, $nin or $all lists {values} values; at most {max_in} are allowed"));
-            }
-            if shape.depth > max_depth {
-                let depth = shape.depth;
-                return too_large(format!("the filter nests {depth} levels; at most {max_depth} are allowed"));
-            }
-            if shape.longest_regex > max_regex {
-                let bytes = shape.longest_regex;
-                return too_large(format!("a regular expression is {bytes} bytes; at most {max_regex} are allowed"));
-            }
-            let query = Query::compile(&spec).map_err(|e| (ErrorCode::BadQuery, e.to_string()))?;
-            if let Some(end) = query.window_end().filter(|end| *end > max_window) {
-                let message =
-                    format!("the window ends at {end} (skip + limit); sorted windows may end at most at {max_window}");
-                return Err((ErrorCode::QueryTooLarge, message));
-            }
-            let charge = crate::budget::subscription_charge(&query, slack);
-            if charge > max_bytes {
-                return Err((
-                    ErrorCode::QueryTooLarge,
-                    format!("this subscription would hold about {charge} bytes; at most {max_bytes} are allowed"),
-                ));
-            }
+        let (spec, limits) = (spec.clone(), state.config.query_limits());
+        tokio::task::spawn_blocking(move || -> Result<Compiled, query_limits::Refusal> {
+            let query = query_limits::compile(&spec, &limits)?;
+            let charge = query_limits::subscription_charge(&query, &limits)?;
             Ok(Compiled { query, charge })
         })
         .await

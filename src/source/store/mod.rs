@@ -224,7 +224,13 @@ pub struct StoreConfig {
     pub queue_deadline: Duration,
     /// Where a failed commit is reported.
     pub health: Arc<Health>,
+    /// Bytes of database pages redb keeps in memory (its read cache and write buffer).
+    pub cache_bytes: usize,
 }
+
+/// The default for [`StoreConfig::cache_bytes`]: 256 MiB (redb's own default is 1 GiB, which
+/// a busy store fills within minutes).
+pub const DEFAULT_CACHE_BYTES: usize = 256 << 20;
 
 impl Default for StoreConfig {
     fn default() -> Self {
@@ -234,6 +240,7 @@ impl Default for StoreConfig {
             max_group: 1024,
             queue_deadline: Duration::from_secs(5),
             health: Arc::new(Health::new()),
+            cache_bytes: DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -265,7 +272,11 @@ impl Store {
     pub fn open_with(dir: &Path, config: StoreConfig) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Unavailable(format!("creating {}: {e}", dir.display())))?;
-        let db = Arc::new(redb::Database::create(dir.join("livegrid.redb")).map_err(redb::Error::from)?);
+        let db = redb::Builder::new()
+            .set_cache_size(config.cache_bytes)
+            .create(dir.join("livegrid.redb"))
+            .map_err(redb::Error::from)?;
+        let db = Arc::new(db);
         let position = recover_position(&db)?;
         let listener: Arc<Mutex<Option<Listener>>> = Arc::new(Mutex::new(None));
         let (jobs, handle) = commit::start(db.clone(), listener.clone(), position, &config)?;
