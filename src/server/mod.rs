@@ -10,6 +10,7 @@
 pub mod api_error;
 pub mod hub;
 pub mod listener;
+pub mod playground;
 pub mod query_limits;
 pub mod rest;
 pub mod session;
@@ -473,6 +474,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         source: (source_name, pump.stats()),
     };
     let app = Router::new()
+        .route("/", get(playground::page))
+        .route("/playground/{file}", get(playground::playground_file))
+        .route("/client/{file}", get(playground::client_file))
         .route("/healthz", get(healthz))
         .route("/metrics", get(move || async move { metrics.render() }))
         .route("/v1/ws", get(websocket))
