@@ -237,3 +237,19 @@ fn bad_inputs_name_the_file_and_line() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("query \"q\": bad query: unsupported operator $where at a"), "{stderr}");
 }
+
+#[test]
+fn workload_says_what_it_wrote_and_how_to_replay_it() {
+    let dir = tempfile_dir("workload");
+    let out = Command::new(env!("CARGO_BIN_EXE_livegrid"))
+        .args(["workload", "--events", "20", "--queries", "3", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("wrote 20 change events to") && said.contains("and 3 queries to"), "{said}");
+    assert!(said.contains("livegrid replay --events"), "{said}");
+    let events = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
+    assert_eq!(events.lines().count(), 20);
+}

@@ -1,5 +1,6 @@
-//! `livegrid serve` as a real process: configuration from a TOML file, and a graceful
-//! shutdown on SIGTERM that closes WebSockets with a reason.
+//! `livegrid serve` as a real process: configuration from a TOML file (a listen address by
+//! name), plain logs when not at a terminal, a clear refusal for a second instance on the same
+//! data folder, and a graceful shutdown on SIGTERM that closes WebSockets with a reason.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ async fn sigterm_closes_connections_with_a_reason() {
     let config = dir.path().join("livegrid.toml");
     std::fs::write(
         &config,
-        format!("listen = \"127.0.0.1:{port}\"\ndurability = \"immediate\"\nheartbeat_seconds = 30\n"),
+        format!("listen = \"localhost:{port}\"\ndurability = \"immediate\"\nheartbeat_seconds = 30\n"),
     )
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_livegrid"))
@@ -38,6 +39,15 @@ async fn sigterm_closes_connections_with_a_reason() {
     socket.send(Message::Text(r#"{"type":"subscribe","id":"a","ns":"db.c"}"#.into())).await.unwrap();
     let first = tokio::time::timeout(Duration::from_secs(10), socket.next()).await.unwrap().unwrap().unwrap();
     assert!(first.to_text().unwrap().contains("\"result\""));
+    // A second instance on the same data folder names it and says why it cannot start.
+    let second = Command::new(env!("CARGO_BIN_EXE_livegrid"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{said}");
+    assert!(said.contains("data") && said.contains("in use by another livegrid instance"), "{said}");
 
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
@@ -59,6 +69,11 @@ async fn sigterm_closes_connections_with_a_reason() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "exit status {status}");
+    // Logs to a pipe carry no colour codes.
+    let mut logs = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut logs).unwrap();
+    assert!(logs.contains("livegrid listening"), "{logs}");
+    assert!(!logs.contains('\u{1b}'), "escape codes in {logs}");
 }
 
 #[test]

@@ -154,7 +154,7 @@ pub fn config(args: &ServeArgs) -> Result<ServeConfig, String> {
     let auth = auth_config(args, &file)?;
     let defaults = ServerConfig::default();
     let listen = match args.listen.clone().or(file.listen) {
-        Some(l) => l.parse().map_err(|e| format!("listen address {l:?}: {e}"))?,
+        Some(l) => resolve_listen(&l)?,
         None => defaults.listen,
     };
     let grid = match args.grid.clone().or(file.grid) {
@@ -247,11 +247,33 @@ pub fn config(args: &ServeArgs) -> Result<ServeConfig, String> {
     Ok(ServeConfig { server, exit_on_fatal: args.exit_on_fatal.or(file.exit_on_fatal).unwrap_or(true) })
 }
 
+/// The address to listen on: `host:port` with an IP address or a name (`localhost:8080`),
+/// resolved once at startup: the first IPv4 address the name resolves to, else the first.
+fn resolve_listen(listen: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = listen.parse() {
+        return Ok(addr);
+    }
+    let addrs: Vec<std::net::SocketAddr> = listen
+        .to_socket_addrs()
+        .map_err(|e| format!("listen address {listen:?}: {e} (give host:port, e.g. 127.0.0.1:8080 or localhost:8080)"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("listen address {listen:?} resolves to no address"))
+}
+
 /// Runs the command.
 pub fn run(args: &ServeArgs) -> ExitCode {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal, never in log files or pipes.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let config = match config(args) {
         Ok(c) => c,

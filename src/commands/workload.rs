@@ -11,7 +11,26 @@ use crate::workload::{CHAT_NAMESPACE, Chat, NAMESPACE, Workload, change_stream_j
 /// Runs the command.
 pub fn run(args: &WorkloadArgs) -> ExitCode {
     match write(args) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => {
+            // Say what was written and what to do with it.
+            let (events, queries) = (args.dir.join("events.jsonl"), args.dir.join("queries.jsonl"));
+            let (kind, ns) = if args.fanout > 0 { ("chat", CHAT_NAMESPACE) } else { ("item", NAMESPACE) };
+            eprintln!(
+                "wrote {} change events to {} and {} queries to {} ({kind} workload on {ns}, seed {})",
+                args.events,
+                events.display(),
+                args.queries,
+                queries.display(),
+                args.seed
+            );
+            eprintln!(
+                "replay them with: livegrid replay --events {} --queries {} --out {}",
+                events.display(),
+                queries.display(),
+                args.dir.join("out.jsonl").display()
+            );
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(1)

@@ -53,7 +53,7 @@ impl From<StoreError> for ApiError {
             StoreError::Update(_) => (StatusCode::BAD_REQUEST, "bad_update"),
             StoreError::Namespace(_) => (StatusCode::BAD_REQUEST, "bad_namespace"),
             StoreError::Storage(_) | StoreError::Corrupt(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-            StoreError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            StoreError::Unavailable(_) | StoreError::InUse(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             StoreError::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             StoreError::Refused(..) => (StatusCode::FORBIDDEN, "forbidden"),
         };

@@ -102,6 +102,9 @@ pub enum StoreError {
     /// Stored bytes cannot be read back (written by something else, or damaged).
     #[error("stored document cannot be read: {0}")]
     Corrupt(limits::LimitError),
+    /// Another process holds the data folder's database.
+    #[error("the data folder {} is in use by another livegrid instance (its database is locked): stop that one or choose another --data folder", .0.display())]
+    InUse(std::path::PathBuf),
     /// The document exists but does not match the request's [`Guard`]: nothing was written.
     #[error("the document with _id {0} in {1} does not admit this write")]
     Refused(String, String),
@@ -272,10 +275,13 @@ impl Store {
     pub fn open_with(dir: &Path, config: StoreConfig) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Unavailable(format!("creating {}: {e}", dir.display())))?;
-        let db = redb::Builder::new()
-            .set_cache_size(config.cache_bytes)
-            .create(dir.join("livegrid.redb"))
-            .map_err(redb::Error::from)?;
+        let db =
+            redb::Builder::new().set_cache_size(config.cache_bytes).create(dir.join("livegrid.redb")).map_err(|e| {
+                match e {
+                    redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(dir.to_path_buf()),
+                    other => StoreError::Storage(other.into()),
+                }
+            })?;
         let db = Arc::new(db);
         let position = recover_position(&db)?;
         let listener: Arc<Mutex<Option<Listener>>> = Arc::new(Mutex::new(None));

@@ -1,7 +1,8 @@
 // The playground in headless Chromium against a real `livegrid serve`: subscribe, insert
 // through the form and through REST, see rows appear, change and leave in order; kill the
 // server and start it again, and see the page resume with no wrong rows. Takes the
-// screenshots README shows (clients/js/screenshots/).
+// screenshots README shows (clients/js/screenshots/). And the client in Node 20 (with the
+// `ws` package for a WebSocket) through the same kind of run.
 //
 // Needs Debian's chromium (/usr/bin/chromium, or LIVEGRID_CHROMIUM) and the livegrid binary
 // (LIVEGRID_BIN, default target/debug/livegrid). Run: npm run e2e.
@@ -16,6 +17,9 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 import { chromium } from 'playwright-core';
+import WebSocket from 'ws';
+
+import { LiveGrid } from '../../src/index.js';
 
 const here = fileURLToPath(new URL('.', import.meta.url));
 const root = join(here, '../../../..');
@@ -164,6 +168,39 @@ test('the playground follows a live query through writes and a server restart', 
     await phone.screenshot({ path: join(SHOTS, 'playground-phone.png') });
   } finally {
     await browser.close();
+    server.kill('SIGKILL');
+    rmSync(data, { recursive: true, force: true });
+  }
+});
+
+test('in Node with a WebSocket implementation, through writes and a restart', async () => {
+  const data = mkdtempSync(join(tmpdir(), 'livegrid-e2e-node-'));
+  const port = await freePort();
+  let server = await startServer(port, data);
+  const states = [];
+  const grid = new LiveGrid(`http://127.0.0.1:${port}`, { WebSocket, onState: (s) => states.push(s), backoff: { initialMs: 100, maxMs: 1000 } });
+  try {
+    const q = grid.subscribe({ ns: 'node.items', filter: { kind: 'a' }, sort: { n: 1 }, limit: 2 });
+    const until = async (check, what) => {
+      for (let i = 0; i < 200 && !check(); i++) await sleep(50);
+      assert.ok(check(), what);
+    };
+    const ids = () => q.result.map((d) => d._id);
+    await until(() => q.ready, 'a result');
+    for (const [id, kind, n] of [[1, 'a', 5], [2, 'b', 1], [3, 'a', 3], [4, 'a', 9]]) {
+      await rest(port, 'POST', '/v1/db/node/items', { _id: id, kind, n });
+    }
+    await until(() => JSON.stringify(ids()) === '[3,1]', `top two of kind a: ${ids()}`);
+    server.kill('SIGKILL');
+    await new Promise((resolve) => server.once('exit', resolve));
+    await until(() => grid.state === 'offline' || grid.state === 'connecting', 'the loss is seen');
+    server = await startServer(port, data);
+    await until(() => grid.state === 'open', `open again: ${states}`);
+    await rest(port, 'PATCH', '/v1/db/node/items/4', { $set: { n: 0 } });
+    await until(() => JSON.stringify(ids()) === '[4,3]', `after the restart: ${ids()}`);
+    assert.deepEqual(states.slice(0, 2), ['open', 'offline']);
+  } finally {
+    grid.close();
     server.kill('SIGKILL');
     rmSync(data, { recursive: true, force: true });
   }
