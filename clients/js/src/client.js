@@ -5,17 +5,32 @@
 // the client subscribe again (a fresh result) rather than show a wrong one. When the
 // connection drops, the client reconnects with exponential backoff and jitter and resumes
 // every subscription with its token and last applied seq: the server sends exactly what was
-// missed. States: `connecting`, `open`, `resuming`, `offline`, `closed`.
+// missed. States: `connecting`, `open`, `resuming`, `offline`, `closed`; `open` means every
+// subscription is current (resumed ones have had what they missed, new ones their result).
 
 import { ApplyError, LiveResult } from './live-result.js';
 
 /** Error codes after which subscribing again (later) can succeed. */
-const RETRYABLE = new Set(['resubscribe', 'stale_snapshot', 'over_capacity', 'rate_limited', 'unavailable', 'internal']);
+const RETRYABLE = new Set(['resubscribe', 'stale_snapshot', 'over_capacity', 'rate_limited', 'unavailable']);
 
 const DEFAULTS = {
   backoff: { initialMs: 250, maxMs: 30_000, factor: 2, jitter: 0.5 },
   heartbeatMs: 20_000,
+  stableMs: 10_000,
 };
+
+/** Calls a user's callback; what it throws is reported without breaking the client's state. */
+function safely(callback, ...args) {
+  if (!callback) return;
+  try {
+    callback(...args);
+  } catch (error) {
+    // Reported where the platform reports errors (the console, window.onerror), not thrown
+    // into the client.
+    if (typeof globalThis.reportError === 'function') globalThis.reportError(error);
+    else console.error(error);
+  }
+}
 
 /**
  * The delay before reconnection attempt `attempt` (0-based): exponential, capped, with the
@@ -49,6 +64,8 @@ export class LiveGrid {
    * @param {{initialMs?: number, maxMs?: number, factor?: number, jitter?: number}} [options.backoff]
    * @param {number} [options.heartbeatMs] how often to ping; a connection silent for two
    *   intervals is given up and reconnected
+   * @param {number} [options.stableMs] how long a connection must last before the backoff
+   *   starts over
    * @param {(state: string) => void} [options.onState]
    * @param {(error: {code: string, message: string}) => void} [options.onError] errors that
    *   concern no subscription
@@ -78,6 +95,9 @@ export class LiveGrid {
     this.heartbeat = null;
     this.lastHeard = 0;
     this.pendingPong = false;
+    this.stable = null;
+    /** @type {Promise<void> | null} a re-authentication under way */
+    this.reauth = null;
     this.onOnline = () => {
       if (this.state === 'offline') this.#connect();
     };
@@ -92,7 +112,7 @@ export class LiveGrid {
    */
   onState(listener) {
     this.stateListeners.add(listener);
-    listener(this.state);
+    safely(listener, this.state);
     return () => this.stateListeners.delete(listener);
   }
 
@@ -115,10 +135,14 @@ export class LiveGrid {
 
   /** Ends every subscription and the connection; nothing reconnects after it. */
   close() {
-    for (const q of this.queries) q.ended = true;
+    for (const q of this.queries) {
+      q.ended = true;
+      clearTimeout(q.retryTimer);
+    }
     this.queries.clear();
     this.byWireId.clear();
     clearTimeout(this.timer);
+    clearTimeout(this.stable);
     clearInterval(this.heartbeat);
     globalThis.removeEventListener?.('online', this.onOnline);
     const socket = this.socket;
@@ -132,7 +156,7 @@ export class LiveGrid {
   #setState(state) {
     if (this.state === state) return;
     this.state = state;
-    for (const listener of this.stateListeners) listener(state);
+    for (const listener of this.stateListeners) safely(listener, state);
   }
 
   async #connect() {
@@ -153,11 +177,11 @@ export class LiveGrid {
       if (this.socket !== socket) return;
       this.lastHeard = Date.now();
       if (token) this.#send({ type: 'auth', token });
-      const resuming = [...this.queries].some((q) => q.token);
-      this.#setState(resuming ? 'resuming' : 'open');
+      if ([...this.queries].some((q) => q.token)) this.#setState('resuming');
       this.byWireId.clear();
       for (const q of this.queries) this.#start(q);
-      // Replies come in order: the pong follows every resumed subscription's missed messages.
+      // Replies come in order: the pong follows every resumed subscription's missed messages
+      // (a resume the server cannot honour is answered by a fresh result, later).
       this.#send({ type: 'ping' });
       this.pendingPong = true;
       clearInterval(this.heartbeat);
@@ -199,6 +223,7 @@ export class LiveGrid {
 
   #lost() {
     clearInterval(this.heartbeat);
+    clearTimeout(this.stable);
     if (this.state === 'closed') return;
     this.#setState('offline');
     const delay = backoffDelay(this.attempt, this.options.backoff, this.options.random);
@@ -222,7 +247,60 @@ export class LiveGrid {
     this.byWireId.set(q.wireId, q);
     const message = { type: 'subscribe', id: q.wireId, ...q.query };
     if (q.token) message.resume = { token: q.token, seq: q.live.seq };
+    // A fresh subscription is current once its result arrives; a resumed one at the pong.
+    q.awaiting = !q.token;
+    q.lastSubscribe = message;
     this.#send(message);
+  }
+
+  /** `open` once the pong came and every subscription is current. */
+  #maybeOpen() {
+    if (this.pendingPong || !this.socket) return;
+    if ([...this.queries].some((q) => q.awaiting)) return;
+    this.#setState('open');
+  }
+
+  /** A subscription answered (result, delta or error). */
+  answered(q) {
+    if (q.awaiting) {
+      q.awaiting = false;
+      this.#maybeOpen();
+    }
+  }
+
+  /** Sends a fresh token (from the token function) to the server, once for many callers. */
+  reauthenticate() {
+    if (typeof this.options.token !== 'function') return null;
+    if (!this.reauth) {
+      this.reauth = (async () => {
+        try {
+          const token = await this.options.token();
+          if (token) this.#send({ type: 'auth', token });
+        } finally {
+          this.reauth = null;
+        }
+      })();
+    }
+    return this.reauth;
+  }
+
+  /** Subscribes `q` afresh (no resume) under a new wire id. */
+  restart(q) {
+    if (q.ended || !this.queries.has(q)) return;
+    this.byWireId.delete(q.wireId);
+    q.token = null;
+    q.wireId = null;
+    this.#start(q);
+  }
+
+  /** Sends the subscriptions that got no answer again, after a backoff (some were dropped). */
+  #resendUnanswered() {
+    clearTimeout(this.resendTimer);
+    this.resendTimer = setTimeout(() => {
+      for (const q of this.queries) {
+        if (q.awaiting && q.lastSubscribe && this.byWireId.get(q.wireId) === q) this.#send(q.lastSubscribe);
+      }
+    }, backoffDelay(1, this.options.backoff, this.options.random));
   }
 
   /** Drops `q`'s copy and subscribes afresh (a gap or a delta that does not fit). */
@@ -238,6 +316,7 @@ export class LiveGrid {
 
   /** Ends `q` on the server. */
   end(q) {
+    clearTimeout(q.retryTimer);
     this.queries.delete(q);
     if (q.wireId) {
       this.byWireId.delete(q.wireId);
@@ -250,8 +329,13 @@ export class LiveGrid {
       case 'pong':
         if (this.pendingPong) {
           this.pendingPong = false;
-          this.attempt = 0;
-          this.#setState('open');
+          // The backoff starts over once a connection has lasted (not at its first answer: a
+          // server that accepts and then drops every connection must not be hammered).
+          clearTimeout(this.stable);
+          this.stable = setTimeout(() => {
+            this.attempt = 0;
+          }, this.options.stableMs);
+          this.#maybeOpen();
         }
         return;
       case 'result':
@@ -263,7 +347,9 @@ export class LiveGrid {
       case 'error': {
         const q = message.id === undefined ? undefined : this.byWireId.get(message.id);
         if (!q) {
-          this.options.onError?.(message);
+          // A dropped message (too many at once): send what got no answer again, later.
+          if (message.code === 'rate_limited') this.#resendUnanswered();
+          safely(this.options.onError, message);
           return;
         }
         q.failed(message);
@@ -279,7 +365,8 @@ export class LiveGrid {
     q.token = null;
     q.wireId = null;
     const delay = backoffDelay(Math.min(q.retries++, 8), this.options.backoff, this.options.random);
-    setTimeout(() => {
+    clearTimeout(q.retryTimer);
+    q.retryTimer = setTimeout(() => {
       // Unless a reconnection started it again meanwhile.
       if (!q.ended && this.queries.has(q) && q.wireId === null) this.#start(q);
     }, delay);
@@ -304,6 +391,11 @@ export class LiveQuery {
     this.error = null;
     /** Deltas of a transaction not yet whole. */
     this.pending = [];
+    /** Whether a fresh subscription waits for its result. */
+    this.awaiting = false;
+    this.lastSubscribe = null;
+    this.retryTimer = null;
+    this.reauthenticated = false;
     this.listeners = new Set();
   }
 
@@ -335,6 +427,7 @@ export class LiveQuery {
   getSnapshot = () => this.result;
 
   receive(message) {
+    this.grid.answered(this);
     try {
       this.live.apply(message);
     } catch (e) {
@@ -349,6 +442,7 @@ export class LiveQuery {
       this.token = message.token ?? null;
       this.retries = 0;
       this.error = null;
+      this.reauthenticated = false;
     }
     if (message.type === 'result') this.pending = [];
     else this.pending.push(message);
@@ -356,15 +450,34 @@ export class LiveQuery {
     // it (and call onDelta for each of them) once the transaction is whole.
     if (!this.live.whole) return;
     this.result = this.live.docs.slice();
-    if (message.type === 'result') this.handlers.onResult?.(this.result);
-    for (const delta of this.pending) this.handlers.onDelta?.(delta, this.result);
+    const deltas = this.pending;
     this.pending = [];
-    for (const run of this.listeners) run(this.result);
+    if (message.type === 'result') safely(this.handlers.onResult, this.result);
+    for (const delta of deltas) safely(this.handlers.onDelta, delta, this.result);
+    for (const run of this.listeners) safely(run, this.result);
   }
 
   failed(error) {
+    if (error.code === 'duplicate_subscription') {
+      // Our wire ids are unique: this is a subscribe sent again after a dropped message, and
+      // the server holds the subscription already; its result comes (or came) on its own.
+      return;
+    }
+    this.grid.answered(this);
+    if (error.code === 'unauthorized' && !this.reauthenticated) {
+      // An expired token: authenticate with a fresh one and subscribe again, once.
+      const fresh = this.grid.reauthenticate();
+      if (fresh) {
+        this.reauthenticated = true;
+        fresh.then(
+          () => this.grid.restart(this),
+          () => this.failed(error),
+        );
+        return;
+      }
+    }
     this.error = error;
-    this.handlers.onError?.(error);
+    safely(this.handlers.onError, error);
     if (RETRYABLE.has(error.code)) {
       this.grid.retryLater(this);
     } else {

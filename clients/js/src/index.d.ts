@@ -51,10 +51,12 @@ export interface BackoffOptions {
 }
 
 export interface LiveGridOptions {
-  token?: string | (() => string | Promise<string>);
+  /** A token, or a function giving a fresh one (asked at each connection and when one expires). */
+  token?: string | (() => string | undefined | Promise<string | undefined>);
   WebSocket?: unknown;
   backoff?: BackoffOptions;
   heartbeatMs?: number;
+  stableMs?: number;
   onState?: (state: ConnectionState) => void;
   onError?: (error: ServerError) => void;
   random?: () => number;
@@ -89,6 +91,7 @@ export class LiveQuery {
 }
 
 export class ApplyError extends Error {
+  constructor(kind: 'no_result' | 'seq' | 'mismatch' | 'not_live', message: string);
   readonly kind: 'no_result' | 'seq' | 'mismatch' | 'not_live';
 }
 
@@ -97,6 +100,7 @@ export class LiveResult {
   seq: number;
   started: boolean;
   position: Position;
+  partial: boolean;
   readonly whole: boolean;
   apply(message: ResultMessage | Delta): void;
 }

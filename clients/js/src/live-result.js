@@ -7,7 +7,7 @@
 /** A protocol promise a message broke: the copy can no longer be trusted. */
 export class ApplyError extends Error {
   /**
-   * @param {string} kind `no_result`, `seq` or `mismatch`
+   * @param {string} kind `no_result`, `seq`, `mismatch` or `not_live`
    * @param {string} message
    */
   constructor(kind, message) {
@@ -88,6 +88,10 @@ export class LiveResult {
     };
     const find = () => docs.findIndex(same);
     const has = (v) => v !== undefined && v !== null;
+    for (const field of ['index', 'oldIndex']) {
+      const v = delta[field];
+      if (has(v) && !(Number.isInteger(v) && v >= 0)) throw mismatch(`${field} ${JSON.stringify(v)} is not a position`);
+    }
     switch (delta.op) {
       case 'add': {
         const added = doc();

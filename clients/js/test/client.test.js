@@ -142,7 +142,7 @@ test('a server that stays down is retried less and less often', async () => {
   assert.equal(jittered, 1000, 'at most half of the delay is taken off');
   // Attempts count up while connections fail and start over once one opens.
   const script = new Script();
-  const grid = new LiveGrid('http://localhost:8080', options(script, { backoff: { initialMs: 5, maxMs: 40 } }));
+  const grid = new LiveGrid('http://localhost:8080', options(script, { backoff: { initialMs: 5, maxMs: 40 }, stableMs: 30 }));
   script.last.drop();
   await sleep(15);
   script.last.drop();
@@ -150,6 +150,8 @@ test('a server that stays down is retried less and less often', async () => {
   await sleep(25);
   script.last.open();
   script.last.deliver({ type: 'pong' });
+  assert.equal(grid.attempt, 2, 'a first answer is not enough: the connection must last');
+  await sleep(45);
   assert.equal(grid.attempt, 0);
   grid.close();
   assert.equal(socketUrl('https://example.com'), 'wss://example.com/v1/ws');
@@ -191,5 +193,81 @@ test('errors: a refused query ends, a retryable one is subscribed again', async 
   assert.equal(busy.result.length, 1);
   busy.unsubscribe();
   assert.deepEqual(script.last.of('unsubscribe').at(-1), { type: 'unsubscribe', id: retried[0].id });
+  grid.close();
+});
+
+test('an expired token is replaced from the token function and the query subscribed again', async () => {
+  const script = new Script();
+  let issued = 0;
+  const grid = new LiveGrid('http://localhost:8080', options(script, { token: () => `jwt${++issued}` }));
+  const errors = [];
+  const q = grid.subscribe({ ns: 'app.items' }, { onError: (e) => errors.push(e.code) });
+  await sleep(5);
+  script.last.open();
+  const first = script.last.of('subscribe')[0].id;
+  script.last.deliver(result(first, [{ _id: 1 }]));
+  script.last.deliver({ type: 'error', id: first, code: 'unauthorized', message: 'the token expired' });
+  await sleep(5);
+  assert.deepEqual(script.last.of('auth').map((m) => m.token), ['jwt1', 'jwt2']);
+  const again = script.last.of('subscribe')[1];
+  assert.notEqual(again.id, first);
+  assert.equal(again.resume, undefined);
+  assert.deepEqual(errors, [], 'recovered without bothering the application');
+  script.last.deliver(result(again.id, [{ _id: 1 }, { _id: 2 }]));
+  assert.equal(q.result.length, 2);
+  // Refused again with the fresh token: now it is the application's to handle.
+  script.last.deliver({ type: 'error', id: again.id, code: 'unauthorized', message: 'no' });
+  await sleep(5);
+  script.last.deliver({ type: 'error', id: script.last.of('subscribe')[2].id, code: 'unauthorized', message: 'no' });
+  assert.deepEqual(errors, ['unauthorized']);
+  grid.close();
+});
+
+test('subscribes dropped by the rate limit are sent again; duplicates are not errors', async () => {
+  const script = new Script();
+  const errors = [];
+  const grid = new LiveGrid('http://localhost:8080', options(script, { onError: (e) => errors.push(e.code) }));
+  const a = grid.subscribe({ ns: 'app.a' });
+  const b = grid.subscribe({ ns: 'app.b' });
+  script.last.open();
+  const [ida, idb] = script.last.of('subscribe').map((m) => m.id);
+  script.last.deliver({ type: 'pong' });
+  assert.equal(grid.state, 'connecting', 'not open before the results are in');
+  script.last.deliver(result(ida, []));
+  script.last.deliver({ type: 'error', code: 'rate_limited', message: 'slow down' });
+  await sleep(30);
+  assert.deepEqual(script.last.of('subscribe').slice(2).map((m) => m.id), [idb], 'only the unanswered one');
+  script.last.deliver(result(idb, [{ _id: 1 }]));
+  script.last.deliver({ type: 'error', id: idb, code: 'duplicate_subscription', message: 'in use' });
+  assert.equal(grid.state, 'open');
+  assert.equal(b.result.length, 1);
+  assert.equal(b.error, null);
+  assert.equal(a.ready, true);
+  assert.deepEqual(errors, ['rate_limited']);
+  grid.close();
+});
+
+test('a throwing handler neither breaks the result nor repeats deltas', async () => {
+  const script = new Script();
+  const grid = new LiveGrid('http://localhost:8080', options(script));
+  const seen = [];
+  const q = grid.subscribe({ ns: 'app.items' }, {
+    onDelta: (d) => {
+      seen.push(d.seq);
+      throw new Error('a bug in the application');
+    },
+  });
+  const thrown = [];
+  const report = console.error;
+  console.error = (e) => thrown.push(e.message);
+  script.last.open();
+  const id = script.last.of('subscribe')[0].id;
+  script.last.deliver(result(id, []));
+  script.last.deliver(add(id, 2, 1));
+  script.last.deliver(add(id, 3, 2));
+  console.error = report;
+  assert.deepEqual(seen, [2, 3]);
+  assert.deepEqual(q.result.map((d) => d._id), [1, 2]);
+  assert.equal(thrown.length, 2, 'reported, not swallowed');
   grid.close();
 });
