@@ -47,6 +47,7 @@ pub mod limits;
 pub mod operator;
 mod parse;
 pub mod path;
+pub mod pipeline;
 pub mod projection;
 pub mod query;
 pub mod regex;
@@ -60,6 +61,7 @@ pub use limits::{
     FilterShape, MAX_NESTING_DEPTH, MAX_PATH_COMPONENTS, QUERY_REGEX_BUDGET, document_heap_bytes, filter_shape,
 };
 pub use path::{FieldPath, LeafArrays};
+pub use pipeline::{Pipeline, PipelineError};
 pub use projection::Projection;
 pub use query::{Query, QuerySpec};
 pub use regex::{MongoRegex, RegexBudget};

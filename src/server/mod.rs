@@ -483,6 +483,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         .route("/v1/cache-sketch", get(cache_sketch))
         .route("/v1/db/{db}/{coll}", post(rest::insert).get(rest::query))
         .route("/v1/db/{db}/{coll}/_bulk", post(rest::bulk))
+        .route("/v1/db/{db}/{coll}/_aggregate", post(rest::aggregate))
         .route("/v1/db/{db}/{coll}/{id}", get(rest::get).put(rest::replace).patch(rest::update).delete(rest::delete))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .method_not_allowed_fallback(|| async {

@@ -22,7 +22,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bson::{Bson, Document};
-use livegrid_matcher::{Query, QuerySpec};
+use livegrid_matcher::{Pipeline, PipelineError, Query, QuerySpec};
 use livegrid_protocol::{ErrorCode, Position, extjson};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -458,6 +458,63 @@ pub async fn query(
     let docs = Value::Array(docs.iter().map(extjson::document_to_relaxed_json).collect());
     let request = ReadRequest { headers, uri, canonical, private: !shared };
     Ok(cacheable(&state, &request, ticket, &docs, json!({"docs": docs, "position": position})))
+}
+
+/// `POST /v1/db/{db}/{coll}/_aggregate` with `{"pipeline": [...]}`: the pipeline run once over
+/// the documents of `db.coll` the caller may read, `{"docs": [...], "position": P}` (the same
+/// semantics as a live pipeline; see `livegrid_matcher::pipeline`).
+pub async fn aggregate(
+    State(state): State<AppState>,
+    Path((db, coll)): Path<(String, String)>,
+    Caller(principal): Caller,
+    body: JsonBody,
+) -> Reply {
+    let ns = namespace(&db, &coll)?;
+    check_read(&state, &ns, &principal)?;
+    let Ok(stages) = body.doc.get_array("pipeline").cloned() else {
+        return Err(ApiError::bad_request("bad_pipeline", "expected {\"pipeline\": [stages]}"));
+    };
+    let pipeline = blocking(move || Pipeline::parse(&stages)).await?.map_err(|e| {
+        let code = if matches!(e, PipelineError::UnsupportedStage { .. } | PipelineError::UnsupportedOperator { .. }) {
+            "unsupported_stage"
+        } else {
+            "bad_pipeline"
+        };
+        ApiError::bad_request(code, e.to_string())
+    })?;
+    // The documents its first $match admits (and the caller may read), read like a query's.
+    let filter = pipeline.first_match().map(|_| first_match_source(&body.doc)).unwrap_or_default();
+    let spec = QuerySpec { filter: state.visible(&filter, &principal), ..Default::default() };
+    let (spec, query) = compile(&state, spec).await?;
+    let (docs, position) = match data(&state)? {
+        Data::Store(store) => {
+            blocking(move || {
+                let snapshot = store.read(&ns, &query, None)?;
+                Ok::<_, ApiError>((pipeline.evaluate(&snapshot.docs), snapshot.position))
+            })
+            .await??
+        }
+        Data::Mongo(mongo) => {
+            blocking(move || {
+                let (docs, position) = mongo.query(&ns, &spec)?;
+                Ok::<_, ApiError>((pipeline.evaluate(&docs), position))
+            })
+            .await??
+        }
+    };
+    let docs: Vec<Value> = docs.iter().map(extjson::document_to_relaxed_json).collect();
+    Ok((StatusCode::OK, Json(json!({"docs": docs, "position": position}))))
+}
+
+/// The filter of a pipeline's first stage (a `$match`, checked by the parser).
+fn first_match_source(body: &Document) -> Document {
+    body.get_array("pipeline")
+        .ok()
+        .and_then(|stages| stages.first())
+        .and_then(|stage| stage.as_document())
+        .and_then(|stage| stage.get_document("$match").ok())
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// `POST /v1/db/{db}/{coll}/_bulk` with `{"writes": [{"insert": doc} | {"replace": {"_id", "doc"}}
