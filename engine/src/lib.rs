@@ -1,6 +1,7 @@
 //! The matching grid of livegrid (see `DESIGN.md`).
 #![forbid(missing_docs)]
 
+pub mod aggregation;
 pub mod doc_id;
 pub mod engine;
 pub mod event;

@@ -133,6 +133,38 @@ impl SortKey {
     pub fn id(&self) -> &Bson {
         &self.id
     }
+
+    /// The key as one BSON array (`[[value, 1 or -1], ..., _id]`), to travel between workers.
+    pub fn to_bson(&self) -> Bson {
+        let mut items: Vec<Bson> = self
+            .parts
+            .iter()
+            .map(|(value, direction)| {
+                let sign = if *direction == Direction::Ascending { 1 } else { -1 };
+                Bson::Array(vec![value.clone(), Bson::Int32(sign)])
+            })
+            .collect();
+        items.push(self.id.clone());
+        Bson::Array(items)
+    }
+
+    /// The key [`SortKey::to_bson`] wrote, or `None` for anything else.
+    pub fn from_bson(value: &Bson) -> Option<SortKey> {
+        let Bson::Array(items) = value else { return None };
+        let (id, parts) = items.split_last()?;
+        let parts = parts
+            .iter()
+            .map(|part| match part {
+                Bson::Array(pair) if pair.len() == 2 => {
+                    let direction =
+                        if pair[1] == Bson::Int32(-1) { Direction::Descending } else { Direction::Ascending };
+                    Some((pair[0].clone(), direction))
+                }
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(SortKey { parts, id: id.clone() })
+    }
 }
 
 impl Eq for SortKey {}

@@ -38,6 +38,35 @@ impl Ord for Ordered {
     }
 }
 
+/// A BSON value in MongoDB's order, with equal values of different types (1 and 1.0) kept
+/// apart in a fixed order, so that which of them an accumulator shows does not depend on the
+/// order documents arrived in.
+#[derive(Debug, Clone)]
+pub struct Exact(pub Bson);
+
+impl Exact {
+    fn tie(&self) -> (u8, String) {
+        (self.0.element_type() as u8, format!("{:?}", self.0))
+    }
+}
+
+impl PartialEq for Exact {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for Exact {}
+impl PartialOrd for Exact {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Exact {
+    fn cmp(&self, other: &Self) -> Ordering {
+        compare_values(&self.0, &other.0).then_with(|| self.tie().cmp(&other.tie()))
+    }
+}
+
 /// Where a document stands in its group's order: the sort key (which ends with `_id`), then
 /// which element of each `$unwind` it came from.
 #[derive(Debug, Clone, PartialEq)]
@@ -206,7 +235,7 @@ pub enum State {
     /// `$count`.
     Count(i64),
     /// `$min`, `$max`, `$addToSet`: values and how many documents gave each.
-    Values(BTreeMap<Ordered, i64>),
+    Values(BTreeMap<Exact, i64>),
     /// `$first`, `$last`: each document's value by its rank.
     Ranked(BTreeMap<Rank, Bson>),
 }
@@ -230,7 +259,7 @@ impl State {
                     _ => true,
                 };
                 if counted {
-                    let key = Ordered(value.clone().expect("counted"));
+                    let key = Exact(value.clone().expect("counted"));
                     let count = values.entry(key.clone()).or_insert(0);
                     *count += by;
                     if *count <= 0 {
@@ -257,7 +286,16 @@ impl State {
             State::Values(values) => match kind {
                 Kind::Min => values.keys().next().map_or(Bson::Null, |v| v.0.clone()),
                 Kind::Max => values.keys().next_back().map_or(Bson::Null, |v| v.0.clone()),
-                _ => Bson::Array(values.keys().map(|v| v.0.clone()).collect()),
+                _ => {
+                    // Distinct in MongoDB's sense: of equal values (1 and 1.0), the first.
+                    let mut distinct: Vec<Bson> = Vec::with_capacity(values.len());
+                    for value in values.keys() {
+                        if distinct.last().is_none_or(|last| compare_values(last, &value.0) != Ordering::Equal) {
+                            distinct.push(value.0.clone());
+                        }
+                    }
+                    Bson::Array(distinct)
+                }
             },
             State::Ranked(ranked) => {
                 let pick = if kind == Kind::First { ranked.values().next() } else { ranked.values().next_back() };

@@ -19,7 +19,7 @@ use bson::{Bson, Document};
 use crate::error::QueryError;
 use crate::filter::Filter;
 use crate::projection::Projection;
-use crate::sort::SortSpec;
+use crate::sort::{SortKey, SortSpec};
 use accumulator::{Accumulator, Kind, Ordered, Rank, State};
 use expression::Expression;
 
@@ -127,6 +127,35 @@ pub struct Contribution {
     pub rank: Rank,
     /// Each accumulator's value (`None`: missing).
     pub values: Vec<Option<Bson>>,
+}
+
+impl Contribution {
+    /// The contribution as a BSON document (its key left out: it travels as the key).
+    pub fn to_document(&self) -> Document {
+        let values: Vec<Bson> = self
+            .values
+            .iter()
+            .map(|v| match v {
+                Some(v) => Bson::Document(bson::doc! {"v": v.clone()}),
+                None => Bson::Document(Document::new()),
+            })
+            .collect();
+        let sub: Vec<Bson> = self.rank.1.iter().map(|i| Bson::Int64(*i as i64)).collect();
+        bson::doc! {"r": self.rank.0.to_bson(), "u": sub, "v": values}
+    }
+
+    /// The contribution [`Contribution::to_document`] wrote, under `key`.
+    pub fn from_document(key: Bson, doc: &Document) -> Option<Contribution> {
+        let sort = SortKey::from_bson(doc.get("r")?)?;
+        let sub = doc.get_array("u").ok()?.iter().map(|i| i.as_i64().map(|i| i as u64)).collect::<Option<Vec<_>>>()?;
+        let values = doc
+            .get_array("v")
+            .ok()?
+            .iter()
+            .map(|v| v.as_document().map(|d| d.get("v").cloned()))
+            .collect::<Option<Vec<_>>>()?;
+        Some(Contribution { key, rank: Rank(sort, sub), values })
+    }
 }
 
 fn stage_name(stage: &Bson) -> Result<(&str, &Bson), PipelineError> {
@@ -282,14 +311,18 @@ impl Pipeline {
     /// Runs the pipeline over `docs` once. Without a `$sort` after `$group`, groups come in
     /// `_id` order.
     pub fn evaluate<'a>(&self, docs: impl IntoIterator<Item = &'a Document>) -> Vec<Document> {
+        self.finish(self.group_outputs(docs))
+    }
+
+    /// The `$group` stage's output over `docs`, in `_id` order (before the stages after it).
+    pub fn group_outputs<'a>(&self, docs: impl IntoIterator<Item = &'a Document>) -> Vec<Document> {
         let mut groups = self.groups();
         for doc in docs {
             for contribution in self.contributions(doc) {
                 groups.change(&contribution, 1);
             }
         }
-        let outputs = groups.groups.iter().map(|(key, group)| self.output(&key.0, group)).collect();
-        self.finish(outputs)
+        groups.groups.iter().map(|(key, group)| self.output(&key.0, group)).collect()
     }
 }
 
