@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks whose figures README.md records.
-# Usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|all]
+# Usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|aggregation|all]
 #   matcher  criterion: filter evaluation and compilation
 #   grid     events/s, write-to-delta latency and memory per query with 1k/10k/100k queries
 #            (LIVEGRID_BENCH_QUERIES, LIVEGRID_BENCH_GRID, LIVEGRID_BENCH_RATE to vary it)
@@ -16,6 +16,8 @@
 #            (LIVEGRID_MONGODB_EVENTS, default 200,000)
 #   acl      what object ACLs cost: the load benchmark (1,000 users x 10 subscriptions) with and
 #            without ACLs, fan-out 1 at 10,000 writes/s and fan-out 10 at 2,000 writes/s
+#   aggregation  the live aggregation branch alone: updates/s with 1,000 pipelines over 100,000
+#            documents on 1 and 2 workers, against re-running the pipelines a write touches
 #   cache    cache invalidation: changes turned into purges and purge latency, adaptive vs
 #            fixed TTL hit and stale-read rates, cache sketch size and false positives
 #            (LIVEGRID_CACHE_BENCH=purge|ttl|sketch, LIVEGRID_CACHE_SECONDS, LIVEGRID_TTL_SECONDS)
@@ -88,6 +90,12 @@ run_acl() {
     sync; LIVEGRID_LOAD_ACL=$acl LIVEGRID_LOAD_FANOUT=10 LIVEGRID_LOAD_RATE=2000 LIVEGRID_LOAD_SECONDS=10 cargo bench --bench load
   done
 }
+run_aggregation() {
+  echo "== aggregation: the live aggregation branch, 1,000 pipelines over 100,000 documents"
+  for workers in 1 2; do
+    LIVEGRID_AGG_WORKERS=$workers cargo bench --bench aggregation
+  done
+}
 run_cache() {
   echo "== cache: purges, adaptive TTLs, the cache sketch"
   cargo bench --bench cache
@@ -109,6 +117,7 @@ case "$what" in
   serve-fanout) run_serve_fanout ;;
   cache) run_cache ;;
   acl) run_acl ;;
-  all) run_matcher; run_grid; run_replay; run_fanout; run_serve_fanout; run_load; run_writes; run_mongodb; run_cache; run_acl ;;
-  *) echo "usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|all]" >&2; exit 2 ;;
+  aggregation) run_aggregation ;;
+  all) run_matcher; run_grid; run_replay; run_fanout; run_serve_fanout; run_load; run_writes; run_mongodb; run_cache; run_acl; run_aggregation ;;
+  *) echo "usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|aggregation|all]" >&2; exit 2 ;;
 esac

@@ -8,24 +8,19 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bson::{Bson, Document, doc};
-use livegrid::source::change_stream_event::{self, Parsed};
 use livegrid::workload::change_stream_json;
 use livegrid_engine::memory::MemoryState;
 use livegrid_engine::{ChangeEvent, ChangeOp};
 use livegrid_matcher::{Query, QuerySpec};
 use livegrid_protocol::{LiveResult, ServerMessage, extjson};
 
+mod common;
+
 const NS: &str = "app.items";
 
 /// A small workload with sorted windows, updates that move documents, and deletes.
 fn write_inputs(dir: &Path) -> Vec<(String, QuerySpec, u64)> {
-    let mut seed = 7u64;
-    let mut next = move |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
+    let mut next = common::xorshift(7);
     let mut lines = Vec::new();
     let mut present = std::collections::HashSet::new();
     for position in 1..=400u64 {
@@ -94,17 +89,7 @@ fn write_inputs(dir: &Path) -> Vec<(String, QuerySpec, u64)> {
 
 /// The final database state, from the events file.
 fn final_state(dir: &Path) -> MemoryState {
-    let mut state = MemoryState::default();
-    let text = std::fs::read_to_string(dir.join("events.jsonl")).unwrap();
-    for (i, line) in text.lines().enumerate() {
-        if let Parsed::Write(e) =
-            change_stream_event::parse(line, i as u64 + 1, state.position(), |ns, id| state.get(ns, id).cloned())
-                .unwrap()
-        {
-            state.apply(&e);
-        }
-    }
-    state
+    common::state_after(&dir.join("events.jsonl"))
 }
 
 fn replay(dir: &Path, out: &str, extra: &[&str]) -> Child {

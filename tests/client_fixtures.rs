@@ -19,13 +19,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use bson::{Bson, Document, doc, oid::ObjectId};
-use livegrid::source::change_stream_event::{self, Parsed};
 use livegrid::workload::change_stream_json;
-use livegrid_engine::memory::MemoryState;
 use livegrid_engine::{ChangeEvent, ChangeOp};
 use livegrid_matcher::{Query, QuerySpec};
 use livegrid_protocol::{ApplyError, LiveResult, ServerMessage, extjson};
 use serde_json::{Value, json};
+
+mod common;
 
 const NS: &str = "app.items";
 
@@ -36,13 +36,7 @@ fn fixtures() -> PathBuf {
 /// Writes events: 20 ids, inserts, replacements and deletes, one in five steps a transaction
 /// of 2–3 writes sharing a cluster time.
 fn write_events(dir: &Path) {
-    let mut seed = 11u64;
-    let mut next = move |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
+    let mut next = common::xorshift(11);
     let mut lines = Vec::new();
     let mut present = std::collections::HashSet::new();
     for time in 1..=260u32 {
@@ -176,15 +170,7 @@ fn write_fixtures(dir: &Path) {
 
 /// Each query evaluated on the final state of the events, as relaxed Extended JSON.
 fn oracle(dir: &Path) -> BTreeMap<String, Vec<Value>> {
-    let mut state = MemoryState::default();
-    let text = std::fs::read_to_string(dir.join("events.jsonl")).unwrap();
-    for (i, line) in text.lines().enumerate() {
-        let parsed =
-            change_stream_event::parse(line, i as u64 + 1, state.position(), |ns, id| state.get(ns, id).cloned());
-        if let Parsed::Write(e) = parsed.unwrap() {
-            state.apply(&e);
-        }
-    }
+    let state = common::state_after(&dir.join("events.jsonl"));
     let mut results = BTreeMap::new();
     for query in read_lines(&dir.join("queries.jsonl")) {
         let part = |key: &str| query.get(key).map(|v| extjson::parse_document(&v.to_string()).unwrap());

@@ -206,3 +206,28 @@ pub fn rss_bytes() -> u64 {
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
     line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
 }
+
+/// A small deterministic random number generator (xorshift): `next(n)` is below `n`.
+pub fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
+    move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    }
+}
+
+/// The database state after a file of change events (the format `livegrid replay` reads).
+pub fn state_after(events: &std::path::Path) -> livegrid_engine::memory::MemoryState {
+    use livegrid::source::change_stream_event::{self, Parsed};
+    let mut state = livegrid_engine::memory::MemoryState::default();
+    let text = std::fs::read_to_string(events).unwrap();
+    for (i, line) in text.lines().enumerate() {
+        let parsed =
+            change_stream_event::parse(line, i as u64 + 1, state.position(), |ns, id| state.get(ns, id).cloned());
+        if let Parsed::Write(e) = parsed.unwrap() {
+            state.apply(&e);
+        }
+    }
+    state
+}
