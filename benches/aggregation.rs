@@ -2,10 +2,11 @@
 //! updates through differential dataflow with many live pipelines, against re-running the
 //! pipelines a write touches from scratch.
 //!
-//! `LIVEGRID_AGG_DOCS` documents (default 100,000) in 100 shops and 20 categories;
-//! `LIVEGRID_AGG_PIPELINES` pipelines (default 1,000), pipeline `i` being `$match {shop: i %
+//! `LIVEGRID_AGG_DOCS` documents (default 10,000) in 100 shops and 20 categories;
+//! `LIVEGRID_AGG_PIPELINES` pipelines (default 100), pipeline `i` being `$match {shop: i %
 //! 100}` then `$group` by category with `$sum`, `$count` and `$max`; `LIVEGRID_AGG_UPDATES`
-//! price updates (default 20,000) in steps of 100; `LIVEGRID_AGG_WORKERS` workers (default 1).
+//! price updates (default 5,000) in steps of 100; `LIVEGRID_AGG_WORKERS` workers (default 1).
+//! `LIVEGRID_AGG_DEBUG=1` prints every group output change.
 //! Every pipeline sees every write today (no predicate-index pruning yet), so this measures
 //! the branch's worst case.
 //!
@@ -47,24 +48,36 @@ fn main() {
         return;
     }
     livegrid::allocator::configure();
-    let docs = env("LIVEGRID_AGG_DOCS", 100_000);
-    let pipelines = env("LIVEGRID_AGG_PIPELINES", 1_000);
-    let updates = env("LIVEGRID_AGG_UPDATES", 20_000);
+    let docs = env("LIVEGRID_AGG_DOCS", 10_000);
+    let pipelines = env("LIVEGRID_AGG_PIPELINES", 100);
+    let updates = env("LIVEGRID_AGG_UPDATES", 5_000);
     let workers = env("LIVEGRID_AGG_WORKERS", 1) as usize;
     const STEP: u64 = 100;
     for i in 0..pipelines {
         Registry::global().insert(i, Arc::new(Pipeline::parse(&stages(i)).unwrap()));
     }
-    let (load, update) = timely::execute(timely::Config::process(workers), move |worker| {
+    // Group output changes (a changed group retracts its old output and adds its new one).
+    let changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = changes.clone();
+    let (load, update, outputs) = timely::execute(timely::Config::process(workers), move |worker| {
+        let changes = counter.clone();
         let mut upserts: InputHandle<Time, CapacityContainerBuilder<Vec<Upsert>>> = InputHandle::new();
         let (mut registrations, probe) = worker.dataflow::<Time, _, _>(|scope| {
             let stream = scope.input_from(&mut upserts);
             let (registrations, pipes) = scope.new_collection::<(u64, String), isize>();
-            let (probe, _) = build(stream, pipes, workers as u64).probe();
+            let counted = changes.clone();
+            let (probe, _) = build(stream, pipes, workers as u64)
+                .inspect(move |update| {
+                    if std::env::var("LIVEGRID_AGG_DEBUG").is_ok() {
+                        eprintln!("{:?}", (update.1, update.2));
+                    }
+                    counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                })
+                .probe();
             (registrations, probe)
         });
         if worker.index() != 0 {
-            return (0.0, 0.0);
+            return (0.0, 0.0, 0);
         }
         let key = |id: u64| format!("bench.orders/{id}").into_bytes();
         let value = |doc: &Document| Some(("bench.orders".to_string(), doc.to_vec().unwrap()));
@@ -82,6 +95,8 @@ fn main() {
             worker.step();
         }
         let load = started.elapsed().as_secs_f64();
+        let loaded = changes.load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!("loaded: {loaded} group outputs in {load:.2} s; updating");
         let mut seed = 1u64;
         let started = Instant::now();
         let mut time = 1;
@@ -90,7 +105,7 @@ fn main() {
             seed ^= seed >> 7;
             seed ^= seed << 17;
             let id = seed % docs;
-            upserts.send((key(id), value(&document(id, seed % 1000)), time));
+            upserts.send((key(id), value(&document(id, (seed >> 32) % 1000)), time));
             if n % STEP == STEP - 1 {
                 time += 1;
                 upserts.advance_to(time);
@@ -103,10 +118,12 @@ fn main() {
         }
         time += 1;
         upserts.advance_to(time);
+        registrations.advance_to(time);
+        registrations.flush();
         while probe.less_than(upserts.time()) {
             worker.step();
         }
-        (load, started.elapsed().as_secs_f64())
+        (load, started.elapsed().as_secs_f64(), changes.load(std::sync::atomic::Ordering::Relaxed) - loaded)
     })
     .unwrap()
     .join()
@@ -126,12 +143,12 @@ fn main() {
     let rerun = started.elapsed().as_secs_f64() / runs as f64;
     let touched = (pipelines as f64 / 100.0).max(1.0);
     println!(
-        "| workers | documents | pipelines | load s | updates | updates/s | µs per update | re-run µs per update ({touched} pipelines × {:.0} µs) |",
+        "| workers | documents | pipelines | load s | updates | group output changes | updates/s | µs per update | re-run µs per update ({touched} pipelines × {:.0} µs) |",
         rerun * 1e6
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {workers} | {docs} | {pipelines} | {load:.2} | {updates} | {:.0} | {:.1} | {:.0} |",
+        "| {workers} | {docs} | {pipelines} | {load:.2} | {updates} | {outputs} | {:.0} | {:.1} | {:.0} |",
         updates as f64 / update,
         update / updates as f64 * 1e6,
         rerun * touched * 1e6

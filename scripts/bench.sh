@@ -16,7 +16,7 @@
 #            (LIVEGRID_MONGODB_EVENTS, default 200,000)
 #   acl      what object ACLs cost: the load benchmark (1,000 users x 10 subscriptions) with and
 #            without ACLs, fan-out 1 at 10,000 writes/s and fan-out 10 at 2,000 writes/s
-#   aggregation  the live aggregation branch alone: updates/s with 1,000 pipelines over 100,000
+#   aggregation  the live aggregation branch alone: updates/s with 100 pipelines over 10,000
 #            documents on 1 and 2 workers, against re-running the pipelines a write touches
 #   cache    cache invalidation: changes turned into purges and purge latency, adaptive vs
 #            fixed TTL hit and stale-read rates, cache sketch size and false positives
@@ -91,7 +91,7 @@ run_acl() {
   done
 }
 run_aggregation() {
-  echo "== aggregation: the live aggregation branch, 1,000 pipelines over 100,000 documents"
+  echo "== aggregation: the live aggregation branch, 100 pipelines over 10,000 documents"
   for workers in 1 2; do
     LIVEGRID_AGG_WORKERS=$workers cargo bench --bench aggregation
   done
