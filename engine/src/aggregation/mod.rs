@@ -71,6 +71,21 @@ impl Registry {
     }
 }
 
+/// A worker's copy of the registry's entries it used (no lock per record).
+#[derive(Default)]
+struct Cache(HashMap<u64, Arc<Pipeline>>);
+
+impl Cache {
+    fn get(&mut self, id: u64) -> Option<Arc<Pipeline>> {
+        if let Some(pipeline) = self.0.get(&id) {
+            return Some(pipeline.clone());
+        }
+        let pipeline = Registry::global().get(id)?;
+        self.0.insert(id, pipeline.clone());
+        Some(pipeline)
+    }
+}
+
 fn encode(doc: &Document) -> Vec<u8> {
     doc.to_vec().unwrap_or_default()
 }
@@ -103,11 +118,19 @@ pub fn build<'scope>(
     let documents =
         documents.as_collection(move |key, (ns, bytes)| ((ns.clone(), shard_of(key, shards)), bytes.clone()));
     let pipelines = pipelines.flat_map(move |(id, ns)| (0..shards.max(1)).map(move |shard| ((ns.clone(), shard), id)));
-    let contributions = documents.join(pipelines).flat_map(|(_, (bytes, id))| {
-        let pipeline = Registry::global().get(id);
-        let doc = decode(&bytes);
+    // Per worker: compiled pipelines (ids are never reused), and the last document decoded
+    // (a write meets every pipeline of its namespace one after the other).
+    let mut compiled = Cache::default();
+    let mut last: Option<(Vec<u8>, Option<Document>)> = None;
+    let contributions = documents.join(pipelines).flat_map(move |(_, (bytes, id))| {
+        let pipeline = compiled.get(id);
+        if last.as_ref().is_none_or(|(seen, _)| *seen != bytes) {
+            let doc = decode(&bytes);
+            last = Some((bytes, doc));
+        }
+        let doc = last.as_ref().and_then(|(_, doc)| doc.as_ref());
         let contributions = match (pipeline, doc) {
-            (Some(pipeline), Some(doc)) => pipeline.contributions(&doc),
+            (Some(pipeline), Some(doc)) => pipeline.contributions(doc),
             _ => Vec::new(),
         };
         contributions.into_iter().map(move |c| {
@@ -115,8 +138,9 @@ pub fn build<'scope>(
             ((id, key), encode(&c.to_document()))
         })
     });
-    contributions.reduce(|(id, key), input, output| {
-        let Some(pipeline) = Registry::global().get(*id) else { return };
+    let mut compiled = Cache::default();
+    contributions.reduce(move |(id, key), input, output| {
+        let Some(pipeline) = compiled.get(*id) else { return };
         let Some(key) = decode(key).and_then(|k| k.get("k").cloned()) else { return };
         let mut groups = pipeline.groups();
         for (bytes, count) in input {
