@@ -19,12 +19,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bson::{Bson, Document, doc};
-use differential_dataflow::input::Input;
+use differential_dataflow::input::{Input, InputSession};
 use livegrid_engine::aggregation::{Registry, Time, Upsert, build};
 use livegrid_matcher::Pipeline;
 use timely::container::CapacityContainerBuilder;
-use timely::dataflow::InputHandle;
 use timely::dataflow::operators::Input as _;
+use timely::dataflow::{InputHandle, ProbeHandle};
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -41,6 +41,22 @@ fn stages(i: u64) -> Vec<Bson> {
             doc! {"$group": {"_id": "$category", "revenue": {"$sum": "$price"}, "n": {"$count": {}}, "top": {"$max": "$price"}}},
         ),
     ]
+}
+
+/// Advances both inputs to `time` and steps until the branch has caught up with them.
+fn settle(
+    worker: &mut timely::worker::Worker,
+    upserts: &mut InputHandle<Time, CapacityContainerBuilder<Vec<Upsert>>>,
+    registrations: &mut InputSession<Time, (u64, String), isize>,
+    probe: &ProbeHandle<Time>,
+    time: Time,
+) {
+    upserts.advance_to(time);
+    registrations.advance_to(time);
+    registrations.flush();
+    while probe.less_than(upserts.time()) {
+        worker.step();
+    }
 }
 
 fn main() {
@@ -88,12 +104,7 @@ fn main() {
         for id in 0..docs {
             upserts.send((key(id), value(&document(id, id % 1000)), 0));
         }
-        upserts.advance_to(1);
-        registrations.advance_to(1);
-        registrations.flush();
-        while probe.less_than(upserts.time()) {
-            worker.step();
-        }
+        settle(worker, &mut upserts, &mut registrations, &probe, 1);
         let load = started.elapsed().as_secs_f64();
         let loaded = changes.load(std::sync::atomic::Ordering::Relaxed);
         eprintln!("loaded: {loaded} group outputs in {load:.2} s; updating");
@@ -106,22 +117,10 @@ fn main() {
             seed ^= seed << 17;
             let id = seed % docs;
             upserts.send((key(id), value(&document(id, (seed >> 32) % 1000)), time));
-            if n % STEP == STEP - 1 {
+            if n % STEP == STEP - 1 || n + 1 == updates {
                 time += 1;
-                upserts.advance_to(time);
-                registrations.advance_to(time);
-                registrations.flush();
-                while probe.less_than(upserts.time()) {
-                    worker.step();
-                }
+                settle(worker, &mut upserts, &mut registrations, &probe, time);
             }
-        }
-        time += 1;
-        upserts.advance_to(time);
-        registrations.advance_to(time);
-        registrations.flush();
-        while probe.less_than(upserts.time()) {
-            worker.step();
         }
         (load, started.elapsed().as_secs_f64(), changes.load(std::sync::atomic::Ordering::Relaxed) - loaded)
     })

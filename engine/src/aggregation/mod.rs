@@ -147,9 +147,7 @@ pub fn build<'scope>(
             let Some(contribution) = decode(bytes).and_then(|d| Contribution::from_document(key.clone(), &d)) else {
                 continue;
             };
-            for _ in 0..*count {
-                groups.change(&contribution, 1);
-            }
+            groups.change(&contribution, *count as i64);
         }
         if let Some((group_key, group)) = groups.groups.iter().next() {
             output.push((encode(&pipeline.output(&group_key.0, group)), 1));

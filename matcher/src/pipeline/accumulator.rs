@@ -151,16 +151,6 @@ impl Accumulator {
         };
         Ok(Accumulator { kind, expression })
     }
-
-    /// A state holding nothing.
-    pub fn empty(&self) -> State {
-        match self.kind {
-            Kind::Sum | Kind::Avg => State::Sum(Sum::default()),
-            Kind::Count => State::Count(0),
-            Kind::Min | Kind::Max | Kind::AddToSet => State::Values(BTreeMap::new()),
-            Kind::First | Kind::Last => State::Ranked(BTreeMap::new()),
-        }
-    }
 }
 
 /// Numbers summed exactly: integers as one wide integer, doubles as a multiset.
@@ -241,6 +231,16 @@ pub enum State {
 }
 
 impl State {
+    /// The state of accumulator `kind` holding nothing.
+    pub fn empty(kind: Kind) -> State {
+        match kind {
+            Kind::Sum | Kind::Avg => State::Sum(Sum::default()),
+            Kind::Count => State::Count(0),
+            Kind::Min | Kind::Max | Kind::AddToSet => State::Values(BTreeMap::new()),
+            Kind::First | Kind::Last => State::Ranked(BTreeMap::new()),
+        }
+    }
+
     /// Takes a document's value in (`by` = 1) or out (`by` = -1); `rank` places it in the
     /// group's order.
     pub fn change(&mut self, kind: Kind, value: &Option<Bson>, rank: &Rank, by: i64) {

@@ -344,18 +344,15 @@ pub struct Groups {
 }
 
 impl Groups {
-    /// Takes a contribution in (`by` = 1) or out (`by` = -1); returns whether its group's
-    /// state changed (a group that appears or disappears included).
+    /// Takes a contribution in `by` times (or out, with `by` negative); a group exists while
+    /// it holds contributions.
     pub fn change(&mut self, contribution: &Contribution, by: i64) {
         let key = Ordered(contribution.key.clone());
         let kinds = &self.kinds;
-        let group = self.groups.entry(key.clone()).or_insert_with(|| Group {
-            members: 0,
-            states: kinds
-                .iter()
-                .map(|kind| Accumulator { kind: *kind, expression: Expression::Literal(Bson::Null) }.empty())
-                .collect(),
-        });
+        let group = self
+            .groups
+            .entry(key.clone())
+            .or_insert_with(|| Group { members: 0, states: kinds.iter().map(|kind| State::empty(*kind)).collect() });
         group.members += by;
         for ((state, kind), value) in group.states.iter_mut().zip(kinds).zip(&contribution.values) {
             state.change(*kind, value, &contribution.rank, by);
