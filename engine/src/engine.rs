@@ -31,7 +31,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use livegrid_matcher::{Query, QueryError, QuerySpec};
+use livegrid_matcher::{PipelineError, Query, QueryError, QuerySpec};
 use livegrid_protocol::{ErrorCode, Frame, Position};
 
 use crate::doc_id::DocId;
@@ -40,7 +40,7 @@ use crate::grid::{
     Command, DELIVERY_BATCH, Delivery, GridShape, MAX_RECYCLED_BUFFERS, WorkerSetup, run_worker_reporting,
 };
 use crate::query_index::QueryKey;
-use crate::records::{GridInput, Registration, StageInit, StageOutput, WireQuery};
+use crate::records::{GridInput, Registration, StageInit, StageOutput, WirePipeline, WireQuery};
 use crate::retention::Retention;
 use crate::snapshot::{Snapshot, SnapshotError, SnapshotSource};
 use crate::wire::{WireDoc, WireEvent, WireValue};
@@ -104,6 +104,9 @@ pub enum EngineError {
         /// The snapshot's position.
         position: Position,
     },
+    /// The pipeline does not compile.
+    #[error("bad pipeline: {0}")]
+    BadPipeline(#[from] PipelineError),
     /// The snapshot source failed.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
@@ -482,11 +485,44 @@ impl Engine {
     /// [`Engine::register`] under a key from [`Engine::reserve_key`], for a query the caller
     /// compiled from `spec` already.
     pub fn register_as(&self, key: QueryKey, ns: &str, spec: &QuerySpec, query: &Query) -> Result<(), EngineError> {
+        self.register_reading(key, ns, spec, query, None)
+    }
+
+    /// Registers a live pipeline under a key from [`Engine::reserve_key`]: `spec` holds its
+    /// first `$match` as the filter (and nothing else; object ACLs go into it too), `query` is
+    /// that spec compiled. Its messages are the pipeline's output and its changes (see
+    /// [`crate::live_pipeline`]).
+    pub fn register_pipeline_as(
+        &self,
+        key: QueryKey,
+        ns: &str,
+        spec: &QuerySpec,
+        query: &Query,
+        pipeline: WirePipeline,
+    ) -> Result<(), EngineError> {
+        if crate::window::is_window(query) {
+            return Err(EngineError::BadPipeline(PipelineError::Bad {
+                stage: "pipeline".into(),
+                reason: "a live pipeline's sort, skip and limit are its own stages".into(),
+            }));
+        }
+        pipeline.compile()?;
+        self.register_reading(key, ns, spec, query, Some(&pipeline))
+    }
+
+    fn register_reading(
+        &self,
+        key: QueryKey,
+        ns: &str,
+        spec: &QuerySpec,
+        query: &Query,
+        pipeline: Option<&WirePipeline>,
+    ) -> Result<(), EngineError> {
         let k = self.window_capacity(query);
         let mut attempts = 0;
         loop {
             let snapshot = self.shared.snapshot.read(ns, spec, query, k)?;
-            match self.register_compiled(key, ns, spec, query, snapshot) {
+            match self.register_compiled(key, ns, spec, query, pipeline, snapshot) {
                 Err(EngineError::StaleSnapshot { .. }) if attempts < 3 => attempts += 1,
                 other => return other,
             }
@@ -509,7 +545,7 @@ impl Engine {
     ) -> Result<QueryKey, EngineError> {
         let query = Query::compile(spec)?;
         let key = self.reserve_key();
-        self.register_compiled(key, ns, spec, &query, snapshot)?;
+        self.register_compiled(key, ns, spec, &query, None, snapshot)?;
         Ok(key)
     }
 
@@ -519,6 +555,7 @@ impl Engine {
         ns: &str,
         spec: &QuerySpec,
         query: &Query,
+        pipeline: Option<&WirePipeline>,
         snapshot: Snapshot,
     ) -> Result<(), EngineError> {
         let stale = EngineError::StaleSnapshot { position: snapshot.position };
@@ -529,6 +566,13 @@ impl Engine {
             (ingest.retention.since(snapshot.position).ok_or(stale)?, ingest.retention.last_position())
         };
         let mut records = build_registration(self.shared.shape, key, ns, spec, query, snapshot, &replay, false);
+        if let Some(pipeline) = pipeline {
+            for record in &mut records {
+                if let GridInput::Register(registration) = record {
+                    registration.query.pipeline = Some(pipeline.clone());
+                }
+            }
+        }
         // ...and what was fed meanwhile is added before the registration is sent, in order.
         let mut ingest = self.shared.ingest.lock().expect("ingest lock");
         let meanwhile = ingest.retention.since(seen).ok_or(EngineError::StaleSnapshot { position: seen })?;

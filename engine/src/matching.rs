@@ -432,6 +432,7 @@ mod tests {
             limit: None,
             projection: None,
             compiled: None,
+            pipeline: None,
         };
         let registration = Registration {
             target: 0,

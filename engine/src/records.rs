@@ -4,10 +4,10 @@
 //! ingest ──GridInput──▶ matching (worker (q, w)) ──StageInput──▶ subscriptions (worker key % peers) ──StageOutput──▶ engine
 //! ```
 
-use bson::Document;
+use bson::{Bson, Document};
 use std::sync::Arc;
 
-use livegrid_matcher::{Query, QueryError, QuerySpec};
+use livegrid_matcher::{Pipeline, PipelineError, Query, QueryError, QuerySpec};
 use livegrid_protocol::{Cause, Frame, Position};
 use serde::{Deserialize, Serialize};
 
@@ -32,12 +32,49 @@ pub struct WireQuery {
     /// The compiled query (not serialized: it does not cross processes).
     #[serde(skip)]
     pub compiled: Option<Arc<Query>>,
+    /// For a live pipeline: the pipeline, whose `$group` output is the subscription's result
+    /// (the filter is then the pipeline's first `$match`, what the grid's index uses).
+    #[serde(default)]
+    pub pipeline: Option<WirePipeline>,
+}
+
+/// An aggregation pipeline as it travels: its stages, and within one process the compiled
+/// form (compiled once per registration).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WirePipeline {
+    /// The stages, as `{"stages": [...]}`.
+    pub stages: WireDoc,
+    /// The compiled pipeline (not serialized: it does not cross processes).
+    #[serde(skip)]
+    pub compiled: Option<Arc<Pipeline>>,
+}
+
+impl WirePipeline {
+    /// A pipeline's stages with their compiled form.
+    pub fn new(stages: Vec<Bson>, compiled: Arc<Pipeline>) -> Self {
+        WirePipeline { stages: WireDoc(Arc::new(bson::doc! {"stages": stages})), compiled: Some(compiled) }
+    }
+
+    /// The compiled pipeline: the one it carries, or compiled here.
+    pub fn compile(&self) -> Result<Arc<Pipeline>, PipelineError> {
+        match &self.compiled {
+            Some(pipeline) => Ok(pipeline.clone()),
+            None => {
+                let stages = self.stages.0.get_array("stages").map_err(|_| PipelineError::Bad {
+                    stage: "pipeline".into(),
+                    reason: "a pipeline is an array of stages".into(),
+                })?;
+                Pipeline::parse(stages).map(Arc::new)
+            }
+        }
+    }
 }
 
 impl PartialEq for WireQuery {
     fn eq(&self, other: &Self) -> bool {
-        (&self.filter, &self.sort, self.skip, self.limit, &self.projection)
-            == (&other.filter, &other.sort, other.skip, other.limit, &other.projection)
+        let stages = |q: &WireQuery| q.pipeline.as_ref().map(|p| p.stages.clone());
+        (&self.filter, &self.sort, self.skip, self.limit, &self.projection, stages(self))
+            == (&other.filter, &other.sort, other.skip, other.limit, &other.projection, stages(other))
     }
 }
 
@@ -52,6 +89,7 @@ impl WireQuery {
             limit: spec.limit,
             projection: spec.projection.as_ref().map(wrap),
             compiled: None,
+            pipeline: None,
         }
     }
 

@@ -33,12 +33,14 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use bson::Document;
-use livegrid_matcher::{Projection, Query};
+use livegrid_matcher::{Pipeline, Projection, Query};
 use livegrid_protocol::{Cause, DeltaFrame, DeltaOp, Encoded, Frame, Position, ResultFrame};
 
 use crate::doc_id::DocId;
+use crate::live_pipeline::LivePipeline;
 use crate::query_index::QueryKey;
-use crate::records::{StageInit, StageInput, StageOutput, Transition};
+use crate::records::{StageInit, StageInput, StageOutput, Transition, WirePipeline};
+use crate::slots::Slots;
 use crate::window::{Window, WindowOp};
 
 /// A projection with a fingerprint, so that equal projections share encodings.
@@ -63,6 +65,8 @@ enum Mode {
     Set { projected: Option<Box<Projected>> },
     /// A sorted (or skipped, or limited) window.
     Window(Box<Window>),
+    /// A live pipeline: the result is its output, one document per group.
+    Aggregate(Box<LivePipeline>),
 }
 
 struct Subscription {
@@ -133,59 +137,6 @@ impl Encoder {
         self.pinned.push(doc.clone());
         self.encoded.insert(slot, text.clone());
         text
-    }
-}
-
-/// Document ids kept once per worker, with a 32-bit slot that unsorted subscriptions use in
-/// their per-document maps (an id is a BSON value of over 100 bytes; a slot is 4).
-#[derive(Default)]
-struct Slots {
-    by_id: HashMap<DocId, (u32, u32)>,
-    ids: Vec<Option<DocId>>,
-    free: Vec<u32>,
-}
-
-impl Slots {
-    fn find(&self, id: &DocId) -> Option<u32> {
-        self.by_id.get(id).map(|(slot, _)| *slot)
-    }
-
-    /// The slot of `id`, counting one more holder.
-    fn acquire(&mut self, id: &DocId) -> u32 {
-        if let Some((slot, holders)) = self.by_id.get_mut(id) {
-            *holders += 1;
-            return *slot;
-        }
-        let slot = match self.free.pop() {
-            Some(slot) => {
-                self.ids[slot as usize] = Some(id.clone());
-                slot
-            }
-            None => {
-                self.ids.push(Some(id.clone()));
-                u32::try_from(self.ids.len() - 1).expect("fewer than 2^32 documents per worker")
-            }
-        };
-        self.by_id.insert(id.clone(), (slot, 1));
-        slot
-    }
-
-    /// One holder fewer for `slot`; the slot is freed with the last.
-    fn release(&mut self, slot: u32) {
-        let Some(id) = self.ids.get(slot as usize).cloned().flatten() else { return };
-        let Some((_, holders)) = self.by_id.get_mut(&id) else { return };
-        *holders -= 1;
-        if *holders == 0 {
-            self.by_id.remove(&id);
-            self.ids[slot as usize] = None;
-            self.free.push(slot);
-            if self.by_id.is_empty() {
-                // Nothing held any more: give the tables back.
-                *self = Slots::default();
-            } else {
-                crate::shrink::shrink_if_sparse(&mut self.by_id);
-            }
-        }
     }
 }
 
@@ -263,12 +214,14 @@ impl Subscriptions {
             self.group.active = same_as_next || same_as_previous;
             previous_time = Some(time);
             match input {
-                StageInput::Init { key, query, init, reload } => {
-                    let Ok(query) = query.compile() else { continue };
+                StageInput::Init { key, query: wire, init, reload } => {
+                    // Registration compiled both already; a failure here cannot happen.
+                    let Ok(query) = wire.compile() else { continue };
+                    let Ok(pipeline) = wire.pipeline.as_ref().map(WirePipeline::compile).transpose() else { continue };
                     if reload {
                         self.reload(key, init, out);
                     } else {
-                        self.start(key, &query, init, out);
+                        self.start(key, &query, pipeline, init, out);
                     }
                 }
                 StageInput::Transitions { position, cause, id, doc, keys, entered } => {
@@ -283,22 +236,33 @@ impl Subscriptions {
                         self.transition(key, &write, transition, out);
                     }
                 }
-                StageInput::Drop { key } => {
-                    if let Some(Subscription { mode: Mode::Set { projected: Some(projected) }, .. }) =
-                        self.subs.remove(&key)
-                    {
+                StageInput::Drop { key } => match self.subs.remove(&key).map(|sub| sub.mode) {
+                    Some(Mode::Set { projected: Some(projected) }) => {
                         for slot in projected.hashes.into_keys() {
                             self.slots.release(slot);
                         }
                     }
-                }
+                    Some(Mode::Aggregate(live)) => live.release(&mut self.slots),
+                    _ => {}
+                },
             }
         }
     }
 
-    fn start(&mut self, key: QueryKey, query: &Query, init: StageInit, out: &mut Vec<StageOutput>) {
+    fn start(
+        &mut self,
+        key: QueryKey,
+        query: &Query,
+        pipeline: Option<Arc<Pipeline>>,
+        init: StageInit,
+        out: &mut Vec<StageOutput>,
+    ) {
         let docs = init.docs.into_iter().map(|d| d.0);
-        let (mode, shown) = if !crate::window::is_window(query) {
+        let (mode, shown) = if let Some(pipeline) = pipeline {
+            let (live, result) = LivePipeline::new(pipeline, docs, &mut self.slots);
+            let texts = result.iter().map(|d| self.encoder.encode(d, None)).collect();
+            (Mode::Aggregate(Box::new(live)), texts)
+        } else if !crate::window::is_window(query) {
             let mut projected = (!query.projection.is_identity()).then(|| {
                 let fingerprint = {
                     let mut hasher = rustc_hash::FxHasher::default();
@@ -398,6 +362,10 @@ impl Subscriptions {
                     more: false,
                 };
                 self.group.push(out, key, frame, entered);
+            }
+            Mode::Aggregate(live) => {
+                let ops = live.apply(slots, id, doc.map(|d| &**d), cause);
+                self.emit(key, ops, (position, entered), out);
             }
             Mode::Window(window) => {
                 if sub.reload_pending {

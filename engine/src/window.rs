@@ -323,57 +323,69 @@ impl Window {
         let target: Vec<(DocId, Arc<Document>)> =
             self.visible_entries().iter().map(|e| (e.id.clone(), e.doc.clone())).collect();
         let dirty = std::mem::take(&mut self.dirty);
-        let cause = |id: &DocId| dirty.get(id).copied().unwrap_or(Cause::None);
-        let mut ops = Vec::new();
-        let target_ids: HashSet<&DocId> = target.iter().map(|(id, _)| id).collect();
-
-        // 1. Removes.
-        let mut working: Vec<(DocId, Arc<Document>)> = Vec::with_capacity(shown.len());
-        let mut removed = 0;
-        for (i, (id, doc)) in shown.into_iter().enumerate() {
-            if target_ids.contains(&id) {
-                working.push((id, doc));
-            } else {
-                ops.push(op(DeltaOp::Remove, &id, None, None, Some((i - removed) as u64), cause(&id)));
-                removed += 1;
-            }
-        }
-
-        // 2. Moves among documents that stay: fix positions left to right, moving the wanted
-        // document into place (at most one move per position).
-        let staying: HashSet<&DocId> = working.iter().map(|(id, _)| id).collect();
-        let order: Vec<&(DocId, Arc<Document>)> = target.iter().filter(|(id, _)| staying.contains(id)).collect();
-        debug_assert_eq!(order.len(), working.len(), "a window lists a document twice");
-        let new_doc: HashMap<&DocId, &Arc<Document>> = order.iter().map(|(id, doc)| (id, doc)).collect();
-        for (i, (want, doc)) in order.iter().enumerate() {
-            if &working[i].0 == want {
-                continue;
-            }
-            let Some(from) = working[i..].iter().position(|(id, _)| id == want).map(|j| i + j) else {
-                debug_assert!(false, "a staying document is missing from the client's list");
-                break;
-            };
-            let (id, _) = working.remove(from);
-            ops.push(op(DeltaOp::ChangeIndex, &id, Some(doc), Some(i as u64), Some(from as u64), cause(&id)));
-            working.insert(i, (id, doc.clone()));
-        }
-        for (i, (id, doc)) in working.iter_mut().enumerate() {
-            let now = new_doc[&*id];
-            if !Arc::ptr_eq(doc, now) && **doc != **now {
-                ops.push(op(DeltaOp::Change, id, Some(now), Some(i as u64), Some(i as u64), cause(id)));
-            }
-            *doc = now.clone();
-        }
-
-        // 3. Adds, in ascending position so that every earlier position is already final.
-        let present: HashSet<DocId> = working.iter().map(|(id, _)| id.clone()).collect();
-        for (index, (id, doc)) in target.iter().enumerate() {
-            if !present.contains(id) {
-                ops.push(op(DeltaOp::Add, id, Some(doc), Some(index as u64), None, cause(id)));
-            }
-        }
-        ops
+        reconcile(shown, &target, |id| dirty.get(id).copied().unwrap_or(Cause::None))
     }
+}
+
+/// The list operations that take a client from `shown` to `target` (each an id with its
+/// document, in list order): removes, then moves of documents that stay, then adds, with
+/// `index` and `oldIndex` positions in the client's list as each operation is applied. A
+/// staying document whose content changed gets a `change`; `cause` gives each operation's
+/// cause.
+pub fn reconcile(
+    shown: Vec<(DocId, Arc<Document>)>,
+    target: &[(DocId, Arc<Document>)],
+    cause: impl Fn(&DocId) -> Cause,
+) -> Vec<WindowOp> {
+    let mut ops = Vec::new();
+    let target_ids: HashSet<&DocId> = target.iter().map(|(id, _)| id).collect();
+
+    // 1. Removes.
+    let mut working: Vec<(DocId, Arc<Document>)> = Vec::with_capacity(shown.len());
+    let mut removed = 0;
+    for (i, (id, doc)) in shown.into_iter().enumerate() {
+        if target_ids.contains(&id) {
+            working.push((id, doc));
+        } else {
+            ops.push(op(DeltaOp::Remove, &id, None, None, Some((i - removed) as u64), cause(&id)));
+            removed += 1;
+        }
+    }
+
+    // 2. Moves among documents that stay: fix positions left to right, moving the wanted
+    // document into place (at most one move per position).
+    let staying: HashSet<&DocId> = working.iter().map(|(id, _)| id).collect();
+    let order: Vec<&(DocId, Arc<Document>)> = target.iter().filter(|(id, _)| staying.contains(id)).collect();
+    debug_assert_eq!(order.len(), working.len(), "a window lists a document twice");
+    let new_doc: HashMap<&DocId, &Arc<Document>> = order.iter().map(|(id, doc)| (id, doc)).collect();
+    for (i, (want, doc)) in order.iter().enumerate() {
+        if &working[i].0 == want {
+            continue;
+        }
+        let Some(from) = working[i..].iter().position(|(id, _)| id == want).map(|j| i + j) else {
+            debug_assert!(false, "a staying document is missing from the client's list");
+            break;
+        };
+        let (id, _) = working.remove(from);
+        ops.push(op(DeltaOp::ChangeIndex, &id, Some(doc), Some(i as u64), Some(from as u64), cause(&id)));
+        working.insert(i, (id, doc.clone()));
+    }
+    for (i, (id, doc)) in working.iter_mut().enumerate() {
+        let now = new_doc[&*id];
+        if !Arc::ptr_eq(doc, now) && **doc != **now {
+            ops.push(op(DeltaOp::Change, id, Some(now), Some(i as u64), Some(i as u64), cause(id)));
+        }
+        *doc = now.clone();
+    }
+
+    // 3. Adds, in ascending position so that every earlier position is already final.
+    let present: HashSet<DocId> = working.iter().map(|(id, _)| id.clone()).collect();
+    for (index, (id, doc)) in target.iter().enumerate() {
+        if !present.contains(id) {
+            ops.push(op(DeltaOp::Add, id, Some(doc), Some(index as u64), None, cause(id)));
+        }
+    }
+    ops
 }
 
 fn op(

@@ -13,26 +13,8 @@ use livegrid_engine::{ChangeEvent, ChangeOp, ClusterConfig, Engine, EngineConfig
 use livegrid_matcher::{Query, QuerySpec};
 use livegrid_protocol::{LiveResult, ServerMessage};
 
-/// xorshift64*: deterministic, so a failing seed can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-}
+mod common;
+use common::Rng;
 
 fn random_doc(rng: &mut Rng, id: i32) -> Document {
     let mut d = doc! {"_id": id};

@@ -59,6 +59,11 @@ pub struct SubscribeMessage {
     /// The projection.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "relaxed_opt_doc")]
     pub projection: Option<Document>,
+    /// An aggregation pipeline (Extended JSON stages) instead of a query: the result is the
+    /// pipeline's output, one document per group. Filter, sort, skip, limit and projection
+    /// are then the pipeline's own stages and must not be given.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "relaxed_opt_values")]
+    pub pipeline: Option<Vec<bson::Bson>>,
     /// Resume an earlier subscription after a dropped connection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume: Option<Resume>,
@@ -202,6 +207,10 @@ pub struct DeltaMessage {
 pub enum ErrorCode {
     /// The query does not parse or uses an unsupported operator.
     BadQuery,
+    /// The aggregation pipeline is malformed.
+    BadPipeline,
+    /// The aggregation pipeline uses a stage or operator livegrid cannot keep live.
+    UnsupportedStage,
     /// The message is not a valid client message.
     BadMessage,
     /// The connection holds as many subscriptions as it may.
@@ -296,6 +305,26 @@ mod relaxed_opt_doc {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Document>, D::Error> {
         Option::<serde_json::Value>::deserialize(d)?
             .map(|v| crate::extjson::document_from_json(v).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+mod relaxed_opt_values {
+    use bson::Bson;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(values: &Option<Vec<Bson>>, s: S) -> Result<S::Ok, S::Error> {
+        values.as_ref().map(|v| v.iter().map(crate::extjson::to_relaxed_json).collect::<Vec<_>>()).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Bson>>, D::Error> {
+        Option::<Vec<serde_json::Value>>::deserialize(d)?
+            .map(|values| {
+                values
+                    .into_iter()
+                    .map(|v| crate::extjson::value_from_json(v).map_err(serde::de::Error::custom))
+                    .collect()
+            })
             .transpose()
     }
 }

@@ -1,4 +1,5 @@
-//! Helpers shared by the engine's integration tests.
+//! Helpers shared by the engine's integration tests (each test uses some of them).
+#![allow(dead_code)]
 
 use std::thread::JoinHandle;
 
@@ -18,4 +19,25 @@ pub fn collect_frames(engine: &Engine) -> JoinHandle<Vec<(QueryKey, Frame)>> {
         }
         frames
     })
+}
+
+/// xorshift64*: deterministic, so a failing seed can be replayed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
 }

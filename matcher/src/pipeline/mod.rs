@@ -13,6 +13,7 @@ pub mod accumulator;
 pub mod expression;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bson::{Bson, Document};
 
@@ -191,6 +192,18 @@ fn count(stage: &str, spec: &Bson) -> Result<u64, PipelineError> {
     }
 }
 
+/// The source of a pipeline's first stage when it is a `$match` (an empty filter otherwise):
+/// the filter a live pipeline registers with the grid, whose predicate index finds the
+/// documents it may concern.
+pub fn first_match_source(stages: &[Bson]) -> Document {
+    stages
+        .first()
+        .and_then(Bson::as_document)
+        .and_then(|stage| stage.get_document("$match").ok())
+        .cloned()
+        .unwrap_or_default()
+}
+
 /// At most this many stages.
 const MAX_STAGES: usize = 100;
 
@@ -221,7 +234,14 @@ impl Pipeline {
                 ("$skip", true) => after.push(After::Skip(count(name, spec)?)),
                 ("$limit", true) => after.push(After::Limit(count(name, spec)?)),
                 ("$project", true) => {
-                    after.push(After::Project(Projection::parse(document(name, spec)?).map_err(query(name))?))
+                    let projection = Projection::parse(document(name, spec)?).map_err(query(name))?;
+                    if !projection.apply(&bson::doc! {"_id": 1}).contains_key("_id") {
+                        return Err(PipelineError::bad(
+                            name,
+                            "a live pipeline keeps _id: it names each group in the deltas",
+                        ));
+                    }
+                    after.push(After::Project(projection))
                 }
                 ("$unwind" | "$skip" | "$limit" | "$project", _) => {
                     let place = if group.is_some() { "after" } else { "before" };
@@ -293,16 +313,25 @@ impl Pipeline {
     }
 
     /// The stages after `$group` applied to the group outputs (given in `_id` order).
-    pub fn finish(&self, mut docs: Vec<Document>) -> Vec<Document> {
+    pub fn finish(&self, docs: Vec<Document>) -> Vec<Document> {
+        let docs = docs.into_iter().map(|d| ((), Arc::new(d))).collect();
+        self.finish_keyed(docs).into_iter().map(|(_, d)| Arc::unwrap_or_clone(d)).collect()
+    }
+
+    /// [`Pipeline::finish`] over shared documents, each carried with a tag (a live pipeline
+    /// tags them with their group): documents no stage rewrites stay the same allocation.
+    pub fn finish_keyed<T>(&self, mut docs: Vec<(T, Arc<Document>)>) -> Vec<(T, Arc<Document>)> {
         for stage in &self.after {
             match stage {
-                After::Match(filter) => docs.retain(|d| filter.matches(d)),
-                After::Sort(sort) => docs.sort_by(|a, b| sort.compare(a, b)),
+                After::Match(filter) => docs.retain(|(_, d)| filter.matches(d)),
+                After::Sort(sort) => docs.sort_by(|(_, a), (_, b)| sort.compare(a, b)),
                 After::Skip(n) => {
                     docs.drain(..(*n as usize).min(docs.len()));
                 }
                 After::Limit(n) => docs.truncate(*n as usize),
-                After::Project(projection) => docs = docs.iter().map(|d| projection.apply(d)).collect(),
+                After::Project(projection) => {
+                    docs = docs.into_iter().map(|(t, d)| (t, Arc::new(projection.apply(&d)))).collect()
+                }
             }
         }
         docs

@@ -1,0 +1,223 @@
+//! Live pipelines: what a pipeline subscription keeps in the subscription stage, and the list
+//! operations its deltas are made of.
+//!
+//! The grid matches a pipeline's first `$match` like a query's filter (its predicate index
+//! finds the pipelines a write may concern), so the subscription stage learns exactly which
+//! documents enter, stay in or leave that filter. Per member document a live pipeline keeps
+//! what the document gave its groups (its contributions, see
+//! [`livegrid_matcher::pipeline::Contribution`]); a write takes the old ones out of their
+//! groups and puts the new ones in, so it costs work in proportion to the groups it touches,
+//! never to the collection. A write whose contributions are unchanged (it changed a field the
+//! pipeline does not read) costs one comparison and sends nothing.
+//!
+//! The group outputs are kept, shared. When a write changes some, the stages after `$group`
+//! run over all outputs and the result is compared with what the client holds
+//! ([`crate::window::reconcile`]): that part costs in proportion to the number of groups,
+//! which is why live pipelines suit dashboards and leaderboards (tens to thousands of
+//! groups), not group-per-document pipelines.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use bson::Document;
+use livegrid_matcher::Pipeline;
+use livegrid_matcher::pipeline::accumulator::Ordered;
+use livegrid_matcher::pipeline::{Contribution, Groups};
+use livegrid_protocol::Cause;
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use std::collections::BTreeMap;
+
+use crate::doc_id::DocId;
+use crate::slots::Slots;
+use crate::window::{WindowOp, reconcile};
+
+/// The state of one pipeline subscription.
+pub struct LivePipeline {
+    pipeline: Arc<Pipeline>,
+    groups: Groups,
+    /// What each member document (by slot) gave its groups.
+    members: HashMap<u32, Vec<Contribution>>,
+    /// The `$group` stage's output, by group key.
+    outputs: BTreeMap<Ordered, Arc<Document>>,
+    /// What the client holds: each document with its group's key, in order.
+    shown: Vec<(DocId, Arc<Document>)>,
+}
+
+impl LivePipeline {
+    /// A live pipeline over `docs` (the documents its first `$match` admits), and its initial
+    /// result.
+    pub fn new(
+        pipeline: Arc<Pipeline>,
+        docs: impl IntoIterator<Item = Arc<Document>>,
+        slots: &mut Slots,
+    ) -> (Self, Vec<Arc<Document>>) {
+        let mut live = LivePipeline {
+            groups: pipeline.groups(),
+            pipeline,
+            members: HashMap::default(),
+            outputs: BTreeMap::new(),
+            shown: Vec::new(),
+        };
+        let mut touched = BTreeSet::new();
+        for doc in docs {
+            let id = DocId::new(doc.get("_id").unwrap_or(&bson::Bson::Null));
+            live.put(slots, &id, Some(&doc), &mut touched);
+        }
+        live.refresh(&touched);
+        live.shown = live.target();
+        let docs = live.shown.iter().map(|(_, doc)| doc.clone()).collect();
+        (live, docs)
+    }
+
+    /// Applies one write of document `id`: `doc` is its new version when it matches the first
+    /// `$match`, `None` when it left it or was deleted. Returns the operations that bring the
+    /// client's copy up to date; groups the write changed carry its `cause`, documents only
+    /// pushed around by others none.
+    pub fn apply(&mut self, slots: &mut Slots, id: &DocId, doc: Option<&Document>, cause: Cause) -> Vec<WindowOp> {
+        let mut touched = BTreeSet::new();
+        self.put(slots, id, doc, &mut touched);
+        let changed = self.refresh(&touched);
+        if changed.is_empty() {
+            return Vec::new();
+        }
+        let target = self.target();
+        let shown = std::mem::replace(&mut self.shown, target);
+        reconcile(shown, &self.shown, |id| if changed.contains(id) { cause } else { Cause::None })
+    }
+
+    /// Lets go of the document slots it holds.
+    pub fn release(self, slots: &mut Slots) {
+        for slot in self.members.into_keys() {
+            slots.release(slot);
+        }
+    }
+
+    /// Replaces what document `id` gives the groups, noting the groups it touched.
+    fn put(&mut self, slots: &mut Slots, id: &DocId, doc: Option<&Document>, touched: &mut BTreeSet<Ordered>) {
+        let new = doc.map(|d| self.pipeline.contributions(d)).unwrap_or_default();
+        let slot = slots.find(id);
+        let old = slot.and_then(|slot| self.members.remove(&slot));
+        if let (Some(slot), Some(old)) = (slot, &old)
+            && *old == new
+        {
+            // Nothing the pipeline reads changed.
+            self.members.insert(slot, new);
+            return;
+        }
+        for contribution in old.iter().flatten() {
+            self.groups.change(contribution, -1);
+            touched.insert(Ordered(contribution.key.clone()));
+        }
+        for contribution in &new {
+            self.groups.change(contribution, 1);
+            touched.insert(Ordered(contribution.key.clone()));
+        }
+        match (slot.filter(|_| old.is_some()), new.is_empty()) {
+            (Some(slot), true) => slots.release(slot),
+            (Some(slot), false) => {
+                self.members.insert(slot, new);
+            }
+            (None, false) => {
+                let slot = slots.acquire(id);
+                self.members.insert(slot, new);
+            }
+            (None, true) => {}
+        }
+    }
+
+    /// Recomputes the outputs of the `touched` groups; returns the keys of those that changed.
+    fn refresh(&mut self, touched: &BTreeSet<Ordered>) -> HashSet<DocId> {
+        let mut changed = HashSet::default();
+        for key in touched {
+            let now = self.groups.groups.get_key_value(key).map(|(key, group)| self.pipeline.output(&key.0, group));
+            if now.as_ref() == self.outputs.get(key).map(|d| &**d) {
+                continue;
+            }
+            match now {
+                Some(doc) => {
+                    self.outputs.remove(key);
+                    self.outputs.insert(Ordered(doc.get("_id").cloned().unwrap_or_default()), Arc::new(doc));
+                }
+                None => {
+                    self.outputs.remove(key);
+                }
+            }
+            changed.insert(DocId::new(&key.0));
+        }
+        changed
+    }
+
+    /// The result: the stages after `$group` over the outputs (in key order).
+    fn target(&self) -> Vec<(DocId, Arc<Document>)> {
+        let outputs = self.outputs.iter().map(|(key, doc)| (DocId::new(&key.0), doc.clone())).collect();
+        self.pipeline.finish_keyed(outputs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::{Bson, doc};
+
+    use crate::window::apply_ops;
+
+    fn pipeline(stages: Vec<Document>) -> Arc<Pipeline> {
+        let stages: Vec<Bson> = stages.into_iter().map(Bson::Document).collect();
+        Arc::new(Pipeline::parse(&stages).expect("pipeline"))
+    }
+
+    #[test]
+    fn groups_appear_change_move_and_leave() {
+        let p = pipeline(vec![
+            doc! {"$match": {"kind": "sale"}},
+            doc! {"$group": {"_id": "$shop", "total": {"$sum": "$amount"}}},
+            doc! {"$sort": {"total": -1}},
+            doc! {"$limit": 2},
+        ]);
+        let mut slots = Slots::default();
+        let docs = [
+            doc! {"_id": 1, "kind": "sale", "shop": "a", "amount": 5},
+            doc! {"_id": 2, "kind": "sale", "shop": "b", "amount": 3},
+        ];
+        let (mut live, initial) = LivePipeline::new(p.clone(), docs.iter().cloned().map(Arc::new), &mut slots);
+        let mut client = initial;
+        let mut state: std::collections::BTreeMap<i32, Document> =
+            docs.iter().map(|d| (d.get_i32("_id").unwrap(), d.clone())).collect();
+        let writes = [
+            (3, Some(doc! {"_id": 3, "kind": "sale", "shop": "c", "amount": 10})),
+            (2, Some(doc! {"_id": 2, "kind": "sale", "shop": "b", "amount": 30})),
+            (2, Some(doc! {"_id": 2, "kind": "sale", "shop": "b", "amount": 30, "note": "x"})),
+            (1, None),
+            (3, Some(doc! {"_id": 3, "kind": "refund", "shop": "c", "amount": 10})),
+            (4, Some(doc! {"_id": 4, "kind": "sale", "shop": "a", "amount": 1})),
+        ];
+        for (id, doc) in writes {
+            let admitted = doc.as_ref().filter(|d| d.get_str("kind").ok() == Some("sale"));
+            let ops = live.apply(&mut slots, &DocId::new(&Bson::Int32(id)), admitted, Cause::Update);
+            apply_ops(&mut client, &ops);
+            match doc {
+                Some(d) => state.insert(id, d),
+                None => state.remove(&id),
+            };
+            let want = p.evaluate(state.values());
+            let got: Vec<Document> = client.iter().map(|d| (**d).clone()).collect();
+            assert_eq!(got, want, "after writing {id}");
+        }
+        live.release(&mut slots);
+        assert_eq!(slots.find(&DocId::new(&Bson::Int32(2))), None, "slots are given back");
+    }
+
+    #[test]
+    fn a_write_the_pipeline_does_not_read_sends_nothing() {
+        let p = pipeline(vec![doc! {"$group": {"_id": "$shop", "n": {"$sum": 1}}}]);
+        let mut slots = Slots::default();
+        let (mut live, _) = LivePipeline::new(p, [Arc::new(doc! {"_id": 1, "shop": "a", "x": 1})], &mut slots);
+        let ops = live.apply(
+            &mut slots,
+            &DocId::new(&Bson::Int32(1)),
+            Some(&doc! {"_id": 1, "shop": "a", "x": 2}),
+            Cause::Update,
+        );
+        assert!(ops.is_empty());
+    }
+}
