@@ -22,6 +22,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bson::{Bson, Document};
+use livegrid_matcher::pipeline::first_match_source;
 use livegrid_matcher::{Pipeline, PipelineError, Query, QuerySpec};
 use livegrid_protocol::{ErrorCode, Position, extjson};
 use serde::Deserialize;
@@ -474,6 +475,8 @@ pub async fn aggregate(
     let Ok(stages) = body.doc.get_array("pipeline").cloned() else {
         return Err(ApiError::bad_request("bad_pipeline", "expected {\"pipeline\": [stages]}"));
     };
+    // The documents its first $match admits (and the caller may read), read like a query's.
+    let filter = first_match_source(&stages);
     let pipeline = blocking(move || Pipeline::parse(&stages)).await?.map_err(|e| {
         let code = if matches!(e, PipelineError::UnsupportedStage { .. } | PipelineError::UnsupportedOperator { .. }) {
             "unsupported_stage"
@@ -482,8 +485,6 @@ pub async fn aggregate(
         };
         ApiError::bad_request(code, e.to_string())
     })?;
-    // The documents its first $match admits (and the caller may read), read like a query's.
-    let filter = pipeline.first_match().map(|_| first_match_source(&body.doc)).unwrap_or_default();
     let spec = QuerySpec { filter: state.visible(&filter, &principal), ..Default::default() };
     let (spec, query) = compile(&state, spec).await?;
     let (docs, position) = match data(&state)? {
@@ -504,17 +505,6 @@ pub async fn aggregate(
     };
     let docs: Vec<Value> = docs.iter().map(extjson::document_to_relaxed_json).collect();
     Ok((StatusCode::OK, Json(json!({"docs": docs, "position": position}))))
-}
-
-/// The filter of a pipeline's first stage (a `$match`, checked by the parser).
-fn first_match_source(body: &Document) -> Document {
-    body.get_array("pipeline")
-        .ok()
-        .and_then(|stages| stages.first())
-        .and_then(|stage| stage.as_document())
-        .and_then(|stage| stage.get_document("$match").ok())
-        .cloned()
-        .unwrap_or_default()
 }
 
 /// `POST /v1/db/{db}/{coll}/_bulk` with `{"writes": [{"insert": doc} | {"replace": {"_id", "doc"}}

@@ -36,8 +36,11 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
+use livegrid_engine::records::WirePipeline;
 use livegrid_engine::{EngineError, QueryKey};
-use livegrid_matcher::{Query, QuerySpec};
+use livegrid_matcher::pipeline::first_match_source;
+use livegrid_matcher::{Pipeline, PipelineError, Query, QuerySpec};
+use livegrid_protocol::extjson::to_canonical_string;
 use livegrid_protocol::{ClientMessage, ErrorCode, ErrorMessage, ServerMessage, SubscribeMessage};
 use tokio::sync::broadcast;
 use tokio::time::MissedTickBehavior;
@@ -362,10 +365,29 @@ async fn handle(
     }
 }
 
-/// A query compiled on the blocking pool, with what it will cost.
+/// A query compiled on the blocking pool, with what it will cost (and for a live pipeline,
+/// the pipeline).
 struct Compiled {
     query: Query,
     charge: usize,
+    pipeline: Option<WirePipeline>,
+}
+
+/// Compiles a live pipeline's stages.
+fn compile_pipeline(stages: Vec<bson::Bson>) -> Result<WirePipeline, query_limits::Refusal> {
+    let pipeline = Pipeline::parse(&stages).map_err(|e| (pipeline_error_code(&e), e.to_string()))?;
+    Ok(WirePipeline::new(stages, Arc::new(pipeline)))
+}
+
+/// The error code of a refused pipeline: a stage or operator livegrid does not keep live, or
+/// a malformed one.
+fn pipeline_error_code(error: &PipelineError) -> ErrorCode {
+    match error {
+        PipelineError::UnsupportedStage { .. } | PipelineError::UnsupportedOperator { .. } => {
+            ErrorCode::UnsupportedStage
+        }
+        _ => ErrorCode::BadPipeline,
+    }
 }
 
 async fn subscribe_one(
@@ -419,9 +441,24 @@ async fn subscribe_one(
         let who = principal.user.as_deref().map_or("anonymous clients".to_string(), |u| format!("user {u:?}"));
         return Err(fail(ErrorCode::Unauthorized, format!("{who} may not read {}", subscribe.ns)));
     }
+    if subscribe.pipeline.is_some()
+        && (!subscribe.filter.is_empty()
+            || subscribe.sort.is_some()
+            || subscribe.skip != 0
+            || subscribe.limit.is_some()
+            || subscribe.projection.is_some())
+    {
+        return Err(fail(
+            ErrorCode::BadPipeline,
+            "a pipeline subscription takes its filter, sort, skip, limit and projection as stages".into(),
+        ));
+    }
+    let stages = subscribe.pipeline.clone();
+    let match_source = stages.as_deref().map(first_match_source);
     let spec = QuerySpec {
-        // Only what the principal may read: object ACLs are part of the query.
-        filter: state.visible(&subscribe.filter, principal),
+        // Only what the principal may read: object ACLs are part of the query (of a pipeline's
+        // first $match).
+        filter: state.visible(match_source.as_ref().unwrap_or(&subscribe.filter), principal),
         sort: subscribe.sort,
         skip: subscribe.skip,
         limit: subscribe.limit,
@@ -430,15 +467,21 @@ async fn subscribe_one(
     let compiled = {
         let (spec, limits) = (spec.clone(), state.config.query_limits());
         tokio::task::spawn_blocking(move || -> Result<Compiled, query_limits::Refusal> {
+            // The pipeline first: its errors name the stage.
+            let pipeline = stages.map(compile_pipeline).transpose()?;
             let query = query_limits::compile(&spec, &limits)?;
             let charge = query_limits::subscription_charge(&query, &limits)?;
-            Ok(Compiled { query, charge })
+            Ok(Compiled { query, charge, pipeline })
         })
         .await
         .map_err(|e| fail(ErrorCode::Internal, format!("compiling the query failed: {e}")))?
         .map_err(|(code, message)| fail(code, message))?
     };
-    let binding = Binding { ns: subscribe.ns.clone(), query: canonical_query(&spec), principal: principal.binding() };
+    let mut canonical = canonical_query(&spec);
+    if let Some(stages) = &subscribe.pipeline {
+        canonical.push_str(&format!("|{}", to_canonical_string(&bson::doc! {"pipeline": stages.clone()})));
+    }
+    let binding = Binding { ns: subscribe.ns.clone(), query: canonical, principal: principal.binding() };
     if let Some(resume) = &subscribe.resume {
         match state.hub.resume(&resume.token, resume.seq, &binding, outbox, connection, &id) {
             Resume::Resumed(key) => {
@@ -469,7 +512,11 @@ async fn subscribe_one(
         .map_err(|e| fail(ErrorCode::OverCapacity, format!("{e}; retry later")))?;
     let engine = state.engine.clone();
     let ns = subscribe.ns.clone();
-    let registered = tokio::task::spawn_blocking(move || engine.register_as(key, &ns, &spec, &compiled.query)).await;
+    let registered = tokio::task::spawn_blocking(move || match compiled.pipeline {
+        Some(pipeline) => engine.register_pipeline_as(key, &ns, &spec, &compiled.query, pipeline),
+        None => engine.register_as(key, &ns, &spec, &compiled.query),
+    })
+    .await;
     match registered {
         Ok(Ok(())) => {
             if !state.hub.owns(key, connection) {
@@ -486,6 +533,7 @@ async fn subscribe_one(
             unregister(state, key);
             let code = match e {
                 EngineError::BadQuery(_) => ErrorCode::BadQuery,
+                EngineError::BadPipeline(_) => ErrorCode::BadPipeline,
                 EngineError::StaleSnapshot { .. } => ErrorCode::StaleSnapshot,
                 EngineError::Closed => ErrorCode::Unavailable,
                 _ => ErrorCode::Internal,
@@ -502,7 +550,6 @@ async fn subscribe_one(
 
 /// The query as resume tokens are bound to it: every part in canonical Extended JSON.
 fn canonical_query(spec: &QuerySpec) -> String {
-    use livegrid_protocol::extjson::to_canonical_string;
     let part = |d: &Option<bson::Document>| d.as_ref().map(to_canonical_string).unwrap_or_default();
     format!(
         "{}|{}|{}|{:?}|{}",

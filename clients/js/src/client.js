@@ -117,8 +117,8 @@ export class LiveGrid {
   }
 
   /**
-   * Subscribes to a live query.
-   * @param {{ns: string, filter?: object, sort?: object, skip?: number, limit?: number, projection?: object}} query
+   * Subscribes to a live query, or to a live aggregation pipeline (`{ns, pipeline: [...]}`).
+   * @param {{ns: string, filter?: object, sort?: object, skip?: number, limit?: number, projection?: object, pipeline?: object[]}} query
    * @param {object} [handlers]
    * @param {(docs: object[]) => void} [handlers.onResult] a fresh result (the first, or after a re-sync)
    * @param {(delta: object, docs: object[]) => void} [handlers.onDelta] each change, once it is

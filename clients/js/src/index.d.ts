@@ -11,6 +11,9 @@ export interface Query {
   skip?: number;
   limit?: number;
   projection?: Document;
+  /** An aggregation pipeline instead of filter/sort/skip/limit/projection: the result is its
+   *  output, one document per group, kept live. */
+  pipeline?: Document[];
 }
 
 export interface ServerError {
