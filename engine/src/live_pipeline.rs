@@ -10,19 +10,20 @@
 //! never to the collection. A write whose contributions are unchanged (it changed a field the
 //! pipeline does not read) costs one comparison and sends nothing.
 //!
-//! The group outputs are kept, shared. When a write changes some, the stages after `$group`
-//! run over all outputs and the result is compared with what the client holds
-//! ([`crate::window::reconcile`]): that part costs in proportion to the number of groups,
-//! which is why live pipelines suit dashboards and leaderboards (tens to thousands of
-//! groups), not group-per-document pipelines.
+//! The group outputs are kept, shared. When the stages after `$group` have the shape nearly
+//! every pipeline has (`$match`, `$sort`, `$skip`, `$limit`, `$project`, each at most once, in
+//! that order), the outputs the `$match` admits are also kept in sort order, so a write costs
+//! `O(log groups + skip + limit)` to find the new result; any other sequence of stages runs
+//! over all outputs again (`O(groups)`). The new result is compared with what the client holds
+//! ([`crate::window::reconcile`], in proportion to what is shown).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use bson::Document;
-use livegrid_matcher::Pipeline;
 use livegrid_matcher::pipeline::accumulator::Ordered;
-use livegrid_matcher::pipeline::{Contribution, Groups};
+use livegrid_matcher::pipeline::{After, Contribution, Groups};
+use livegrid_matcher::{Filter, Pipeline, Projection, SortKey, SortSpec};
 use livegrid_protocol::Cause;
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::collections::BTreeMap;
@@ -38,9 +39,66 @@ pub struct LivePipeline {
     /// What each member document (by slot) gave its groups.
     members: HashMap<u32, Vec<Contribution>>,
     /// The `$group` stage's output, by group key.
-    outputs: BTreeMap<Ordered, Arc<Document>>,
+    outputs: BTreeMap<Ordered, Output>,
+    /// When the stages after `$group` have the usual shape: those stages, and the outputs
+    /// their `$match` admits, in their `$sort` order.
+    sorted: Option<(Stages, BTreeMap<SortKey, (DocId, Arc<Document>)>)>,
     /// What the client holds: each document with its group's key, in order.
     shown: Vec<(DocId, Arc<Document>)>,
+}
+
+/// One group's output.
+struct Output {
+    id: DocId,
+    doc: Arc<Document>,
+    /// Its key in the sorted outputs, when it is there.
+    rank: Option<SortKey>,
+}
+
+/// The stages after `$group` when they are `$match`, `$sort`, `$skip`, `$limit`, `$project`,
+/// each at most once, in that order.
+struct Stages {
+    filter: Option<Filter>,
+    sort: SortSpec,
+    skip: usize,
+    limit: Option<usize>,
+    projection: Option<Projection>,
+}
+
+impl Stages {
+    fn of(after: &[After]) -> Option<Stages> {
+        let mut stages = Stages { filter: None, sort: SortSpec::default(), skip: 0, limit: None, projection: None };
+        let mut step = 0;
+        for stage in after {
+            let at = match stage {
+                After::Match(filter) => {
+                    stages.filter = Some(filter.clone());
+                    1
+                }
+                After::Sort(sort) => {
+                    stages.sort = sort.clone();
+                    2
+                }
+                After::Skip(n) => {
+                    stages.skip = usize::try_from(*n).unwrap_or(usize::MAX);
+                    3
+                }
+                After::Limit(n) => {
+                    stages.limit = Some(usize::try_from(*n).unwrap_or(usize::MAX));
+                    4
+                }
+                After::Project(projection) => {
+                    stages.projection = Some(projection.clone());
+                    5
+                }
+            };
+            if at <= step {
+                return None;
+            }
+            step = at;
+        }
+        Some(stages)
+    }
 }
 
 impl LivePipeline {
@@ -53,6 +111,7 @@ impl LivePipeline {
     ) -> (Self, Vec<Arc<Document>>) {
         let mut live = LivePipeline {
             groups: pipeline.groups(),
+            sorted: Stages::of(&pipeline.after).map(|stages| (stages, BTreeMap::new())),
             pipeline,
             members: HashMap::default(),
             outputs: BTreeMap::new(),
@@ -130,27 +189,57 @@ impl LivePipeline {
         let mut changed = HashSet::default();
         for key in touched {
             let now = self.groups.groups.get_key_value(key).map(|(key, group)| self.pipeline.output(&key.0, group));
-            if now.as_ref() == self.outputs.get(key).map(|d| &**d) {
+            let before = self.outputs.remove(key);
+            if now.as_ref() == before.as_ref().map(|output| &*output.doc) {
+                if let Some(output) = before {
+                    self.outputs.insert(key.clone(), output);
+                }
                 continue;
             }
-            match now {
-                Some(doc) => {
-                    self.outputs.remove(key);
-                    self.outputs.insert(Ordered(doc.get("_id").cloned().unwrap_or_default()), Arc::new(doc));
-                }
-                None => {
-                    self.outputs.remove(key);
-                }
+            let id = match &before {
+                Some(output) => output.id.clone(),
+                None => DocId::new(&key.0),
+            };
+            if let (Some((_, sorted)), Some(Output { rank: Some(rank), .. })) = (&mut self.sorted, &before) {
+                sorted.remove(rank);
             }
-            changed.insert(DocId::new(&key.0));
+            changed.insert(id.clone());
+            let Some(doc) = now else { continue };
+            let doc = Arc::new(doc);
+            let mut rank = None;
+            if let Some((stages, sorted)) = &mut self.sorted
+                && stages.filter.as_ref().is_none_or(|filter| filter.matches(&doc))
+            {
+                let key = stages.sort.key(&doc);
+                sorted.insert(key.clone(), (id.clone(), doc.clone()));
+                rank = Some(key);
+            }
+            let group_key = Ordered(doc.get("_id").cloned().unwrap_or_default());
+            self.outputs.insert(group_key, Output { id, doc, rank });
         }
         changed
     }
 
     /// The result: the stages after `$group` over the outputs (in key order).
     fn target(&self) -> Vec<(DocId, Arc<Document>)> {
-        let outputs = self.outputs.iter().map(|(key, doc)| (DocId::new(&key.0), doc.clone())).collect();
-        self.pipeline.finish_keyed(outputs)
+        match &self.sorted {
+            Some((stages, sorted)) => sorted
+                .values()
+                .skip(stages.skip)
+                .take(stages.limit.unwrap_or(usize::MAX))
+                .map(|(id, doc)| {
+                    let doc = match &stages.projection {
+                        Some(projection) => Arc::new(projection.apply(doc)),
+                        None => doc.clone(),
+                    };
+                    (id.clone(), doc)
+                })
+                .collect(),
+            None => {
+                let outputs = self.outputs.values().map(|output| (output.id.clone(), output.doc.clone())).collect();
+                self.pipeline.finish_keyed(outputs)
+            }
+        }
     }
 }
 

@@ -324,7 +324,8 @@ impl Pipeline {
         for stage in &self.after {
             match stage {
                 After::Match(filter) => docs.retain(|(_, d)| filter.matches(d)),
-                After::Sort(sort) => docs.sort_by(|(_, a), (_, b)| sort.compare(a, b)),
+                // Stable: ties stay in `_id` order. One key per document, not two per comparison.
+                After::Sort(sort) => docs.sort_by_cached_key(|(_, d)| sort.key(d)),
                 After::Skip(n) => {
                     docs.drain(..(*n as usize).min(docs.len()));
                 }
