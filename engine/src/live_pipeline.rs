@@ -42,10 +42,13 @@ pub struct LivePipeline {
     outputs: BTreeMap<Ordered, Output>,
     /// When the stages after `$group` have the usual shape: those stages, and the outputs
     /// their `$match` admits, in their `$sort` order.
-    sorted: Option<(Stages, BTreeMap<SortKey, (DocId, Arc<Document>)>)>,
+    sorted: Option<(Stages, Sorted)>,
     /// What the client holds: each document with its group's key, in order.
     shown: Vec<(DocId, Arc<Document>)>,
 }
+
+/// Group outputs in result order, each with its group's key.
+type Sorted = BTreeMap<SortKey, (DocId, Arc<Document>)>;
 
 /// One group's output.
 struct Output {
