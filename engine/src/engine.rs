@@ -506,7 +506,7 @@ impl Engine {
                 reason: "a live pipeline's sort, skip and limit are its own stages".into(),
             }));
         }
-        pipeline.compile()?;
+        pipeline.compile()?.check_live()?;
         self.register_reading(key, ns, spec, query, Some(&pipeline))
     }
 

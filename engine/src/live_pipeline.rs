@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use bson::Document;
 use livegrid_matcher::pipeline::accumulator::Ordered;
-use livegrid_matcher::pipeline::{After, Contribution, Groups};
+use livegrid_matcher::pipeline::{After, Contribution, Groups, decode_contributions, encode_contributions};
 use livegrid_matcher::{Filter, Pipeline, Projection, SortKey, SortSpec};
 use livegrid_protocol::Cause;
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
@@ -37,7 +37,7 @@ pub struct LivePipeline {
     pipeline: Arc<Pipeline>,
     groups: Groups,
     /// What each member document (by slot) gave its groups.
-    members: HashMap<u32, Vec<Contribution>>,
+    members: HashMap<u32, Kept>,
     /// The `$group` stage's output, by group key.
     outputs: BTreeMap<Ordered, Output>,
     /// When the stages after `$group` have the usual shape: those stages, and the outputs
@@ -45,6 +45,30 @@ pub struct LivePipeline {
     sorted: Option<(Stages, Sorted)>,
     /// What the client holds: each document with its group's key, in order.
     shown: Vec<(DocId, Arc<Document>)>,
+}
+
+/// A member document's contributions as kept: encoded (compact), or as they are when BSON
+/// cannot hold them.
+#[derive(PartialEq)]
+enum Kept {
+    Encoded(Box<[u8]>),
+    Plain(Vec<Contribution>),
+}
+
+impl Kept {
+    fn new(contributions: Vec<Contribution>) -> Kept {
+        match encode_contributions(&contributions) {
+            Some(bytes) => Kept::Encoded(bytes.into_boxed_slice()),
+            None => Kept::Plain(contributions),
+        }
+    }
+
+    fn contributions(self) -> Vec<Contribution> {
+        match self {
+            Kept::Encoded(bytes) => decode_contributions(&bytes).expect("contributions decode as encoded"),
+            Kept::Plain(contributions) => contributions,
+        }
+    }
 }
 
 /// Group outputs in result order, each with its group's key.
@@ -159,14 +183,16 @@ impl LivePipeline {
         let new = doc.map(|d| self.pipeline.contributions(d)).unwrap_or_default();
         let slot = slots.find(id);
         let old = slot.and_then(|slot| self.members.remove(&slot));
-        if let (Some(slot), Some(old)) = (slot, &old)
-            && *old == new
+        let kept = (!new.is_empty()).then(|| Kept::new(new.clone()));
+        if let (Some(slot), Some(_)) = (slot, &old)
+            && old == kept
         {
             // Nothing the pipeline reads changed.
-            self.members.insert(slot, new);
+            self.members.insert(slot, old.expect("checked"));
             return;
         }
-        for contribution in old.iter().flatten() {
+        let held = old.is_some();
+        for contribution in old.map(Kept::contributions).iter().flatten() {
             self.groups.change(contribution, -1);
             touched.insert(Ordered(contribution.key.clone()));
         }
@@ -174,16 +200,16 @@ impl LivePipeline {
             self.groups.change(contribution, 1);
             touched.insert(Ordered(contribution.key.clone()));
         }
-        match (slot.filter(|_| old.is_some()), new.is_empty()) {
-            (Some(slot), true) => slots.release(slot),
-            (Some(slot), false) => {
-                self.members.insert(slot, new);
+        match (slot.filter(|_| held), kept) {
+            (Some(slot), None) => slots.release(slot),
+            (Some(slot), Some(kept)) => {
+                self.members.insert(slot, kept);
             }
-            (None, false) => {
+            (None, Some(kept)) => {
                 let slot = slots.acquire(id);
-                self.members.insert(slot, new);
+                self.members.insert(slot, kept);
             }
-            (None, true) => {}
+            (None, None) => {}
         }
     }
 

@@ -30,7 +30,7 @@ pub struct SortSpec {
 }
 
 /// The key a document sorts by under a [`SortSpec`]; ordering keys orders documents.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct SortKey {
     parts: Vec<(Bson, Direction)>,
     id: Bson,

@@ -375,7 +375,9 @@ struct Compiled {
 
 /// Compiles a live pipeline's stages.
 fn compile_pipeline(stages: Vec<bson::Bson>) -> Result<WirePipeline, query_limits::Refusal> {
-    let pipeline = Pipeline::parse(&stages).map_err(|e| (pipeline_error_code(&e), e.to_string()))?;
+    let pipeline = Pipeline::parse(&stages)
+        .and_then(|pipeline| pipeline.check_live().map(|()| pipeline))
+        .map_err(|e| (pipeline_error_code(&e), e.to_string()))?;
     Ok(WirePipeline::new(stages, Arc::new(pipeline)))
 }
 
