@@ -16,7 +16,10 @@
 #            (LIVEGRID_MONGODB_EVENTS, default 200,000)
 #   acl      what object ACLs cost: the load benchmark (1,000 users x 10 subscriptions) with and
 #            without ACLs, fan-out 1 at 10,000 writes/s and fan-out 10 at 2,000 writes/s
-#   aggregation  the live aggregation branch alone: updates/s with 100 pipelines over 10,000
+#   aggregation  live pipelines through the engine: 10,000 pipelines over 1,000,000 documents,
+#            updates/s against re-running them, then the same $matches as plain queries
+#            (LIVEGRID_PIPE_DOCS, LIVEGRID_PIPE_PIPELINES, LIVEGRID_PIPE_UPDATES, LIVEGRID_PIPE_GRID);
+#            then the differential-dataflow branch alone: updates/s with 100 pipelines over 10,000
 #            documents on 1 and 2 workers, against re-running the pipelines a write touches
 #   cache    cache invalidation: changes turned into purges and purge latency, adaptive vs
 #            fixed TTL hit and stale-read rates, cache sketch size and false positives
@@ -91,7 +94,11 @@ run_acl() {
   done
 }
 run_aggregation() {
-  echo "== aggregation: the live aggregation branch, 100 pipelines over 10,000 documents"
+  echo "== aggregation: live pipelines through the engine, 10,000 pipelines over 1,000,000 documents"
+  cargo bench --bench pipelines
+  echo "== aggregation: the same \$matches as plain queries"
+  LIVEGRID_PIPE_PLAIN=1 cargo bench --bench pipelines
+  echo "== aggregation: the differential-dataflow branch, 100 pipelines over 10,000 documents"
   for workers in 1 2; do
     LIVEGRID_AGG_WORKERS=$workers cargo bench --bench aggregation
   done
