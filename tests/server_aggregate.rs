@@ -67,9 +67,9 @@ async fn pipelines_run_once_over_the_store() {
     assert_eq!(http(addr, "GET", "/healthz", None).await.0, 200);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn aggregates_count_only_what_the_caller_may_read() {
-    let dir = tempfile::tempdir().unwrap();
+/// A server where any authenticated user may read and write `app.*`, object ACLs deciding
+/// which documents.
+async fn server_with_acls(dir: &std::path::Path) -> livegrid::server::RunningServer {
     let rules =
         livegrid::auth::Rules::parse("[namespaces.\"app.*\"]\nread = \"authenticated\"\nwrite = \"authenticated\"\n")
             .unwrap();
@@ -77,7 +77,13 @@ async fn aggregates_count_only_what_the_caller_may_read() {
         auth: AuthConfig { secret: Some(SECRET.into()), public_key_pem: None, rules: Some(rules) },
         ..Default::default()
     };
-    let server = server_with(dir.path(), config).await;
+    server_with(dir, config).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregates_count_only_what_the_caller_may_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with_acls(dir.path()).await;
     let (alice, bob) = (token("alice", &[], 600), token("bob", &[], 600));
     for (i, reader) in [(1, "user:alice"), (2, "user:alice"), (3, "user:bob"), (4, "*")] {
         let doc = json!({"_id": i, "v": i, "_acl": {"read": [reader], "write": ["*"]}});
@@ -199,14 +205,7 @@ async fn live_pipelines_follow_writes_and_resume() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_pipelines_count_only_what_the_subscriber_may_read() {
     let dir = tempfile::tempdir().unwrap();
-    let rules =
-        livegrid::auth::Rules::parse("[namespaces.\"app.*\"]\nread = \"authenticated\"\nwrite = \"authenticated\"\n")
-            .unwrap();
-    let config = ServerConfig {
-        auth: AuthConfig { secret: Some(SECRET.into()), public_key_pem: None, rules: Some(rules) },
-        ..Default::default()
-    };
-    let server = server_with(dir.path(), config).await;
+    let server = server_with_acls(dir.path()).await;
     let alice = token("alice", &[], 600);
     let mut socket = connect(server.addr).await;
     send(&mut socket, json!({"type": "auth", "token": token("bob", &[], 600)})).await;

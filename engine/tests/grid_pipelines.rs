@@ -1,5 +1,5 @@
 //! Model-based tests of live pipelines: random documents and writes, random pipelines
-//! registered at the start and mid-stream (some ended again); after every batch, each
+//! registered at the start and mid-stream (some twice, some ended again); after every batch, each
 //! pipeline's messages applied to its initial result (as a client applies them, by `seq`)
 //! must equal the pipeline run from scratch on the database state, on grids 1x1 and 2x2.
 
@@ -74,6 +74,13 @@ fn pipelines() -> Vec<Vec<Document>> {
         vec![
             doc! {"$group": {"_id": {"$toUpper": "$shop"}, "big": {"$sum": {"$cond": [{"$gte": ["$amount", 25]}, 1, 0]}}}},
             doc! {"$sort": {"big": -1, "_id": -1}},
+        ],
+        // Ties in the sort (broken by _id), and a skip.
+        vec![
+            doc! {"$group": {"_id": "$shop", "n": {"$sum": 1}}},
+            doc! {"$sort": {"n": 1}},
+            doc! {"$skip": 1},
+            doc! {"$limit": 2},
         ],
     ]
 }

@@ -96,15 +96,22 @@ $('query-form').addEventListener('submit', (event) => {
   $('query-error').textContent = '';
   let query;
   try {
-    query = { ns: $('ns').value.trim(), filter: parseJson($('filter').value, 'the filter', {}) };
-    const sort = parseJson($('sort').value, 'the sort', undefined);
-    if (sort !== undefined) query.sort = sort;
-    const skip = Number($('skip').value || 0);
-    if (skip > 0) query.skip = skip;
-    const limit = Number($('limit').value || 0);
-    if (limit > 0) query.limit = limit;
-    const projection = parseJson($('projection').value, 'the projection', undefined);
-    if (projection !== undefined) query.projection = projection;
+    const pipeline = parseJson($('pipeline').value, 'the pipeline', undefined);
+    if (pipeline !== undefined) {
+      // A live aggregation: filter, sort, skip, limit and projection are its own stages.
+      if (!Array.isArray(pipeline)) throw new Error('the pipeline is an array of stages');
+      query = { ns: $('ns').value.trim(), pipeline };
+    } else {
+      query = { ns: $('ns').value.trim(), filter: parseJson($('filter').value, 'the filter', {}) };
+      const sort = parseJson($('sort').value, 'the sort', undefined);
+      if (sort !== undefined) query.sort = sort;
+      const skip = Number($('skip').value || 0);
+      if (skip > 0) query.skip = skip;
+      const limit = Number($('limit').value || 0);
+      if (limit > 0) query.limit = limit;
+      const projection = parseJson($('projection').value, 'the projection', undefined);
+      if (projection !== undefined) query.projection = projection;
+    }
   } catch (e) {
     $('query-error').textContent = e.message;
     return;

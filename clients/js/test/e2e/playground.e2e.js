@@ -157,12 +157,29 @@ test('the playground follows a live query through writes and a server restart', 
     }
     assert.deepEqual(problems, [], 'no errors in the page');
 
+    // A live aggregation from the form: documents per name, most first; a write moves it.
+    await page.click('#pipeline-details summary');
+    await page.fill(
+      '#pipeline',
+      '[{"$group": {"_id": "$name", "n": {"$count": {}}}}, {"$sort": {"n": -1, "_id": 1}}, {"$limit": 2}]',
+    );
+    await page.click('#subscribe');
+    await expectRows(page, ['apple', 'item 3'], 'one row per group, in the pipeline\'s order');
+    for (const id of [6, 7]) await rest(port, 'POST', '/v1/db/demo/items', { _id: id, name: 'item 5', score: 1 });
+    await expectRows(page, ['item 5', 'apple'], 'a group grows to the top; the last is pushed out');
+    const groups = await rest(port, 'POST', '/v1/db/demo/items/_aggregate', {
+      pipeline: [{ $group: { _id: '$name', n: { $count: {} } } }, { $sort: { n: -1, _id: 1 } }, { $limit: 2 }],
+    });
+    assert.deepEqual(groups.docs, [{ _id: 'item 5', n: 3 }, { _id: 'apple', n: 1 }]);
+    await page.fill('#pipeline', '');
+    assert.deepEqual(problems, [], 'no errors in the page');
+
     // A phone-sized screen: nothing wider than the screen.
     const phone = await browser.newPage({ viewport: { width: 390, height: 844 }, deviceScaleFactor: 2 });
     await phone.goto(`http://127.0.0.1:${port}/`);
     await expectState(phone, 'open');
     await phone.click('#subscribe');
-    await expectRows(phone, ['5', '1', '4', '3'], 'the phone page shows the result (limit 10)');
+    await expectRows(phone, ['5', '1', '4', '3', '6', '7'], 'the phone page shows the result (limit 10)');
     const overflow = await phone.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
     assert.ok(overflow <= 0, `the page is ${overflow}px wider than a phone`);
     await phone.screenshot({ path: join(SHOTS, 'playground-phone.png') });
