@@ -197,12 +197,14 @@ fn main() {
         rss_mib()
     );
 
-    // The live pipeline's own state alone (no grid): what one write costs it.
+    // The live pipeline's own state alone (no grid): what one write costs its core and view.
     {
+        use livegrid_engine::live_pipeline::{Core, View};
         let shop: Vec<Arc<Document>> = current.iter().filter(|d| d.get_i32("shop").ok() == Some(0)).cloned().collect();
         let mut slots = livegrid_engine::slots::Slots::default();
-        let (mut live, _) =
-            livegrid_engine::live_pipeline::LivePipeline::new(Arc::new(pipelines[0].clone()), shop.clone(), &mut slots);
+        let pipeline = Arc::new(pipelines[0].clone());
+        let mut core = Core::new(pipeline.clone(), shop.clone(), 0.into(), &mut slots);
+        let (mut view, _) = View::new(pipeline, &core);
         let rounds = 100_000;
         let started = Instant::now();
         let mut ops = 0;
@@ -210,7 +212,8 @@ fn main() {
             let mut doc = (*shop[i % shop.len()]).clone();
             doc.insert("price", 1 + rng.below(500) as i64);
             let id = livegrid_engine::doc_id::DocId::new(doc.get("_id").unwrap());
-            ops += live.apply(&mut slots, &id, Some(&doc), livegrid_protocol::Cause::Update).len();
+            let changes = core.apply(&mut slots, &id, Some(&doc), (i as u64 + 1).into()).unwrap_or_default();
+            ops += view.apply(&core, &changes, livegrid_protocol::Cause::Update).len();
         }
         println!(
             "the live pipeline's state alone ({} documents, {} groups): {:.1} µs per update, {ops} list operations",

@@ -40,7 +40,7 @@ use crate::grid::{
     Command, DELIVERY_BATCH, Delivery, GridShape, MAX_RECYCLED_BUFFERS, WorkerSetup, run_worker_reporting,
 };
 use crate::query_index::QueryKey;
-use crate::records::{GridInput, Registration, StageInit, StageOutput, WirePipeline, WireQuery};
+use crate::records::{Attach, GridInput, Registration, StageInit, StageOutput, WirePipeline, WireQuery};
 use crate::retention::Retention;
 use crate::snapshot::{Snapshot, SnapshotError, SnapshotSource};
 use crate::wire::{WireDoc, WireEvent, WireValue};
@@ -210,10 +210,23 @@ struct Subscribed {
     window_spec: Option<Box<QuerySpec>>,
 }
 
+/// A live pipeline core's registration: the share it serves and how many views it has.
+struct CoreEntry {
+    share: Vec<u8>,
+    views: usize,
+    column: u32,
+}
+
 /// State behind the ingest lock: what was fed, in order.
 struct Ingest {
     retention: Retention,
     subscriptions: HashMap<QueryKey, Subscribed>,
+    /// Live pipeline cores (their grid registrations are in `subscriptions`).
+    cores: HashMap<QueryKey, CoreEntry>,
+    /// The core new pipeline subscriptions of each share attach to.
+    shares: HashMap<Vec<u8>, QueryKey>,
+    /// Pipeline subscriptions, with their core and namespace.
+    views: HashMap<QueryKey, (QueryKey, Arc<str>)>,
     namespaces: HashMap<String, Arc<str>>,
     commands: Option<Sender<Command>>,
 }
@@ -269,6 +282,9 @@ impl Shared {
 
     /// Ends a subscription in the grid; `false` when it was not registered.
     fn unregister(&self, ingest: &mut Ingest, key: QueryKey) -> Result<bool, EngineError> {
+        if let Some((core, _)) = ingest.views.remove(&key) {
+            return self.detach(ingest, core, key).map(|()| true);
+        }
         let Some(sub) = ingest.subscriptions.remove(&key) else { return Ok(false) };
         let shape = self.shape;
         let q = sub.column as usize;
@@ -278,6 +294,43 @@ impl Shared {
         let position = ingest.retention.last_position();
         self.send(ingest, Command::Feed(records, position))?;
         Ok(true)
+    }
+
+    /// Attaches pipeline subscription `view` to `core`, at the last position fed.
+    fn attach(
+        &self,
+        ingest: &mut Ingest,
+        core: QueryKey,
+        view: QueryKey,
+        ns: &str,
+        pipeline: WirePipeline,
+    ) -> Result<(), EngineError> {
+        let Some(entry) = ingest.cores.get_mut(&core) else { return Err(EngineError::Closed) };
+        entry.views += 1;
+        let target = self.shape.worker(entry.column as usize, 0);
+        let ns = ingest.namespace(ns);
+        ingest.views.insert(view, (core, ns));
+        let position = ingest.retention.last_position();
+        let record = GridInput::Attach(Box::new(Attach { target, core, view, pipeline, position }));
+        self.send(ingest, Command::Feed(vec![record], position))
+    }
+
+    /// Detaches pipeline subscription `view` from `core`; the last view ends the core.
+    fn detach(&self, ingest: &mut Ingest, core: QueryKey, view: QueryKey) -> Result<(), EngineError> {
+        let Some(entry) = ingest.cores.get_mut(&core) else { return Ok(()) };
+        entry.views -= 1;
+        let target = self.shape.worker(entry.column as usize, 0);
+        let position = ingest.retention.last_position();
+        self.send(ingest, Command::Feed(vec![GridInput::Detach { target, core, view }], position))?;
+        if ingest.cores[&core].views == 0 {
+            let entry = ingest.cores.remove(&core).expect("present");
+            metrics::gauge!("livegrid_pipeline_cores").set(ingest.cores.len() as f64);
+            if ingest.shares.get(&entry.share) == Some(&core) {
+                ingest.shares.remove(&entry.share);
+            }
+            self.unregister(ingest, core)?;
+        }
+        Ok(())
     }
 
     fn wake(&self) {
@@ -349,6 +402,9 @@ impl Engine {
             ingest: Mutex::new(Ingest {
                 retention: Retention::new(config.retention, config.retention_bytes),
                 subscriptions: HashMap::default(),
+                cores: HashMap::default(),
+                shares: HashMap::default(),
+                views: HashMap::default(),
                 namespaces: HashMap::default(),
                 commands: feeds.then_some(command_tx),
             }),
@@ -507,7 +563,27 @@ impl Engine {
             }));
         }
         pipeline.compile()?.check_live()?;
-        self.register_reading(key, ns, spec, query, Some(&pipeline))
+        // Identical pipelines (namespace, first $match with its ACL, stages through $group)
+        // share one core: a new one attaches to it without reading the database.
+        let share = share_of(ns, spec, &pipeline);
+        {
+            let mut ingest = self.shared.ingest.lock().expect("ingest lock");
+            if let Some(&core) = ingest.shares.get(&share) {
+                return self.shared.attach(&mut ingest, core, key, ns, pipeline);
+            }
+        }
+        let core = self.reserve_key();
+        self.register_reading(core, ns, spec, query, Some(&pipeline))?;
+        let mut ingest = self.shared.ingest.lock().expect("ingest lock");
+        let Some(column) = ingest.subscriptions.get(&core).map(|sub| sub.column) else {
+            return Err(EngineError::Closed);
+        };
+        ingest.cores.insert(core, CoreEntry { share: share.clone(), views: 0, column });
+        metrics::gauge!("livegrid_pipeline_cores").set(ingest.cores.len() as f64);
+        // Registered concurrently with an identical pipeline: the first core stays the one
+        // others attach to; this one serves this subscription.
+        ingest.shares.entry(share).or_insert(core);
+        self.shared.attach(&mut ingest, core, key, ns, pipeline)
     }
 
     fn register_reading(
@@ -586,6 +662,11 @@ impl Engine {
             .insert(key, Subscribed { ns, column, window_spec: windowed.then(|| Box::new(spec.clone())) });
         let position = ingest.retention.last_position();
         self.send(&ingest, Command::Feed(records, position))
+    }
+
+    /// Live pipeline cores: the distinct pipelines (up to `$group`) subscriptions share.
+    pub fn pipeline_cores(&self) -> usize {
+        self.shared.ingest.lock().expect("ingest lock").cores.len()
     }
 
     /// Ends a subscription; messages already under way may still arrive.
@@ -680,8 +761,14 @@ impl Engine {
     pub fn end_subscriptions(&self, concerned: impl Fn(&str) -> bool, reason: &str) -> Result<usize, EngineError> {
         let ended = {
             let mut ingest = self.shared.ingest.lock().expect("ingest lock");
-            let keys: Vec<QueryKey> =
-                ingest.subscriptions.iter().filter(|(_, sub)| concerned(&sub.ns)).map(|(key, _)| *key).collect();
+            // Subscriptions (pipeline cores end with their last view).
+            let keys: Vec<QueryKey> = ingest
+                .subscriptions
+                .iter()
+                .filter(|(key, sub)| concerned(&sub.ns) && !ingest.cores.contains_key(key))
+                .map(|(key, _)| *key)
+                .chain(ingest.views.iter().filter(|(_, (_, ns))| concerned(ns)).map(|(key, _)| *key))
+                .collect();
             for key in &keys {
                 self.shared.unregister(&mut ingest, *key)?;
             }
@@ -822,6 +909,19 @@ fn build_registration(
             }))
         })
         .collect()
+}
+
+/// What identical live pipelines share a core by: the namespace, the filter registered with
+/// the grid (the first `$match` with the subscriber's ACL) and the stages through `$group`.
+fn share_of(ns: &str, spec: &QuerySpec, pipeline: &WirePipeline) -> Vec<u8> {
+    let stages = pipeline.stages.0.get_array("stages").cloned().unwrap_or_default();
+    let through_group: Vec<bson::Bson> =
+        match stages.iter().position(|s| s.as_document().is_some_and(|d| d.contains_key("$group"))) {
+            Some(at) => stages[..=at].to_vec(),
+            None => stages,
+        };
+    let key = bson::doc! {"ns": ns, "filter": spec.filter.clone(), "stages": through_group};
+    key.to_vec().unwrap_or_else(|_| format!("{key:?}").into_bytes())
 }
 
 /// Adds `events` (of any namespace; those of `ns` count) to the replays of a registration's

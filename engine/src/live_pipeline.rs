@@ -1,9 +1,16 @@
-//! Live pipelines: what a pipeline subscription keeps in the subscription stage, and the list
-//! operations its deltas are made of.
+//! Live pipelines: what pipeline subscriptions keep in the subscription stage, and the list
+//! operations their deltas are made of.
 //!
-//! The grid matches a pipeline's first `$match` like a query's filter (its predicate index
-//! finds the pipelines a write may concern), so the subscription stage learns exactly which
-//! documents enter, stay in or leave that filter. Per member document a live pipeline keeps
+//! A pipeline's state is split in two. The [`Core`] holds what depends on the stages up to
+//! `$group`: it is registered with the grid once for all subscriptions to the same namespace,
+//! first `$match` (ACL included) and stages through `$group`, which share it. Each subscription
+//! is a [`View`] of a core: the stages after `$group` and what its client holds. A view attaches
+//! to a core without reading the database (its initial result is the core's state, exact at the
+//! position the attach is applied at) and is updated from the core's changes.
+//!
+//! The grid matches a core's first `$match` like a query's filter (its predicate index finds
+//! the pipelines a write may concern), so the subscription stage learns exactly which
+//! documents enter, stay in or leave that filter. Per member document a core keeps
 //! what the document gave its groups (its contributions, see
 //! [`livegrid_matcher::pipeline::Contribution`]); a write takes the old ones out of their
 //! groups and puts the new ones in, so it costs work in proportion to the groups it touches,
@@ -24,7 +31,7 @@ use bson::Document;
 use livegrid_matcher::pipeline::accumulator::Ordered;
 use livegrid_matcher::pipeline::{After, Contribution, Groups, decode_contributions, encode_contributions};
 use livegrid_matcher::{Filter, Pipeline, Projection, SortKey, SortSpec};
-use livegrid_protocol::Cause;
+use livegrid_protocol::{Cause, Position};
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::collections::BTreeMap;
 
@@ -32,19 +39,224 @@ use crate::doc_id::DocId;
 use crate::slots::Slots;
 use crate::window::{WindowOp, reconcile};
 
-/// The state of one pipeline subscription.
-pub struct LivePipeline {
+/// What subscriptions to the same pipeline (through `$group`) share: the groups.
+pub struct Core {
     pipeline: Arc<Pipeline>,
     groups: Groups,
     /// What each member document (by slot) gave its groups.
     members: HashMap<u32, Kept>,
     /// The `$group` stage's output, by group key.
-    outputs: BTreeMap<Ordered, Output>,
+    outputs: BTreeMap<Ordered, (DocId, Arc<Document>)>,
+    /// The position the core is exact at: writes at or below it are in.
+    position: Position,
+    /// The views attached to it (their subscription keys).
+    pub views: Vec<u64>,
+}
+
+/// A group output a write changed.
+pub struct Change {
+    /// The group's key.
+    pub id: DocId,
+    /// Its output after the write; `None` when the group is gone.
+    pub after: Option<Arc<Document>>,
+}
+
+impl Core {
+    /// A core over `docs` (the documents its first `$match` admits) as read at `position`.
+    pub fn new(
+        pipeline: Arc<Pipeline>,
+        docs: impl IntoIterator<Item = Arc<Document>>,
+        position: Position,
+        slots: &mut Slots,
+    ) -> Core {
+        let mut core = Core {
+            groups: pipeline.groups(),
+            pipeline,
+            members: HashMap::default(),
+            outputs: BTreeMap::new(),
+            position,
+            views: Vec::new(),
+        };
+        let mut touched = BTreeSet::new();
+        for doc in docs {
+            let id = DocId::new(doc.get("_id").unwrap_or(&bson::Bson::Null));
+            core.put(slots, &id, Some(&doc), &mut touched);
+        }
+        core.refresh(&touched);
+        core
+    }
+
+    /// The position the core is exact at.
+    pub fn position(&self) -> Position {
+        self.position
+    }
+
+    /// Applies one write of document `id` at `position`: `doc` is its new version when it
+    /// matches the first `$match`, `None` when it left it or was deleted. Returns the group
+    /// outputs it changed, or `None` when the core has the write already.
+    pub fn apply(
+        &mut self,
+        slots: &mut Slots,
+        id: &DocId,
+        doc: Option<&Document>,
+        position: Position,
+    ) -> Option<Vec<Change>> {
+        if position <= self.position {
+            return None;
+        }
+        self.position = position;
+        let mut touched = BTreeSet::new();
+        self.put(slots, id, doc, &mut touched);
+        Some(self.refresh(&touched))
+    }
+
+    /// Lets go of the document slots it holds.
+    pub fn release(self, slots: &mut Slots) {
+        for slot in self.members.into_keys() {
+            slots.release(slot);
+        }
+    }
+
+    /// The group outputs, in key order.
+    fn outputs(&self) -> impl Iterator<Item = &(DocId, Arc<Document>)> {
+        self.outputs.values()
+    }
+
+    /// Replaces what document `id` gives the groups, noting the groups it touched.
+    fn put(&mut self, slots: &mut Slots, id: &DocId, doc: Option<&Document>, touched: &mut BTreeSet<Ordered>) {
+        let new = doc.map(|d| self.pipeline.contributions(d)).unwrap_or_default();
+        let slot = slots.find(id);
+        let old = slot.and_then(|slot| self.members.remove(&slot));
+        let kept = (!new.is_empty()).then(|| Kept::new(new.clone()));
+        if let (Some(slot), Some(_)) = (slot, &old)
+            && old == kept
+        {
+            // Nothing the pipeline reads changed.
+            self.members.insert(slot, old.expect("checked"));
+            return;
+        }
+        let held = old.is_some();
+        for contribution in old.map(Kept::contributions).iter().flatten() {
+            self.groups.change(contribution, -1);
+            touched.insert(Ordered(contribution.key.clone()));
+        }
+        for contribution in &new {
+            self.groups.change(contribution, 1);
+            touched.insert(Ordered(contribution.key.clone()));
+        }
+        match (slot.filter(|_| held), kept) {
+            (Some(slot), None) => slots.release(slot),
+            (Some(slot), Some(kept)) => {
+                self.members.insert(slot, kept);
+            }
+            (None, Some(kept)) => {
+                let slot = slots.acquire(id);
+                self.members.insert(slot, kept);
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// Recomputes the outputs of the `touched` groups; returns those that changed.
+    fn refresh(&mut self, touched: &BTreeSet<Ordered>) -> Vec<Change> {
+        let mut changes = Vec::new();
+        for key in touched {
+            let now = self.groups.groups.get_key_value(key).map(|(key, group)| self.pipeline.output(&key.0, group));
+            let before = self.outputs.remove(key);
+            if now.as_ref() == before.as_ref().map(|(_, doc)| &**doc) {
+                if let Some(output) = before {
+                    self.outputs.insert(key.clone(), output);
+                }
+                continue;
+            }
+            let id = before.map_or_else(|| DocId::new(&key.0), |(id, _)| id);
+            let after = now.map(Arc::new);
+            if let Some(doc) = &after {
+                let group_key = Ordered(doc.get("_id").cloned().unwrap_or_default());
+                self.outputs.insert(group_key, (id.clone(), doc.clone()));
+            }
+            changes.push(Change { id, after });
+        }
+        changes
+    }
+}
+
+/// One subscription to a core: the stages after `$group`, and what its client holds.
+pub struct View {
+    pipeline: Arc<Pipeline>,
     /// When the stages after `$group` have the usual shape: those stages, and the outputs
-    /// their `$match` admits, in their `$sort` order.
-    sorted: Option<(Stages, Sorted)>,
+    /// their `$match` admits, in their `$sort` order, with each group's place.
+    sorted: Option<(Stages, Sorted, HashMap<DocId, SortKey>)>,
     /// What the client holds: each document with its group's key, in order.
     shown: Vec<(DocId, Arc<Document>)>,
+}
+
+impl View {
+    /// A view of `core` through `pipeline`'s stages after `$group` (its stages before are the
+    /// core's), and its initial result.
+    pub fn new(pipeline: Arc<Pipeline>, core: &Core) -> (View, Vec<Arc<Document>>) {
+        let mut view = View {
+            sorted: Stages::of(&pipeline.after).map(|stages| (stages, BTreeMap::new(), HashMap::default())),
+            pipeline,
+            shown: Vec::new(),
+        };
+        for (id, doc) in core.outputs() {
+            view.place(id, Some(doc));
+        }
+        view.shown = view.target(core);
+        let docs = view.shown.iter().map(|(_, doc)| doc.clone()).collect();
+        (view, docs)
+    }
+
+    /// Applies the changes a write made to the core; returns the operations that bring the
+    /// client's copy up to date (groups the write changed carry its `cause`, documents only
+    /// pushed around by others none).
+    pub fn apply(&mut self, core: &Core, changes: &[Change], cause: Cause) -> Vec<WindowOp> {
+        if changes.is_empty() {
+            return Vec::new();
+        }
+        for change in changes {
+            self.place(&change.id, change.after.as_ref());
+        }
+        let target = self.target(core);
+        let shown = std::mem::replace(&mut self.shown, target);
+        let changed: HashSet<&DocId> = changes.iter().map(|change| &change.id).collect();
+        reconcile(shown, &self.shown, |id| if changed.contains(id) { cause } else { Cause::None })
+    }
+
+    /// Puts group `id`'s new output (or its absence) in its place in the sorted outputs.
+    fn place(&mut self, id: &DocId, doc: Option<&Arc<Document>>) {
+        let Some((stages, sorted, ranks)) = &mut self.sorted else { return };
+        if let Some(rank) = ranks.remove(id) {
+            sorted.remove(&rank);
+        }
+        if let Some(doc) = doc
+            && stages.filter.as_ref().is_none_or(|filter| filter.matches(doc))
+        {
+            let rank = stages.sort.key(doc);
+            sorted.insert(rank.clone(), (id.clone(), doc.clone()));
+            ranks.insert(id.clone(), rank);
+        }
+    }
+
+    /// The result: the stages after `$group` over the core's outputs.
+    fn target(&self, core: &Core) -> Vec<(DocId, Arc<Document>)> {
+        match &self.sorted {
+            Some((stages, sorted, _)) => sorted
+                .values()
+                .skip(stages.skip)
+                .take(stages.limit.unwrap_or(usize::MAX))
+                .map(|(id, doc)| {
+                    let doc = match &stages.projection {
+                        Some(projection) => Arc::new(projection.apply(doc)),
+                        None => doc.clone(),
+                    };
+                    (id.clone(), doc)
+                })
+                .collect(),
+            None => self.pipeline.finish_keyed(core.outputs().cloned().collect()),
+        }
+    }
 }
 
 /// A member document's contributions as kept: encoded (compact), or as they are when BSON
@@ -73,14 +285,6 @@ impl Kept {
 
 /// Group outputs in result order, each with its group's key.
 type Sorted = BTreeMap<SortKey, (DocId, Arc<Document>)>;
-
-/// One group's output.
-struct Output {
-    id: DocId,
-    doc: Arc<Document>,
-    /// Its key in the sorted outputs, when it is there.
-    rank: Option<SortKey>,
-}
 
 /// The stages after `$group` when they are `$match`, `$sort`, `$skip`, `$limit`, `$project`,
 /// each at most once, in that order.
@@ -128,150 +332,6 @@ impl Stages {
     }
 }
 
-impl LivePipeline {
-    /// A live pipeline over `docs` (the documents its first `$match` admits), and its initial
-    /// result.
-    pub fn new(
-        pipeline: Arc<Pipeline>,
-        docs: impl IntoIterator<Item = Arc<Document>>,
-        slots: &mut Slots,
-    ) -> (Self, Vec<Arc<Document>>) {
-        let mut live = LivePipeline {
-            groups: pipeline.groups(),
-            sorted: Stages::of(&pipeline.after).map(|stages| (stages, BTreeMap::new())),
-            pipeline,
-            members: HashMap::default(),
-            outputs: BTreeMap::new(),
-            shown: Vec::new(),
-        };
-        let mut touched = BTreeSet::new();
-        for doc in docs {
-            let id = DocId::new(doc.get("_id").unwrap_or(&bson::Bson::Null));
-            live.put(slots, &id, Some(&doc), &mut touched);
-        }
-        live.refresh(&touched);
-        live.shown = live.target();
-        let docs = live.shown.iter().map(|(_, doc)| doc.clone()).collect();
-        (live, docs)
-    }
-
-    /// Applies one write of document `id`: `doc` is its new version when it matches the first
-    /// `$match`, `None` when it left it or was deleted. Returns the operations that bring the
-    /// client's copy up to date; groups the write changed carry its `cause`, documents only
-    /// pushed around by others none.
-    pub fn apply(&mut self, slots: &mut Slots, id: &DocId, doc: Option<&Document>, cause: Cause) -> Vec<WindowOp> {
-        let mut touched = BTreeSet::new();
-        self.put(slots, id, doc, &mut touched);
-        let changed = self.refresh(&touched);
-        if changed.is_empty() {
-            return Vec::new();
-        }
-        let target = self.target();
-        let shown = std::mem::replace(&mut self.shown, target);
-        reconcile(shown, &self.shown, |id| if changed.contains(id) { cause } else { Cause::None })
-    }
-
-    /// Lets go of the document slots it holds.
-    pub fn release(self, slots: &mut Slots) {
-        for slot in self.members.into_keys() {
-            slots.release(slot);
-        }
-    }
-
-    /// Replaces what document `id` gives the groups, noting the groups it touched.
-    fn put(&mut self, slots: &mut Slots, id: &DocId, doc: Option<&Document>, touched: &mut BTreeSet<Ordered>) {
-        let new = doc.map(|d| self.pipeline.contributions(d)).unwrap_or_default();
-        let slot = slots.find(id);
-        let old = slot.and_then(|slot| self.members.remove(&slot));
-        let kept = (!new.is_empty()).then(|| Kept::new(new.clone()));
-        if let (Some(slot), Some(_)) = (slot, &old)
-            && old == kept
-        {
-            // Nothing the pipeline reads changed.
-            self.members.insert(slot, old.expect("checked"));
-            return;
-        }
-        let held = old.is_some();
-        for contribution in old.map(Kept::contributions).iter().flatten() {
-            self.groups.change(contribution, -1);
-            touched.insert(Ordered(contribution.key.clone()));
-        }
-        for contribution in &new {
-            self.groups.change(contribution, 1);
-            touched.insert(Ordered(contribution.key.clone()));
-        }
-        match (slot.filter(|_| held), kept) {
-            (Some(slot), None) => slots.release(slot),
-            (Some(slot), Some(kept)) => {
-                self.members.insert(slot, kept);
-            }
-            (None, Some(kept)) => {
-                let slot = slots.acquire(id);
-                self.members.insert(slot, kept);
-            }
-            (None, None) => {}
-        }
-    }
-
-    /// Recomputes the outputs of the `touched` groups; returns the keys of those that changed.
-    fn refresh(&mut self, touched: &BTreeSet<Ordered>) -> HashSet<DocId> {
-        let mut changed = HashSet::default();
-        for key in touched {
-            let now = self.groups.groups.get_key_value(key).map(|(key, group)| self.pipeline.output(&key.0, group));
-            let before = self.outputs.remove(key);
-            if now.as_ref() == before.as_ref().map(|output| &*output.doc) {
-                if let Some(output) = before {
-                    self.outputs.insert(key.clone(), output);
-                }
-                continue;
-            }
-            let id = match &before {
-                Some(output) => output.id.clone(),
-                None => DocId::new(&key.0),
-            };
-            if let (Some((_, sorted)), Some(Output { rank: Some(rank), .. })) = (&mut self.sorted, &before) {
-                sorted.remove(rank);
-            }
-            changed.insert(id.clone());
-            let Some(doc) = now else { continue };
-            let doc = Arc::new(doc);
-            let mut rank = None;
-            if let Some((stages, sorted)) = &mut self.sorted
-                && stages.filter.as_ref().is_none_or(|filter| filter.matches(&doc))
-            {
-                let key = stages.sort.key(&doc);
-                sorted.insert(key.clone(), (id.clone(), doc.clone()));
-                rank = Some(key);
-            }
-            let group_key = Ordered(doc.get("_id").cloned().unwrap_or_default());
-            self.outputs.insert(group_key, Output { id, doc, rank });
-        }
-        changed
-    }
-
-    /// The result: the stages after `$group` over the outputs (in key order).
-    fn target(&self) -> Vec<(DocId, Arc<Document>)> {
-        match &self.sorted {
-            Some((stages, sorted)) => sorted
-                .values()
-                .skip(stages.skip)
-                .take(stages.limit.unwrap_or(usize::MAX))
-                .map(|(id, doc)| {
-                    let doc = match &stages.projection {
-                        Some(projection) => Arc::new(projection.apply(doc)),
-                        None => doc.clone(),
-                    };
-                    (id.clone(), doc)
-                })
-                .collect(),
-            None => {
-                let outputs = self.outputs.values().map(|output| (output.id.clone(), output.doc.clone())).collect();
-                self.pipeline.finish_keyed(outputs)
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,20 +345,32 @@ mod tests {
     }
 
     #[test]
-    fn groups_appear_change_move_and_leave() {
-        let p = pipeline(vec![
+    fn groups_appear_change_move_and_leave_in_every_view() {
+        let top = pipeline(vec![
             doc! {"$match": {"kind": "sale"}},
             doc! {"$group": {"_id": "$shop", "total": {"$sum": "$amount"}}},
             doc! {"$sort": {"total": -1}},
             doc! {"$limit": 2},
+        ]);
+        let all = pipeline(vec![
+            doc! {"$match": {"kind": "sale"}},
+            doc! {"$group": {"_id": "$shop", "total": {"$sum": "$amount"}}},
+            doc! {"$project": {"total": 1}},
+            doc! {"$skip": 1},
         ]);
         let mut slots = Slots::default();
         let docs = [
             doc! {"_id": 1, "kind": "sale", "shop": "a", "amount": 5},
             doc! {"_id": 2, "kind": "sale", "shop": "b", "amount": 3},
         ];
-        let (mut live, initial) = LivePipeline::new(p.clone(), docs.iter().cloned().map(Arc::new), &mut slots);
-        let mut client = initial;
+        let mut core = Core::new(top.clone(), docs.iter().cloned().map(Arc::new), 0.into(), &mut slots);
+        let mut views: Vec<(Arc<Pipeline>, View, Vec<Arc<Document>>)> = [top, all]
+            .into_iter()
+            .map(|p| {
+                let (view, initial) = View::new(p.clone(), &core);
+                (p, view, initial)
+            })
+            .collect();
         let mut state: std::collections::BTreeMap<i32, Document> =
             docs.iter().map(|d| (d.get_i32("_id").unwrap(), d.clone())).collect();
         let writes = [
@@ -309,33 +381,34 @@ mod tests {
             (3, Some(doc! {"_id": 3, "kind": "refund", "shop": "c", "amount": 10})),
             (4, Some(doc! {"_id": 4, "kind": "sale", "shop": "a", "amount": 1})),
         ];
-        for (id, doc) in writes {
+        for (position, (id, doc)) in writes.into_iter().enumerate() {
             let admitted = doc.as_ref().filter(|d| d.get_str("kind").ok() == Some("sale"));
-            let ops = live.apply(&mut slots, &DocId::new(&Bson::Int32(id)), admitted, Cause::Update);
-            apply_ops(&mut client, &ops);
+            let id_key = DocId::new(&Bson::Int32(id));
+            let position = Position::from(position as u64 + 1);
+            let changes = core.apply(&mut slots, &id_key, admitted, position).expect("a new write");
+            assert!(core.apply(&mut slots, &id_key, admitted, position).is_none(), "a write is applied once");
             match doc {
                 Some(d) => state.insert(id, d),
                 None => state.remove(&id),
             };
-            let want = p.evaluate(state.values());
-            let got: Vec<Document> = client.iter().map(|d| (**d).clone()).collect();
-            assert_eq!(got, want, "after writing {id}");
+            for (p, view, client) in &mut views {
+                let ops = view.apply(&core, &changes, Cause::Update);
+                apply_ops(client, &ops);
+                let got: Vec<Document> = client.iter().map(|d| (**d).clone()).collect();
+                assert_eq!(got, p.evaluate(state.values()), "after writing {id}");
+            }
         }
-        live.release(&mut slots);
+        core.release(&mut slots);
         assert_eq!(slots.find(&DocId::new(&Bson::Int32(2))), None, "slots are given back");
     }
 
     #[test]
-    fn a_write_the_pipeline_does_not_read_sends_nothing() {
+    fn a_write_the_pipeline_does_not_read_changes_nothing() {
         let p = pipeline(vec![doc! {"$group": {"_id": "$shop", "n": {"$sum": 1}}}]);
         let mut slots = Slots::default();
-        let (mut live, _) = LivePipeline::new(p, [Arc::new(doc! {"_id": 1, "shop": "a", "x": 1})], &mut slots);
-        let ops = live.apply(
-            &mut slots,
-            &DocId::new(&Bson::Int32(1)),
-            Some(&doc! {"_id": 1, "shop": "a", "x": 2}),
-            Cause::Update,
-        );
-        assert!(ops.is_empty());
+        let mut core = Core::new(p, [Arc::new(doc! {"_id": 1, "shop": "a", "x": 1})], 0.into(), &mut slots);
+        let id = DocId::new(&Bson::Int32(1));
+        let changes = core.apply(&mut slots, &id, Some(&doc! {"_id": 1, "shop": "a", "x": 2}), 1.into());
+        assert!(changes.expect("a new write").is_empty());
     }
 }

@@ -145,6 +145,9 @@ impl Matching {
             GridInput::Event { event, .. } => self.event(&event, out),
             GridInput::Register(registration) => self.register(*registration, out),
             GridInput::Unregister { key, head, .. } => self.unregister(key, head, out),
+            // For the subscription stage, which holds the core.
+            GridInput::Attach(attach) => out.push(StageInput::Attach(attach)),
+            GridInput::Detach { core, view, .. } => out.push(StageInput::Detach { core, view }),
         }
     }
 

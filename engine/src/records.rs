@@ -131,6 +131,18 @@ pub enum GridInput {
     /// A subscription (or a re-read of its window), for every worker of its query partition's
     /// column.
     Register(Box<Registration>),
+    /// A pipeline subscription attaching to its core (a registration whose query carries the
+    /// pipeline), for one worker of the core's column.
+    Attach(Box<Attach>),
+    /// A pipeline subscription detaching from its core, for one worker of the core's column.
+    Detach {
+        /// The receiving worker.
+        target: u32,
+        /// The core's key.
+        core: QueryKey,
+        /// The subscription.
+        view: QueryKey,
+    },
     /// The end of a subscription, for every worker of its column.
     Unregister {
         /// The receiving worker.
@@ -146,8 +158,11 @@ impl GridInput {
     /// The worker the record is for.
     pub fn target(&self) -> u32 {
         match self {
-            GridInput::Event { target, .. } | GridInput::Unregister { target, .. } => *target,
+            GridInput::Event { target, .. }
+            | GridInput::Unregister { target, .. }
+            | GridInput::Detach { target, .. } => *target,
             GridInput::Register(r) => r.target,
+            GridInput::Attach(a) => a.target,
         }
     }
 }
@@ -171,6 +186,22 @@ pub struct Registration {
     pub init: Option<StageInit>,
     /// Whether this re-reads an existing subscription's window.
     pub reload: bool,
+}
+
+/// A pipeline subscription attaching to the core it shares with identical pipelines: its
+/// initial result is the core's state when the attach is applied, in position order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Attach {
+    /// The receiving worker.
+    pub target: u32,
+    /// The core's key (its grid registration).
+    pub core: QueryKey,
+    /// The subscription.
+    pub view: QueryKey,
+    /// Its pipeline (the stages after `$group` are its own).
+    pub pipeline: WirePipeline,
+    /// The last position fed when it attached: the result reflects every write up to it.
+    pub position: Position,
 }
 
 /// A snapshot for the subscription stage.
@@ -217,6 +248,15 @@ pub enum StageInput {
         /// When the write entered the engine (see [`WireEvent::entered`]).
         entered: u64,
     },
+    /// A pipeline subscription attaches to its core.
+    Attach(Box<Attach>),
+    /// A pipeline subscription detaches from its core.
+    Detach {
+        /// The core's key.
+        core: QueryKey,
+        /// The subscription.
+        view: QueryKey,
+    },
     /// The subscription ended.
     Drop {
         /// The subscription.
@@ -230,16 +270,20 @@ impl StageInput {
         match self {
             StageInput::Init { key, .. } | StageInput::Drop { key } => *key,
             StageInput::Transitions { keys, .. } => keys[0].0,
+            StageInput::Attach(attach) => attach.core,
+            StageInput::Detach { core, .. } => *core,
         }
     }
 
     /// Order inside one timestamp: by position, snapshots before writes at the same position,
-    /// drops last.
+    /// attaches after them, detaches and then drops last.
     pub fn order(&self) -> (Position, u8) {
         match self {
             StageInput::Init { init, .. } => (init.position, 0),
             StageInput::Transitions { position, .. } => (*position, 1),
-            StageInput::Drop { .. } => (Position::MAX, 2),
+            StageInput::Attach(attach) => (attach.position, 2),
+            StageInput::Detach { .. } => (Position::MAX, 2),
+            StageInput::Drop { .. } => (Position::MAX, 3),
         }
     }
 }

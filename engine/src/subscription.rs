@@ -33,11 +33,11 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use bson::Document;
-use livegrid_matcher::{Pipeline, Projection, Query};
+use livegrid_matcher::{Projection, Query};
 use livegrid_protocol::{Cause, DeltaFrame, DeltaOp, Encoded, Frame, Position, ResultFrame};
 
 use crate::doc_id::DocId;
-use crate::live_pipeline::LivePipeline;
+use crate::live_pipeline::{Core, View};
 use crate::query_index::QueryKey;
 use crate::records::{StageInit, StageInput, StageOutput, Transition, WirePipeline};
 use crate::slots::Slots;
@@ -65,8 +65,9 @@ enum Mode {
     Set { projected: Option<Box<Projected>> },
     /// A sorted (or skipped, or limited) window.
     Window(Box<Window>),
-    /// A live pipeline: the result is its output, one document per group.
-    Aggregate(Box<LivePipeline>),
+    /// A live pipeline: the result is its output, one document per group, kept by a view of
+    /// the core it shares with identical pipelines.
+    Aggregate(Box<View>),
 }
 
 struct Subscription {
@@ -79,6 +80,8 @@ struct Subscription {
 /// The subscription stage's state on one worker.
 pub struct Subscriptions {
     subs: HashMap<QueryKey, Subscription>,
+    /// Live pipeline cores, by their grid registration's key.
+    cores: HashMap<QueryKey, Core>,
     slack: usize,
     encoder: Encoder,
     slots: Slots,
@@ -167,6 +170,7 @@ impl Subscriptions {
     pub fn new(slack: usize) -> Self {
         Subscriptions {
             subs: HashMap::default(),
+            cores: HashMap::default(),
             slack,
             encoder: Encoder::default(),
             slots: Slots::default(),
@@ -218,10 +222,21 @@ impl Subscriptions {
                     // Registration compiled both already; a failure here cannot happen.
                     let Ok(query) = wire.compile() else { continue };
                     let Ok(pipeline) = wire.pipeline.as_ref().map(WirePipeline::compile).transpose() else { continue };
-                    if reload {
+                    if let Some(pipeline) = pipeline {
+                        // A live pipeline's core: its views attach next.
+                        let docs = init.docs.into_iter().map(|d| d.0);
+                        self.cores.insert(key, Core::new(pipeline, docs, init.position, &mut self.slots));
+                    } else if reload {
                         self.reload(key, init, out);
                     } else {
-                        self.start(key, &query, pipeline, init, out);
+                        self.start(key, &query, init, out);
+                    }
+                }
+                StageInput::Attach(attach) => self.attach(*attach, out),
+                StageInput::Detach { core, view } => {
+                    self.subs.remove(&view);
+                    if let Some(core) = self.cores.get_mut(&core) {
+                        core.views.retain(|v| *v != view);
                     }
                 }
                 StageInput::Transitions { position, cause, id, doc, keys, entered } => {
@@ -233,7 +248,11 @@ impl Subscriptions {
                         doc: doc.map(|d| d.0),
                     };
                     for (key, transition) in keys {
-                        self.transition(key, &write, transition, out);
+                        if self.cores.contains_key(&key) {
+                            self.core_write(key, &write, transition, out);
+                        } else {
+                            self.transition(key, &write, transition, out);
+                        }
                     }
                 }
                 StageInput::Drop { key } => match self.subs.remove(&key).map(|sub| sub.mode) {
@@ -242,27 +261,64 @@ impl Subscriptions {
                             self.slots.release(slot);
                         }
                     }
-                    Some(Mode::Aggregate(live)) => live.release(&mut self.slots),
-                    _ => {}
+                    _ => {
+                        if let Some(core) = self.cores.remove(&key) {
+                            for view in &core.views {
+                                self.subs.remove(view);
+                            }
+                            core.release(&mut self.slots);
+                        }
+                    }
                 },
             }
         }
     }
 
-    fn start(
-        &mut self,
-        key: QueryKey,
-        query: &Query,
-        pipeline: Option<Arc<Pipeline>>,
-        init: StageInit,
-        out: &mut Vec<StageOutput>,
-    ) {
+    /// A pipeline subscription attaches to its core: its initial result is the core's state.
+    fn attach(&mut self, attach: crate::records::Attach, out: &mut Vec<StageOutput>) {
+        let (Some(core), Ok(pipeline)) = (self.cores.get_mut(&attach.core), attach.pipeline.compile()) else {
+            // The core is registered before its views and compiled the same pipeline.
+            debug_assert!(false, "a view attached to a missing core");
+            return;
+        };
+        let (view, docs) = View::new(pipeline, core);
+        core.views.push(attach.view);
+        let position = attach.position.max(core.position());
+        let docs = docs.iter().map(|d| self.encoder.encode(d, None)).collect();
+        let frame = Frame::Result(ResultFrame { seq: 1, docs, position });
+        out.push(StageOutput::Frame { key: attach.view, frame, entered: 0 });
+        let mode = Mode::Aggregate(Box::new(view));
+        self.subs.insert(attach.view, Subscription { seq: 1, skip_until: position, mode, reload_pending: false });
+    }
+
+    /// Applies one write to a pipeline core, and what it changed to the core's views.
+    fn core_write(&mut self, key: QueryKey, write: &Write, transition: Transition, out: &mut Vec<StageOutput>) {
+        let Write { at: (position, entered), cause, ref id, ref doc, .. } = *write;
+        let doc = if transition.matches() { doc.as_deref() } else { None };
+        let Subscriptions { subs, cores, slots, .. } = self;
+        let Some(core) = cores.get_mut(&key) else { return };
+        let Some(changes) = core.apply(slots, id, doc, position) else { return };
+        if changes.is_empty() {
+            return;
+        }
+        let core = &*core;
+        let mut pending = Vec::new();
+        for view_key in &core.views {
+            if let Some(sub) = subs.get_mut(view_key)
+                && position > sub.skip_until
+                && let Mode::Aggregate(view) = &mut sub.mode
+            {
+                pending.push((*view_key, view.apply(core, &changes, cause)));
+            }
+        }
+        for (view, ops) in pending {
+            self.emit(view, ops, (position, entered), out);
+        }
+    }
+
+    fn start(&mut self, key: QueryKey, query: &Query, init: StageInit, out: &mut Vec<StageOutput>) {
         let docs = init.docs.into_iter().map(|d| d.0);
-        let (mode, shown) = if let Some(pipeline) = pipeline {
-            let (live, result) = LivePipeline::new(pipeline, docs, &mut self.slots);
-            let texts = result.iter().map(|d| self.encoder.encode(d, None)).collect();
-            (Mode::Aggregate(Box::new(live)), texts)
-        } else if !crate::window::is_window(query) {
+        let (mode, shown) = if !crate::window::is_window(query) {
             let mut projected = (!query.projection.is_identity()).then(|| {
                 let fingerprint = {
                     let mut hasher = rustc_hash::FxHasher::default();
@@ -363,10 +419,8 @@ impl Subscriptions {
                 };
                 self.group.push(out, key, frame, entered);
             }
-            Mode::Aggregate(live) => {
-                let ops = live.apply(slots, id, doc.map(|d| &**d), cause);
-                self.emit(key, ops, (position, entered), out);
-            }
+            // A pipeline's writes reach it through its core.
+            Mode::Aggregate(_) => {}
             Mode::Window(window) => {
                 if sub.reload_pending {
                     // Held back until the re-read arrives; the buffer keeps up silently.

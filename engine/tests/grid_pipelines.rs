@@ -1,5 +1,6 @@
 //! Model-based tests of live pipelines: random documents and writes, random pipelines
-//! registered at the start and mid-stream (some twice, some ended again); after every batch, each
+//! registered at the start and mid-stream (identical ones sharing a core, which ends with its
+//! last subscriber and starts afresh with the next; some ended again); after every batch, each
 //! pipeline's messages applied to its initial result (as a client applies them, by `seq`)
 //! must equal the pipeline run from scratch on the database state, on grids 1x1 and 2x2.
 
@@ -86,11 +87,12 @@ fn pipelines() -> Vec<Vec<Document>> {
 }
 
 struct Subscribed {
+    template: usize,
     pipeline: Pipeline,
     live: LiveResult,
 }
 
-fn register(engine: &Engine, stages: &[Document]) -> (QueryKey, Subscribed) {
+fn register(engine: &Engine, template: usize, stages: &[Document]) -> (QueryKey, Subscribed) {
     let stages: Vec<Bson> = stages.iter().cloned().map(Bson::Document).collect();
     let pipeline = Pipeline::parse(&stages).unwrap();
     let spec = QuerySpec { filter: first_match_source(&stages), ..Default::default() };
@@ -98,17 +100,19 @@ fn register(engine: &Engine, stages: &[Document]) -> (QueryKey, Subscribed) {
     let key = engine.reserve_key();
     let wire = WirePipeline::new(stages, Arc::new(pipeline.clone()));
     engine.register_pipeline_as(key, NS, &spec, &query, wire).unwrap();
-    (key, Subscribed { pipeline, live: LiveResult::default() })
+    (key, Subscribed { template, pipeline, live: LiveResult::default() })
 }
 
 fn run_scenario(seed: u64, engine: &Engine, memory: &Arc<SharedMemory>) {
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let templates = pipelines();
     let mut subscribed: HashMap<QueryKey, Subscribed> = HashMap::new();
-    for stages in &templates {
-        let (key, sub) = register(engine, stages);
+    // Each template once, the first twice: identical pipelines share a core.
+    for (template, stages) in templates.iter().enumerate().chain([(0, &templates[0])]) {
+        let (key, sub) = register(engine, template, stages);
         subscribed.insert(key, sub);
     }
+    assert_eq!(engine.pipeline_cores(), templates.len(), "the duplicate shares a core");
     let mut position = 0u64;
     for batch_no in 0..40 {
         let mut batch = Vec::new();
@@ -145,12 +149,12 @@ fn run_scenario(seed: u64, engine: &Engine, memory: &Arc<SharedMemory>) {
             }
         }
         engine.submit(batch).unwrap();
-        if rng.chance(20) {
-            let stages = rng.pick(&templates).clone();
-            let (key, sub) = register(engine, &stages);
+        if rng.chance(35) {
+            let template = rng.below(templates.len() as u64) as usize;
+            let (key, sub) = register(engine, template, &templates[template]);
             subscribed.insert(key, sub);
         }
-        if rng.chance(8) {
+        if rng.chance(15) && !subscribed.is_empty() {
             let key = *subscribed.keys().min().unwrap();
             subscribed.remove(&key);
             engine.unregister(key).unwrap();
@@ -168,6 +172,8 @@ fn run_scenario(seed: u64, engine: &Engine, memory: &Arc<SharedMemory>) {
                 }
             }
         }
+        let distinct: std::collections::HashSet<usize> = subscribed.values().map(|s| s.template).collect();
+        assert_eq!(engine.pipeline_cores(), distinct.len(), "one core per distinct pipeline");
         let state = memory.0.lock().unwrap();
         let docs: Vec<&Document> = state.documents(NS).collect();
         for sub in subscribed.values() {
@@ -210,7 +216,7 @@ fn pipelines_on_grid_2x2() {
 fn an_empty_collection_has_no_groups() {
     let memory = Arc::new(SharedMemory::default());
     let engine = Engine::start(EngineConfig::default(), memory.clone()).unwrap();
-    let (key, mut sub) = register(&engine, &pipelines()[1]);
+    let (key, mut sub) = register(&engine, 1, &pipelines()[1]);
     assert!(engine.settle(Duration::from_secs(10)));
     let EngineEvent::Messages(messages) = engine.messages().recv_timeout(Duration::from_secs(10)).unwrap() else {
         panic!("expected messages")
