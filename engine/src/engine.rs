@@ -215,6 +215,9 @@ struct CoreEntry {
     share: Vec<u8>,
     views: usize,
     column: u32,
+    /// Where its snapshot was read: attaches are placed no earlier, so that they follow the
+    /// core's start (a snapshot may be ahead of what the grid was fed).
+    read_at: Position,
 }
 
 /// State behind the ingest lock: what was fed, in order.
@@ -296,7 +299,8 @@ impl Shared {
         Ok(true)
     }
 
-    /// Attaches pipeline subscription `view` to `core`, at the last position fed.
+    /// Attaches pipeline subscription `view` to `core`, at the last position fed (or the
+    /// core's snapshot position, if later).
     fn attach(
         &self,
         ingest: &mut Ingest,
@@ -308,10 +312,12 @@ impl Shared {
         let Some(entry) = ingest.cores.get_mut(&core) else { return Err(EngineError::Closed) };
         entry.views += 1;
         let target = self.shape.worker(entry.column as usize, 0);
+        let read_at = entry.read_at;
         let ns = ingest.namespace(ns);
         ingest.views.insert(view, (core, ns));
         let position = ingest.retention.last_position();
-        let record = GridInput::Attach(Box::new(Attach { target, core, view, pipeline, position }));
+        let at = position.max(read_at);
+        let record = GridInput::Attach(Box::new(Attach { target, core, view, pipeline, position: at }));
         self.send(ingest, Command::Feed(vec![record], position))
     }
 
@@ -541,7 +547,7 @@ impl Engine {
     /// [`Engine::register`] under a key from [`Engine::reserve_key`], for a query the caller
     /// compiled from `spec` already.
     pub fn register_as(&self, key: QueryKey, ns: &str, spec: &QuerySpec, query: &Query) -> Result<(), EngineError> {
-        self.register_reading(key, ns, spec, query, None)
+        self.register_reading(key, ns, spec, query, None).map(|_| ())
     }
 
     /// Registers a live pipeline under a key from [`Engine::reserve_key`]: `spec` holds its
@@ -573,12 +579,12 @@ impl Engine {
             }
         }
         let core = self.reserve_key();
-        self.register_reading(core, ns, spec, query, Some(&pipeline))?;
+        let read_at = self.register_reading(core, ns, spec, query, Some(&pipeline))?;
         let mut ingest = self.shared.ingest.lock().expect("ingest lock");
         let Some(column) = ingest.subscriptions.get(&core).map(|sub| sub.column) else {
             return Err(EngineError::Closed);
         };
-        ingest.cores.insert(core, CoreEntry { share: share.clone(), views: 0, column });
+        ingest.cores.insert(core, CoreEntry { share: share.clone(), views: 0, column, read_at });
         metrics::gauge!("livegrid_pipeline_cores").set(ingest.cores.len() as f64);
         // Registered concurrently with an identical pipeline: the first core stays the one
         // others attach to; this one serves this subscription.
@@ -593,14 +599,15 @@ impl Engine {
         spec: &QuerySpec,
         query: &Query,
         pipeline: Option<&WirePipeline>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<Position, EngineError> {
         let k = self.window_capacity(query);
         let mut attempts = 0;
         loop {
             let snapshot = self.shared.snapshot.read(ns, spec, query, k)?;
+            let position = snapshot.position;
             match self.register_compiled(key, ns, spec, query, pipeline, snapshot) {
                 Err(EngineError::StaleSnapshot { .. }) if attempts < 3 => attempts += 1,
-                other => return other,
+                other => return other.map(|()| position),
             }
         }
     }

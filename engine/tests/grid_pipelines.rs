@@ -148,8 +148,15 @@ fn run_scenario(seed: u64, engine: &Engine, memory: &Arc<SharedMemory>) {
                 batch.push(event);
             }
         }
+        // Some registrations read a snapshot ahead of the grid: before the batch is fed.
+        let early = rng.chance(50);
+        if early && rng.chance(35) {
+            let template = rng.below(templates.len() as u64) as usize;
+            let (key, sub) = register(engine, template, &templates[template]);
+            subscribed.insert(key, sub);
+        }
         engine.submit(batch).unwrap();
-        if rng.chance(35) {
+        if !early && rng.chance(35) {
             let template = rng.below(templates.len() as u64) as usize;
             let (key, sub) = register(engine, template, &templates[template]);
             subscribed.insert(key, sub);
