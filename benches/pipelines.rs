@@ -8,6 +8,8 @@
 //! (a per-shop leaderboard). `LIVEGRID_PIPE_UPDATES` updates (default 200,000): a new price,
 //! one in ten also a new category, one in fifty a move to another shop (so it leaves one
 //! pipeline and enters another). `LIVEGRID_PIPE_GRID` is the grid (default `1x1`).
+//! `LIVEGRID_PIPE_SUBSCRIPTIONS` subscriptions (default: one per pipeline), subscription `i` to
+//! pipeline `i % pipelines`: subscriptions to the same pipeline share its state.
 //!
 //! The snapshot source answers a shop's documents from an index, as a database with an index
 //! on `shop` would. Re-running is measured the same way: the pipeline over its shop's
@@ -101,6 +103,8 @@ fn main() {
     let docs = env("LIVEGRID_PIPE_DOCS", 1_000_000);
     let shops = env("LIVEGRID_PIPE_PIPELINES", 10_000).max(1);
     let updates = env("LIVEGRID_PIPE_UPDATES", 200_000);
+    // Subscription i is to pipeline i % pipelines: beyond the pipelines, identical ones share.
+    let subscriptions = env("LIVEGRID_PIPE_SUBSCRIPTIONS", shops).max(1);
     // The same subscriptions as plain queries on the shop (the grid's cost without the
     // aggregation, for comparison).
     let plain = std::env::var("LIVEGRID_PIPE_PLAIN").is_ok_and(|v| v == "1");
@@ -132,7 +136,9 @@ fn main() {
 
     let started = Instant::now();
     let pipelines: Vec<Pipeline> = (0..shops).map(|s| Pipeline::parse(&stages(s)).unwrap()).collect();
-    for (s, pipeline) in pipelines.iter().enumerate() {
+    for i in 0..subscriptions {
+        let s = (i % shops) as usize;
+        let pipeline = &pipelines[s];
         let stages = stages(s as u64);
         let spec = QuerySpec { filter: first_match_source(&stages), ..Default::default() };
         let query = Query::compile(&spec).unwrap();
@@ -147,8 +153,10 @@ fn main() {
     let registered = started.elapsed();
     let rss_registered = rss_mib();
     println!(
-        "registered {shops} live pipelines in {registered:.1?} ({:.0} µs each, initial results included); RSS {rss_registered} MiB (+{} MiB)",
-        registered.as_secs_f64() * 1e6 / shops as f64,
+        "registered {subscriptions} subscriptions to {shops} pipelines in {registered:.1?} ({:.0} µs each, initial results included); \
+         {} pipeline cores; RSS {rss_registered} MiB (+{} MiB)",
+        registered.as_secs_f64() * 1e6 / subscriptions as f64,
+        engine.pipeline_cores(),
         rss_registered.saturating_sub(rss_loaded)
     );
 

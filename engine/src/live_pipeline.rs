@@ -183,23 +183,29 @@ impl Core {
 
 /// One subscription to a core: the stages after `$group`, and what its client holds.
 pub struct View {
-    pipeline: Arc<Pipeline>,
-    /// When the stages after `$group` have the usual shape: those stages, and the outputs
-    /// their `$match` admits, in their `$sort` order, with each group's place.
-    sorted: Option<(Stages, Sorted, HashMap<DocId, SortKey>)>,
+    after: Following,
     /// What the client holds: each document with its group's key, in order.
     shown: Vec<(DocId, Arc<Document>)>,
+}
+
+/// A view's stages after `$group`.
+enum Following {
+    /// The usual shape: those stages, and the outputs their `$match` admits in their `$sort`
+    /// order, with each group's place (no copy of the pipeline is kept).
+    Sorted(Stages, Sorted, HashMap<DocId, SortKey>),
+    /// Any other sequence: the pipeline, to run them over all outputs.
+    Other(Arc<Pipeline>),
 }
 
 impl View {
     /// A view of `core` through `pipeline`'s stages after `$group` (its stages before are the
     /// core's), and its initial result.
     pub fn new(pipeline: Arc<Pipeline>, core: &Core) -> (View, Vec<Arc<Document>>) {
-        let mut view = View {
-            sorted: Stages::of(&pipeline.after).map(|stages| (stages, BTreeMap::new(), HashMap::default())),
-            pipeline,
-            shown: Vec::new(),
+        let after = match Stages::of(&pipeline.after) {
+            Some(stages) => Following::Sorted(stages, BTreeMap::new(), HashMap::default()),
+            None => Following::Other(pipeline),
         };
+        let mut view = View { after, shown: Vec::new() };
         for (id, doc) in core.outputs() {
             view.place(id, Some(doc));
         }
@@ -226,7 +232,7 @@ impl View {
 
     /// Puts group `id`'s new output (or its absence) in its place in the sorted outputs.
     fn place(&mut self, id: &DocId, doc: Option<&Arc<Document>>) {
-        let Some((stages, sorted, ranks)) = &mut self.sorted else { return };
+        let Following::Sorted(stages, sorted, ranks) = &mut self.after else { return };
         if let Some(rank) = ranks.remove(id) {
             sorted.remove(&rank);
         }
@@ -241,8 +247,8 @@ impl View {
 
     /// The result: the stages after `$group` over the core's outputs.
     fn target(&self, core: &Core) -> Vec<(DocId, Arc<Document>)> {
-        match &self.sorted {
-            Some((stages, sorted, _)) => sorted
+        match &self.after {
+            Following::Sorted(stages, sorted, _) => sorted
                 .values()
                 .skip(stages.skip)
                 .take(stages.limit.unwrap_or(usize::MAX))
@@ -254,7 +260,7 @@ impl View {
                     (id.clone(), doc)
                 })
                 .collect(),
-            None => self.pipeline.finish_keyed(core.outputs().cloned().collect()),
+            Following::Other(pipeline) => pipeline.finish_keyed(core.outputs().cloned().collect()),
         }
     }
 }
