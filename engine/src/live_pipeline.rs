@@ -189,6 +189,7 @@ pub struct View {
 }
 
 /// A view's stages after `$group`.
+#[allow(clippy::large_enum_variant, reason = "one per view, and views are boxed already")]
 enum Following {
     /// The usual shape: those stages, and the outputs their `$match` admits in their `$sort`
     /// order, with each group's place (no copy of the pipeline is kept).
