@@ -49,8 +49,6 @@ pub struct Core {
     outputs: BTreeMap<Ordered, (DocId, Arc<Document>)>,
     /// The position the core is exact at: writes at or below it are in.
     position: Position,
-    /// The views attached to it (their subscription keys).
-    pub views: Vec<u64>,
 }
 
 /// A group output a write changed.
@@ -75,7 +73,6 @@ impl Core {
             members: HashMap::default(),
             outputs: BTreeMap::new(),
             position,
-            views: Vec::new(),
         };
         let mut touched = BTreeSet::new();
         for doc in docs {
@@ -181,7 +178,8 @@ impl Core {
     }
 }
 
-/// One subscription to a core: the stages after `$group`, and what its client holds.
+/// A view of a core: the stages after `$group`, and what its clients hold (subscriptions with
+/// the same stages after `$group` share one view).
 pub struct View {
     after: Following,
     /// What the client holds: each document with its group's key, in order.
@@ -189,7 +187,7 @@ pub struct View {
 }
 
 /// A view's stages after `$group`.
-#[allow(clippy::large_enum_variant, reason = "one per view, and views are boxed already")]
+#[allow(clippy::large_enum_variant, reason = "one per view, and few views per core")]
 enum Following {
     /// The usual shape: those stages, and the outputs their `$match` admits in their `$sort`
     /// order, with each group's place (no copy of the pipeline is kept).
@@ -213,6 +211,11 @@ impl View {
         view.shown = view.target(core);
         let docs = view.shown.iter().map(|(_, doc)| doc.clone()).collect();
         (view, docs)
+    }
+
+    /// What its clients hold.
+    pub fn shown(&self) -> Vec<Arc<Document>> {
+        self.shown.iter().map(|(_, doc)| doc.clone()).collect()
     }
 
     /// Applies the changes a write made to the core; returns the operations that bring the

@@ -55,6 +55,19 @@ impl WirePipeline {
         WirePipeline { stages: WireDoc(Arc::new(bson::doc! {"stages": stages})), compiled: Some(compiled) }
     }
 
+    /// The stages after `$group`, as BSON bytes: subscriptions to one core with equal ones
+    /// share a view.
+    pub fn after_group(&self) -> Vec<u8> {
+        let stages = self.stages.0.get_array("stages").cloned().unwrap_or_default();
+        let after: Vec<Bson> =
+            match stages.iter().position(|s| s.as_document().is_some_and(|d| d.contains_key("$group"))) {
+                Some(at) => stages[at + 1..].to_vec(),
+                None => Vec::new(),
+            };
+        let doc = bson::doc! {"after": after};
+        doc.to_vec().unwrap_or_else(|_| format!("{doc:?}").into_bytes())
+    }
+
     /// The compiled pipeline: the one it carries, or compiled here.
     pub fn compile(&self) -> Result<Arc<Pipeline>, PipelineError> {
         match &self.compiled {

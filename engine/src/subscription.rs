@@ -66,8 +66,8 @@ enum Mode {
     /// A sorted (or skipped, or limited) window.
     Window(Box<Window>),
     /// A live pipeline: the result is its output, one document per group, kept by a view of
-    /// the core it shares with identical pipelines.
-    Aggregate(Box<View>),
+    /// the core it shares with identical pipelines (see [`Watchers`]).
+    Aggregate,
 }
 
 struct Subscription {
@@ -77,11 +77,21 @@ struct Subscription {
     reload_pending: bool,
 }
 
+/// Subscriptions to one core whose stages after `$group` are the same: one view serves them
+/// all, and each gets its operations (with its own `seq`).
+struct Watchers {
+    stages: Vec<u8>,
+    view: View,
+    keys: Vec<QueryKey>,
+}
+
 /// The subscription stage's state on one worker.
 pub struct Subscriptions {
     subs: HashMap<QueryKey, Subscription>,
     /// Live pipeline cores, by their grid registration's key.
     cores: HashMap<QueryKey, Core>,
+    /// The views of each core.
+    watchers: HashMap<QueryKey, Vec<Watchers>>,
     slack: usize,
     encoder: Encoder,
     slots: Slots,
@@ -171,6 +181,7 @@ impl Subscriptions {
         Subscriptions {
             subs: HashMap::default(),
             cores: HashMap::default(),
+            watchers: HashMap::default(),
             slack,
             encoder: Encoder::default(),
             slots: Slots::default(),
@@ -235,8 +246,11 @@ impl Subscriptions {
                 StageInput::Attach(attach) => self.attach(*attach, out),
                 StageInput::Detach { core, view } => {
                     self.subs.remove(&view);
-                    if let Some(core) = self.cores.get_mut(&core) {
-                        core.views.retain(|v| *v != view);
+                    if let Some(list) = self.watchers.get_mut(&core) {
+                        for watchers in list.iter_mut() {
+                            watchers.keys.retain(|k| *k != view);
+                        }
+                        list.retain(|watchers| !watchers.keys.is_empty());
                     }
                 }
                 StageInput::Transitions { position, cause, id, doc, keys, entered } => {
@@ -263,8 +277,10 @@ impl Subscriptions {
                     }
                     _ => {
                         if let Some(core) = self.cores.remove(&key) {
-                            for view in &core.views {
-                                self.subs.remove(view);
+                            for watchers in self.watchers.remove(&key).unwrap_or_default() {
+                                for view in watchers.keys {
+                                    self.subs.remove(&view);
+                                }
                             }
                             core.release(&mut self.slots);
                         }
@@ -274,28 +290,42 @@ impl Subscriptions {
         }
     }
 
-    /// A pipeline subscription attaches to its core: its initial result is the core's state.
+    /// A pipeline subscription attaches to its core: its initial result is the core's state
+    /// through its stages after `$group` (a view other subscriptions may share already).
     fn attach(&mut self, attach: crate::records::Attach, out: &mut Vec<StageOutput>) {
-        let (Some(core), Ok(pipeline)) = (self.cores.get_mut(&attach.core), attach.pipeline.compile()) else {
-            // The core is registered before its views and compiled the same pipeline.
+        let Some(core) = self.cores.get(&attach.core) else {
+            // The core is registered before its views.
             debug_assert!(false, "a view attached to a missing core");
             return;
         };
-        let (view, docs) = View::new(pipeline, core);
-        core.views.push(attach.view);
+        let stages = attach.pipeline.after_group();
+        let list = self.watchers.entry(attach.core).or_default();
+        let docs = match list.iter_mut().find(|watchers| watchers.stages == stages) {
+            Some(watchers) => {
+                watchers.keys.push(attach.view);
+                watchers.view.shown()
+            }
+            None => {
+                // It compiled at registration.
+                let Ok(pipeline) = attach.pipeline.compile() else { return };
+                let (view, docs) = View::new(pipeline, core);
+                list.push(Watchers { stages, view, keys: vec![attach.view] });
+                docs
+            }
+        };
         let position = attach.position.max(core.position());
         let docs = docs.iter().map(|d| self.encoder.encode(d, None)).collect();
         let frame = Frame::Result(ResultFrame { seq: 1, docs, position });
         out.push(StageOutput::Frame { key: attach.view, frame, entered: 0 });
-        let mode = Mode::Aggregate(Box::new(view));
-        self.subs.insert(attach.view, Subscription { seq: 1, skip_until: position, mode, reload_pending: false });
+        let sub = Subscription { seq: 1, skip_until: position, mode: Mode::Aggregate, reload_pending: false };
+        self.subs.insert(attach.view, sub);
     }
 
     /// Applies one write to a pipeline core, and what it changed to the core's views.
     fn core_write(&mut self, key: QueryKey, write: &Write, transition: Transition, out: &mut Vec<StageOutput>) {
         let Write { at: (position, entered), cause, ref id, ref doc, .. } = *write;
         let doc = if transition.matches() { doc.as_deref() } else { None };
-        let Subscriptions { subs, cores, slots, .. } = self;
+        let Subscriptions { subs, cores, slots, watchers, .. } = self;
         let Some(core) = cores.get_mut(&key) else { return };
         let Some(changes) = core.apply(slots, id, doc, position) else { return };
         if changes.is_empty() {
@@ -303,12 +333,15 @@ impl Subscriptions {
         }
         let core = &*core;
         let mut pending = Vec::new();
-        for view_key in &core.views {
-            if let Some(sub) = subs.get_mut(view_key)
-                && position > sub.skip_until
-                && let Mode::Aggregate(view) = &mut sub.mode
-            {
-                pending.push((*view_key, view.apply(core, &changes, cause)));
+        for watchers in watchers.get_mut(&key).into_iter().flatten() {
+            let ops = watchers.view.apply(core, &changes, cause);
+            if ops.is_empty() {
+                continue;
+            }
+            for view in &watchers.keys {
+                // Every write a core applies after a view attached is past its start.
+                debug_assert!(subs.get(view).is_none_or(|sub| position > sub.skip_until));
+                pending.push((*view, ops.clone()));
             }
         }
         for (view, ops) in pending {
@@ -420,7 +453,7 @@ impl Subscriptions {
                 self.group.push(out, key, frame, entered);
             }
             // A pipeline's writes reach it through its core.
-            Mode::Aggregate(_) => {}
+            Mode::Aggregate => {}
             Mode::Window(window) => {
                 if sub.reload_pending {
                     // Held back until the re-read arrives; the buffer keeps up silently.
