@@ -921,13 +921,7 @@ fn build_registration(
 /// What identical live pipelines share a core by: the namespace, the filter registered with
 /// the grid (the first `$match` with the subscriber's ACL) and the stages through `$group`.
 fn share_of(ns: &str, spec: &QuerySpec, pipeline: &WirePipeline) -> Vec<u8> {
-    let stages = pipeline.stages.0.get_array("stages").cloned().unwrap_or_default();
-    let through_group: Vec<bson::Bson> =
-        match stages.iter().position(|s| s.as_document().is_some_and(|d| d.contains_key("$group"))) {
-            Some(at) => stages[..=at].to_vec(),
-            None => stages,
-        };
-    let key = bson::doc! {"ns": ns, "filter": spec.filter.clone(), "stages": through_group};
+    let key = bson::doc! {"ns": ns, "filter": spec.filter.clone(), "stages": pipeline.split_at_group().0};
     key.to_vec().unwrap_or_else(|_| format!("{key:?}").into_bytes())
 }
 

@@ -124,7 +124,7 @@ impl Core {
         let new = doc.map(|d| self.pipeline.contributions(d)).unwrap_or_default();
         let slot = slots.find(id);
         let old = slot.and_then(|slot| self.members.remove(&slot));
-        let kept = (!new.is_empty()).then(|| Kept::new(new.clone()));
+        let kept = (!new.is_empty()).then(|| Kept::new(&new));
         if let (Some(slot), Some(_)) = (slot, &old)
             && old == kept
         {
@@ -278,10 +278,10 @@ enum Kept {
 }
 
 impl Kept {
-    fn new(contributions: Vec<Contribution>) -> Kept {
-        match encode_contributions(&contributions) {
+    fn new(contributions: &[Contribution]) -> Kept {
+        match encode_contributions(contributions) {
             Some(bytes) => Kept::Encoded(bytes.into_boxed_slice()),
-            None => Kept::Plain(contributions),
+            None => Kept::Plain(contributions.to_vec()),
         }
     }
 

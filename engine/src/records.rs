@@ -55,16 +55,20 @@ impl WirePipeline {
         WirePipeline { stages: WireDoc(Arc::new(bson::doc! {"stages": stages})), compiled: Some(compiled) }
     }
 
+    /// The stages through `$group` and those after it (all stages, none after, without one).
+    pub fn split_at_group(&self) -> (Vec<Bson>, Vec<Bson>) {
+        let mut stages = self.stages.0.get_array("stages").cloned().unwrap_or_default();
+        let after = match stages.iter().position(|s| s.as_document().is_some_and(|d| d.contains_key("$group"))) {
+            Some(at) => stages.split_off(at + 1),
+            None => Vec::new(),
+        };
+        (stages, after)
+    }
+
     /// The stages after `$group`, as BSON bytes: subscriptions to one core with equal ones
     /// share a view.
     pub fn after_group(&self) -> Vec<u8> {
-        let stages = self.stages.0.get_array("stages").cloned().unwrap_or_default();
-        let after: Vec<Bson> =
-            match stages.iter().position(|s| s.as_document().is_some_and(|d| d.contains_key("$group"))) {
-                Some(at) => stages[at + 1..].to_vec(),
-                None => Vec::new(),
-            };
-        let doc = bson::doc! {"after": after};
+        let doc = bson::doc! {"after": self.split_at_group().1};
         doc.to_vec().unwrap_or_else(|_| format!("{doc:?}").into_bytes())
     }
 

@@ -23,7 +23,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bson::{Bson, Document};
 use livegrid_matcher::pipeline::first_match_source;
-use livegrid_matcher::{Pipeline, PipelineError, Query, QuerySpec};
+use livegrid_matcher::{Pipeline, Query, QuerySpec};
 use livegrid_protocol::{ErrorCode, Position, extjson};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -478,11 +478,7 @@ pub async fn aggregate(
     // The documents its first $match admits (and the caller may read), read like a query's.
     let filter = first_match_source(&stages);
     let pipeline = blocking(move || Pipeline::parse(&stages)).await?.map_err(|e| {
-        let code = if matches!(e, PipelineError::UnsupportedStage { .. } | PipelineError::UnsupportedOperator { .. }) {
-            "unsupported_stage"
-        } else {
-            "bad_pipeline"
-        };
+        let code = if e.is_unsupported() { "unsupported_stage" } else { "bad_pipeline" };
         ApiError::bad_request(code, e.to_string())
     })?;
     let spec = QuerySpec { filter: state.visible(&filter, &principal), ..Default::default() };

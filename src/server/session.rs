@@ -384,12 +384,7 @@ fn compile_pipeline(stages: Vec<bson::Bson>) -> Result<WirePipeline, query_limit
 /// The error code of a refused pipeline: a stage or operator livegrid does not keep live, or
 /// a malformed one.
 fn pipeline_error_code(error: &PipelineError) -> ErrorCode {
-    match error {
-        PipelineError::UnsupportedStage { .. } | PipelineError::UnsupportedOperator { .. } => {
-            ErrorCode::UnsupportedStage
-        }
-        _ => ErrorCode::BadPipeline,
-    }
+    if error.is_unsupported() { ErrorCode::UnsupportedStage } else { ErrorCode::BadPipeline }
 }
 
 async fn subscribe_one(

@@ -61,6 +61,12 @@ pub enum PipelineError {
 }
 
 impl PipelineError {
+    /// Whether a stage or operator livegrid does not run is the cause (rather than a
+    /// malformed pipeline).
+    pub fn is_unsupported(&self) -> bool {
+        matches!(self, PipelineError::UnsupportedStage { .. } | PipelineError::UnsupportedOperator { .. })
+    }
+
     pub(crate) fn bad(stage: &str, reason: impl Into<String>) -> PipelineError {
         PipelineError::Bad { stage: stage.to_string(), reason: reason.into() }
     }
