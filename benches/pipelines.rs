@@ -207,26 +207,27 @@ fn main() {
 
     // The live pipeline's own state alone (no grid): what one write costs its core and view.
     {
-        use livegrid_engine::live_pipeline::{Core, View};
-        let shop: Vec<Arc<Document>> = current.iter().filter(|d| d.get_i32("shop").ok() == Some(0)).cloned().collect();
+        use livegrid_engine::live_pipeline::{Local, View};
+        let shop: Vec<Document> =
+            current.iter().filter(|d| d.get_i32("shop").ok() == Some(0)).map(|d| (**d).clone()).collect();
         let mut slots = livegrid_engine::slots::Slots::default();
         let pipeline = Arc::new(pipelines[0].clone());
-        let mut core = Core::new(pipeline.clone(), shop.clone(), 0.into(), &mut slots);
-        let (mut view, _) = View::new(pipeline, &core);
+        let mut core = Local::new(stages(0), &shop, &mut slots);
+        let (mut view, _) = View::new(pipeline, core.outputs());
         let rounds = 100_000;
         let started = Instant::now();
         let mut ops = 0;
         for i in 0..rounds {
-            let mut doc = (*shop[i % shop.len()]).clone();
+            let mut doc = shop[i % shop.len()].clone();
             doc.insert("price", 1 + rng.below(500) as i64);
             let id = livegrid_engine::doc_id::DocId::new(doc.get("_id").unwrap());
-            let changes = core.apply(&mut slots, &id, Some(&doc), (i as u64 + 1).into()).unwrap_or_default();
-            ops += view.apply(&core, &changes, livegrid_protocol::Cause::Update).len();
+            let changes = core.write(&mut slots, &id, Some(&doc), (i as u64 + 1).into()).unwrap_or_default();
+            ops += view.apply(core.outputs(), &changes, livegrid_protocol::Cause::Update).len();
         }
         println!(
             "the live pipeline's state alone ({} documents, {} groups): {:.1} µs per update, {ops} list operations",
             shop.len(),
-            pipelines[0].evaluate(shop.iter().map(|d| &**d)).len(),
+            pipelines[0].evaluate(&shop).len(),
             started.elapsed().as_secs_f64() * 1e6 / rounds as f64
         );
     }

@@ -5,27 +5,34 @@
 //! worker of its column), and move on exchange channels:
 //!
 //! ```text
-//! input (worker 0) ─exchange by target─▶ matching ─exchange by subscription─▶ subscriptions ─▶ deliver
+//! input (worker 0) ─exchange by target─▶ matching ─exchange by subscription─▶ subscriptions ──────────────────────────▶ deliver
+//!                                                                                  │ (live pipelines)                      ▲
+//!                                                                                  └─by (core, group key)─▶ groups ─by core─▶ views
 //! ```
 //!
 //! Timestamps are coarse: worker 0 puts everything it finds in its command channel under one
-//! epoch, then advances. The subscription stage waits for an epoch to complete before it
-//! orders that epoch's transitions by position. Worker 0 watches a probe after the deliver
-//! stage and reports, per completed epoch, the last position fed in it.
+//! epoch, then advances. The subscription, group and view stages each wait for an epoch to
+//! complete before they order its records by position ([`epoch_stage`]). Worker 0 watches a
+//! probe after the deliver stage and reports, per completed epoch, the last position fed in
+//! it.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use livegrid_protocol::Position;
+use timely::ExchangeData;
 use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::core::Concat;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::{Operator, OutputBuilder};
 use timely::dataflow::operators::vec::Input;
 use timely::dataflow::operators::{Capability, Probe};
-use timely::dataflow::{InputHandleVec, ProbeHandle};
+use timely::dataflow::{InputHandleVec, ProbeHandle, Stream};
 
+use crate::live_pipeline::{GroupStage, Views};
 use crate::matching::Matching;
-use crate::records::{GridInput, StageInput, StageOutput};
+use crate::records::{GridInput, GroupInput, StageInput, StageOutput, ViewInput};
 use crate::subscription::Subscriptions;
 
 /// The shape of the grid.
@@ -166,49 +173,29 @@ fn run_worker(worker: &mut timely::worker::Worker, setup: &WorkerSetup) {
                 }
             },
         );
-        let outputs = transitions.unary_frontier(
-            Exchange::new(|r: &StageInput| r.key()),
+        let mut subscriptions = Subscriptions::new(slack, peers);
+        let (outputs, group_inputs) = epoch_stage(
+            transitions,
+            |r: &StageInput| r.key(),
             "Subscriptions",
-            move |_capability, _info| {
-                let mut stash: BTreeMap<u64, (Capability<u64>, Vec<StageInput>)> = BTreeMap::new();
-                let mut subscriptions = Subscriptions::new(slack);
-                // Buffers live as long as the operator: a timestamp's inputs and outputs can be
-                // many megabytes, and fresh buffers each time cost page faults and copies. What
-                // is kept is bounded (MAX_SPARE_BUFFERS of MAX_KEPT_RECORDS), so that memory
-                // returns once a burst has passed.
-                let mut spare: Vec<Vec<StageInput>> = Vec::new();
-                let mut produced: Vec<StageOutput> = Vec::new();
-                move |(input, frontier), output| {
-                    input.for_each_stamp(|capability, data| {
-                        // Messages under an empty stamp claim no time; there are none here.
-                        let Some(&time) = capability.least() else { return };
-                        let entry = stash.entry(time).or_insert_with(|| {
-                            let buffer = spare.pop().unwrap_or_default();
-                            (capability.retain_least(output.output_index()).expect("non-empty stamp"), buffer)
-                        });
-                        entry.1.extend(data.flat_map(|d| d.drain(..)));
-                    });
-                    while let Some((&time, _)) = stash.first_key_value() {
-                        if frontier.frontier().less_equal(&time) {
-                            break;
-                        }
-                        let (capability, mut inputs) = stash.remove(&time).expect("present");
-                        let mut session = output.session(&capability);
-                        subscriptions
-                            .apply(&mut inputs, &mut produced, &mut |out| session.give_iterator(out.drain(..)));
-                        session.give_iterator(produced.drain(..));
-                        produced.shrink_to(MAX_KEPT_RECORDS);
-                        // A few buffers of bounded size are kept; a burst's are given back.
-                        if spare.len() < MAX_SPARE_BUFFERS {
-                            inputs.clear();
-                            inputs.shrink_to(MAX_KEPT_RECORDS);
-                            spare.push(inputs);
-                        }
-                    }
-                }
-            },
+            move |inputs, out, flush, groups: &mut Vec<GroupInput>| subscriptions.apply(inputs, out, flush, groups),
+        );
+        let mut groups = GroupStage::default();
+        let (view_inputs, _) = epoch_stage(
+            group_inputs,
+            GroupInput::route,
+            "Groups",
+            move |inputs, out: &mut Vec<ViewInput>, _, _: &mut Vec<()>| groups.apply(inputs, out),
+        );
+        let mut views = Views::default();
+        let (view_outputs, _) = epoch_stage(
+            view_inputs,
+            ViewInput::core,
+            "Views",
+            move |inputs, out: &mut Vec<StageOutput>, flush, _: &mut Vec<()>| views.apply(inputs, out, flush),
         );
         outputs
+            .concat(view_outputs)
             .unary::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
                 Exchange::new(move |_: &StageOutput| sink_route),
                 "Deliver",
@@ -312,4 +299,79 @@ fn report_progress(
     if let Some(delivery) = done {
         let _ = deliveries.send(delivery);
     }
+}
+
+/// A capability to send at one epoch.
+type Stamp = Capability<u64>;
+
+/// A stage that applies each epoch's records, routed to workers by `route`, once the epoch is
+/// complete (all its records have arrived), in epoch order. `apply` drains one epoch's records
+/// and fills its two outputs; it may hand the first to the `flush` it is given as it goes, so
+/// that an epoch with millions of outputs needs no buffer of millions.
+///
+/// Buffers live as long as the operator: an epoch's records can be many megabytes, and fresh
+/// buffers each time cost page faults and copies. What is kept is bounded
+/// ([`MAX_SPARE_BUFFERS`] of [`MAX_KEPT_RECORDS`]), so that memory returns once a burst has
+/// passed.
+fn epoch_stage<'scope, I, O1, O2, A>(
+    stream: Stream<'scope, u64, Vec<I>>,
+    route: impl Fn(&I) -> u64 + 'static,
+    name: &str,
+    mut apply: A,
+) -> (Stream<'scope, u64, Vec<O1>>, Stream<'scope, u64, Vec<O2>>)
+where
+    I: ExchangeData,
+    O1: Clone + 'static,
+    O2: Clone + 'static,
+    A: FnMut(&mut Vec<I>, &mut Vec<O1>, &mut dyn FnMut(&mut Vec<O1>), &mut Vec<O2>) + 'static,
+{
+    let mut builder = OperatorBuilder::new(name.to_owned(), stream.scope());
+    let mut input = builder.new_input(stream, Exchange::new(move |r: &I| route(r)));
+    let (first, first_stream) = builder.new_output::<Vec<O1>>();
+    let (second, second_stream) = builder.new_output::<Vec<O2>>();
+    let mut first = OutputBuilder::from(first);
+    let mut second = OutputBuilder::from(second);
+    builder.build(move |_initial| {
+        // Per epoch: a capability for each output, and the records so far.
+        let mut stash: BTreeMap<u64, (Stamp, Stamp, Vec<I>)> = BTreeMap::new();
+        let mut spare: Vec<Vec<I>> = Vec::new();
+        let mut produced: Vec<O1> = Vec::new();
+        let mut passed: Vec<O2> = Vec::new();
+        move |frontiers| {
+            let mut first = first.activate();
+            let mut second = second.activate();
+            input.for_each_stamp(|capability, data| {
+                // Messages under an empty stamp claim no time; there are none here.
+                let Some(&time) = capability.least() else { return };
+                let entry = stash.entry(time).or_insert_with(|| {
+                    let retain = |port| capability.retain_least(port).expect("non-empty stamp");
+                    (retain(0), retain(1), spare.pop().unwrap_or_default())
+                });
+                entry.2.extend(data.flat_map(|d| d.drain(..)));
+            });
+            while let Some((&time, _)) = stash.first_key_value() {
+                if frontiers[0].less_equal(&time) {
+                    break;
+                }
+                let (first_capability, second_capability, mut inputs) = stash.remove(&time).expect("present");
+                {
+                    let mut session = first.session(&first_capability);
+                    apply(&mut inputs, &mut produced, &mut |out| session.give_iterator(out.drain(..)), &mut passed);
+                    session.give_iterator(produced.drain(..));
+                }
+                if !passed.is_empty() {
+                    second.session(&second_capability).give_iterator(passed.drain(..));
+                }
+                produced.shrink_to(MAX_KEPT_RECORDS);
+                passed.shrink_to(MAX_KEPT_RECORDS);
+                // A few buffers of bounded size are kept; a burst's are given back.
+                if spare.len() < MAX_SPARE_BUFFERS {
+                    inputs.clear();
+                    inputs.shrink_to(MAX_KEPT_RECORDS);
+                    spare.push(inputs);
+                }
+            }
+        }
+    });
+    (first_stream, second_stream)
 }

@@ -5,6 +5,7 @@ pub mod aggregation;
 pub mod doc_id;
 pub mod engine;
 pub mod event;
+pub mod frames;
 pub mod grid;
 pub mod live_pipeline;
 pub mod matching;

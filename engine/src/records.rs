@@ -1,12 +1,16 @@
 //! The records that flow through the grid's dataflow, stage to stage.
 //!
 //! ```text
-//! ingest ──GridInput──▶ matching (worker (q, w)) ──StageInput──▶ subscriptions (worker key % peers) ──StageOutput──▶ engine
+//! ingest ──GridInput──▶ matching (worker (q, w)) ──StageInput──▶ subscriptions (worker key % peers) ──StageOutput──────────▶ engine
+//!                                                                     │ GroupInput (live pipelines)                          ▲
+//!                                                                     ▼                                                      │
+//!                                                 groups (worker hash(core, group key) % peers) ──ViewInput──▶ views (core % peers)
 //! ```
 
 use bson::{Bson, Document};
 use std::sync::Arc;
 
+use livegrid_matcher::pipeline::{Contribution, decode_contributions, encode_contributions};
 use livegrid_matcher::{Pipeline, PipelineError, Query, QueryError, QuerySpec};
 use livegrid_protocol::{Cause, Frame, Position};
 use serde::{Deserialize, Serialize};
@@ -346,4 +350,159 @@ pub enum StageOutput {
         /// The subscription.
         key: QueryKey,
     },
+}
+
+/// What the subscription stage sends the group stage for live pipelines (see
+/// [`crate::live_pipeline`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum GroupInput {
+    /// A core starts: every worker of the group stage gets one, with the pipeline it computes
+    /// its groups' outputs with.
+    Start {
+        /// The receiving worker.
+        target: u32,
+        /// The core.
+        core: QueryKey,
+        /// Its pipeline.
+        pipeline: WirePipeline,
+        /// The position of its snapshot.
+        position: Position,
+    },
+    /// What one write (or the core's snapshot) takes out of and puts into one group.
+    Contribute(Box<Contribute>),
+    /// A core ended: every worker of the group stage gets one.
+    End {
+        /// The receiving worker.
+        target: u32,
+        /// The core.
+        core: QueryKey,
+    },
+    /// For the view stage: passed on as it is.
+    View(ViewInput),
+}
+
+impl GroupInput {
+    /// The group-stage worker it is for (modulo the workers).
+    pub fn route(&self) -> u64 {
+        match self {
+            GroupInput::Start { target, .. } | GroupInput::End { target, .. } => u64::from(*target),
+            GroupInput::Contribute(contribute) => contribute.route,
+            GroupInput::View(view) => view.core(),
+        }
+    }
+
+    /// Order inside one timestamp: by position, a core's start before its contributions,
+    /// its end last (the view stage orders what passes through).
+    pub fn order(&self) -> (Position, u8) {
+        match self {
+            GroupInput::Start { position, .. } => (*position, 0),
+            GroupInput::Contribute(contribute) => (contribute.position, 1),
+            GroupInput::End { .. } => (Position::MAX, 3),
+            GroupInput::View(view) => view.order(),
+        }
+    }
+}
+
+/// One write's contributions to one group of a core: those it took out (-1) and put in (+1).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Contribute {
+    /// The core.
+    pub core: QueryKey,
+    /// A hash of the core and the group key: the group's worker.
+    pub route: u64,
+    /// The write's position (the snapshot's, for a core's initial contributions).
+    pub position: Position,
+    /// The write's kind.
+    pub cause: Cause,
+    /// When the write entered the engine (0 for a snapshot).
+    pub entered: u64,
+    /// The contributions, each with how many times it goes in (negative: out).
+    pub changes: WireContributions,
+}
+
+/// Contributions with counts, crossing processes as compact BSON.
+#[derive(Debug, Clone, Default)]
+pub struct WireContributions(pub Vec<(Contribution, i64)>);
+
+impl Serialize for WireContributions {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let contributions: Vec<Contribution> = self.0.iter().map(|(c, _)| c.clone()).collect();
+        let bytes = encode_contributions(&contributions)
+            .ok_or_else(|| serde::ser::Error::custom("contributions BSON cannot hold"))?;
+        let counts: Vec<i64> = self.0.iter().map(|(_, n)| *n).collect();
+        (bytes, counts).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for WireContributions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (bytes, counts) = <(Vec<u8>, Vec<i64>)>::deserialize(d)?;
+        let contributions =
+            decode_contributions(&bytes).ok_or_else(|| serde::de::Error::custom("malformed contributions"))?;
+        Ok(WireContributions(contributions.into_iter().zip(counts).collect()))
+    }
+}
+
+/// What the view stage of live pipelines receives (by core).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ViewInput {
+    /// A core starts; its views attach after it.
+    Start {
+        /// The core.
+        core: QueryKey,
+        /// The position of its snapshot.
+        position: Position,
+    },
+    /// The outputs of a core's groups one write touched (on one group-stage worker).
+    Outputs {
+        /// The core.
+        core: QueryKey,
+        /// The write's position.
+        position: Position,
+        /// The write's kind.
+        cause: Cause,
+        /// When the write entered the engine.
+        entered: u64,
+        /// Each touched group's key, and its output now (`None`: the group is gone).
+        groups: Vec<(WireValue, Option<WireDoc>)>,
+    },
+    /// A pipeline subscription attaches to its core.
+    Attach(Box<Attach>),
+    /// A pipeline subscription detaches from its core.
+    Detach {
+        /// The core.
+        core: QueryKey,
+        /// The subscription.
+        view: QueryKey,
+    },
+    /// A core ended, with every view still on it.
+    Drop {
+        /// The core.
+        core: QueryKey,
+    },
+}
+
+impl ViewInput {
+    /// The core: it routes the record.
+    pub fn core(&self) -> QueryKey {
+        match self {
+            ViewInput::Start { core, .. }
+            | ViewInput::Outputs { core, .. }
+            | ViewInput::Detach { core, .. }
+            | ViewInput::Drop { core } => *core,
+            ViewInput::Attach(attach) => attach.core,
+        }
+    }
+
+    /// Order inside one timestamp: by position, a core's start before the outputs at its
+    /// position, attaches after them, detaches and then drops last.
+    pub fn order(&self) -> (Position, u8) {
+        match self {
+            ViewInput::Start { position, .. } => (*position, 0),
+            ViewInput::Outputs { position, .. } => (*position, 1),
+            ViewInput::Attach(attach) => (attach.position, 2),
+            ViewInput::Detach { .. } => (Position::MAX, 2),
+            ViewInput::Drop { .. } => (Position::MAX, 3),
+        }
+    }
 }

@@ -33,21 +33,17 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use bson::Document;
-use livegrid_matcher::{Projection, Query};
+use livegrid_matcher::Query;
 use livegrid_protocol::{Cause, DeltaFrame, DeltaOp, Encoded, Frame, Position, ResultFrame};
 
 use crate::doc_id::DocId;
-use crate::live_pipeline::{Core, View};
+use crate::frames::{Frames, Shown};
+use crate::live_pipeline::Members;
+use crate::live_pipeline::members::{At, contribute};
 use crate::query_index::QueryKey;
-use crate::records::{StageInit, StageInput, StageOutput, Transition, WirePipeline};
+use crate::records::{GroupInput, StageInit, StageInput, StageOutput, Transition, ViewInput, WirePipeline};
 use crate::slots::Slots;
 use crate::window::{Window, WindowOp};
-
-/// A projection with a fingerprint, so that equal projections share encodings.
-struct Shown {
-    projection: Projection,
-    fingerprint: u64,
-}
 
 /// A projected unsorted subscription: its projection, and per document its client holds
 /// (by slot) the hash of the text shown, so that a change the projection hides sends
@@ -65,9 +61,6 @@ enum Mode {
     Set { projected: Option<Box<Projected>> },
     /// A sorted (or skipped, or limited) window.
     Window(Box<Window>),
-    /// A live pipeline: the result is its output, one document per group, kept by a view of
-    /// the core it shares with identical pipelines (see [`Watchers`]).
-    Aggregate,
 }
 
 struct Subscription {
@@ -77,84 +70,18 @@ struct Subscription {
     reload_pending: bool,
 }
 
-/// Subscriptions to one core whose stages after `$group` are the same: one view serves them
-/// all, and each gets its operations (with its own `seq`).
-struct Watchers {
-    stages: Vec<u8>,
-    view: View,
-    keys: Vec<QueryKey>,
-}
-
 /// The subscription stage's state on one worker.
 pub struct Subscriptions {
     subs: HashMap<QueryKey, Subscription>,
-    /// Live pipeline cores, by their grid registration's key.
-    cores: HashMap<QueryKey, Core>,
-    /// The views of each core.
-    watchers: HashMap<QueryKey, Vec<Watchers>>,
+    /// Live pipeline cores' members, by their grid registration's key (see
+    /// [`crate::live_pipeline`]).
+    cores: HashMap<QueryKey, Members>,
     slack: usize,
-    encoder: Encoder,
+    /// Workers in the grid (a core's start and end go to each of the group stage).
+    peers: usize,
+    frames: Frames,
     slots: Slots,
-    group: Group,
 }
-
-/// Writes that share a position time (one transaction, one bulk request): a subscription's
-/// deltas from them are marked `more` but the last, so that clients never show half of it.
-#[derive(Default)]
-struct Group {
-    /// Whether the write being applied shares its time with another.
-    active: bool,
-    /// Per subscription, where its last delta of the group is in the output.
-    last: HashMap<QueryKey, usize>,
-}
-
-impl Group {
-    /// Pushes a delta: the subscription's previous delta of the same group gets `more`.
-    fn push(&mut self, out: &mut Vec<StageOutput>, key: QueryKey, frame: DeltaFrame, entered: u64) {
-        if self.active {
-            if let Some(&index) = self.last.get(&key)
-                && let Some(StageOutput::Frame { frame: Frame::Delta(previous), .. }) = out.get_mut(index)
-            {
-                previous.more = true;
-            }
-            self.last.insert(key, out.len());
-        }
-        out.push(StageOutput::Frame { key, frame: Frame::Delta(frame), entered });
-    }
-}
-
-/// Encodings made during the current timestamp, by document (its address) and projection.
-#[derive(Default)]
-struct Encoder {
-    encoded: HashMap<(usize, u64), Encoded>,
-    /// The documents behind the addresses, kept alive while the addresses are keys.
-    pinned: Vec<Arc<Document>>,
-}
-
-impl Encoder {
-    fn clear(&mut self) {
-        self.encoded.clear();
-        self.pinned.clear();
-    }
-
-    /// Encodes `doc` as shown through `projection`, once per timestamp.
-    fn encode(&mut self, doc: &Arc<Document>, projection: Option<&Shown>) -> Encoded {
-        let slot = (Arc::as_ptr(doc) as usize, projection.map_or(0, |p| p.fingerprint));
-        if let Some(text) = self.encoded.get(&slot) {
-            return text.clone();
-        }
-        let text = match projection {
-            Some(p) => Encoded::document(&p.projection.apply(doc)),
-            None => Encoded::document(doc),
-        };
-        self.pinned.push(doc.clone());
-        self.encoded.insert(slot, text.clone());
-        text
-    }
-}
-
-/// Outputs gathered before they are handed on (see [`Subscriptions::apply`]).
-pub const FLUSH_OUTPUTS: usize = 4096;
 
 /// One write as the subscription stage applies it to each subscription it concerns.
 struct Write {
@@ -176,16 +103,16 @@ fn text_hash(text: &Encoded) -> u64 {
 }
 
 impl Subscriptions {
-    /// A stage whose windows keep `slack` documents beyond their visible end.
-    pub fn new(slack: usize) -> Self {
+    /// A stage whose windows keep `slack` documents beyond their visible end, in a grid of
+    /// `peers` workers.
+    pub fn new(slack: usize, peers: usize) -> Self {
         Subscriptions {
             subs: HashMap::default(),
             cores: HashMap::default(),
-            watchers: HashMap::default(),
             slack,
-            encoder: Encoder::default(),
+            peers,
+            frames: Frames::default(),
             slots: Slots::default(),
-            group: Group::default(),
         }
     }
 
@@ -200,59 +127,36 @@ impl Subscriptions {
     }
 
     /// Applies the inputs of one complete timestamp (draining them). Outputs gather in `out`,
-    /// which is handed to `flush` whenever it holds [`FLUSH_OUTPUTS`] or more, so that a
-    /// timestamp with millions of deltas needs no buffer of millions.
+    /// which is handed to `flush` whenever it holds [`crate::frames::FLUSH_OUTPUTS`] or more,
+    /// so that a timestamp with millions of deltas needs no buffer of millions. What live
+    /// pipelines send on to the group stage gathers in `groups`.
     pub fn apply(
         &mut self,
         inputs: &mut Vec<StageInput>,
         out: &mut Vec<StageOutput>,
-        flush: &mut impl FnMut(&mut Vec<StageOutput>),
+        flush: &mut dyn FnMut(&mut Vec<StageOutput>),
+        groups: &mut Vec<GroupInput>,
     ) {
         // One input per (subscription, write) at most: ties in (position, kind) are between
         // different subscriptions, so an unstable sort (no scratch buffer) keeps the order.
         inputs.sort_unstable_by_key(|input| (input.order(), input.key()));
-        self.encoder.clear();
-        self.group = Group::default();
-        let mut previous_time = None;
+        self.frames.begin();
         let mut inputs = inputs.drain(..).peekable();
         while let Some(input) = inputs.next() {
             let time = input.order().0.time();
-            let same_as_next = inputs.peek().is_some_and(|next| next.order().0.time() == time);
-            let same_as_previous = previous_time == Some(time);
-            if !same_as_previous {
-                // A new write time: the group before it is complete.
-                if out.len() >= FLUSH_OUTPUTS {
-                    flush(out);
-                }
-                self.group.last.clear();
-            }
-            self.group.active = same_as_next || same_as_previous;
-            previous_time = Some(time);
+            self.frames.next(time, inputs.peek().map(|next| next.order().0.time()), out, flush);
             match input {
                 StageInput::Init { key, query: wire, init, reload } => {
                     // Registration compiled both already; a failure here cannot happen.
                     let Ok(query) = wire.compile() else { continue };
-                    let Ok(pipeline) = wire.pipeline.as_ref().map(WirePipeline::compile).transpose() else { continue };
-                    if let Some(pipeline) = pipeline {
-                        // A live pipeline's core: its views attach next.
-                        let docs = init.docs.into_iter().map(|d| d.0);
-                        self.cores.insert(key, Core::new(pipeline, docs, init.position, &mut self.slots));
-                    } else if reload {
-                        self.reload(key, init, out);
-                    } else {
-                        self.start(key, &query, init, out);
+                    match wire.pipeline {
+                        Some(pipeline) => self.start_core(key, pipeline, init, groups),
+                        None if reload => self.reload(key, init, out),
+                        None => self.start(key, &query, init, out),
                     }
                 }
-                StageInput::Attach(attach) => self.attach(*attach, out),
-                StageInput::Detach { core, view } => {
-                    self.subs.remove(&view);
-                    if let Some(list) = self.watchers.get_mut(&core) {
-                        for watchers in list.iter_mut() {
-                            watchers.keys.retain(|k| *k != view);
-                        }
-                        list.retain(|watchers| !watchers.keys.is_empty());
-                    }
-                }
+                StageInput::Attach(attach) => groups.push(GroupInput::View(ViewInput::Attach(attach))),
+                StageInput::Detach { core, view } => groups.push(GroupInput::View(ViewInput::Detach { core, view })),
                 StageInput::Transitions { position, cause, id, doc, keys, entered } => {
                     let write = Write {
                         at: (position, entered),
@@ -263,7 +167,7 @@ impl Subscriptions {
                     };
                     for (key, transition) in keys {
                         if self.cores.contains_key(&key) {
-                            self.core_write(key, &write, transition, out);
+                            self.core_write(key, &write, transition, groups);
                         } else {
                             self.transition(key, &write, transition, out);
                         }
@@ -276,13 +180,12 @@ impl Subscriptions {
                         }
                     }
                     _ => {
-                        if let Some(core) = self.cores.remove(&key) {
-                            for watchers in self.watchers.remove(&key).unwrap_or_default() {
-                                for view in watchers.keys {
-                                    self.subs.remove(&view);
-                                }
-                            }
-                            core.release(&mut self.slots);
+                        if let Some(members) = self.cores.remove(&key) {
+                            members.release(&mut self.slots);
+                            groups.extend(
+                                (0..self.peers).map(|target| GroupInput::End { target: target as u32, core: key }),
+                            );
+                            groups.push(GroupInput::View(ViewInput::Drop { core: key }));
                         }
                     }
                 },
@@ -290,62 +193,33 @@ impl Subscriptions {
         }
     }
 
-    /// A pipeline subscription attaches to its core: its initial result is the core's state
-    /// through its stages after `$group` (a view other subscriptions may share already).
-    fn attach(&mut self, attach: crate::records::Attach, out: &mut Vec<StageOutput>) {
-        let Some(core) = self.cores.get(&attach.core) else {
-            // The core is registered before its views.
-            debug_assert!(false, "a view attached to a missing core");
-            return;
-        };
-        let stages = attach.pipeline.after_group();
-        let list = self.watchers.entry(attach.core).or_default();
-        let docs = match list.iter_mut().find(|watchers| watchers.stages == stages) {
-            Some(watchers) => {
-                watchers.keys.push(attach.view);
-                watchers.view.shown()
-            }
-            None => {
-                // It compiled at registration.
-                let Ok(pipeline) = attach.pipeline.compile() else { return };
-                let (view, docs) = View::new(pipeline, core);
-                list.push(Watchers { stages, view, keys: vec![attach.view] });
-                docs
-            }
-        };
-        let position = attach.position.max(core.position());
-        let docs = docs.iter().map(|d| self.encoder.encode(d, None)).collect();
-        let frame = Frame::Result(ResultFrame { seq: 1, docs, position });
-        out.push(StageOutput::Frame { key: attach.view, frame, entered: 0 });
-        let sub = Subscription { seq: 1, skip_until: position, mode: Mode::Aggregate, reload_pending: false };
-        self.subs.insert(attach.view, sub);
+    /// A live pipeline's core starts from its snapshot: its members here, its groups on the
+    /// group stage's workers, its outputs on the view stage (where its views attach next).
+    fn start_core(&mut self, key: QueryKey, pipeline: WirePipeline, init: StageInit, groups: &mut Vec<GroupInput>) {
+        // It compiled at registration.
+        let Ok(compiled) = pipeline.compile() else { return };
+        let docs = init.docs.into_iter().map(|d| d.0);
+        let (members, changes) = Members::new(compiled, docs, init.position, &mut self.slots);
+        self.cores.insert(key, members);
+        let position = init.position;
+        groups.extend((0..self.peers).map(|target| GroupInput::Start {
+            target: target as u32,
+            core: key,
+            pipeline: pipeline.clone(),
+            position,
+        }));
+        groups.push(GroupInput::View(ViewInput::Start { core: key, position }));
+        contribute(key, changes, At { position, cause: Cause::None, entered: 0 }, groups);
     }
 
-    /// Applies one write to a pipeline core, and what it changed to the core's views.
-    fn core_write(&mut self, key: QueryKey, write: &Write, transition: Transition, out: &mut Vec<StageOutput>) {
+    /// Applies one write to a pipeline core's members; its contributions go to the group stage.
+    fn core_write(&mut self, key: QueryKey, write: &Write, transition: Transition, groups: &mut Vec<GroupInput>) {
         let Write { at: (position, entered), cause, ref id, ref doc, .. } = *write;
         let doc = if transition.matches() { doc.as_deref() } else { None };
-        let Subscriptions { subs, cores, slots, watchers, .. } = self;
-        let Some(core) = cores.get_mut(&key) else { return };
-        let Some(changes) = core.apply(slots, id, doc, position) else { return };
-        if changes.is_empty() {
-            return;
-        }
-        let core = &*core;
-        let mut pending = Vec::new();
-        for watchers in watchers.get_mut(&key).into_iter().flatten() {
-            let ops = watchers.view.apply(core, &changes, cause);
-            if ops.is_empty() {
-                continue;
-            }
-            for view in &watchers.keys {
-                // Every write a core applies after a view attached is past its start.
-                debug_assert!(subs.get(view).is_none_or(|sub| position > sub.skip_until));
-                pending.push((*view, ops.clone()));
-            }
-        }
-        for (view, ops) in pending {
-            self.emit(view, ops, (position, entered), out);
+        let Some(members) = self.cores.get_mut(&key) else { return };
+        let Some(changes) = members.apply(&mut self.slots, id, doc, position) else { return };
+        if !changes.is_empty() {
+            contribute(key, changes, At { position, cause, entered }, groups);
         }
     }
 
@@ -363,7 +237,7 @@ impl Subscriptions {
             });
             let mut texts = Vec::new();
             for doc in docs {
-                let text = self.encoder.encode(&doc, projected.as_deref().map(|p| &p.shown));
+                let text = self.frames.encode(&doc, projected.as_deref().map(|p| &p.shown));
                 if let (Some(projected), Some(id)) = (projected.as_mut(), doc.get("_id")) {
                     let slot = self.slots.acquire(&DocId::new(id));
                     if projected.hashes.insert(slot, text_hash(&text)).is_some() {
@@ -378,7 +252,7 @@ impl Subscriptions {
             window.load(docs, init.complete);
             window.mark_shown();
             let visible: Vec<Arc<Document>> = window.visible().cloned().collect();
-            let texts = visible.iter().map(|d| self.encoder.encode(d, None)).collect();
+            let texts = visible.iter().map(|d| self.frames.encode(d, None)).collect();
             (Mode::Window(Box::new(window)), texts)
         };
         let frame = Frame::Result(ResultFrame { seq: 1, docs: shown, position: init.position });
@@ -400,7 +274,7 @@ impl Subscriptions {
     fn transition(&mut self, key: QueryKey, write: &Write, transition: Transition, out: &mut Vec<StageOutput>) {
         let Write { at: (position, entered), cause, ref id, ref doc, .. } = *write;
         let doc = if transition.matches() { doc.as_ref() } else { None };
-        let Subscriptions { subs, encoder, slots, .. } = self;
+        let Subscriptions { subs, frames, slots, .. } = self;
         let Some(sub) = subs.get_mut(&key) else { return };
         if position <= sub.skip_until {
             return;
@@ -411,7 +285,7 @@ impl Subscriptions {
                     (None, None) => (DeltaOp::Remove, None),
                     (Some(doc), None) => {
                         let op = if transition.matched() { DeltaOp::Change } else { DeltaOp::Add };
-                        (op, Some(encoder.encode(doc, None)))
+                        (op, Some(frames.encode(doc, None)))
                     }
                     (None, Some(projected)) => {
                         let Some(slot) = slots.find(id) else { return };
@@ -422,7 +296,7 @@ impl Subscriptions {
                         (DeltaOp::Remove, None)
                     }
                     (Some(doc), Some(projected)) => {
-                        let text = encoder.encode(doc, Some(&projected.shown));
+                        let text = frames.encode(doc, Some(&projected.shown));
                         let hash = text_hash(&text);
                         let slot = slots.find(id);
                         let held = slot.and_then(|slot| projected.hashes.get(&slot).copied());
@@ -450,10 +324,8 @@ impl Subscriptions {
                     position,
                     more: false,
                 };
-                self.group.push(out, key, frame, entered);
+                frames.push(out, key, frame, entered);
             }
-            // A pipeline's writes reach it through its core.
-            Mode::Aggregate => {}
             Mode::Window(window) => {
                 if sub.reload_pending {
                     // Held back until the re-read arrives; the buffer keeps up silently.
@@ -483,31 +355,10 @@ impl Subscriptions {
         }
     }
 
-    fn emit(
-        &mut self,
-        key: QueryKey,
-        ops: Vec<WindowOp>,
-        (position, entered): (Position, u64),
-        out: &mut Vec<StageOutput>,
-    ) {
-        let count = ops.len();
-        for (i, op) in ops.into_iter().enumerate() {
-            let doc = op.doc.as_ref().map(|d| self.encoder.encode(d, None));
-            let Some(sub) = self.subs.get_mut(&key) else { return };
-            sub.seq += 1;
-            let frame = DeltaFrame {
-                seq: sub.seq,
-                op: op.op,
-                doc_id: Encoded::value(&op.id),
-                doc,
-                index: op.index,
-                old_index: op.old_index,
-                cause: op.cause,
-                position,
-                // One write's window changes (a document pushed out, another in) go together.
-                more: i + 1 < count,
-            };
-            self.group.push(out, key, frame, entered);
+    fn emit(&mut self, key: QueryKey, ops: Vec<WindowOp>, at: (Position, u64), out: &mut Vec<StageOutput>) {
+        let Subscriptions { subs, frames, .. } = self;
+        if let Some(sub) = subs.get_mut(&key) {
+            frames.emit(out, key, &mut sub.seq, ops, at);
         }
     }
 }
