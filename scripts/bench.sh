@@ -18,9 +18,10 @@
 #            without ACLs, fan-out 1 at 10,000 writes/s and fan-out 10 at 2,000 writes/s
 #   aggregation  live pipelines through the engine: 10,000 pipelines over 1,000,000 documents,
 #            updates/s against re-running them, then the same $matches as plain queries
-#            (LIVEGRID_PIPE_DOCS, LIVEGRID_PIPE_PIPELINES, LIVEGRID_PIPE_UPDATES, LIVEGRID_PIPE_GRID);
-#            then the differential-dataflow branch alone: updates/s with 100 pipelines over 10,000
-#            documents on 1 and 2 workers, against re-running the pipelines a write touches
+#            (LIVEGRID_PIPE_DOCS, LIVEGRID_PIPE_PIPELINES, LIVEGRID_PIPE_UPDATES, LIVEGRID_PIPE_GRID),
+#            on a 1x2 grid, with 100,000 subscriptions; then group state on differential
+#            dataflow against the live pipelines' on the same writes (100 pipelines over 10,000
+#            and 100,000 documents; one group of 100,000 documents)
 #   cache    cache invalidation: changes turned into purges and purge latency, adaptive vs
 #            fixed TTL hit and stale-read rates, cache sketch size and false positives
 #            (LIVEGRID_CACHE_BENCH=purge|ttl|sketch, LIVEGRID_CACHE_SECONDS, LIVEGRID_TTL_SECONDS)
@@ -98,9 +99,17 @@ run_aggregation() {
   cargo bench --bench pipelines
   echo "== aggregation: the same \$matches as plain queries"
   LIVEGRID_PIPE_PLAIN=1 cargo bench --bench pipelines
-  echo "== aggregation: the differential-dataflow branch, 100 pipelines over 10,000 documents"
-  for workers in 1 2; do
-    LIVEGRID_AGG_WORKERS=$workers cargo bench --bench aggregation
+  echo "== aggregation: the same on a 1x2 grid"
+  LIVEGRID_PIPE_GRID=1x2 cargo bench --bench pipelines
+  echo "== aggregation: 100,000 subscriptions to the 10,000 pipelines"
+  LIVEGRID_PIPE_SUBSCRIPTIONS=100000 cargo bench --bench pipelines
+  echo "== aggregation: group state on differential dataflow against the live pipelines' (100 pipelines)"
+  for docs in 10000 100000; do
+    LIVEGRID_AGG_DOCS=$docs cargo bench --bench aggregation
+  done
+  echo "== aggregation: one group of every document, 1,000 and 1,000,000 distinct values"
+  for prices in 1000 1000000; do
+    LIVEGRID_AGG_GROUPS=one LIVEGRID_AGG_DOCS=100000 LIVEGRID_AGG_PRICES=$prices cargo bench --bench aggregation
   done
 }
 run_cache() {

@@ -1,5 +1,12 @@
-//! Live aggregation pipelines on differential dataflow: the branch beside the matching grid
-//! that keeps `$group` results current as documents change.
+//! Live `$group` state formulated on differential dataflow: the baseline the live pipelines
+//! (`crate::live_pipeline`, what `serve` runs) are measured against in
+//! `benches/aggregation.rs`, and checked like them against the evaluator.
+//!
+//! Its `reduce` hands each changed group's whole input (one entry per distinct contribution)
+//! to the accumulators again, so a write costs work in the size of the groups it touches;
+//! the live pipelines' accumulator states take single contributions in and out instead. On
+//! one group of 100,000 documents with distinct values, that is 4.2 ms per update here
+//! against 16 µs (see README, "Live aggregation pipelines").
 //!
 //! ```text
 //! document upserts ──▶ arrange_from_upsert (by document key) ──▶ (ns, shard) ─┐
