@@ -79,7 +79,7 @@ impl std::str::FromStr for GridShape {
 /// Records worker 0 puts under one epoch at most (it may exceed it by one command).
 const MAX_EPOCH_RECORDS: usize = 4096;
 
-/// Input buffers the subscription stage keeps for reuse, at most.
+/// Input buffers each epoch stage (subscriptions, groups, views) keeps for reuse, at most.
 const MAX_SPARE_BUFFERS: usize = 4;
 
 /// Records a kept buffer may hold room for (larger ones shrink back after use).

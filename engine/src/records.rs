@@ -391,6 +391,15 @@ impl GroupInput {
         }
     }
 
+    /// The core concerned.
+    pub fn core(&self) -> QueryKey {
+        match self {
+            GroupInput::Start { core, .. } | GroupInput::End { core, .. } => *core,
+            GroupInput::Contribute(contribute) => contribute.core,
+            GroupInput::View(view) => view.core(),
+        }
+    }
+
     /// Order inside one timestamp: by position, a core's start before its contributions,
     /// its end last (the view stage orders what passes through).
     pub fn order(&self) -> (Position, u8) {
@@ -427,6 +436,7 @@ pub struct WireContributions(pub Vec<(Contribution, i64)>);
 impl Serialize for WireContributions {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let contributions: Vec<Contribution> = self.0.iter().map(|(c, _)| c.clone()).collect();
+        // Pipelines whose stages are not BSON are refused when parsed, so this holds.
         let bytes = encode_contributions(&contributions)
             .ok_or_else(|| serde::ser::Error::custom("contributions BSON cannot hold"))?;
         let counts: Vec<i64> = self.0.iter().map(|(_, n)| *n).collect();

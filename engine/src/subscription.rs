@@ -116,7 +116,8 @@ impl Subscriptions {
         }
     }
 
-    /// How many subscriptions this worker holds.
+    /// How many query subscriptions this worker holds (pipeline subscriptions are the view
+    /// stage's).
     pub fn len(&self) -> usize {
         self.subs.len()
     }

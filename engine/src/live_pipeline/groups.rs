@@ -32,17 +32,12 @@ struct Touched {
 }
 
 impl GroupStage {
-    /// Cores with groups on this worker.
-    pub fn cores(&self) -> usize {
-        self.cores.len()
-    }
-
     /// Applies the inputs of one complete timestamp (draining them); what the view stage
     /// needs goes to `out`.
     pub fn apply(&mut self, inputs: &mut Vec<GroupInput>, out: &mut Vec<ViewInput>) {
         // A core's contributions at one position go to different groups, so their order among
         // themselves does not matter.
-        inputs.sort_unstable_by_key(|input| (input.order(), core_of(input)));
+        inputs.sort_unstable_by_key(|input| (input.order(), input.core()));
         let mut touched: Option<Touched> = None;
         for input in inputs.drain(..) {
             match input {
@@ -101,13 +96,5 @@ impl GroupStage {
             })
             .collect();
         out.push(ViewInput::Outputs { core, position, cause, entered, groups });
-    }
-}
-
-fn core_of(input: &GroupInput) -> QueryKey {
-    match input {
-        GroupInput::Start { core, .. } | GroupInput::End { core, .. } => *core,
-        GroupInput::Contribute(contribute) => contribute.core,
-        GroupInput::View(view) => view.core(),
     }
 }

@@ -91,22 +91,12 @@ struct CoreViews {
 #[derive(Default)]
 pub struct Views {
     cores: HashMap<QueryKey, CoreViews>,
-    /// Each subscription's last `seq`.
-    seqs: HashMap<QueryKey, u64>,
+    /// Each subscription's last `seq`, and the position its result started at.
+    seqs: HashMap<QueryKey, (u64, Position)>,
     frames: Frames,
 }
 
 impl Views {
-    /// Pipeline subscriptions on this worker.
-    pub fn len(&self) -> usize {
-        self.seqs.len()
-    }
-
-    /// Whether the worker holds no pipeline subscription.
-    pub fn is_empty(&self) -> bool {
-        self.seqs.is_empty()
-    }
-
     /// Applies the inputs of one complete timestamp (draining them). Outputs gather in `out`
     /// and are handed to `flush` as in [`crate::subscription::Subscriptions::apply`].
     pub fn apply(
@@ -186,7 +176,7 @@ impl Views {
         let docs = docs.iter().map(|d| self.frames.encode(d, None)).collect();
         let frame = Frame::Result(ResultFrame { seq: 1, docs, position });
         out.push(StageOutput::Frame { key: attach.view, frame, entered: 0 });
-        self.seqs.insert(attach.view, 1);
+        self.seqs.insert(attach.view, (1, position));
     }
 
     /// Applies one write's group outputs to a core, and what they changed to its views.
@@ -211,7 +201,9 @@ impl Views {
                 continue;
             }
             for key in &watchers.keys {
-                if let Some(seq) = seqs.get_mut(key) {
+                if let Some((seq, since)) = seqs.get_mut(key) {
+                    // Every write a core applies after a view attached is past its start.
+                    debug_assert!(at.0 > *since, "a write at or below a view's start");
                     frames.emit(out, *key, seq, ops.clone(), at);
                 }
             }

@@ -313,6 +313,11 @@ fn what_is_not_supported_is_refused_naming_it() {
     assert!(refuse(vec![doc! {"$limit": 1}, doc! {"$group": {"_id": null}}]).to_string().contains("before $group"));
     assert!(refuse(vec![doc! {"$group": {"n": {"$sum": 1}}}]).to_string().contains("needs an _id"));
     assert!(refuse(vec![doc! {"$group": {"_id": "$$NOW"}}]).to_string().contains("$$NOW"));
+    // A field name BSON cannot store: contributions could not be kept or sent compactly.
+    let mut key = Document::new();
+    key.insert("a\0b", "$x");
+    let error = refuse(vec![doc! {"$group": {"_id": key}}]);
+    assert!(error.to_string().contains("NUL"), "{error}");
 }
 
 #[test]

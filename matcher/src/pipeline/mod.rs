@@ -247,6 +247,11 @@ impl Pipeline {
         if stages.len() > MAX_STAGES {
             return Err(PipelineError::bad("pipeline", format!("at most {MAX_STAGES} stages")));
         }
+        // What a pipeline computes is built from documents (BSON already) and from its own
+        // literals and field names: when the stages are BSON, so is every contribution.
+        if bson::doc! {"stages": stages.to_vec()}.to_vec().is_err() {
+            return Err(PipelineError::bad("pipeline", "stages must be storable as BSON (no NUL in field names)"));
+        }
         let mut before = Vec::new();
         let mut order = None;
         let mut group = None;
