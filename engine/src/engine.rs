@@ -40,7 +40,10 @@ use crate::grid::{
     Command, DELIVERY_BATCH, Delivery, GridShape, MAX_RECYCLED_BUFFERS, WorkerSetup, run_worker_reporting,
 };
 use crate::query_index::QueryKey;
-use crate::records::{Attach, GridInput, Registration, StageInit, StageOutput, WirePipeline, WireQuery};
+use crate::records::{
+    Attach, Forward, GridInput, PROCESS_SHIFT, Registration, StageInit, StageOutput, WirePipeline, WireQuery,
+    home_process,
+};
 use crate::retention::Retention;
 use crate::snapshot::{Snapshot, SnapshotError, SnapshotSource};
 use crate::wire::{WireDoc, WireEvent, WireValue};
@@ -190,6 +193,10 @@ pub enum EngineEvent {
     Failed(String),
 }
 
+/// Requests forwarded by other processes waiting for the feeding process's engine, at most
+/// (worker 0 waits beyond).
+const FORWARD_CAPACITY: usize = 1024;
+
 /// Threads serving window re-reads.
 const REREAD_THREADS: usize = 2;
 /// Waits between attempts of a failing re-read; after the last, the subscription ends.
@@ -248,6 +255,8 @@ struct Shared {
     progress: (Mutex<u64>, Condvar),
     /// The next subscription key.
     next_key: AtomicU64,
+    /// This process's index in the cluster (0 alone).
+    process: usize,
     /// Window re-reads fed (or given up) so far.
     rereads: AtomicU64,
     /// Window re-reads asked for and not yet fed or given up.
@@ -339,6 +348,144 @@ impl Shared {
         Ok(())
     }
 
+    /// A fresh subscription key of this process.
+    fn reserve_key(&self) -> QueryKey {
+        self.next_key.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers a live pipeline subscription (see [`Engine::register_pipeline_as`]).
+    fn register_pipeline(
+        &self,
+        key: QueryKey,
+        ns: &str,
+        spec: &QuerySpec,
+        query: &Query,
+        pipeline: WirePipeline,
+    ) -> Result<(), EngineError> {
+        // Identical pipelines (namespace, first $match with its ACL, stages through $group)
+        // share one core: a new one attaches to it without reading the database.
+        let share = share_of(ns, spec, &pipeline);
+        {
+            let mut ingest = self.ingest.lock().expect("ingest lock");
+            if let Some(&core) = ingest.shares.get(&share) {
+                return self.attach(&mut ingest, core, key, ns, pipeline);
+            }
+        }
+        let core = self.reserve_key();
+        let read_at = self.register_reading(core, ns, spec, query, Some(&pipeline))?;
+        let mut ingest = self.ingest.lock().expect("ingest lock");
+        let Some(column) = ingest.subscriptions.get(&core).map(|sub| sub.column) else {
+            return Err(EngineError::Closed);
+        };
+        ingest.cores.insert(core, CoreEntry { share: share.clone(), views: 0, column, read_at });
+        metrics::gauge!("livegrid_pipeline_cores").set(ingest.cores.len() as f64);
+        // Registered concurrently with an identical pipeline: the first core stays the one
+        // others attach to; this one serves this subscription.
+        ingest.shares.entry(share).or_insert(core);
+        self.attach(&mut ingest, core, key, ns, pipeline)
+    }
+
+    fn register_reading(
+        &self,
+        key: QueryKey,
+        ns: &str,
+        spec: &QuerySpec,
+        query: &Query,
+        pipeline: Option<&WirePipeline>,
+    ) -> Result<Position, EngineError> {
+        let k = crate::window::capacity(query, self.slack);
+        let mut attempts = 0;
+        loop {
+            let snapshot = self.snapshot.read(ns, spec, query, k)?;
+            let position = snapshot.position;
+            match self.register_compiled(key, ns, spec, query, pipeline, snapshot) {
+                Err(EngineError::StaleSnapshot { .. }) if attempts < 3 => attempts += 1,
+                other => return other.map(|()| position),
+            }
+        }
+    }
+
+    fn register_compiled(
+        &self,
+        key: QueryKey,
+        ns: &str,
+        spec: &QuerySpec,
+        query: &Query,
+        pipeline: Option<&WirePipeline>,
+        snapshot: Snapshot,
+    ) -> Result<(), EngineError> {
+        let stale = EngineError::StaleSnapshot { position: snapshot.position };
+        // The writes the grid passed after the snapshot, taken under the ingest lock; the
+        // registration is built (its snapshot filtered) without it, so that ingest goes on...
+        let (replay, seen) = {
+            let ingest = self.ingest.lock().expect("ingest lock");
+            (ingest.retention.since(snapshot.position).ok_or(stale)?, ingest.retention.last_position())
+        };
+        let mut records = build_registration(self.shape, key, ns, spec, query, snapshot, &replay, false);
+        if let Some(pipeline) = pipeline {
+            for record in &mut records {
+                if let GridInput::Register(registration) = record {
+                    registration.query.pipeline = Some(pipeline.clone());
+                }
+            }
+        }
+        // ...and what was fed meanwhile is added before the registration is sent, in order.
+        let mut ingest = self.ingest.lock().expect("ingest lock");
+        let meanwhile = ingest.retention.since(seen).ok_or(EngineError::StaleSnapshot { position: seen })?;
+        append_replay(self.shape, ns, &meanwhile, &mut records);
+        // Only a limited window can drain and need a re-read of its query.
+        let windowed = crate::window::capacity(query, self.slack).is_some();
+        let ns = ingest.namespace(ns);
+        let column = query_partition(&ns, spec, self.shape) as u32;
+        ingest
+            .subscriptions
+            .insert(key, Subscribed { ns, column, window_spec: windowed.then(|| Box::new(spec.clone())) });
+        let position = ingest.retention.last_position();
+        self.send(&ingest, Command::Feed(records, position))
+    }
+
+    /// Carries out a request forwarded by another process (on the feeding process).
+    fn forwarded(&self, request: Forward, events: &Sender<EngineEvent>) {
+        let key = request.key();
+        let done = match request {
+            Forward::Register { key, ns, spec, snapshot } => {
+                let spec = spec.to_spec();
+                match Query::compile(&spec) {
+                    Ok(query) => self.register_compiled(key, &ns, &spec, &query, None, snapshot.into()),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Forward::Pipeline { key, ns, spec, pipeline } => {
+                let spec = spec.to_spec();
+                match Query::compile(&spec) {
+                    Ok(query) => self.register_pipeline(key, &ns, &spec, &query, pipeline),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Forward::Unregister { key } => {
+                let mut ingest = self.ingest.lock().expect("ingest lock");
+                self.unregister(&mut ingest, key).map(|_| ())
+            }
+        };
+        if let Err(e) = done {
+            let message = format!("the subscription could not be registered ({e}); subscribe again");
+            self.end(key, ErrorCode::Resubscribe, message, events);
+        }
+    }
+
+    /// Tells the client of subscription `key` that it ended: here, or through the grid to
+    /// the process the subscription lives on.
+    fn end(&self, key: QueryKey, code: ErrorCode, message: String, events: &Sender<EngineEvent>) {
+        if home_process(key) == self.process {
+            let _ = events.send(EngineEvent::Ended { key, code, message });
+            return;
+        }
+        let ingest = self.ingest.lock().expect("ingest lock");
+        let position = ingest.retention.last_position();
+        let notice = GridInput::Notice { target: 0, key, code, message };
+        let _ = self.send(&ingest, Command::Feed(vec![notice], position));
+    }
+
     fn wake(&self) {
         if let Some(thread) = self.worker0.lock().expect("worker0 lock").as_ref() {
             thread.unpark();
@@ -384,14 +531,19 @@ impl Engine {
                 )
             }
         };
+        let process = config.cluster.as_ref().map_or(0, |cluster| cluster.process);
+        let processes = config.cluster.as_ref().map_or(1, |cluster| cluster.addresses.len());
         let (command_tx, command_rx) = crossbeam_channel::unbounded();
+        // Bounded: worker 0 waits when its engine falls behind with forwarded requests.
+        let (forward_tx, forward_rx) = crossbeam_channel::bounded::<Forward>(FORWARD_CAPACITY);
         // Bounded: workers wait for the router, which waits for the consumer.
         let (delivery_tx, delivery_rx) = crossbeam_channel::bounded(1024);
         let (recycle_tx, recycle_rx) = crossbeam_channel::bounded(MAX_RECYCLED_BUFFERS);
         let (worker0_tx, worker0_rx) = crossbeam_channel::bounded(1);
         let setup = Arc::new(WorkerSetup {
             slack: config.slack,
-            clustered: config.cluster.is_some(),
+            processes,
+            forwarded: forward_tx,
             commands: command_rx,
             deliveries: delivery_tx,
             recycled: recycle_rx,
@@ -412,26 +564,26 @@ impl Engine {
                 shares: HashMap::default(),
                 views: HashMap::default(),
                 namespaces: HashMap::default(),
-                commands: feeds.then_some(command_tx),
+                commands: Some(command_tx),
             }),
             snapshot,
             worker0: Mutex::new(None),
             processed: Mutex::new(Position::ZERO),
             sent: AtomicU64::new(0),
             progress: (Mutex::new(0), Condvar::new()),
-            next_key: AtomicU64::new(1),
+            next_key: AtomicU64::new(((process as u64) << PROCESS_SHIFT) + 1),
+            process,
             rereads: AtomicU64::new(0),
             pending_rereads: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             started: Instant::now(),
         });
-        if feeds {
-            let thread = worker0_rx
-                .recv_timeout(Duration::from_secs(60))
-                .map_err(|_| EngineError::Start("worker 0 did not start".into()))?;
-            *shared.worker0.lock().expect("worker0 lock") = Some(thread);
-        }
+        // This process's first worker: it reads the commands.
+        let thread = worker0_rx
+            .recv_timeout(Duration::from_secs(60))
+            .map_err(|_| EngineError::Start("the first worker did not start".into()))?;
+        *shared.worker0.lock().expect("worker0 lock") = Some(thread);
         let (event_tx, event_rx) = crossbeam_channel::bounded((config.output_capacity / OUTPUT_BATCH).max(1));
         // Unbounded, yet bounded by the number of windows: a window asks for one re-read at a
         // time (it waits for it before asking again), and the router never blocks on it.
@@ -456,6 +608,15 @@ impl Engine {
             let (owned, events, batches) = (shared.clone(), event_tx.clone(), recycler.clone());
             let body = Box::new(move || route(&owned, &delivery_rx, &recycle_tx, &batches, &events, &reread_tx));
             threads.push(spawn("livegrid-router", shared.clone(), event_tx.clone(), body)?);
+        }
+        if feeds && processes > 1 {
+            let (owned, events) = (shared.clone(), event_tx.clone());
+            let body = Box::new(move || {
+                for request in forward_rx {
+                    owned.forwarded(request, &events);
+                }
+            });
+            threads.push(spawn("livegrid-forward", shared.clone(), event_tx.clone(), body)?);
         }
         for _ in 0..REREAD_THREADS {
             let (owned, events, queue) = (shared.clone(), event_tx.clone(), reread_rx.clone());
@@ -505,6 +666,9 @@ impl Engine {
     /// When the grid is more than `max_inflight` batches behind, this waits (without holding
     /// any lock the grid's consumers need) until it catches up.
     pub fn submit(&self, events: impl IntoIterator<Item = ChangeEvent>) -> Result<usize, EngineError> {
+        if !self.feeds {
+            return Err(EngineError::Closed);
+        }
         self.wait_for_room();
         let now = (self.shared.started.elapsed().as_nanos() as u64).max(1);
         let shape = self.shared.shape;
@@ -530,9 +694,11 @@ impl Engine {
     }
 
     /// A fresh subscription key: callers that route messages by key learn it before the
-    /// first message can arrive, then register with [`Engine::register_as`].
+    /// first message can arrive, then register with [`Engine::register_as`]. Keys name the
+    /// process that reserved them (see [`home_process`]), so that a cluster routes each
+    /// subscription's messages to the process its client is on.
     pub fn reserve_key(&self) -> QueryKey {
-        self.shared.next_key.fetch_add(1, Ordering::Relaxed)
+        self.shared.reserve_key()
     }
 
     /// Registers a subscription, reading its initial result from the snapshot source (and
@@ -546,14 +712,30 @@ impl Engine {
 
     /// [`Engine::register`] under a key from [`Engine::reserve_key`], for a query the caller
     /// compiled from `spec` already.
+    ///
+    /// On a process that does not feed the grid, the initial result is read here and the
+    /// registration is forwarded to the feeding process through the grid; should the grid
+    /// there have moved past the retention buffer meanwhile, the subscription ends with
+    /// [`EngineEvent::Ended`] (`resubscribe`).
     pub fn register_as(&self, key: QueryKey, ns: &str, spec: &QuerySpec, query: &Query) -> Result<(), EngineError> {
-        self.register_reading(key, ns, spec, query, None).map(|_| ())
+        if !self.feeds {
+            let snapshot = self.shared.snapshot.read(ns, spec, query, self.window_capacity(query))?;
+            let request = Forward::Register {
+                key,
+                ns: ns.to_string(),
+                spec: WireQuery::from_spec(spec),
+                snapshot: snapshot.into(),
+            };
+            return self.forward(request);
+        }
+        self.shared.register_reading(key, ns, spec, query, None).map(|_| ())
     }
 
     /// Registers a live pipeline under a key from [`Engine::reserve_key`]: `spec` holds its
     /// first `$match` as the filter (and nothing else; object ACLs go into it too), `query` is
     /// that spec compiled. Its messages are the pipeline's output and its changes (see
-    /// [`crate::live_pipeline`]).
+    /// [`crate::live_pipeline`]). On a process that does not feed the grid, it is forwarded
+    /// to the feeding process, which shares cores for the whole cluster.
     pub fn register_pipeline_as(
         &self,
         key: QueryKey,
@@ -569,47 +751,15 @@ impl Engine {
             }));
         }
         pipeline.compile()?.check_live()?;
-        // Identical pipelines (namespace, first $match with its ACL, stages through $group)
-        // share one core: a new one attaches to it without reading the database.
-        let share = share_of(ns, spec, &pipeline);
-        {
-            let mut ingest = self.shared.ingest.lock().expect("ingest lock");
-            if let Some(&core) = ingest.shares.get(&share) {
-                return self.shared.attach(&mut ingest, core, key, ns, pipeline);
-            }
+        if !self.feeds {
+            return self.forward(Forward::Pipeline {
+                key,
+                ns: ns.to_string(),
+                spec: WireQuery::from_spec(spec),
+                pipeline,
+            });
         }
-        let core = self.reserve_key();
-        let read_at = self.register_reading(core, ns, spec, query, Some(&pipeline))?;
-        let mut ingest = self.shared.ingest.lock().expect("ingest lock");
-        let Some(column) = ingest.subscriptions.get(&core).map(|sub| sub.column) else {
-            return Err(EngineError::Closed);
-        };
-        ingest.cores.insert(core, CoreEntry { share: share.clone(), views: 0, column, read_at });
-        metrics::gauge!("livegrid_pipeline_cores").set(ingest.cores.len() as f64);
-        // Registered concurrently with an identical pipeline: the first core stays the one
-        // others attach to; this one serves this subscription.
-        ingest.shares.entry(share).or_insert(core);
-        self.shared.attach(&mut ingest, core, key, ns, pipeline)
-    }
-
-    fn register_reading(
-        &self,
-        key: QueryKey,
-        ns: &str,
-        spec: &QuerySpec,
-        query: &Query,
-        pipeline: Option<&WirePipeline>,
-    ) -> Result<Position, EngineError> {
-        let k = self.window_capacity(query);
-        let mut attempts = 0;
-        loop {
-            let snapshot = self.shared.snapshot.read(ns, spec, query, k)?;
-            let position = snapshot.position;
-            match self.register_compiled(key, ns, spec, query, pipeline, snapshot) {
-                Err(EngineError::StaleSnapshot { .. }) if attempts < 3 => attempts += 1,
-                other => return other.map(|()| position),
-            }
-        }
+        self.shared.register_pipeline(key, ns, spec, query, pipeline)
     }
 
     /// How many documents a subscription's snapshot must hold: its window's capacity, or all.
@@ -628,47 +778,8 @@ impl Engine {
     ) -> Result<QueryKey, EngineError> {
         let query = Query::compile(spec)?;
         let key = self.reserve_key();
-        self.register_compiled(key, ns, spec, &query, None, snapshot)?;
+        self.shared.register_compiled(key, ns, spec, &query, None, snapshot)?;
         Ok(key)
-    }
-
-    fn register_compiled(
-        &self,
-        key: QueryKey,
-        ns: &str,
-        spec: &QuerySpec,
-        query: &Query,
-        pipeline: Option<&WirePipeline>,
-        snapshot: Snapshot,
-    ) -> Result<(), EngineError> {
-        let stale = EngineError::StaleSnapshot { position: snapshot.position };
-        // The writes the grid passed after the snapshot, taken under the ingest lock; the
-        // registration is built (its snapshot filtered) without it, so that ingest goes on...
-        let (replay, seen) = {
-            let ingest = self.shared.ingest.lock().expect("ingest lock");
-            (ingest.retention.since(snapshot.position).ok_or(stale)?, ingest.retention.last_position())
-        };
-        let mut records = build_registration(self.shared.shape, key, ns, spec, query, snapshot, &replay, false);
-        if let Some(pipeline) = pipeline {
-            for record in &mut records {
-                if let GridInput::Register(registration) = record {
-                    registration.query.pipeline = Some(pipeline.clone());
-                }
-            }
-        }
-        // ...and what was fed meanwhile is added before the registration is sent, in order.
-        let mut ingest = self.shared.ingest.lock().expect("ingest lock");
-        let meanwhile = ingest.retention.since(seen).ok_or(EngineError::StaleSnapshot { position: seen })?;
-        append_replay(self.shared.shape, ns, &meanwhile, &mut records);
-        // Only a limited window can drain and need a re-read of its query.
-        let windowed = crate::window::capacity(query, self.shared.slack).is_some();
-        let ns = ingest.namespace(ns);
-        let column = query_partition(&ns, spec, self.shared.shape) as u32;
-        ingest
-            .subscriptions
-            .insert(key, Subscribed { ns, column, window_spec: windowed.then(|| Box::new(spec.clone())) });
-        let position = ingest.retention.last_position();
-        self.send(&ingest, Command::Feed(records, position))
     }
 
     /// Live pipeline cores: the distinct pipelines (up to `$group`) subscriptions share.
@@ -678,8 +789,17 @@ impl Engine {
 
     /// Ends a subscription; messages already under way may still arrive.
     pub fn unregister(&self, key: QueryKey) -> Result<(), EngineError> {
+        if !self.feeds {
+            return self.forward(Forward::Unregister { key });
+        }
         let mut ingest = self.shared.ingest.lock().expect("ingest lock");
         self.shared.unregister(&mut ingest, key).map(|_| ())
+    }
+
+    /// Sends a request to the feeding process, through this process's input to the grid.
+    fn forward(&self, request: Forward) -> Result<(), EngineError> {
+        let ingest = self.shared.ingest.lock().expect("ingest lock");
+        self.send(&ingest, Command::Feed(vec![GridInput::Forward(Box::new(request))], Position::ZERO))
     }
 
     /// Waits while the grid is more than `max_inflight` feed commands behind.
@@ -719,6 +839,20 @@ impl Engine {
             done = signal.wait_timeout(done, left).expect("progress lock").0;
         }
         true
+    }
+
+    /// Waits until every epoch the grid began before the call has been processed everywhere
+    /// and its messages for this process have reached [`Engine::messages`], or `timeout`
+    /// passes; returns whether they had. On a process that does not feed the grid, this is
+    /// how to know that this process has every message of the writes fed so far.
+    pub fn barrier(&self, timeout: Duration) -> bool {
+        {
+            let ingest = self.shared.ingest.lock().expect("ingest lock");
+            if self.send(&ingest, Command::Feed(Vec::new(), Position::ZERO)).is_err() {
+                return false;
+            }
+        }
+        self.wait_processed(timeout)
     }
 
     /// Like [`Engine::wait_processed`], and also waits for the window re-reads that
@@ -784,9 +918,7 @@ impl Engine {
         let Some(events) = self.ender.lock().expect("ender lock").clone() else { return Err(EngineError::Closed) };
         for key in &ended {
             let message = format!("{reason}; subscribe again for a fresh result");
-            if events.send(EngineEvent::Ended { key: *key, code: ErrorCode::Resubscribe, message }).is_err() {
-                return Err(EngineError::Closed);
-            }
+            self.shared.end(*key, ErrorCode::Resubscribe, message, &events);
         }
         Ok(ended.len())
     }
@@ -964,7 +1096,10 @@ fn route(
                 let (lock, signal) = &shared.progress;
                 *lock.lock().expect("progress lock") = commands;
                 signal.notify_all();
-                let _ = events.send(EngineEvent::Processed(position));
+                // Positions are the feeding process's; the others only count their commands.
+                if shared.process == 0 {
+                    let _ = events.send(EngineEvent::Processed(position));
+                }
             }
             Delivery::Outputs(mut outputs) => {
                 metrics::gauge!("livegrid_engine_output_depth").set((events.len() * OUTPUT_BATCH) as f64);
@@ -986,6 +1121,10 @@ fn route(
                             if rereads.send(key).is_err() {
                                 shared.pending_rereads.fetch_sub(1, Ordering::AcqRel);
                             }
+                        }
+                        StageOutput::Ended { key, code, message } => {
+                            send(&mut batch);
+                            let _ = events.send(EngineEvent::Ended { key, code, message });
                         }
                         StageOutput::Frame { key, frame, entered } => {
                             let latency = (entered > 0).then(|| now.saturating_sub(Duration::from_nanos(entered)));
@@ -1067,9 +1206,6 @@ fn reread(shared: &Shared, key: QueryKey, events: &Sender<EngineEvent>) {
         }
     }
     shared.rereads.fetch_add(1, Ordering::AcqRel);
-    let _ = events.send(EngineEvent::Ended {
-        key,
-        code: ErrorCode::Resubscribe,
-        message: format!("the sorted window could not be refilled ({last_error}); subscribe again"),
-    });
+    let message = format!("the sorted window could not be refilled ({last_error}); subscribe again");
+    shared.end(key, ErrorCode::Resubscribe, message, events);
 }

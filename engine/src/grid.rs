@@ -1,8 +1,12 @@
-//! The grid's dataflow: what every timely worker builds once, and the ingest loop of worker 0.
+//! The grid's dataflow: what every timely worker builds once, and the input loops of the
+//! first worker of each process.
 //!
 //! Worker i of a Q × W grid is (q, w) = (i / W, i % W). Records enter at worker 0, already
 //! addressed to their worker (a write once per worker of its row, a registration once per
-//! worker of its column), and move on exchange channels:
+//! worker of its column), and move on exchange channels. In a cluster, the first worker of
+//! every other process has an input too, through which its engine forwards registrations to
+//! worker 0 (whose engine decides them against its retention buffer); each subscription's
+//! messages are delivered to the process whose key it has, where its client is:
 //!
 //! ```text
 //! input (worker 0) ─exchange by target─▶ matching ─exchange by subscription─▶ subscriptions ──────────────────────────▶ deliver
@@ -11,7 +15,10 @@
 //! ```
 //!
 //! Timestamps are coarse: worker 0 puts everything it finds in its command channel under one
-//! epoch, then advances. The subscription, group and view stages each wait for an epoch to
+//! epoch, then advances. Epochs follow a microsecond clock, so that every process's input
+//! advances without the processes talking to each other (an idle input follows the clock
+//! every two milliseconds; a process whose clock is behind delays progress by that much).
+//! The subscription, group and view stages each wait for an epoch to
 //! complete before they order its records by position ([`epoch_stage`]). Worker 0 watches a
 //! probe after the deliver stage and reports, per completed epoch, the last position fed in
 //! it.
@@ -32,7 +39,7 @@ use timely::dataflow::{InputHandleVec, ProbeHandle, Stream};
 
 use crate::live_pipeline::{GroupStage, Views};
 use crate::matching::Matching;
-use crate::records::{GridInput, GroupInput, StageInput, StageOutput, ViewInput};
+use crate::records::{Forward, GridInput, GroupInput, StageInput, StageOutput, ViewInput};
 use crate::subscription::Subscriptions;
 
 /// The shape of the grid.
@@ -120,8 +127,10 @@ pub(crate) enum Delivery {
 /// Per-worker settings.
 pub(crate) struct WorkerSetup {
     pub slack: usize,
-    /// Whether the grid spans several processes (outputs then gather at worker 0).
-    pub clustered: bool,
+    /// Processes the grid spans (each subscription's messages go to its own process).
+    pub processes: usize,
+    /// Where worker 0 hands requests forwarded by other processes to its engine.
+    pub forwarded: Sender<Forward>,
     pub commands: Receiver<Command>,
     pub deliveries: Sender<Delivery>,
     /// Output buffers the router has emptied, for the deliver stage to fill again.
@@ -153,7 +162,14 @@ fn run_worker(worker: &mut timely::worker::Worker, setup: &WorkerSetup) {
     let slack = setup.slack;
     let deliveries = setup.deliveries.clone();
     let recycled = setup.recycled.clone();
-    let sink_route = if setup.clustered { 0 } else { index as u64 };
+    // Outputs go to the first worker of the process that must receive them; in one process,
+    // they stay where they are.
+    let threads = peers / setup.processes.max(1);
+    let clustered = setup.processes > 1;
+    let sink_route = move |output: &StageOutput| {
+        if clustered { (output.process() * threads) as u64 } else { index as u64 }
+    };
+    let forwarded = setup.forwarded.clone();
 
     worker.dataflow::<u64, _, _>(|scope| {
         let transitions = scope.input_from(&mut input).unary(
@@ -166,6 +182,11 @@ fn run_worker(worker: &mut timely::worker::Worker, setup: &WorkerSetup) {
                     input.for_each_stamp(|capability, data| {
                         let mut session = output.session(&capability);
                         for record in data.flat_map(|d| d.drain(..)) {
+                            if let GridInput::Forward(request) = record {
+                                // For this process's engine; it waits when the engine is behind.
+                                let _ = forwarded.send(*request);
+                                continue;
+                            }
                             matching.handle(record, &mut produced);
                             session.give_iterator(produced.drain(..));
                         }
@@ -197,7 +218,7 @@ fn run_worker(worker: &mut timely::worker::Worker, setup: &WorkerSetup) {
         outputs
             .concat(view_outputs)
             .unary::<timely::container::CapacityContainerBuilder<Vec<()>>, _, _, _>(
-                Exchange::new(move |_: &StageOutput| sink_route),
+                Exchange::new(sink_route),
                 "Deliver",
                 move |_capability, _info| {
                     move |input, _output| {
@@ -226,8 +247,9 @@ fn run_worker(worker: &mut timely::worker::Worker, setup: &WorkerSetup) {
             .probe_with(&probe);
     });
 
-    if index != 0 {
-        // Only worker 0 feeds the grid; the others close their inputs and just work.
+    if !index.is_multiple_of(threads) {
+        // The first worker of each process has an input (worker 0's feeds the grid, the
+        // others' forward requests); the rest close theirs and just work.
         drop(input);
         return;
     }
@@ -236,6 +258,7 @@ fn run_worker(worker: &mut timely::worker::Worker, setup: &WorkerSetup) {
     let mut fed = Position::ZERO;
     let mut commands: u64 = 0;
     let mut pending: VecDeque<(u64, Position, u64)> = VecDeque::new();
+    let mut last_advance = std::time::Instant::now();
     loop {
         let mut advanced = false;
         let mut shutdown = false;
@@ -263,17 +286,23 @@ fn run_worker(worker: &mut timely::worker::Worker, setup: &WorkerSetup) {
         }
         if advanced {
             pending.push_back((epoch, fed, commands));
-            epoch += 1;
+        }
+        // In a cluster every process's input follows the clock even when idle: the grid
+        // completes an epoch only once every input has passed it.
+        if advanced || (clustered && last_advance.elapsed() >= FOLLOW_CLOCK) {
+            epoch = next_epoch(epoch);
             input.advance_to(epoch);
+            last_advance = std::time::Instant::now();
         }
         if shutdown {
             break;
         }
-        worker.step_or_park(Some(if pending.is_empty() {
-            Duration::from_millis(20)
-        } else {
-            Duration::from_micros(200)
-        }));
+        let idle = match (pending.is_empty(), clustered) {
+            (false, _) => Duration::from_micros(200),
+            (true, false) => Duration::from_millis(20),
+            (true, true) => FOLLOW_CLOCK,
+        };
+        worker.step_or_park(Some(idle));
         report_progress(&probe, &mut pending, &setup.deliveries);
     }
     drop(input);
@@ -281,6 +310,17 @@ fn run_worker(worker: &mut timely::worker::Worker, setup: &WorkerSetup) {
         report_progress(&probe, &mut pending, &setup.deliveries);
     }
     report_progress(&probe, &mut pending, &setup.deliveries);
+}
+
+/// How often an idle input of a cluster advances (each advance is progress traffic between
+/// all workers).
+const FOLLOW_CLOCK: Duration = Duration::from_millis(2);
+
+/// The epoch after `epoch`: the clock in microseconds, so that the inputs of all processes
+/// advance together without talking to each other, and at least one more than before.
+fn next_epoch(epoch: u64) -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+    now.max(epoch + 1)
 }
 
 fn report_progress(

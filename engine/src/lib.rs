@@ -27,4 +27,5 @@ pub use engine::{
 pub use event::{ChangeEvent, ChangeOp};
 pub use grid::GridShape;
 pub use query_index::QueryKey;
+pub use records::home_process;
 pub use snapshot::{Snapshot, SnapshotError, SnapshotSource};

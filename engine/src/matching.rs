@@ -148,6 +148,9 @@ impl Matching {
             // For the subscription stage, which holds the core.
             GridInput::Attach(attach) => out.push(StageInput::Attach(attach)),
             GridInput::Detach { core, view, .. } => out.push(StageInput::Detach { core, view }),
+            GridInput::Notice { key, code, message, .. } => out.push(StageInput::Notice { key, code, message }),
+            // Worker 0 hands these to its engine before matching sees them.
+            GridInput::Forward(_) => debug_assert!(false, "a forwarded request reached matching"),
         }
     }
 

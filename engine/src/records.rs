@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use livegrid_matcher::pipeline::{Contribution, decode_contributions, encode_contributions};
 use livegrid_matcher::{Pipeline, PipelineError, Query, QueryError, QuerySpec};
-use livegrid_protocol::{Cause, Frame, Position};
+use livegrid_protocol::{Cause, ErrorCode, Frame, Position};
 use serde::{Deserialize, Serialize};
 
 use crate::query_index::QueryKey;
@@ -164,6 +164,22 @@ pub enum GridInput {
         /// The subscription.
         view: QueryKey,
     },
+    /// A request from a process that does not feed the grid, for worker 0 (whose process
+    /// decides registrations against its retention buffer).
+    Forward(Box<Forward>),
+    /// A subscription ended by the feeding process, for its client on another process (one
+    /// record, to any worker: the subscription stage turns it into [`StageOutput::Ended`],
+    /// which reaches the subscription's process).
+    Notice {
+        /// The receiving worker.
+        target: u32,
+        /// The subscription.
+        key: QueryKey,
+        /// The error code for the client.
+        code: ErrorCode,
+        /// Why, for people.
+        message: String,
+    },
     /// The end of a subscription, for every worker of its column.
     Unregister {
         /// The receiving worker.
@@ -181,10 +197,78 @@ impl GridInput {
         match self {
             GridInput::Event { target, .. }
             | GridInput::Unregister { target, .. }
+            | GridInput::Notice { target, .. }
             | GridInput::Detach { target, .. } => *target,
+            GridInput::Forward(_) => 0,
             GridInput::Register(r) => r.target,
             GridInput::Attach(a) => a.target,
         }
+    }
+}
+
+/// What a process that does not feed the grid asks of the one that does.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Forward {
+    /// Register a query subscription whose initial result the asking process read.
+    Register {
+        /// The subscription (its key names the asking process).
+        key: QueryKey,
+        /// Its namespace.
+        ns: String,
+        /// Its query.
+        spec: WireQuery,
+        /// Its initial result.
+        snapshot: WireSnapshot,
+    },
+    /// Register a live pipeline subscription (the feeding process shares cores).
+    Pipeline {
+        /// The subscription.
+        key: QueryKey,
+        /// Its namespace.
+        ns: String,
+        /// Its first `$match` (with its ACL) as a query.
+        spec: WireQuery,
+        /// The pipeline.
+        pipeline: WirePipeline,
+    },
+    /// End a subscription.
+    Unregister {
+        /// The subscription.
+        key: QueryKey,
+    },
+}
+
+impl Forward {
+    /// The subscription concerned.
+    pub fn key(&self) -> QueryKey {
+        match self {
+            Forward::Register { key, .. } | Forward::Pipeline { key, .. } | Forward::Unregister { key } => *key,
+        }
+    }
+}
+
+/// A snapshot as it crosses processes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireSnapshot {
+    /// The position it was read at.
+    pub position: Position,
+    /// The documents.
+    pub docs: Vec<WireDoc>,
+    /// Whether they are the whole result.
+    pub complete: bool,
+}
+
+impl From<crate::snapshot::Snapshot> for WireSnapshot {
+    fn from(snapshot: crate::snapshot::Snapshot) -> Self {
+        let docs = snapshot.docs.into_iter().map(|d| WireDoc(Arc::new(d))).collect();
+        WireSnapshot { position: snapshot.position, docs, complete: snapshot.complete }
+    }
+}
+
+impl From<WireSnapshot> for crate::snapshot::Snapshot {
+    fn from(snapshot: WireSnapshot) -> Self {
+        let docs = snapshot.docs.into_iter().map(|d| Arc::unwrap_or_clone(d.0)).collect();
+        crate::snapshot::Snapshot { docs, position: snapshot.position, complete: snapshot.complete }
     }
 }
 
@@ -283,13 +367,22 @@ pub enum StageInput {
         /// The subscription.
         key: QueryKey,
     },
+    /// The subscription's client must be told it ended (see [`GridInput::Notice`]).
+    Notice {
+        /// The subscription.
+        key: QueryKey,
+        /// The error code for the client.
+        code: ErrorCode,
+        /// Why, for people.
+        message: String,
+    },
 }
 
 impl StageInput {
     /// The subscription concerned (the first of a write's transitions): it routes the record.
     pub fn key(&self) -> QueryKey {
         match self {
-            StageInput::Init { key, .. } | StageInput::Drop { key } => *key,
+            StageInput::Init { key, .. } | StageInput::Drop { key } | StageInput::Notice { key, .. } => *key,
             StageInput::Transitions { keys, .. } => keys[0].0,
             StageInput::Attach(attach) => attach.core,
             StageInput::Detach { core, .. } => *core,
@@ -305,6 +398,7 @@ impl StageInput {
             StageInput::Attach(attach) => (attach.position, 2),
             StageInput::Detach { .. } => (Position::MAX, 2),
             StageInput::Drop { .. } => (Position::MAX, 3),
+            StageInput::Notice { .. } => (Position::MAX, 4),
         }
     }
 }
@@ -350,6 +444,34 @@ pub enum StageOutput {
         /// The subscription.
         key: QueryKey,
     },
+    /// The subscription ended (see [`GridInput::Notice`]).
+    Ended {
+        /// The subscription.
+        key: QueryKey,
+        /// The error code for the client.
+        code: ErrorCode,
+        /// Why, for people.
+        message: String,
+    },
+}
+
+impl StageOutput {
+    /// The process that must receive it: a message goes to its subscription's process, a
+    /// re-read request to the feeding process (which keeps what re-reads need).
+    pub fn process(&self) -> usize {
+        match self {
+            StageOutput::Frame { key, .. } | StageOutput::Ended { key, .. } => home_process(*key),
+            StageOutput::NeedsReload { .. } => 0,
+        }
+    }
+}
+
+/// Bits of a subscription key below the process that reserved it.
+pub const PROCESS_SHIFT: u32 = 48;
+
+/// The process a subscription key was reserved on (where its client is).
+pub fn home_process(key: QueryKey) -> usize {
+    (key >> PROCESS_SHIFT) as usize
 }
 
 /// What the subscription stage sends the group stage for live pipelines (see

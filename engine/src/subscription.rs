@@ -174,6 +174,7 @@ impl Subscriptions {
                         }
                     }
                 }
+                StageInput::Notice { key, code, message } => out.push(StageOutput::Ended { key, code, message }),
                 StageInput::Drop { key } => match self.subs.remove(&key).map(|sub| sub.mode) {
                     Some(Mode::Set { projected: Some(projected) }) => {
                         for slot in projected.hashes.into_keys() {

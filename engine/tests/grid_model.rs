@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use bson::{Bson, Document, doc};
 use livegrid_engine::memory::{MemoryState, SharedMemory};
-use livegrid_engine::{ChangeEvent, ChangeOp, ClusterConfig, Engine, EngineConfig, EngineEvent, GridShape, QueryKey};
+use livegrid_engine::{
+    ChangeEvent, ChangeOp, ClusterConfig, Engine, EngineConfig, EngineError, EngineEvent, GridShape, QueryKey,
+};
 use livegrid_matcher::{Query, QuerySpec};
 use livegrid_protocol::{LiveResult, ServerMessage};
 
@@ -110,8 +112,10 @@ impl ClientCopy {
     }
 }
 
-/// Runs one random scenario on `engine`, checking at checkpoints.
-fn run_scenario(seed: u64, engine: &Engine, memory: &Arc<SharedMemory>) {
+/// Runs one random scenario on `engines` (the first feeds the grid; subscriptions are made
+/// on any of them), checking at checkpoints.
+fn run_scenario(seed: u64, engines: &[&Engine], memory: &Arc<SharedMemory>) {
+    let engine = engines[0];
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let events_total = 240;
     let queries: Vec<(u64, String, QuerySpec)> = (0..24)
@@ -130,7 +134,7 @@ fn run_scenario(seed: u64, engine: &Engine, memory: &Arc<SharedMemory>) {
     let mut previous = MemoryState::default();
     let mut batch_no = 0;
 
-    let register = |engine: &Engine,
+    let register = |rng: &mut Rng,
                     i: usize,
                     stale: Option<&MemoryState>,
                     registered: &mut HashMap<QueryKey, (String, String)>,
@@ -139,14 +143,20 @@ fn run_scenario(seed: u64, engine: &Engine, memory: &Arc<SharedMemory>) {
         let ns = name.split('/').next().unwrap();
         let query = Query::compile(spec).unwrap();
         let key = match stale {
+            // Only the feeding process takes snapshots read elsewhere.
             Some(old) => {
                 let snapshot = old.read(ns, &query, engine.window_capacity(&query));
                 match engine.register_with_snapshot(ns, spec, snapshot) {
                     Ok(key) => key,
+                    // Older than the retention buffer: read again, as callers do.
+                    Err(EngineError::StaleSnapshot { .. }) => engine.register(ns, spec).unwrap(),
                     Err(e) => panic!("stale registration failed: {e}"),
                 }
             }
-            None => engine.register(ns, spec).unwrap(),
+            None => {
+                let on = if engines.len() > 1 { *rng.pick(engines) } else { engine };
+                on.register(ns, spec).unwrap()
+            }
         };
         registered.insert(key, (name.clone(), ns.to_string()));
         copies.insert(name.clone(), ClientCopy { query, live: LiveResult::default() });
@@ -194,30 +204,52 @@ fn run_scenario(seed: u64, engine: &Engine, memory: &Arc<SharedMemory>) {
         fed += size;
         // Some registrations see a snapshot ahead of the grid: before the batch is fed.
         while next_query < order.len() && queries[order[next_query]].0 < fed && rng.chance(50) {
-            register(engine, order[next_query], None, &mut registered, &mut copies);
+            register(&mut rng, order[next_query], None, &mut registered, &mut copies);
             next_query += 1;
         }
         engine.submit(batch).unwrap();
         while next_query < order.len() && queries[order[next_query]].0 < fed {
             let stale = rng.chance(40).then_some(&previous);
-            register(engine, order[next_query], stale, &mut registered, &mut copies);
+            register(&mut rng, order[next_query], stale, &mut registered, &mut copies);
             next_query += 1;
         }
         if rng.chance(5) && !registered.is_empty() {
             let key = *registered.keys().min().unwrap();
             let (name, _) = registered.remove(&key).unwrap();
-            engine.unregister(key).unwrap();
+            engines[livegrid_engine::home_process(key)].unregister(key).unwrap();
             copies.remove(&name);
         }
         if batch_no % 4 == 0 || fed >= events_total {
-            assert!(engine.settle(Duration::from_secs(30)), "engine did not settle (seed {seed})");
-            while let Ok(event) = engine.messages().try_recv() {
-                let EngineEvent::Messages(batch) = event else { continue };
-                for message in batch {
-                    if let Some((name, _)) = registered.get(&message.key) {
-                        copies.get_mut(name).unwrap().apply(&message.frame.to_message(name, None));
+            // Subscriptions made on another process reach the grid through the feeding one:
+            // catch up until each has its result, then once more for what it missed.
+            let mut rounds = 0;
+            loop {
+                assert!(engine.settle(Duration::from_secs(30)), "engine did not settle (seed {seed})");
+                for other in &engines[1..] {
+                    assert!(other.barrier(Duration::from_secs(30)), "process did not catch up (seed {seed})");
+                }
+                for (process, engine) in engines.iter().enumerate() {
+                    while let Ok(event) = engine.messages().try_recv() {
+                        let EngineEvent::Messages(batch) = event else { continue };
+                        for message in batch {
+                            assert_eq!(
+                                livegrid_engine::home_process(message.key),
+                                process,
+                                "a message reached another process"
+                            );
+                            if let Some((name, _)) = registered.get(&message.key) {
+                                copies.get_mut(name).unwrap().apply(&message.frame.to_message(name, None));
+                            }
+                        }
                     }
                 }
+                let waiting = registered.values().any(|(name, _)| copies[name].live.seq() == 0);
+                rounds += 1;
+                if rounds > 1 && !waiting {
+                    break;
+                }
+                assert!(rounds < 500, "subscriptions made on other processes got no result (seed {seed})");
+                std::thread::sleep(Duration::from_millis(2));
             }
             let state = memory.0.lock().unwrap();
             for (name, ns) in registered.values() {
@@ -233,7 +265,7 @@ fn run_grid(shape: &str, seeds: std::ops::Range<u64>) {
         let config =
             EngineConfig { shape: shape.parse::<GridShape>().unwrap(), retention: 64, slack: 2, ..Default::default() };
         let engine = Engine::start(config, memory.clone()).unwrap();
-        run_scenario(seed, &engine, &memory);
+        run_scenario(seed, &[&engine], &memory);
         engine.shutdown();
     }
 }
@@ -262,7 +294,8 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// Two timely processes on loopback, each with two workers of a 2x2 grid.
+/// Two timely processes on loopback, each with two workers of a 2x2 grid; subscriptions are
+/// made on both, and each process receives exactly its own subscriptions' messages.
 #[test]
 fn grid_2x2_two_processes() {
     for seed in 400..403 {
@@ -287,8 +320,10 @@ fn grid_2x2_two_processes() {
         };
         let engine = Engine::start(config(0), memory.clone()).unwrap();
         let other = other.join().unwrap();
-        run_scenario(seed, &engine, &memory);
+        run_scenario(seed, &[&engine, &other], &memory);
+        // A cluster stops together: the grid drains only once every process's input closes.
+        let closing = std::thread::spawn(move || other.shutdown());
         engine.shutdown();
-        other.shutdown();
+        closing.join().unwrap();
     }
 }
