@@ -447,20 +447,16 @@ impl Shared {
     /// Carries out a request forwarded by another process (on the feeding process).
     fn forwarded(&self, request: Forward, events: &Sender<EngineEvent>) {
         let key = request.key();
+        // The asking process compiled the query already; this cannot fail but is checked.
+        let compiled = |spec: &WireQuery| {
+            let spec = spec.to_spec();
+            Query::compile(&spec).map(|query| (spec, query)).map_err(EngineError::from)
+        };
         let done = match request {
-            Forward::Register { key, ns, spec, snapshot } => {
-                let spec = spec.to_spec();
-                match Query::compile(&spec) {
-                    Ok(query) => self.register_compiled(key, &ns, &spec, &query, None, snapshot.into()),
-                    Err(e) => Err(e.into()),
-                }
-            }
+            Forward::Register { key, ns, spec, snapshot } => compiled(&spec)
+                .and_then(|(spec, query)| self.register_compiled(key, &ns, &spec, &query, None, snapshot.into())),
             Forward::Pipeline { key, ns, spec, pipeline } => {
-                let spec = spec.to_spec();
-                match Query::compile(&spec) {
-                    Ok(query) => self.register_pipeline(key, &ns, &spec, &query, pipeline),
-                    Err(e) => Err(e.into()),
-                }
+                compiled(&spec).and_then(|(spec, query)| self.register_pipeline(key, &ns, &spec, &query, pipeline))
             }
             Forward::Unregister { key } => {
                 let mut ingest = self.ingest.lock().expect("ingest lock");
@@ -612,7 +608,8 @@ impl Engine {
         if feeds && processes > 1 {
             let (owned, events) = (shared.clone(), event_tx.clone());
             let body = Box::new(move || {
-                for request in forward_rx {
+                while let Ok(request) = forward_rx.recv() {
+                    metrics::gauge!("livegrid_engine_forwarded_depth").set(forward_rx.len() as f64);
                     owned.forwarded(request, &events);
                 }
             });
