@@ -63,9 +63,12 @@ impl GroupStage {
                         entered: contribute.entered,
                         keys: BTreeSet::new(),
                     });
+                    // A record holds one group's contributions: its key is noted once.
+                    if let Some((first, _)) = contribute.changes.0.first() {
+                        run.keys.insert(Ordered(first.key.clone()));
+                    }
                     for (contribution, by) in &contribute.changes.0 {
                         groups.change(contribution, *by);
-                        run.keys.insert(Ordered(contribution.key.clone()));
                     }
                 }
                 GroupInput::End { core, .. } => {
