@@ -231,6 +231,15 @@ pub struct ServeArgs {
     /// changeStreamPreAndPostImages on every watched collection) [default: lookup].
     #[arg(long, value_enum, env = "LIVEGRID_FULL_DOCUMENT", requires = "mongodb")]
     pub full_document: Option<crate::source::mongodb::FullDocument>,
+    /// Cluster mode: a file of `host:port` lines, line i being process i's timely address.
+    /// Every process gets the same file, --mongodb and --grid (the whole grid, split evenly);
+    /// needs the MongoDB source.
+    #[arg(long, env = "LIVEGRID_HOSTFILE")]
+    pub hostfile: Option<PathBuf>,
+    /// Cluster mode: this process's index in the hostfile (process 0 tails MongoDB and feeds
+    /// the grid) [default: 0].
+    #[arg(long, env = "LIVEGRID_PROCESS")]
+    pub process: Option<usize>,
 }
 
 /// Flags of `livegrid workload`.

@@ -15,7 +15,7 @@ use serde_json::json;
 
 mod common;
 use common::mongo_fixture::{Fault, MongoFixture, Write};
-use common::{Socket, apply_message, connect, next_within, send, server_with};
+use common::{Socket, apply_message, connect, next_within, send, server_with, settle, subscribe};
 
 const NS: &str = "app.items";
 
@@ -44,59 +44,6 @@ async fn serve_source(source: SourceChoice) -> (tempfile::TempDir, livegrid::ser
     (dir, server)
 }
 
-/// Applies messages until every subscription shows what `expected` says (by id), or fails
-/// after `rounds` quiet half-seconds.
-async fn settle(
-    socket: &mut Socket,
-    live: &mut BTreeMap<String, LiveResult>,
-    expected: &BTreeMap<String, Vec<Document>>,
-) {
-    let mut quiet = 0;
-    loop {
-        let done = expected.iter().all(|(id, docs)| {
-            live.get(id).is_some_and(|r| r.is_whole())
-                && live.get(id).is_some_and(|r| {
-                    let text = |d: &Document| bson::Bson::Document(d.clone()).into_relaxed_extjson().to_string();
-                    let mut shown: Vec<String> = r.docs().iter().map(text).collect();
-                    let mut want: Vec<String> = docs.iter().map(text).collect();
-                    shown.sort();
-                    want.sort();
-                    shown == want
-                })
-        });
-        if done {
-            return;
-        }
-        match next_within(socket, Duration::from_millis(500)).await {
-            Some(message) => apply_message(live, &message),
-            None => {
-                quiet += 1;
-                let shown: BTreeMap<_, _> = live.iter().map(|(id, r)| (id.clone(), r.docs().len())).collect();
-                assert!(
-                    quiet < 40,
-                    "results did not reach the fixture's state within 20 s: shown {shown:?}, expected {expected:?}"
-                );
-            }
-        }
-    }
-}
-
-fn expected(fixture: &MongoFixture, queries: &[(&str, serde_json::Value)]) -> BTreeMap<String, Vec<Document>> {
-    let docs = fixture.documents(NS);
-    queries
-        .iter()
-        .map(|(id, q)| {
-            let spec = QuerySpec {
-                filter: q.get("filter").map(|f| bson::serialize_to_document(f).unwrap()).unwrap_or_default(),
-                sort: q.get("sort").map(|s| bson::serialize_to_document(s).unwrap()),
-                limit: q.get("limit").and_then(|l| l.as_u64()),
-                ..Default::default()
-            };
-            (id.to_string(), Query::compile(&spec).unwrap().evaluate(&docs))
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_queries_follow_the_change_stream() {
     let fixture = MongoFixture::start();
@@ -122,9 +69,9 @@ async fn live_queries_follow_the_change_stream() {
     ];
     // A snapshot MongoDB cannot serve yet is read again, not reported as a failure.
     fixture.inject(Fault::SnapshotUnavailable);
-    subscribe(&mut socket, &queries).await;
+    subscribe(&mut socket, NS, &queries).await;
     let mut live = BTreeMap::new();
-    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    settle(&mut socket, &mut live, &fixture.expected(NS, &queries)).await;
 
     // Another client writes: inserts, updates, replaces, deletes.
     fixture.insert(NS, doc! { "_id": 10, "n": 10, "tag": "b" });
@@ -132,7 +79,7 @@ async fn live_queries_follow_the_change_stream() {
     fixture.replace(NS, doc! { "_id": 1, "n": -1 });
     fixture.delete(NS, 4);
     fixture.insert("other.items", doc! { "_id": 2, "n": 200 });
-    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    settle(&mut socket, &mut live, &fixture.expected(NS, &queries)).await;
 
     // `_id`s of every BSON type work end to end: ObjectIds, strings, documents, doubles.
     let oid = bson::oid::ObjectId::new();
@@ -140,12 +87,12 @@ async fn live_queries_follow_the_change_stream() {
     fixture.insert(NS, doc! { "_id": "s", "n": 41 });
     fixture.insert(NS, doc! { "_id": { "a": 1, "b": "x" }, "n": 42 });
     fixture.insert(NS, doc! { "_id": 1.5, "n": 43 });
-    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    settle(&mut socket, &mut live, &fixture.expected(NS, &queries)).await;
     fixture.update(NS, doc! { "_id": oid, "n": 44 });
     fixture.delete(NS, "s");
     fixture.delete(NS, doc! { "a": 1, "b": "x" });
     fixture.update(NS, doc! { "_id": 1.5, "n": 2 });
-    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    settle(&mut socket, &mut live, &fixture.expected(NS, &queries)).await;
 
     // A transaction: its events share a cluster time and arrive together; a subscription's
     // deltas from it say `more` but the last, so that no client shows half of it.
@@ -166,24 +113,24 @@ async fn live_queries_follow_the_change_stream() {
     }
     assert!(all.iter().all(|(time, _)| *time == all[0].0), "one cluster time: {all:?}");
     assert_eq!(all.iter().map(|(_, more)| *more).collect::<Vec<_>>(), vec![true, true, false]);
-    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    settle(&mut socket, &mut live, &fixture.expected(NS, &queries)).await;
 
     // An update whose document is gone by the time it is looked up (`fullDocument: null`).
     fixture.transaction(vec![
         (NS, Write::Update(doc! { "_id": 20, "n": 30 })),
         (NS, Write::Delete(bson::Bson::Int32(20))),
     ]);
-    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    settle(&mut socket, &mut live, &fixture.expected(NS, &queries)).await;
 
     // A resumable error mid-stream, then a dropped connection: the stream resumes and
     // nothing is lost or applied twice.
     fixture.inject(Fault::ResumableGetMore);
     fixture.insert(NS, doc! { "_id": 30, "n": 30 });
-    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    settle(&mut socket, &mut live, &fixture.expected(NS, &queries)).await;
     fixture.inject(Fault::DropConnection);
     fixture.insert(NS, doc! { "_id": 31, "n": 31 });
     fixture.update(NS, doc! { "_id": 30, "n": 32 });
-    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    settle(&mut socket, &mut live, &fixture.expected(NS, &queries)).await;
     let commands = fixture.commands();
     assert!(commands.iter().filter(|c| *c == "aggregate").count() >= 2, "the stream was resumed: {commands:?}");
     // Three initial results, one of them read twice (the snapshot was not available at first).
@@ -204,14 +151,6 @@ async fn live_queries_follow_the_change_stream() {
     assert!(health["source"]["lag_seconds"].as_u64().unwrap() < 3600, "{health}");
 }
 
-async fn subscribe(socket: &mut Socket, queries: &[(&str, serde_json::Value)]) {
-    for (id, query) in queries {
-        let mut message = json!({"type": "subscribe", "id": id, "ns": NS});
-        message.as_object_mut().unwrap().extend(query.as_object().unwrap().clone());
-        send(socket, message).await;
-    }
-}
-
 /// The real binary on the fixture, killed with SIGKILL and restarted: the restart resumes the
 /// change stream from the checkpoint (after what the first process handed to its engine, at
 /// or before what the fixture had written), results are read fresh and exact; when the
@@ -228,7 +167,7 @@ async fn kill_and_restart_resume_from_the_checkpoint() {
     let mut first = common::spawn_server(&data, port, &flags).await;
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut socket = connect(addr).await;
-    subscribe(&mut socket, &queries).await;
+    subscribe(&mut socket, NS, &queries).await;
     // The resume token of "all", to resume with after the restart.
     let mut live = BTreeMap::new();
     let token = loop {
@@ -243,7 +182,7 @@ async fn kill_and_restart_resume_from_the_checkpoint() {
     for i in 0..20 {
         fixture.insert(NS, doc! { "_id": i, "n": i });
     }
-    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    settle(&mut socket, &mut live, &fixture.expected(NS, &queries)).await;
     let seq = live["all"].seq();
     // Let the checkpoint catch up, then kill.
     let checkpoint = data.join("mongodb-resume-token.bson");
@@ -279,9 +218,9 @@ async fn kill_and_restart_resume_from_the_checkpoint() {
     let first_message = next_within(&mut socket, Duration::from_secs(10)).await.expect("a message");
     assert!(matches!(&first_message, ServerMessage::Result(_)), "a fresh result first: {first_message:?}");
     apply_message(&mut live, &first_message);
-    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    settle(&mut socket, &mut live, &fixture.expected(NS, &queries)).await;
     fixture.insert(NS, doc! { "_id": 50, "n": 50 });
-    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    settle(&mut socket, &mut live, &fixture.expected(NS, &queries)).await;
     common::signal(&second, "-KILL");
     common::wait_exit(&mut second);
 
@@ -291,11 +230,11 @@ async fn kill_and_restart_resume_from_the_checkpoint() {
     fixture.lose_history();
     let mut third = common::spawn_server(&data, port, &flags).await;
     let mut socket = connect(addr).await;
-    subscribe(&mut socket, &queries).await;
+    subscribe(&mut socket, NS, &queries).await;
     let mut live = BTreeMap::new();
-    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    settle(&mut socket, &mut live, &fixture.expected(NS, &queries)).await;
     fixture.update(NS, doc! { "_id": 51, "n": 510 });
-    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    settle(&mut socket, &mut live, &fixture.expected(NS, &queries)).await;
     common::signal(&third, "-KILL");
     common::wait_exit(&mut third);
 }
@@ -349,9 +288,9 @@ async fn a_recording_replays_to_the_live_deltas() {
         ("top", json!({"sort": {"n": -1}, "limit": 3})),
     ];
     let mut socket = connect(server.addr).await;
-    subscribe(&mut socket, &queries).await;
+    subscribe(&mut socket, NS, &queries).await;
     let mut live = BTreeMap::new();
-    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    settle(&mut socket, &mut live, &fixture.expected(NS, &queries)).await;
 
     // The recorder, in this process, until it has the 60 events below.
     let recording = dir.path().join("recorded.jsonl");
@@ -407,7 +346,7 @@ async fn a_recording_replays_to_the_live_deltas() {
     assert_eq!(written, 60);
     // Live: every delta, in order, per subscription.
     let mut deltas: BTreeMap<String, Vec<ServerMessage>> = BTreeMap::new();
-    let want = expected(&fixture, &queries);
+    let want = fixture.expected(NS, &queries);
     let mut quiet = 0;
     while !want.iter().all(|(id, docs)| live.get(id).is_some_and(|r: &LiveResult| r.docs().len() == docs.len()))
         || quiet < 2
@@ -484,14 +423,14 @@ async fn undecodable_events_stop_the_source_unless_skipped() {
         .await;
         let queries = [("all", json!({}))];
         let mut socket = connect(server.addr).await;
-        subscribe(&mut socket, &queries).await;
+        subscribe(&mut socket, NS, &queries).await;
         let mut live = BTreeMap::new();
-        settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+        settle(&mut socket, &mut live, &fixture.expected(NS, &queries)).await;
         fixture.inject(Fault::UndecodableEvent);
         fixture.insert(NS, doc! { "_id": 1, "n": 1 });
         if skip_undecodable {
             fixture.insert(NS, doc! { "_id": 2, "n": 2 });
-            settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+            settle(&mut socket, &mut live, &fixture.expected(NS, &queries)).await;
             let (status, health) = common::http(server.addr, "GET", "/healthz", None).await;
             assert_eq!(status, 200, "{health}");
         } else {
@@ -521,9 +460,9 @@ async fn rest_writes_go_to_mongodb_and_come_back_through_the_stream() {
     let (_dir, server) = serve_on(&fixture, NS).await;
     let queries = [("all", json!({})), ("top", json!({"sort": {"n": -1}, "limit": 2}))];
     let mut socket = connect(server.addr).await;
-    subscribe(&mut socket, &queries).await;
+    subscribe(&mut socket, NS, &queries).await;
     let mut live = BTreeMap::new();
-    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    settle(&mut socket, &mut live, &fixture.expected(NS, &queries)).await;
     let http = |method: &'static str, path: &'static str, body: Option<serde_json::Value>| {
         common::http(server.addr, method, path, body)
     };
@@ -565,7 +504,7 @@ async fn rest_writes_go_to_mongodb_and_come_back_through_the_stream() {
     assert_eq!(body["docs"], json!([{"_id": 1, "n": 6}, {"_id": 3, "n": 30}]));
 
     assert_eq!(fixture.documents(NS), vec![doc! {"_id": 1, "n": 6}, doc! {"_id": 3, "n": 30}]);
-    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    settle(&mut socket, &mut live, &fixture.expected(NS, &queries)).await;
 }
 
 /// With authentication, a document's `_acl.write` is checked by MongoDB in the write itself
@@ -649,10 +588,10 @@ async fn lost_history_and_dropped_collections_end_subscriptions_for_a_fresh_read
     let (_dir, server) = serve_on(&fixture, "app").await;
     let mut socket = connect(server.addr).await;
     let queries = [("items", json!({}))];
-    subscribe(&mut socket, &queries).await;
+    subscribe(&mut socket, NS, &queries).await;
     send(&mut socket, json!({"type": "subscribe", "id": "other", "ns": "app.other"})).await;
     let mut live = BTreeMap::new();
-    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    settle(&mut socket, &mut live, &fixture.expected(NS, &queries)).await;
     assert!(live.contains_key("items"));
 
     // The stream fails and cannot resume where it was: every subscription ends.
@@ -664,12 +603,12 @@ async fn lost_history_and_dropped_collections_end_subscriptions_for_a_fresh_read
     assert_eq!(status, 200, "{health}");
 
     // Subscribing again reads fresh results, and the stream goes on from the present.
-    subscribe(&mut socket, &queries).await;
+    subscribe(&mut socket, NS, &queries).await;
     send(&mut socket, json!({"type": "subscribe", "id": "other", "ns": "app.other"})).await;
     let mut live = BTreeMap::new();
-    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    settle(&mut socket, &mut live, &fixture.expected(NS, &queries)).await;
     fixture.insert(NS, doc! { "_id": 3, "n": 3 });
-    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    settle(&mut socket, &mut live, &fixture.expected(NS, &queries)).await;
 
     // A dropped collection ends the subscriptions on it, and only those.
     fixture.drop_collection(NS);
@@ -706,9 +645,9 @@ async fn post_images_give_each_update_its_own_document() {
     .await;
     let queries = [("all", json!({}))];
     let mut socket = connect(server.addr).await;
-    subscribe(&mut socket, &queries).await;
+    subscribe(&mut socket, NS, &queries).await;
     let mut live = BTreeMap::new();
-    settle(&mut socket, &mut live, &expected(&fixture, &queries)).await;
+    settle(&mut socket, &mut live, &fixture.expected(NS, &queries)).await;
     fixture
         .transaction(vec![(NS, Write::Update(doc! { "_id": 1, "n": 2 })), (NS, Write::Delete(bson::Bson::Int32(1)))]);
     let mut deltas = Vec::new();

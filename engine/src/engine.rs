@@ -86,6 +86,33 @@ impl Default for EngineConfig {
     }
 }
 
+/// Timely's communication hooks with a logger on every network send thread that adds the
+/// bytes it sends to `total` and to the counter `livegrid_cluster_bytes_sent`.
+fn count_sent_bytes(total: Arc<AtomicU64>) -> timely::communication::Hooks {
+    use timely::communication::logging::{CommunicationEvent, CommunicationEventBuilder, CommunicationSetup};
+    let log_fn = move |setup: CommunicationSetup| {
+        if !setup.sender {
+            return None;
+        }
+        let total = total.clone();
+        let counter = metrics::counter!("livegrid_cluster_bytes_sent");
+        let action = move |_: &Duration, events: &mut Option<Vec<(Duration, CommunicationEvent)>>| {
+            let sent: usize = events
+                .iter()
+                .flatten()
+                .map(|(_, event)| match event {
+                    CommunicationEvent::Message(message) if message.is_send => message.header.required_bytes(),
+                    _ => 0,
+                })
+                .sum();
+            total.fetch_add(sent as u64, Ordering::Relaxed);
+            counter.increment(sent as u64);
+        };
+        Some(timely::logging_core::Logger::<CommunicationEventBuilder>::new(Instant::now(), Duration::ZERO, action))
+    };
+    timely::communication::Hooks { log_fn: Arc::new(log_fn), ..Default::default() }
+}
+
 /// One process of a multi-process grid (timely's cluster mode).
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -267,6 +294,8 @@ struct Shared {
     failed: AtomicBool,
     /// The origin of the engine's entry timestamps.
     started: Instant,
+    /// Bytes sent to the other processes (see [`Engine::cluster_bytes_sent`]).
+    cluster_bytes: Arc<AtomicU64>,
 }
 
 impl Ingest {
@@ -545,9 +574,13 @@ impl Engine {
             recycled: recycle_rx,
             worker0: worker0_tx,
         });
-        let timely_config = timely::Config { communication, worker: timely::WorkerConfig::default() };
-        let guards = timely::execute(timely_config, move |worker| run_worker_reporting(worker, &setup))
-            .map_err(EngineError::Start)?;
+        let cluster_bytes = Arc::new(AtomicU64::new(0));
+        let (builders, others) =
+            communication.try_build_with(count_sent_bytes(cluster_bytes.clone())).map_err(EngineError::Start)?;
+        let guards = timely::execute::execute_from(builders, others, timely::WorkerConfig::default(), move |worker| {
+            run_worker_reporting(worker, &setup)
+        })
+        .map_err(EngineError::Start)?;
 
         let shared = Arc::new(Shared {
             shape: config.shape,
@@ -574,6 +607,7 @@ impl Engine {
             stopping: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             started: Instant::now(),
+            cluster_bytes,
         });
         // This process's first worker: it reads the commands.
         let thread = worker0_rx
@@ -814,6 +848,13 @@ impl Engine {
         if waited {
             metrics::counter!("livegrid_engine_backpressure_waits").increment(1);
         }
+    }
+
+    /// Bytes this process has sent to the other processes of its cluster (0 alone): the
+    /// records crossing process boundaries with their headers, as timely's network threads
+    /// write them (also the counter `livegrid_cluster_bytes_sent`).
+    pub fn cluster_bytes_sent(&self) -> u64 {
+        self.shared.cluster_bytes.load(Ordering::Relaxed)
     }
 
     /// The last position all of whose messages have been emitted.

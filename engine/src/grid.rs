@@ -149,7 +149,16 @@ pub(crate) fn run_worker_reporting(worker: &mut timely::worker::Worker, setup: &
             .map(|s| s.to_string())
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".into());
-        let _ = setup.deliveries.send(Delivery::Failed(format!("grid worker {index} panicked: {what}")));
+        // Timely poisons a worker's queues when a connection to another process breaks.
+        let reason = if setup.processes > 1 && what.contains("MergeQueue poisoned") {
+            format!(
+                "grid worker {index} lost its connection to another process of the cluster (a process stopped or \
+                 the network failed): restart the cluster"
+            )
+        } else {
+            format!("grid worker {index} panicked: {what}")
+        };
+        let _ = setup.deliveries.send(Delivery::Failed(reason));
     }
 }
 

@@ -80,17 +80,7 @@ pub enum ReplayError {
 
 fn cluster(args: &ReplayArgs) -> Result<Option<ClusterConfig>, ReplayError> {
     let Some(hostfile) = &args.hostfile else { return Ok(None) };
-    let text =
-        std::fs::read_to_string(hostfile).map_err(|e| ReplayError::Input(format!("{}: {e}", hostfile.display())))?;
-    let addresses: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
-    if args.process >= addresses.len() {
-        return Err(ReplayError::Input(format!(
-            "--process {} but the hostfile names {} processes",
-            args.process,
-            addresses.len()
-        )));
-    }
-    Ok(Some(ClusterConfig { process: args.process, addresses }))
+    super::read_hostfile(hostfile, args.process).map(Some).map_err(ReplayError::Input)
 }
 
 /// Runs a replay and returns its summary line.
@@ -107,8 +97,11 @@ pub fn execute(args: &ReplayArgs) -> Result<String, ReplayError> {
     if config.cluster.as_ref().is_some_and(|c| c.process != 0) {
         // Other processes only lend their workers; process 0 reads the files and writes.
         let engine = Engine::start(config, memory).map_err(|e| ReplayError::Failed(e.to_string()))?;
-        engine.shutdown();
-        return Ok(serde_json::json!({"process": args.process, "role": "worker"}).to_string());
+        engine.close();
+        let sent = engine.cluster_bytes_sent();
+        return Ok(
+            serde_json::json!({"process": args.process, "role": "worker", "cluster_bytes_sent": sent}).to_string()
+        );
     }
     let (events_path, queries_path, out_path) = match (&args.events, &args.queries, &args.out) {
         (Some(e), Some(q), Some(o)) => (e, q, o),
@@ -180,9 +173,11 @@ pub fn execute(args: &ReplayArgs) -> Result<String, ReplayError> {
         return Err(ReplayError::Failed("the engine did not finish within 10 minutes".into()));
     }
     let seconds = started.elapsed().as_secs_f64();
-    engine.shutdown();
+    engine.close();
+    let sent = engine.cluster_bytes_sent();
+    drop(engine);
     let stats = writer.join().map_err(|_| ReplayError::Failed("output writer panicked".into()))??;
-    Ok(summary(source.applied(), source.skipped(), queries.len(), &stats, seconds))
+    Ok(summary(source.applied(), source.skipped(), queries.len(), &stats, seconds, sent))
 }
 
 fn read_lines(path: &Path) -> Result<Vec<String>, ReplayError> {
@@ -305,11 +300,12 @@ fn write_messages(
     Ok(stats)
 }
 
-fn summary(events: u64, skipped: u64, queries: usize, stats: &OutputStats, seconds: f64) -> String {
+fn summary(events: u64, skipped: u64, queries: usize, stats: &OutputStats, seconds: f64, sent: u64) -> String {
     let latencies = &stats.latencies;
     let percentile =
         |p: f64| -> Option<f64> { (!latencies.is_empty()).then(|| latencies.value_at_quantile(p) as f64 / 1000.0) };
     serde_json::json!({
+        "cluster_bytes_sent": sent,
         "events": events,
         "skipped": skipped,
         "queries": queries,

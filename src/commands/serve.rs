@@ -1,5 +1,6 @@
 //! `livegrid serve`: the HTTP/WebSocket server over the embedded store (or, with `--replay`,
-//! over a recorded change stream).
+//! over a recorded change stream, or with `--mongodb` over a MongoDB deployment; with
+//! `--hostfile` and `--process` as one process of a cluster, see [`crate::server`]).
 //!
 //! Configuration, strongest first: flags, environment variables (`LIVEGRID_LISTEN`,
 //! `LIVEGRID_DATA`, `LIVEGRID_GRID`, ...), the TOML file given with `--config`, defaults.
@@ -74,6 +75,8 @@ pub struct FileConfig {
     watch: Option<Vec<String>>,
     skip_undecodable: Option<bool>,
     full_document: Option<crate::source::mongodb::FullDocument>,
+    hostfile: Option<PathBuf>,
+    process: Option<usize>,
 }
 
 /// A max-age in the configuration file: seconds, or text (`"auto"`, `"auto:5-600"`, `"60"`).
@@ -241,6 +244,11 @@ pub fn config(args: &ServeArgs) -> Result<ServeConfig, String> {
             }
             (None, None) => SourceChoice::Store,
         },
+        cluster: match (args.hostfile.clone().or(file.hostfile), args.process.or(file.process)) {
+            (Some(hostfile), process) => Some(super::read_hostfile(&hostfile, process.unwrap_or(0))?),
+            (None, Some(_)) => return Err("process needs a hostfile (cluster mode)".into()),
+            (None, None) => None,
+        },
         ..defaults
     };
     server.validate()?;
@@ -290,7 +298,16 @@ pub fn run(args: &ServeArgs) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let server = match start(config.server).await {
+        // A cluster process waits in `start` until every process has joined; a signal
+        // meanwhile stops it.
+        let started = tokio::select! {
+            started = start(config.server) => started,
+            _ = wait_for_signal() => {
+                tracing::info!("stopped before the cluster was complete");
+                return ExitCode::SUCCESS;
+            }
+        };
+        let server = match started {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("error: {e}");
@@ -389,5 +406,26 @@ mod tests {
         ] {
             assert!(serve_config(&bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn cluster_mode_needs_mongodb_a_good_hostfile_and_an_even_grid() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = dir.path().join("hosts");
+        std::fs::write(&hosts, "127.0.0.1:2101\n127.0.0.1:2102\n").unwrap();
+        let hosts = hosts.to_str().unwrap();
+        let mongo = ["--mongodb", "mongodb://127.0.0.1:27017"];
+        let ok = serve_config(&[&mongo[..], &["--hostfile", hosts, "--process", "1", "--grid", "1x2"]].concat());
+        let cluster = ok.unwrap().server.cluster.unwrap();
+        assert_eq!((cluster.process, cluster.addresses.len()), (1, 2));
+        let error = |args: &[&str]| serve_config(args).unwrap_err();
+        assert!(error(&["--hostfile", hosts]).contains("needs the MongoDB source"));
+        assert!(error(&["--hostfile", hosts, "--replay", "events.jsonl"]).contains("needs the MongoDB source"));
+        assert!(error(&[&mongo[..], &["--process", "1"]].concat()).contains("needs a hostfile"));
+        assert!(error(&[&mongo[..], &["--hostfile", hosts, "--process", "2"]].concat()).contains("names 2 processes"));
+        assert!(error(&[&mongo[..], &["--hostfile", hosts, "--grid", "1x3"]].concat()).contains("split evenly"));
+        std::fs::write(dir.path().join("bad"), "127.0.0.1\n").unwrap();
+        let bad = dir.path().join("bad");
+        assert!(error(&[&mongo[..], &["--hostfile", bad.to_str().unwrap()]].concat()).contains("is not host:port"));
     }
 }

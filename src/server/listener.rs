@@ -84,8 +84,9 @@ pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<Tls
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Serves `app` on `listener` until `stop` turns true.
-pub async fn serve(listener: TcpListener, app: Router, limits: ListenLimits, mut stop: watch::Receiver<bool>) {
+/// Serves `app` on `listener` until `stop` turns true. The listener is shared so that a
+/// cluster process can answer on it while it waits for the others, then serve for real.
+pub async fn serve(listener: Arc<TcpListener>, app: Router, limits: ListenLimits, mut stop: watch::Receiver<bool>) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     // Every connection task holds a receiver: `closed()` resolves when the last one ends.
     let (open_tx, open_rx) = watch::channel(());

@@ -26,7 +26,7 @@ use axum::extract::{DefaultBodyLimit, State, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use livegrid_engine::{Engine, EngineConfig, GridShape};
+use livegrid_engine::{ClusterConfig, Engine, EngineConfig, GridShape, SnapshotSource};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 
@@ -34,7 +34,9 @@ use crate::auth::{Authenticator, Principal, Rules};
 use crate::budget::MemoryBudget;
 use crate::health::Health;
 use crate::invalidation::{CacheConfig, Invalidator};
-use crate::source::mongodb::{FullDocument, MongoConfig, MongoSource, MongoWrites, Watch, checkpoint_path};
+use crate::source::mongodb::{
+    FullDocument, MongoConfig, MongoSource, MongoWrites, Watch, checkpoint_path, connect_reader,
+};
 use crate::source::pump::Pump;
 use crate::source::replay::ReplaySource;
 use crate::source::store::{Durability, Store, StoreConfig, StoreSource};
@@ -115,6 +117,8 @@ pub struct ServerConfig {
     pub store_cache_bytes: usize,
     /// Where change events come from.
     pub source: SourceChoice,
+    /// This process's place in a cluster (`--hostfile`, `--process`); `None`: one process.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Authentication settings: keys for bearer tokens and the access rules.
@@ -192,6 +196,7 @@ impl Default for ServerConfig {
             write_deadline: Duration::from_secs(5),
             store_cache_bytes: crate::source::store::DEFAULT_CACHE_BYTES,
             source: SourceChoice::Store,
+            cluster: None,
         }
     }
 }
@@ -264,6 +269,21 @@ impl ServerConfig {
         range("write_deadline (ms)", self.write_deadline.as_millis(), 1, 3_600_000)?;
         range("store_cache_bytes", self.store_cache_bytes as u128, 1 << 20, 1 << 40)?;
         range("grid workers", self.grid.workers() as u128, 1, 1024)?;
+        if let Some(cluster) = &self.cluster {
+            if !matches!(self.source, SourceChoice::Mongo { .. }) {
+                return Err("cluster mode (hostfile) needs the MongoDB source (mongodb): the embedded store is \
+                            single-process, and a recorded stream runs on a cluster with `livegrid replay --hostfile`"
+                    .into());
+            }
+            let processes = cluster.addresses.len();
+            if !self.grid.workers().is_multiple_of(processes) {
+                return Err(format!(
+                    "the grid {} has {} workers, which cannot be split evenly over the hostfile's {processes} processes",
+                    self.grid,
+                    self.grid.workers()
+                ));
+            }
+        }
         if let SourceChoice::Mongo { watch, .. } = &self.source
             && let Some(bad) = watch.iter().find(|w| w.is_empty() || w.starts_with('.') || w.ends_with('.'))
         {
@@ -288,6 +308,9 @@ impl ServerConfig {
 /// default, which cost a fifth of the server's CPU with a thousand connections); client
 /// messages are small, and larger ones are read in several pieces.
 const WS_READ_BUFFER: usize = 8 * 1024;
+
+/// How long a process of a cluster that is shutting down waits for the others to stop too.
+const CLUSTER_STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// Commit batches of the store waiting for the pump at most.
 const STORE_SOURCE_QUEUE: usize = 64;
@@ -339,6 +362,8 @@ pub struct RunningServer {
     health: Arc<Health>,
     hub_thread: Option<std::thread::JoinHandle<()>>,
     pump: Option<Pump>,
+    /// Part of a cluster: the grid stops only once every process has stopped.
+    clustered: bool,
 }
 
 /// Why the server could not start.
@@ -377,22 +402,59 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     config.validate().map_err(ServerError::Config)?;
     let metrics = prometheus();
     let health = Arc::new(Health::new());
-    let (source, store, mongo) = open_source(&config, &health).await?;
+    let listener = Arc::new(
+        tokio::net::TcpListener::bind(config.listen).await.map_err(|e| ServerError::Listen(config.listen, e))?,
+    );
+    let addr = listener.local_addr().map_err(|e| ServerError::Listen(config.listen, e))?;
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(listener::tls_acceptor(cert, key).map_err(|e| ServerError::Config(e.to_string()))?),
+        None => None,
+    };
+    let limits =
+        listener::ListenLimits { max_connections: config.max_connections, header_timeout: config.header_timeout, tls };
+    // A cluster's grid starts once every process has joined: until then `/healthz` (and every
+    // other request) answers 503, so that a load balancer sends no client here yet.
+    let starting = config.cluster.as_ref().map(|cluster| {
+        let (stop, until) = watch::channel(false);
+        let app = starting_app(cluster.process, cluster.addresses.len());
+        tokio::spawn(listener::serve(listener.clone(), app, limits.clone(), until));
+        tracing::info!(%addr, process = cluster.process, processes = cluster.addresses.len(), "waiting for every process of the cluster to join");
+        stop
+    });
+    // One process feeds the grid: the source is read once per deployment. The others read
+    // initial results from MongoDB themselves and write there for the REST data API.
+    let feeds = config.cluster.as_ref().is_none_or(|cluster| cluster.process == 0);
+    let (source, snapshots, store, mongo) = if feeds {
+        let (source, store, mongo) = open_source(&config, &health).await?;
+        let snapshots = source.snapshots();
+        (Some(source), snapshots, store, mongo)
+    } else {
+        let (snapshots, writes) = open_reader(&config).await?;
+        (None, snapshots, None, Some(writes))
+    };
     let engine_config = EngineConfig {
         shape: config.grid,
+        cluster: config.cluster.clone(),
         retention: config.retention,
         retention_bytes: config.retention_bytes,
         slack: config.window_slack,
         ..Default::default()
     };
-    let snapshot_source = source.snapshots();
-    let engine = tokio::task::spawn_blocking(move || Engine::start(engine_config, snapshot_source))
+    // In a cluster this waits until every process has joined.
+    let engine = tokio::task::spawn_blocking(move || Engine::start(engine_config, snapshots))
         .await
         .map_err(|e| ServerError::Config(format!("starting the engine: {e}")))??;
     let engine = Arc::new(engine);
-    let source_name = source.name();
-    let pump = Pump::start(source, engine.clone(), health.clone())
-        .map_err(|e| ServerError::Config(format!("starting the source: {e}")))?;
+    let (source_name, pump) = match source {
+        Some(source) => {
+            let name = source.name();
+            let pump = Pump::start(source, engine.clone(), health.clone())
+                .map_err(|e| ServerError::Config(format!("starting the source: {e}")))?;
+            (name, Some(pump))
+        }
+        None => ("mongodb", None),
+    };
+    let source_stats = pump.as_ref().map_or_else(|| Arc::new(SourceStats::default()), Pump::stats);
     // Client subscriptions and the cache's watches share one memory budget.
     let budget = Arc::new(MemoryBudget::new(config.subscription_memory));
     let cache = Invalidator::start(config.cache.clone(), engine.clone(), budget.clone(), config.window_slack);
@@ -471,7 +533,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         next_connection: Arc::new(AtomicU64::new(1)),
         per_address: Arc::new(dashmap::DashMap::new()),
         shutdown: shutdown.clone(),
-        source: (source_name, pump.stats()),
+        source: (source_name, source_stats),
     };
     let app = Router::new()
         .route("/", get(playground::page))
@@ -495,19 +557,45 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         })
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .with_state(state);
-    let listener =
-        tokio::net::TcpListener::bind(config.listen).await.map_err(|e| ServerError::Listen(config.listen, e))?;
-    let addr = listener.local_addr().map_err(|e| ServerError::Listen(config.listen, e))?;
-    let tls = match &config.tls {
-        Some((cert, key)) => Some(listener::tls_acceptor(cert, key).map_err(|e| ServerError::Config(e.to_string()))?),
-        None => None,
-    };
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let limits =
-        listener::ListenLimits { max_connections: config.max_connections, header_timeout: config.header_timeout, tls };
+    let scheme = if limits.tls.is_some() { "https" } else { "http" };
+    if let Some(starting) = starting {
+        let _ = starting.send(true);
+    }
     let serving = tokio::spawn(listener::serve(listener, app, limits, shutdown));
-    tracing::info!(%addr, scheme, grid = %config.grid, source = source_name, data = %config.data.display(), durability = ?config.durability, "livegrid listening");
-    Ok(RunningServer { addr, stop, serving, store, engine, health, hub_thread: Some(hub_thread), pump: Some(pump) })
+    let process = config.cluster.as_ref().map(|c| format!("{} of {}", c.process, c.addresses.len()));
+    tracing::info!(%addr, scheme, grid = %config.grid, source = source_name, feeds, process, data = %config.data.display(), durability = ?config.durability, "livegrid listening");
+    let clustered = config.cluster.is_some();
+    Ok(RunningServer { addr, stop, serving, store, engine, health, hub_thread: Some(hub_thread), pump, clustered })
+}
+
+/// The app of a cluster process waiting for the others: 503 for everything, saying why.
+fn starting_app(process: usize, processes: usize) -> Router {
+    let reason = format!(
+        "waiting for the cluster: this is process {process} of {processes}; the grid starts once every process has joined"
+    );
+    let healthz = {
+        let reason = reason.clone();
+        move || async move {
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"status": "starting", "reason": reason})))
+        }
+    };
+    Router::new()
+        .route("/healthz", get(healthz))
+        .fallback(move || async move { ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "starting", reason) })
+}
+
+/// MongoDB's snapshot reads and writes, without its change stream: for the processes of a
+/// cluster that do not feed the grid.
+async fn open_reader(config: &ServerConfig) -> Result<(Arc<dyn SnapshotSource>, Arc<MongoWrites>), ServerError> {
+    let SourceChoice::Mongo { uri, .. } = &config.source else {
+        return Err(ServerError::Config("cluster mode needs the MongoDB source".into()));
+    };
+    let uri = uri.clone();
+    let (snapshots, writes) = tokio::task::spawn_blocking(move || connect_reader(&uri))
+        .await
+        .map_err(|e| ServerError::Config(format!("connecting to mongodb: {e}")))?
+        .map_err(|e| ServerError::Config(e.to_string()))?;
+    Ok((snapshots, writes))
 }
 
 /// Opens the configured source (and the embedded store, when it is the source).
@@ -647,8 +735,16 @@ impl RunningServer {
                 let _ = thread.join();
             }
         });
-        if let Err(e) = joined.await {
-            tracing::warn!(error = %e, "shutdown did not complete");
+        // A cluster's grid drains only once every process has closed its input: a process
+        // stopped alone waits for the others a while, then leaves without them.
+        let wait = if self.clustered { CLUSTER_STOP_WAIT } else { Duration::MAX };
+        match tokio::time::timeout(wait, joined).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "shutdown did not complete"),
+            Err(_) => tracing::warn!(
+                waited = ?wait,
+                "the grid still waits for other processes of the cluster; stopping without them (stop every process of a cluster together)"
+            ),
         }
     }
 }
@@ -663,12 +759,18 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
         "lag_seconds": stats.lag_seconds(),
     });
     let cache = serde_json::json!({"watched": state.cache.watched()});
+    let cluster = state.config.cluster.as_ref().map(|cluster| {
+        serde_json::json!({
+            "process": cluster.process, "processes": cluster.addresses.len(), "feeds": state.engine.feeds(),
+            "bytes_sent": state.engine.cluster_bytes_sent(),
+        })
+    });
     match state.health.failure() {
         None => (
             StatusCode::OK,
             axum::Json(serde_json::json!({
                 "status": "ok", "processed": position, "subscriptions": state.hub.len(), "source": source,
-                "cache": cache,
+                "cache": cache, "cluster": cluster,
             })),
         ),
         Some(reason) => (

@@ -231,3 +231,49 @@ pub fn state_after(events: &std::path::Path) -> livegrid_engine::memory::MemoryS
     }
     state
 }
+
+/// Applies messages until every subscription shows what `expected` says (by id, in any
+/// order), or fails after 20 quiet seconds.
+pub async fn settle(
+    socket: &mut Socket,
+    live: &mut std::collections::BTreeMap<String, livegrid_protocol::LiveResult>,
+    expected: &std::collections::BTreeMap<String, Vec<bson::Document>>,
+) {
+    let text = |d: &bson::Document| bson::Bson::Document(d.clone()).into_relaxed_extjson().to_string();
+    let mut quiet = 0;
+    loop {
+        let done = expected.iter().all(|(id, docs)| {
+            live.get(id).is_some_and(|r| {
+                let mut shown: Vec<String> = r.docs().iter().map(text).collect();
+                let mut want: Vec<String> = docs.iter().map(text).collect();
+                shown.sort();
+                want.sort();
+                r.is_whole() && shown == want
+            })
+        });
+        if done {
+            return;
+        }
+        match next_within(socket, Duration::from_millis(500)).await {
+            Some(message) => apply_message(live, &message),
+            None => {
+                quiet += 1;
+                let shown: std::collections::BTreeMap<_, _> =
+                    live.iter().map(|(id, r)| (id.clone(), r.docs().len())).collect();
+                assert!(
+                    quiet < 40,
+                    "results did not reach the expected state within 20 s: shown {shown:?}, expected {expected:?}"
+                );
+            }
+        }
+    }
+}
+
+/// Subscribes to `queries` (id, then the subscribe message's query fields) on `ns`.
+pub async fn subscribe(socket: &mut Socket, ns: &str, queries: &[(&str, Value)]) {
+    for (id, query) in queries {
+        let mut message = serde_json::json!({"type": "subscribe", "id": id, "ns": ns});
+        message.as_object_mut().unwrap().extend(query.as_object().unwrap().clone());
+        send(socket, message).await;
+    }
+}

@@ -254,6 +254,24 @@ impl MongoFixture {
     }
 
     /// The documents of `ns` now, by `_id`.
+    /// What each of `queries` (id, then a subscribe message's filter, sort and limit) shows
+    /// over the documents of `ns` now.
+    pub fn expected(&self, ns: &str, queries: &[(&str, serde_json::Value)]) -> BTreeMap<String, Vec<Document>> {
+        let docs = self.documents(ns);
+        queries
+            .iter()
+            .map(|(id, q)| {
+                let spec = QuerySpec {
+                    filter: q.get("filter").map(|f| bson::serialize_to_document(f).unwrap()).unwrap_or_default(),
+                    sort: q.get("sort").map(|s| bson::serialize_to_document(s).unwrap()),
+                    limit: q.get("limit").and_then(|l| l.as_u64()),
+                    ..Default::default()
+                };
+                (id.to_string(), Query::compile(&spec).unwrap().evaluate(&docs))
+            })
+            .collect()
+    }
+
     pub fn documents(&self, ns: &str) -> Vec<Document> {
         let state = self.shared.state.lock().unwrap();
         let time = Timestamp { time: self.shared.seconds, increment: state.clock };

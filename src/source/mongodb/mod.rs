@@ -300,6 +300,19 @@ impl MongoSource {
     }
 }
 
+/// MongoDB without its change stream, for a cluster process that does not feed the grid
+/// (process 0 tails the stream for the whole deployment): snapshot reads, at cluster times
+/// that compare with the stream's positions on every process, and the REST data API's writes.
+/// Fails with a clear error when the deployment cannot be reached within 5 s.
+pub fn connect_reader(uri: &str) -> Result<(Arc<MongoSnapshots>, Arc<MongoWrites>), MongoError> {
+    let (runtime, client) = stream::connect_driver(uri)?;
+    runtime
+        .block_on(async { client.database("admin").run_command(bson::doc! {"ping": 1}).await })
+        .map_err(|source| MongoError::Driver { context: "connecting".into(), source })?;
+    let writes = Arc::new(MongoWrites { runtime: runtime.clone(), client: client.clone() });
+    Ok((Arc::new(MongoSnapshots { runtime, client }), writes))
+}
+
 impl Source for MongoSource {
     fn name(&self) -> &'static str {
         "mongodb"

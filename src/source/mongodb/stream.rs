@@ -51,27 +51,34 @@ pub enum FullDocument {
     PostImage,
 }
 
+/// The driver's client for `uri` on a small runtime of its own (never the server's): servers
+/// unreachable for 5 s fail the operation rather than hang it.
+pub(super) fn connect_driver(uri: &str) -> Result<(Arc<tokio::runtime::Runtime>, Client), MongoError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("livegrid-mongodb")
+        .enable_all()
+        .build()
+        .map_err(MongoError::Runtime)?;
+    let client = runtime.block_on(async {
+        let mut options = mongodb::options::ClientOptions::parse(uri).await.map_err(MongoError::Uri)?;
+        if options.server_selection_timeout.is_none() {
+            options.server_selection_timeout = Some(Duration::from_secs(5));
+        }
+        options.app_name.get_or_insert_with(|| "livegrid".into());
+        Client::with_options(options).map_err(MongoError::Uri)
+    })?;
+    Ok((Arc::new(runtime), client))
+}
+
 impl StreamReader {
     /// Connects to the deployment (the stream opens with [`StreamReader::open`]). Errors come
     /// quickly: an unreachable server fails within the server selection timeout, 5 s unless
     /// the URI sets `serverSelectionTimeoutMS`.
     pub fn connect(uri: &str, watch: Watch) -> Result<StreamReader, MongoError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("livegrid-mongodb")
-            .enable_all()
-            .build()
-            .map_err(MongoError::Runtime)?;
-        let client = runtime.block_on(async {
-            let mut options = mongodb::options::ClientOptions::parse(uri).await.map_err(MongoError::Uri)?;
-            if options.server_selection_timeout.is_none() {
-                options.server_selection_timeout = Some(Duration::from_secs(5));
-            }
-            options.app_name.get_or_insert_with(|| "livegrid".into());
-            Client::with_options(options).map_err(MongoError::Uri)
-        })?;
+        let (runtime, client) = connect_driver(uri)?;
         Ok(StreamReader {
-            runtime: Arc::new(runtime),
+            runtime,
             client,
             watch,
             stream: None,
