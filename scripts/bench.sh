@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks whose figures README.md records.
-# Usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|aggregation|all]
+# Usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|aggregation|cluster|all]
 #   matcher  criterion: filter evaluation and compilation
 #   grid     events/s, write-to-delta latency and memory per query with 1k/10k/100k queries
 #            (LIVEGRID_BENCH_QUERIES, LIVEGRID_BENCH_GRID, LIVEGRID_BENCH_RATE to vary it)
@@ -25,6 +25,10 @@
 #   cache    cache invalidation: changes turned into purges and purge latency, adaptive vs
 #            fixed TTL hit and stale-read rates, cache sketch size and false positives
 #            (LIVEGRID_CACHE_BENCH=purge|ttl|sketch, LIVEGRID_CACHE_SECONDS, LIVEGRID_TTL_SECONDS)
+#   cluster  the grid on one process against two processes (timely cluster mode on loopback):
+#            1x1, 1x2 on one process, 1x2 and 2x1 on two; events/s, deltas/s, p99, bytes
+#            between processes per event; a cost model fitted to them and its projection to
+#            4-64 processes (scripts/cluster_bench.py; LIVEGRID_CLUSTER_EVENTS, _QUERIES)
 #   writes   acknowledged single-document writes/s from 64 concurrent keep-alive clients,
 #            durable (group commit) and periodic (LIVEGRID_WRITERS, LIVEGRID_WRITES_SECONDS)
 set -euo pipefail
@@ -122,6 +126,12 @@ run_writes() {
     LIVEGRID_DURABILITY=$durability cargo bench --bench writes
   done
 }
+run_cluster() {
+  echo "== cluster: one process against two, and the projection"
+  cargo build --release --quiet --bin livegrid
+  python3 scripts/cluster_bench.py --events "${LIVEGRID_CLUSTER_EVENTS:-200000}" \
+    --queries "${LIVEGRID_CLUSTER_QUERIES:-10000}" --out "${LIVEGRID_CLUSTER_OUT:-/dev/null}"
+}
 case "$what" in
   matcher) run_matcher ;;
   grid) run_grid ;;
@@ -134,6 +144,7 @@ case "$what" in
   cache) run_cache ;;
   acl) run_acl ;;
   aggregation) run_aggregation ;;
-  all) run_matcher; run_grid; run_replay; run_fanout; run_serve_fanout; run_load; run_writes; run_mongodb; run_cache; run_acl; run_aggregation ;;
-  *) echo "usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|aggregation|all]" >&2; exit 2 ;;
+  cluster) run_cluster ;;
+  all) run_matcher; run_grid; run_replay; run_fanout; run_serve_fanout; run_load; run_writes; run_mongodb; run_cache; run_acl; run_aggregation; run_cluster ;;
+  *) echo "usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|aggregation|cluster|all]" >&2; exit 2 ;;
 esac

@@ -67,6 +67,9 @@ pub struct EngineConfig {
     /// Fed batches the grid may be behind at most; [`Engine::submit`] waits beyond it, so a
     /// producer faster than the grid is slowed down, not buffered without limit.
     pub max_inflight: u64,
+    /// Requests forwarded by other processes of a cluster that the feeding process holds at
+    /// most; beyond it, worker 0 waits for its engine to take them.
+    pub forward_capacity: usize,
 }
 
 /// The default for [`EngineConfig::retention_bytes`]: 256 MiB.
@@ -82,6 +85,7 @@ impl Default for EngineConfig {
             slack: 16,
             output_capacity: 65_536,
             max_inflight: 64,
+            forward_capacity: DEFAULT_FORWARD_CAPACITY,
         }
     }
 }
@@ -220,9 +224,9 @@ pub enum EngineEvent {
     Failed(String),
 }
 
-/// Requests forwarded by other processes waiting for the feeding process's engine, at most
-/// (worker 0 waits beyond).
-const FORWARD_CAPACITY: usize = 1024;
+/// The default for [`EngineConfig::forward_capacity`]: requests forwarded by other processes
+/// waiting for the feeding process's engine, at most (worker 0 waits beyond).
+pub const DEFAULT_FORWARD_CAPACITY: usize = 1024;
 
 /// Threads serving window re-reads.
 const REREAD_THREADS: usize = 2;
@@ -560,7 +564,7 @@ impl Engine {
         let processes = config.cluster.as_ref().map_or(1, |cluster| cluster.addresses.len());
         let (command_tx, command_rx) = crossbeam_channel::unbounded();
         // Bounded: worker 0 waits when its engine falls behind with forwarded requests.
-        let (forward_tx, forward_rx) = crossbeam_channel::bounded::<Forward>(FORWARD_CAPACITY);
+        let (forward_tx, forward_rx) = crossbeam_channel::bounded::<Forward>(config.forward_capacity.max(1));
         // Bounded: workers wait for the router, which waits for the consumer.
         let (delivery_tx, delivery_rx) = crossbeam_channel::bounded(1024);
         let (recycle_tx, recycle_rx) = crossbeam_channel::bounded(MAX_RECYCLED_BUFFERS);

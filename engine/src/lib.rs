@@ -21,8 +21,8 @@ pub mod window;
 pub mod wire;
 
 pub use engine::{
-    ClusterConfig, DEFAULT_RETENTION_BYTES, Engine, EngineConfig, EngineError, EngineEvent, Message, OUTPUT_BATCH,
-    Recycler,
+    ClusterConfig, DEFAULT_FORWARD_CAPACITY, DEFAULT_RETENTION_BYTES, Engine, EngineConfig, EngineError, EngineEvent,
+    Message, OUTPUT_BATCH, Recycler,
 };
 pub use event::{ChangeEvent, ChangeOp};
 pub use grid::GridShape;

@@ -327,3 +327,118 @@ fn grid_2x2_two_processes() {
         closing.join().unwrap();
     }
 }
+
+/// Far more registrations forwarded at once than the feeding process's forward queue holds
+/// (16 here; 1,024 by default): worker 0 waits for the queue rather than dropping or buffering
+/// without bound, and every subscription gets its result and stays exact.
+#[test]
+fn forwarded_registrations_beyond_the_forward_queue() {
+    let addresses = vec![format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port())];
+    let memory = Arc::new(SharedMemory::default());
+    let mut rng = Rng(7);
+    let mut position = 0u64;
+    let mut write = |rng: &mut Rng, id: i32| {
+        position += 1;
+        let doc = random_doc(rng, id);
+        let event = ChangeEvent {
+            position: position.into(),
+            ns: "db.c".into(),
+            op: ChangeOp::Replace,
+            id: Bson::Int32(id),
+            doc: Some(Arc::new(doc)),
+        };
+        memory.0.lock().unwrap().apply(&event);
+        event
+    };
+    let seed: Vec<ChangeEvent> = (0..100).map(|id| write(&mut rng, id)).collect();
+    let shape: GridShape = "1x2".parse().unwrap();
+    let config = |process| EngineConfig {
+        shape,
+        cluster: Some(ClusterConfig { process, addresses: addresses.clone() }),
+        forward_capacity: 16,
+        ..Default::default()
+    };
+    let other = {
+        let (memory, config) = (memory.clone(), config(1));
+        std::thread::spawn(move || Engine::start(config, memory).unwrap())
+    };
+    let engine = Engine::start(config(0), memory.clone()).unwrap();
+    let other = Arc::new(other.join().unwrap());
+    engine.submit(seed).unwrap();
+    assert!(engine.settle(Duration::from_secs(30)));
+    // Process 1's messages, drained as they come.
+    let results: Arc<std::sync::Mutex<HashMap<QueryKey, LiveResult>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drain = {
+        let (other, results, stop) = (other.clone(), results.clone(), stop.clone());
+        std::thread::spawn(move || {
+            // Until stopped, then what is left.
+            loop {
+                let stopping = stop.load(std::sync::atomic::Ordering::Acquire);
+                let event = match other.messages().recv_timeout(Duration::from_millis(10)) {
+                    Ok(event) => event,
+                    Err(_) if stopping => break,
+                    Err(_) => continue,
+                };
+                let EngineEvent::Messages(batch) = event else { continue };
+                let mut results = results.lock().unwrap();
+                for message in batch {
+                    let live = results.entry(message.key).or_default();
+                    live.apply(&message.frame.to_message("q", None)).unwrap();
+                }
+            }
+        })
+    };
+    let subscriptions: Vec<(QueryKey, Query)> = (0..1_500)
+        .map(|i| {
+            let spec = if i % 5 == 0 {
+                QuerySpec { sort: Some(doc! {"n": -1}), limit: Some(1 + i % 4), ..Default::default() }
+            } else {
+                QuerySpec { filter: doc! {"n": {"$gte": (i % 20) as i32}}, ..Default::default() }
+            };
+            (other.register("db.c", &spec).unwrap(), Query::compile(&spec).unwrap())
+        })
+        .collect();
+    for _ in 0..5 {
+        let batch: Vec<ChangeEvent> = (0..20)
+            .map(|_| {
+                let id = rng.below(100) as i32;
+                write(&mut rng, id)
+            })
+            .collect();
+        engine.submit(batch).unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(engine.settle(Duration::from_secs(60)));
+        assert!(other.barrier(Duration::from_secs(60)));
+        let whole = {
+            let results = results.lock().unwrap();
+            subscriptions.iter().all(|(key, _)| results.get(key).is_some_and(|r| r.seq() > 0))
+        };
+        if whole {
+            // Once more, for the deltas behind the last results: then every message is in the
+            // output, and the drain ends once it has taken them all.
+            assert!(other.barrier(Duration::from_secs(60)));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "forwarded registrations got no result");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    drain.join().unwrap();
+    let state = memory.0.lock().unwrap();
+    let results = results.lock().unwrap();
+    for (key, query) in &subscriptions {
+        let mut got = results[key].docs().to_vec();
+        if query.sort.is_empty() {
+            got.sort_by(|a, b| livegrid_matcher::compare_values(a.get("_id").unwrap(), b.get("_id").unwrap()));
+        }
+        assert_eq!(got, query.evaluate(state.documents("db.c")), "subscription {key} diverged");
+    }
+    drop(state);
+    let other = Arc::into_inner(other).unwrap();
+    let closing = std::thread::spawn(move || other.shutdown());
+    engine.shutdown();
+    closing.join().unwrap();
+}

@@ -10,7 +10,8 @@
 //! Output: one JSON message per line; on stderr a one-line JSON summary: `events`,
 //! `skipped` (events without a document change), `queries`, `results`, `deltas`, `seconds`,
 //! `events_per_sec`, `deltas_per_sec`, `p50_latency_ms`, `p99_latency_ms` (from a write entering the engine to
-//! its delta leaving it).
+//! its delta leaving it), `cluster_bytes_sent` (bytes sent to the other processes of a
+//! cluster; 0 on one process).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};

@@ -3,7 +3,17 @@
 //!
 //! The source (the embedded store by default, or a replay file) feeds the engine through the
 //! [`crate::source::pump`]; the engine's messages reach the connections through the [`hub`].
-//! The REST data API needs the embedded store; on another source it answers `501`. A server runs until its [`RunningServer::shutdown`] (or
+//! The REST data API needs the embedded store or MongoDB; on a replay it answers `501`.
+//!
+//! # Cluster mode
+//! With a [`ClusterConfig`] the server is one process of a timely cluster: the listener comes
+//! up first and answers 503 (`starting`) until every process has joined the grid; process 0
+//! opens the source and feeds the grid, the others only read snapshots from MongoDB and write
+//! there for the REST API (see `open_reader`). The engine routes each subscription's messages
+//! to its client's process. A lost connection between processes fails the grid's workers,
+//! which fails the server like any grid failure.
+//!
+//! A server runs until its [`RunningServer::shutdown`] (or
 //! SIGTERM/Ctrl-C under `livegrid serve`): it then stops accepting, closes every WebSocket
 //! with a reason, and lets the engine drain.
 
