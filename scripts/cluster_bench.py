@@ -23,7 +23,7 @@ crosses to another process with probability (P - 1) / P, so the two-process 1x2 
 2x1 figure times (P - 1). On this 2-core machine two processes and the feeding threads share
 two cores, so `byte_cost` also carries that contention: the projection errs low.
 
-Usage: scripts/cluster_bench.py [--events N] [--queries Q] [--repeat R] [--out FILE.json]
+Usage: scripts/cluster_bench.py [--events N] [--queries Q] [--fanout F] [--repeat R] [--out FILE.json]
 """
 
 import argparse
@@ -115,12 +115,14 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--queries", type=int, default=10_000)
+    parser.add_argument("--fanout", type=int, default=0, help="the chat workload: subscriptions changed per write")
     parser.add_argument("--out", default=None)
     parser.add_argument("--repeat", type=int, default=3, help="runs per configuration (the median stands)")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="livegrid-cluster-")
     subprocess.run(
-        [BIN, "workload", "--dir", work, "--events", str(args.events), "--queries", str(args.queries)],
+        [BIN, "workload", "--dir", work, "--events", str(args.events), "--queries", str(args.queries),
+         "--fanout", str(args.fanout)],
         check=True,
         stdout=subprocess.DEVNULL,
     )
@@ -177,8 +179,8 @@ def main():
         print(json.dumps(row), flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"runs": runs, "model": model, "projection": projection,
-                       "events": args.events, "queries": args.queries, "cpus": os.cpu_count()}, f, indent=1)
+            json.dump({"runs": runs, "model": model, "projection": projection, "events": args.events,
+                       "queries": args.queries, "fanout": args.fanout, "cpus": os.cpu_count()}, f, indent=1)
     subprocess.run(["rm", "-rf", work])
 
 
