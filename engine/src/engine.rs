@@ -300,6 +300,9 @@ struct Shared {
     started: Instant,
     /// Bytes sent to the other processes (see [`Engine::cluster_bytes_sent`]).
     cluster_bytes: Arc<AtomicU64>,
+    /// Requests forwarded by other processes that worker 0 handed over and the forward
+    /// thread has not carried out yet ([`Engine::settle`] waits for them).
+    forward_pending: Arc<AtomicU64>,
 }
 
 impl Ingest {
@@ -495,6 +498,13 @@ impl Shared {
                 let mut ingest = self.ingest.lock().expect("ingest lock");
                 self.unregister(&mut ingest, key).map(|_| ())
             }
+            Forward::Reread { key, snapshot } => {
+                // Too old for the retention buffer (the read took long): read here instead.
+                if let Err(Placed::Stale(_)) = place_reread(self, key, snapshot.into()) {
+                    reread(self, key, events);
+                }
+                Ok(())
+            }
         };
         if let Err(e) = done {
             let message = format!("the subscription could not be registered ({e}); subscribe again");
@@ -565,6 +575,7 @@ impl Engine {
         let (command_tx, command_rx) = crossbeam_channel::unbounded();
         // Bounded: worker 0 waits when its engine falls behind with forwarded requests.
         let (forward_tx, forward_rx) = crossbeam_channel::bounded::<Forward>(config.forward_capacity.max(1));
+        let forward_pending = Arc::new(AtomicU64::new(0));
         // Bounded: workers wait for the router, which waits for the consumer.
         let (delivery_tx, delivery_rx) = crossbeam_channel::bounded(1024);
         let (recycle_tx, recycle_rx) = crossbeam_channel::bounded(MAX_RECYCLED_BUFFERS);
@@ -573,6 +584,7 @@ impl Engine {
             slack: config.slack,
             processes,
             forwarded: forward_tx,
+            forward_pending: forward_pending.clone(),
             commands: command_rx,
             deliveries: delivery_tx,
             recycled: recycle_rx,
@@ -612,6 +624,7 @@ impl Engine {
             failed: AtomicBool::new(false),
             started: Instant::now(),
             cluster_bytes,
+            forward_pending,
         });
         // This process's first worker: it reads the commands.
         let thread = worker0_rx
@@ -649,6 +662,7 @@ impl Engine {
                 while let Ok(request) = forward_rx.recv() {
                     metrics::gauge!("livegrid_engine_forwarded_depth").set(forward_rx.len() as f64);
                     owned.forwarded(request, &events);
+                    owned.forward_pending.fetch_sub(1, Ordering::AcqRel);
                 }
             });
             threads.push(spawn("livegrid-forward", shared.clone(), event_tx.clone(), body)?);
@@ -754,7 +768,15 @@ impl Engine {
     /// [`EngineEvent::Ended`] (`resubscribe`).
     pub fn register_as(&self, key: QueryKey, ns: &str, spec: &QuerySpec, query: &Query) -> Result<(), EngineError> {
         if !self.feeds {
-            let snapshot = self.shared.snapshot.read(ns, spec, query, self.window_capacity(query))?;
+            let capacity = self.window_capacity(query);
+            let snapshot = self.shared.snapshot.read(ns, spec, query, capacity)?;
+            if capacity.is_some() {
+                // This process re-reads the window when it drains: it keeps the query.
+                let mut ingest = self.shared.ingest.lock().expect("ingest lock");
+                let ns = ingest.namespace(ns);
+                let window_spec = Some(Box::new(spec.clone()));
+                ingest.subscriptions.insert(key, Subscribed { ns, column: 0, window_spec });
+            }
             let request = Forward::Register {
                 key,
                 ns: ns.to_string(),
@@ -825,6 +847,7 @@ impl Engine {
     /// Ends a subscription; messages already under way may still arrive.
     pub fn unregister(&self, key: QueryKey) -> Result<(), EngineError> {
         if !self.feeds {
+            self.shared.ingest.lock().expect("ingest lock").subscriptions.remove(&key);
             return self.forward(Forward::Unregister { key });
         }
         let mut ingest = self.shared.ingest.lock().expect("ingest lock");
@@ -886,15 +909,25 @@ impl Engine {
     /// Waits until every epoch the grid began before the call has been processed everywhere
     /// and its messages for this process have reached [`Engine::messages`], or `timeout`
     /// passes; returns whether they had. On a process that does not feed the grid, this is
-    /// how to know that this process has every message of the writes fed so far.
+    /// how to know that this process has every message of the writes fed so far. Window
+    /// re-reads this process was asked for are forwarded first (the feeding process's
+    /// [`Engine::settle`] then waits for them to be placed).
     pub fn barrier(&self, timeout: Duration) -> bool {
+        // This process's window re-reads first: they are forwarded before the barrier.
+        let deadline = Instant::now() + timeout;
+        while self.shared.pending_rereads.load(Ordering::Acquire) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         {
             let ingest = self.shared.ingest.lock().expect("ingest lock");
             if self.send(&ingest, Command::Feed(Vec::new(), Position::ZERO)).is_err() {
                 return false;
             }
         }
-        self.wait_processed(timeout)
+        self.wait_processed(deadline.saturating_duration_since(Instant::now()))
     }
 
     /// Like [`Engine::wait_processed`], and also waits for the window re-reads that
@@ -907,7 +940,10 @@ impl Engine {
             if !self.wait_processed(deadline.saturating_duration_since(Instant::now())) {
                 return false;
             }
-            let pending = self.shared.pending_rereads.load(Ordering::Acquire);
+            // Window re-reads asked for, and (on the feeding process) requests other processes
+            // forwarded (re-reads among them), not yet carried out.
+            let pending = self.shared.pending_rereads.load(Ordering::Acquire)
+                + self.shared.forward_pending.load(Ordering::Acquire);
             if pending == 0 && self.shared.rereads.load(Ordering::Acquire) == rereads {
                 return true;
             }
@@ -918,6 +954,12 @@ impl Engine {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
+    }
+
+    /// Window re-reads this process has carried out so far: read and fed, or read and
+    /// forwarded to the feeding process, or (there) placed for another process.
+    pub fn rereads(&self) -> u64 {
+        self.shared.rereads.load(Ordering::Acquire)
     }
 
     /// Whether the grid has failed (see [`EngineEvent::Failed`]).
@@ -1195,8 +1237,9 @@ fn route(
     }
 }
 
-/// Re-reads the top of a drained window and feeds it to the grid, retrying with backoff; a
-/// subscription whose re-read keeps failing ends with an error its client can act on.
+/// Re-reads the top of a drained window and feeds it to the grid (on a process that does not
+/// feed it, forwards it to the feeding process), retrying with backoff; a subscription whose
+/// re-read keeps failing ends with an error its client can act on.
 fn reread(shared: &Shared, key: QueryKey, events: &Sender<EngineEvent>) {
     let (ns, spec) = {
         let ingest = shared.ingest.lock().expect("ingest lock");
@@ -1225,20 +1268,23 @@ fn reread(shared: &Shared, key: QueryKey, events: &Sender<EngineEvent>) {
                 continue;
             }
         };
-        let ingest = shared.ingest.lock().expect("ingest lock");
-        if !ingest.subscriptions.contains_key(&key) {
+        if shared.process != 0 {
+            // The feeding process places it against its retention buffer.
+            let ingest = shared.ingest.lock().expect("ingest lock");
+            if !ingest.subscriptions.contains_key(&key) {
+                return;
+            }
+            let request = Forward::Reread { key, snapshot: snapshot.into() };
+            if shared.send(&ingest, Command::Feed(vec![GridInput::Forward(Box::new(request))], Position::ZERO)).is_ok()
+            {
+                shared.rereads.fetch_add(1, Ordering::AcqRel);
+            }
             return;
         }
-        let Some(replay) = ingest.retention.since(snapshot.position) else {
-            last_error = format!("snapshot at position {} is older than the retention buffer", snapshot.position);
-            continue;
-        };
-        let records = build_registration(shared.shape, key, &ns, &spec, query, snapshot, &replay, true);
-        let position = ingest.retention.last_position();
-        if shared.send(&ingest, Command::Feed(records, position)).is_ok() {
-            shared.rereads.fetch_add(1, Ordering::AcqRel);
+        match place_reread(shared, key, snapshot) {
+            Ok(()) | Err(Placed::Gone) => return,
+            Err(Placed::Stale(error)) => last_error = error,
         }
-        return;
     }
     // Give up: end the subscription in the grid and tell its client why.
     {
@@ -1250,4 +1296,34 @@ fn reread(shared: &Shared, key: QueryKey, events: &Sender<EngineEvent>) {
     shared.rereads.fetch_add(1, Ordering::AcqRel);
     let message = format!("the sorted window could not be refilled ({last_error}); subscribe again");
     shared.end(key, ErrorCode::Resubscribe, message, events);
+}
+
+/// Why a re-read was not placed.
+enum Placed {
+    /// The subscription has ended meanwhile.
+    Gone,
+    /// The re-read is older than the retention buffer: read again.
+    Stale(String),
+}
+
+/// Places a window's re-read against the retention buffer and feeds it (on the feeding
+/// process).
+fn place_reread(shared: &Shared, key: QueryKey, snapshot: Snapshot) -> Result<(), Placed> {
+    let ingest = shared.ingest.lock().expect("ingest lock");
+    let Some(Subscribed { ns, window_spec: Some(spec), .. }) = ingest.subscriptions.get(&key) else {
+        return Err(Placed::Gone);
+    };
+    let Ok(query) = Query::compile(spec) else { return Err(Placed::Gone) };
+    let Some(replay) = ingest.retention.since(snapshot.position) else {
+        return Err(Placed::Stale(format!(
+            "snapshot at position {} is older than the retention buffer",
+            snapshot.position
+        )));
+    };
+    let records = build_registration(shared.shape, key, ns, spec, &query, snapshot, &replay, true);
+    let position = ingest.retention.last_position();
+    if shared.send(&ingest, Command::Feed(records, position)).is_ok() {
+        shared.rereads.fetch_add(1, Ordering::AcqRel);
+    }
+    Ok(())
 }

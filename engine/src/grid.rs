@@ -131,6 +131,8 @@ pub(crate) struct WorkerSetup {
     pub processes: usize,
     /// Where worker 0 hands requests forwarded by other processes to its engine.
     pub forwarded: Sender<Forward>,
+    /// Forwarded requests handed over and not yet carried out.
+    pub forward_pending: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub commands: Receiver<Command>,
     pub deliveries: Sender<Delivery>,
     /// Output buffers the router has emptied, for the deliver stage to fill again.
@@ -179,6 +181,7 @@ fn run_worker(worker: &mut timely::worker::Worker, setup: &WorkerSetup) {
         if clustered { (output.process() * threads) as u64 } else { index as u64 }
     };
     let forwarded = setup.forwarded.clone();
+    let forward_pending = setup.forward_pending.clone();
 
     worker.dataflow::<u64, _, _>(|scope| {
         let transitions = scope.input_from(&mut input).unary(
@@ -193,7 +196,10 @@ fn run_worker(worker: &mut timely::worker::Worker, setup: &WorkerSetup) {
                         for record in data.flat_map(|d| d.drain(..)) {
                             if let GridInput::Forward(request) = record {
                                 // For this process's engine; it waits when the engine is behind.
-                                let _ = forwarded.send(*request);
+                                forward_pending.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                                if forwarded.send(*request).is_err() {
+                                    forward_pending.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                                }
                                 continue;
                             }
                             matching.handle(record, &mut produced);

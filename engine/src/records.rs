@@ -236,13 +236,23 @@ pub enum Forward {
         /// The subscription.
         key: QueryKey,
     },
+    /// A drained window's top, read again by the subscription's process.
+    Reread {
+        /// The subscription.
+        key: QueryKey,
+        /// The re-read.
+        snapshot: WireSnapshot,
+    },
 }
 
 impl Forward {
     /// The subscription concerned.
     pub fn key(&self) -> QueryKey {
         match self {
-            Forward::Register { key, .. } | Forward::Pipeline { key, .. } | Forward::Unregister { key } => *key,
+            Forward::Register { key, .. }
+            | Forward::Pipeline { key, .. }
+            | Forward::Unregister { key }
+            | Forward::Reread { key, .. } => *key,
         }
     }
 }
@@ -456,12 +466,13 @@ pub enum StageOutput {
 }
 
 impl StageOutput {
-    /// The process that must receive it: a message goes to its subscription's process, a
-    /// re-read request to the feeding process (which keeps what re-reads need).
+    /// The process that must receive it: its subscription's process (which reads a window's
+    /// re-read, as it read the initial result).
     pub fn process(&self) -> usize {
         match self {
-            StageOutput::Frame { key, .. } | StageOutput::Ended { key, .. } => home_process(*key),
-            StageOutput::NeedsReload { .. } => 0,
+            StageOutput::Frame { key, .. } | StageOutput::Ended { key, .. } | StageOutput::NeedsReload { key } => {
+                home_process(*key)
+            }
         }
     }
 }

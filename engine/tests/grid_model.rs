@@ -220,10 +220,13 @@ fn run_scenario(seed: u64, engines: &[&Engine], memory: &Arc<SharedMemory>) {
             copies.remove(&name);
         }
         if batch_no % 4 == 0 || fed >= events_total {
-            // Subscriptions made on another process reach the grid through the feeding one:
-            // catch up until each has its result, then once more for what it missed.
+            // Subscriptions made on another process reach the grid through the feeding one,
+            // and their windows are re-read there: catch up until a round in which nothing
+            // moved (no message, no re-read) and each has its result.
             let mut rounds = 0;
             loop {
+                let rereads: u64 = engines.iter().map(|e| e.rereads()).sum();
+                let mut delivered = 0;
                 assert!(engine.settle(Duration::from_secs(30)), "engine did not settle (seed {seed})");
                 for other in &engines[1..] {
                     assert!(other.barrier(Duration::from_secs(30)), "process did not catch up (seed {seed})");
@@ -232,6 +235,7 @@ fn run_scenario(seed: u64, engines: &[&Engine], memory: &Arc<SharedMemory>) {
                     while let Ok(event) = engine.messages().try_recv() {
                         let EngineEvent::Messages(batch) = event else { continue };
                         for message in batch {
+                            delivered += 1;
                             assert_eq!(
                                 livegrid_engine::home_process(message.key),
                                 process,
@@ -244,8 +248,9 @@ fn run_scenario(seed: u64, engines: &[&Engine], memory: &Arc<SharedMemory>) {
                     }
                 }
                 let waiting = registered.values().any(|(name, _)| copies[name].live.seq() == 0);
+                let moved = delivered > 0 || engines.iter().map(|e| e.rereads()).sum::<u64>() != rereads;
                 rounds += 1;
-                if rounds > 1 && !waiting {
+                if rounds > 1 && !waiting && !moved {
                     break;
                 }
                 assert!(rounds < 500, "subscriptions made on other processes got no result (seed {seed})");
@@ -295,10 +300,14 @@ fn free_port() -> u16 {
 }
 
 /// Two timely processes on loopback, each with two workers of a 2x2 grid; subscriptions are
-/// made on both, and each process receives exactly its own subscriptions' messages.
+/// made on both, each process receives exactly its own subscriptions' messages and re-reads
+/// its own drained windows (`LIVEGRID_TWO_PROCESS_SEEDS` seeds, 3 by default).
 #[test]
 fn grid_2x2_two_processes() {
-    for seed in 400..403 {
+    let seeds: u64 = std::env::var("LIVEGRID_TWO_PROCESS_SEEDS").map_or(3, |n| n.parse().unwrap());
+    // Windows drained on process 1 are re-read there: at least one in these seeds.
+    let mut remote_rereads = 0;
+    for seed in 400..400 + seeds {
         let addresses = vec![format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port())];
         let memory = Arc::new(SharedMemory::default());
         let shape: GridShape = "2x2".parse().unwrap();
@@ -321,11 +330,13 @@ fn grid_2x2_two_processes() {
         let engine = Engine::start(config(0), memory.clone()).unwrap();
         let other = other.join().unwrap();
         run_scenario(seed, &[&engine, &other], &memory);
+        remote_rereads += other.rereads();
         // A cluster stops together: the grid drains only once every process's input closes.
         let closing = std::thread::spawn(move || other.shutdown());
         engine.shutdown();
         closing.join().unwrap();
     }
+    assert!(remote_rereads > 0, "no window was re-read on process 1");
 }
 
 /// Far more registrations forwarded at once than the feeding process's forward queue holds
