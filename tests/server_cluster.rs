@@ -188,6 +188,13 @@ async fn clients_on_both_processes_see_exact_results_and_move_between_them() {
         }
     }
 
+    // Process 1 knows positions from the messages it delivers, and bytes crossed both ways.
+    for port in ports {
+        let (_, body) = health(port).await;
+        assert_ne!(body["processed"], 0, "{body}");
+        assert!(body["cluster"]["bytes_sent"].as_u64().unwrap() > 0, "{body}");
+    }
+
     // The moving client's connection drops; it reconnects to process 1 with its token. Its
     // subscription's buffers live on process 0: it gets a fresh, exact result (seq 1, a new
     // token), then deltas.
@@ -262,4 +269,44 @@ async fn losing_the_feeding_process_stops_the_others() {
     assert_eq!(status.code(), Some(1), "process 1 exits with status 1\n{}", read_logs(dir.path()));
     let logs = read_logs(dir.path());
     assert!(logs.contains("lost its connection to another process of the cluster"), "{logs}");
+}
+
+/// A process stopped alone with SIGTERM leaves within seconds (it does not wait for the grid
+/// forever), and the process left fails and exits with status 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_stopped_alone_leaves_and_the_other_fails() {
+    let fixture = MongoFixture::start();
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = hostfile(dir.path(), 2);
+    let (uri, ports) = (fixture.uri(), [common::free_port(), common::free_port()]);
+    let mut processes = Processes(vec![
+        spawn_process(dir.path(), &hosts, 0, ports[0], &uri, &[]),
+        spawn_process(dir.path(), &hosts, 1, ports[1], &uri, &[]),
+    ]);
+    for port in ports {
+        health_becomes(port, 200, Duration::from_secs(60), dir.path()).await;
+    }
+    common::signal(&processes.0[1], "-TERM");
+    let stopped = common::wait_exit(&mut processes.0[1]);
+    assert_eq!(stopped.code(), Some(0), "the stopped process exits cleanly\n{}", read_logs(dir.path()));
+    let failed = common::wait_exit(&mut processes.0[0]);
+    assert_eq!(failed.code(), Some(1), "the other one fails\n{}", read_logs(dir.path()));
+}
+
+/// A process whose cluster never completes stops on SIGTERM (timely's connection loop does
+/// not hold it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_waiting_for_its_cluster_stops_on_sigterm() {
+    let fixture = MongoFixture::start();
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = hostfile(dir.path(), 2);
+    let port = common::free_port();
+    let mut processes = Processes(vec![spawn_process(dir.path(), &hosts, 1, port, &fixture.uri(), &[])]);
+    let body = health_becomes(port, 503, Duration::from_secs(30), dir.path()).await;
+    assert_eq!(body["status"], "starting", "{body}");
+    let (status, body) = common::http(addr(port), "GET", "/v1/db/app/items", None).await;
+    assert_eq!((status, body["code"].as_str()), (503, Some("starting")), "{body}");
+    common::signal(&processes.0[0], "-TERM");
+    let stopped = common::wait_exit(&mut processes.0[0]);
+    assert_eq!(stopped.code(), Some(0), "{}", read_logs(dir.path()));
 }

@@ -481,7 +481,7 @@ impl Shared {
     }
 
     /// Carries out a request forwarded by another process (on the feeding process).
-    fn forwarded(&self, request: Forward, events: &Sender<EngineEvent>) {
+    fn forwarded(&self, request: Forward, events: &Sender<EngineEvent>, rereads: &Sender<QueryKey>) {
         let key = request.key();
         // The asking process compiled the query already; this cannot fail but is checked.
         let compiled = |spec: &WireQuery| {
@@ -499,9 +499,13 @@ impl Shared {
                 self.unregister(&mut ingest, key).map(|_| ())
             }
             Forward::Reread { key, snapshot } => {
-                // Too old for the retention buffer (the read took long): read here instead.
+                // Too old for the retention buffer (the read took long): read here instead,
+                // on the re-read threads (this thread must not wait on MongoDB).
                 if let Err(Placed::Stale(_)) = place_reread(self, key, snapshot.into()) {
-                    reread(self, key, events);
+                    self.pending_rereads.fetch_add(1, Ordering::AcqRel);
+                    if rereads.send(key).is_err() {
+                        self.pending_rereads.fetch_sub(1, Ordering::AcqRel);
+                    }
                 }
                 Ok(())
             }
@@ -651,6 +655,7 @@ impl Engine {
                 })
                 .map_err(|e| EngineError::Start(e.to_string()))
         };
+        let stale_rereads = reread_tx.clone();
         {
             let (owned, events, batches) = (shared.clone(), event_tx.clone(), recycler.clone());
             let body = Box::new(move || route(&owned, &delivery_rx, &recycle_tx, &batches, &events, &reread_tx));
@@ -661,7 +666,7 @@ impl Engine {
             let body = Box::new(move || {
                 while let Ok(request) = forward_rx.recv() {
                     metrics::gauge!("livegrid_engine_forwarded_depth").set(forward_rx.len() as f64);
-                    owned.forwarded(request, &events);
+                    owned.forwarded(request, &events, &stale_rereads);
                     owned.forward_pending.fetch_sub(1, Ordering::AcqRel);
                 }
             });
@@ -879,12 +884,16 @@ impl Engine {
 
     /// Bytes this process has sent to the other processes of its cluster (0 alone): the
     /// records crossing process boundaries with their headers, as timely's network threads
-    /// write them (also the counter `livegrid_cluster_bytes_sent`).
+    /// write them (also the counter `livegrid_cluster_bytes_sent`). Counted when timely's
+    /// loggers flush their buffers, so while running it lags by a few hundred messages;
+    /// exact once the engine has stopped.
     pub fn cluster_bytes_sent(&self) -> u64 {
         self.shared.cluster_bytes.load(Ordering::Relaxed)
     }
 
-    /// The last position all of whose messages have been emitted.
+    /// The last position all of whose messages have been emitted. On a process that does
+    /// not feed the grid: the latest position among the messages it has emitted (a lower
+    /// bound of the feeding process's, and at least the position of every message emitted).
     pub fn processed(&self) -> Position {
         *self.shared.processed.lock().expect("processed lock")
     }
@@ -931,12 +940,15 @@ impl Engine {
     }
 
     /// Like [`Engine::wait_processed`], and also waits for the window re-reads that
-    /// processing asked for: afterwards every subscription's messages are exact up to the
-    /// last position fed.
+    /// processing asked for (and, on the feeding process of a cluster, for the requests other
+    /// processes forwarded): afterwards every subscription's messages are exact up to the
+    /// last position fed. It returns once a whole wait passed with nothing new fed, so a
+    /// producer feeding all along keeps it waiting until `timeout`.
     pub fn settle(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
             let rereads = self.shared.rereads.load(Ordering::Acquire);
+            let sent = self.shared.sent.load(Ordering::Acquire);
             if !self.wait_processed(deadline.saturating_duration_since(Instant::now())) {
                 return false;
             }
@@ -944,7 +956,10 @@ impl Engine {
             // forwarded (re-reads among them), not yet carried out.
             let pending = self.shared.pending_rereads.load(Ordering::Acquire)
                 + self.shared.forward_pending.load(Ordering::Acquire);
-            if pending == 0 && self.shared.rereads.load(Ordering::Acquire) == rereads {
+            // Nothing fed meanwhile (a forwarded request carried out after the wait began).
+            let quiet = self.shared.rereads.load(Ordering::Acquire) == rereads
+                && self.shared.sent.load(Ordering::Acquire) == sent;
+            if pending == 0 && quiet {
                 return true;
             }
             if Instant::now() >= deadline {
@@ -1196,6 +1211,9 @@ fn route(
                 };
                 // One clock reading for the whole delivery.
                 let now = shared.started.elapsed();
+                // The latest position among the messages: a process that does not feed the grid
+                // knows positions only from them.
+                let mut latest = Position::ZERO;
                 for output in outputs.drain(..) {
                     match output {
                         StageOutput::NeedsReload { key } => {
@@ -1208,9 +1226,16 @@ fn route(
                         }
                         StageOutput::Ended { key, code, message } => {
                             send(&mut batch);
+                            if shared.process != 0 {
+                                // What this process kept to re-read its window.
+                                shared.ingest.lock().expect("ingest lock").subscriptions.remove(&key);
+                            }
                             let _ = events.send(EngineEvent::Ended { key, code, message });
                         }
                         StageOutput::Frame { key, frame, entered } => {
+                            if shared.process != 0 {
+                                latest = latest.max(frame.position());
+                            }
                             let latency = (entered > 0).then(|| now.saturating_sub(Duration::from_nanos(entered)));
                             batch.push(Message { key, frame, latency });
                             if batch.len() == OUTPUT_BATCH {
@@ -1218,6 +1243,10 @@ fn route(
                             }
                         }
                     }
+                }
+                if !latest.is_zero() {
+                    let mut processed = shared.processed.lock().expect("processed lock");
+                    *processed = (*processed).max(latest);
                 }
                 if batch.is_empty() {
                     batches.give(batch);
@@ -1289,7 +1318,14 @@ fn reread(shared: &Shared, key: QueryKey, events: &Sender<EngineEvent>) {
     // Give up: end the subscription in the grid and tell its client why.
     {
         let mut ingest = shared.ingest.lock().expect("ingest lock");
-        if !matches!(shared.unregister(&mut ingest, key), Ok(true)) {
+        if shared.process != 0 {
+            // The grid's side of it is the feeding process's to end.
+            if ingest.subscriptions.remove(&key).is_none() {
+                return;
+            }
+            let request = Forward::Unregister { key };
+            let _ = shared.send(&ingest, Command::Feed(vec![GridInput::Forward(Box::new(request))], Position::ZERO));
+        } else if !matches!(shared.unregister(&mut ingest, key), Ok(true)) {
             return;
         }
     }

@@ -187,6 +187,14 @@ fn cause_name(cause: Cause) -> &'static str {
 }
 
 impl Frame {
+    /// The position the result reflects, or the delta's write's.
+    pub fn position(&self) -> Position {
+        match self {
+            Frame::Result(r) => r.position,
+            Frame::Delta(d) => d.position,
+        }
+    }
+
     /// The message's `seq`.
     pub fn seq(&self) -> u64 {
         match self {

@@ -297,7 +297,7 @@ pub fn run(args: &ServeArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         // A cluster process waits in `start` until every process has joined; a signal
         // meanwhile stops it.
         let started = tokio::select! {
@@ -346,7 +346,11 @@ pub fn run(args: &ServeArgs) -> ExitCode {
                 ExitCode::from(1)
             }
         }
-    })
+    });
+    // Blocking tasks may still wait on a cluster that is not there (timely's connection
+    // loop, or a grid waiting for processes that did not stop): leave without them.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
 }
 
 async fn wait_for_signal() {

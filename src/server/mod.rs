@@ -320,7 +320,7 @@ impl ServerConfig {
 const WS_READ_BUFFER: usize = 8 * 1024;
 
 /// How long a process of a cluster that is shutting down waits for the others to stop too.
-const CLUSTER_STOP_WAIT: Duration = Duration::from_secs(10);
+const CLUSTER_STOP_WAIT: Duration = Duration::from_secs(5);
 
 /// Commit batches of the store waiting for the pump at most.
 const STORE_SOURCE_QUEUE: usize = 64;
@@ -412,25 +412,20 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     config.validate().map_err(ServerError::Config)?;
     let metrics = prometheus();
     let health = Arc::new(Health::new());
-    let listener = Arc::new(
-        tokio::net::TcpListener::bind(config.listen).await.map_err(|e| ServerError::Listen(config.listen, e))?,
-    );
-    let addr = listener.local_addr().map_err(|e| ServerError::Listen(config.listen, e))?;
-    let tls = match &config.tls {
-        Some((cert, key)) => Some(listener::tls_acceptor(cert, key).map_err(|e| ServerError::Config(e.to_string()))?),
-        None => None,
-    };
-    let limits =
-        listener::ListenLimits { max_connections: config.max_connections, header_timeout: config.header_timeout, tls };
     // A cluster's grid starts once every process has joined: until then `/healthz` (and every
-    // other request) answers 503, so that a load balancer sends no client here yet.
-    let starting = config.cluster.as_ref().map(|cluster| {
+    // other request) answers 503, so that a load balancer sends no client here yet. One
+    // process listens once it is ready.
+    let mut bound = None;
+    let mut starting = None;
+    if let Some(cluster) = &config.cluster {
+        let (listener, addr, limits) = bind(&config).await?;
         let (stop, until) = watch::channel(false);
         let app = starting_app(cluster.process, cluster.addresses.len());
         tokio::spawn(listener::serve(listener.clone(), app, limits.clone(), until));
         tracing::info!(%addr, process = cluster.process, processes = cluster.addresses.len(), "waiting for every process of the cluster to join");
-        stop
-    });
+        bound = Some((listener, addr, limits));
+        starting = Some(stop);
+    }
     // One process feeds the grid: the source is read once per deployment. The others read
     // initial results from MongoDB themselves and write there for the REST data API.
     let feeds = config.cluster.as_ref().is_none_or(|cluster| cluster.process == 0);
@@ -567,6 +562,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         })
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .with_state(state);
+    let (listener, addr, limits) = match bound {
+        Some(bound) => bound,
+        None => bind(&config).await?,
+    };
     let scheme = if limits.tls.is_some() { "https" } else { "http" };
     if let Some(starting) = starting {
         let _ = starting.send(true);
@@ -576,6 +575,22 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     tracing::info!(%addr, scheme, grid = %config.grid, source = source_name, feeds, process, data = %config.data.display(), durability = ?config.durability, "livegrid listening");
     let clustered = config.cluster.is_some();
     Ok(RunningServer { addr, stop, serving, store, engine, health, hub_thread: Some(hub_thread), pump, clustered })
+}
+
+/// Binds the listening address, with TLS when configured.
+async fn bind(
+    config: &ServerConfig,
+) -> Result<(Arc<tokio::net::TcpListener>, SocketAddr, listener::ListenLimits), ServerError> {
+    let listener =
+        tokio::net::TcpListener::bind(config.listen).await.map_err(|e| ServerError::Listen(config.listen, e))?;
+    let addr = listener.local_addr().map_err(|e| ServerError::Listen(config.listen, e))?;
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(listener::tls_acceptor(cert, key).map_err(|e| ServerError::Config(e.to_string()))?),
+        None => None,
+    };
+    let limits =
+        listener::ListenLimits { max_connections: config.max_connections, header_timeout: config.header_timeout, tls };
+    Ok((Arc::new(listener), addr, limits))
 }
 
 /// The app of a cluster process waiting for the others: 503 for everything, saying why.
@@ -589,9 +604,11 @@ fn starting_app(process: usize, processes: usize) -> Router {
             (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"status": "starting", "reason": reason})))
         }
     };
-    Router::new()
-        .route("/healthz", get(healthz))
-        .fallback(move || async move { ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "starting", reason) })
+    // A plain answer: an ApiError would log every request as a failure meanwhile.
+    let refused = move || async move {
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"code": "starting", "message": reason})))
+    };
+    Router::new().route("/healthz", get(healthz)).fallback(refused)
 }
 
 /// MongoDB's snapshot reads and writes, without its change stream: for the processes of a

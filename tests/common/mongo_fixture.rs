@@ -253,7 +253,6 @@ impl MongoFixture {
         self.shared.state.lock().unwrap().commands.clone()
     }
 
-    /// The documents of `ns` now, by `_id`.
     /// What each of `queries` (id, then a subscribe message's filter, sort and limit) shows
     /// over the documents of `ns` now.
     pub fn expected(&self, ns: &str, queries: &[(&str, serde_json::Value)]) -> BTreeMap<String, Vec<Document>> {
@@ -272,6 +271,7 @@ impl MongoFixture {
             .collect()
     }
 
+    /// The documents of `ns` now, by `_id`.
     pub fn documents(&self, ns: &str) -> Vec<Document> {
         let state = self.shared.state.lock().unwrap();
         let time = Timestamp { time: self.shared.seconds, increment: state.clock };
