@@ -110,6 +110,20 @@ async fn result_token(socket: &mut Socket, live: &mut BTreeMap<String, LiveResul
     }
 }
 
+/// Two processes with the default settings, both answering `/healthz` 200.
+async fn healthy_cluster(fixture: &MongoFixture, dir: &Path) -> (Processes, [u16; 2]) {
+    let hosts = hostfile(dir, 2);
+    let (uri, ports) = (fixture.uri(), [common::free_port(), common::free_port()]);
+    let processes = Processes(vec![
+        spawn_process(dir, &hosts, 0, ports[0], &uri, &[]),
+        spawn_process(dir, &hosts, 1, ports[1], &uri, &[]),
+    ]);
+    for port in ports {
+        health_becomes(port, 200, Duration::from_secs(60), dir).await;
+    }
+    (processes, ports)
+}
+
 /// Kills the children left when a test fails.
 struct Processes(Vec<Child>);
 
@@ -249,15 +263,7 @@ async fn clients_on_both_processes_see_exact_results_and_move_between_them() {
 async fn losing_the_feeding_process_stops_the_others() {
     let fixture = MongoFixture::start();
     let dir = tempfile::tempdir().unwrap();
-    let hosts = hostfile(dir.path(), 2);
-    let (uri, ports) = (fixture.uri(), [common::free_port(), common::free_port()]);
-    let mut processes = Processes(vec![
-        spawn_process(dir.path(), &hosts, 0, ports[0], &uri, &[]),
-        spawn_process(dir.path(), &hosts, 1, ports[1], &uri, &[]),
-    ]);
-    for port in ports {
-        health_becomes(port, 200, Duration::from_secs(60), dir.path()).await;
-    }
+    let (mut processes, ports) = healthy_cluster(&fixture, dir.path()).await;
     let mut socket = connect(addr(ports[1])).await;
     subscribe(&mut socket, NS, &[("all", json!({}))]).await;
     fixture.insert(NS, doc! {"_id": 1, "n": 1});
@@ -277,15 +283,7 @@ async fn losing_the_feeding_process_stops_the_others() {
 async fn a_process_stopped_alone_leaves_and_the_other_fails() {
     let fixture = MongoFixture::start();
     let dir = tempfile::tempdir().unwrap();
-    let hosts = hostfile(dir.path(), 2);
-    let (uri, ports) = (fixture.uri(), [common::free_port(), common::free_port()]);
-    let mut processes = Processes(vec![
-        spawn_process(dir.path(), &hosts, 0, ports[0], &uri, &[]),
-        spawn_process(dir.path(), &hosts, 1, ports[1], &uri, &[]),
-    ]);
-    for port in ports {
-        health_becomes(port, 200, Duration::from_secs(60), dir.path()).await;
-    }
+    let (mut processes, _) = healthy_cluster(&fixture, dir.path()).await;
     common::signal(&processes.0[1], "-TERM");
     let stopped = common::wait_exit(&mut processes.0[1]);
     assert_eq!(stopped.code(), Some(0), "the stopped process exits cleanly\n{}", read_logs(dir.path()));
