@@ -246,8 +246,17 @@ pub struct ServeArgs {
 #[derive(Debug, Args)]
 pub struct WorkloadArgs {
     /// The folder to write events.jsonl and queries.jsonl into.
-    #[arg(long)]
+    #[arg(long, visible_alias = "out")]
     pub dir: PathBuf,
+    /// What the workload models (see README, "Workloads") [default: items, or chat with
+    /// --fanout].
+    #[arg(long, value_enum)]
+    pub kind: Option<crate::workload::Kind>,
+    /// Documents the collections start with: written as inserts before the other events, and
+    /// every query is registered after them [default: 0 for items and chat, 10000 for the
+    /// others].
+    #[arg(long)]
+    pub docs: Option<u64>,
     /// How many change events.
     #[arg(long, default_value_t = 100_000)]
     pub events: u64,
@@ -257,9 +266,10 @@ pub struct WorkloadArgs {
     /// The generator's seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// A chat-like workload in which every write changes about this many subscriptions'
-    /// results (rooms watched by `fanout` subscriptions each, one in ten a sorted window of
-    /// the newest 20); 0 (the default) for the low-fan-out item workload.
+    /// About how many subscriptions' results every write changes (chat: subscriptions per
+    /// room; feed: feeds per author's post; shop: subscriptions per product write); 0 for the
+    /// kind's default (chat 20, feed, shop and mixed 5). Without --kind, a value above 0
+    /// chooses the chat workload.
     #[arg(long, default_value_t = 0)]
     pub fanout: u64,
 }

@@ -1,26 +1,28 @@
-//! `livegrid workload`: writes a synthetic replay workload (events and queries files) for
-//! `livegrid replay`.
+//! `livegrid workload`: writes a synthetic workload (events and queries files) for `livegrid
+//! replay` and the benchmarks' peers (see [`crate::workload`]).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::process::ExitCode;
 
 use crate::cli::WorkloadArgs;
-use crate::workload::{CHAT_NAMESPACE, Chat, NAMESPACE, Workload, change_stream_json};
+use crate::workload::{Kind, change_stream_json, generator, query_json};
 
 /// Runs the command.
 pub fn run(args: &WorkloadArgs) -> ExitCode {
-    match write(args) {
+    let (kind, docs) = settings(args);
+    match write(args, kind, docs) {
         Ok(()) => {
             // Say what was written and what to do with it.
             let (events, queries) = (args.dir.join("events.jsonl"), args.dir.join("queries.jsonl"));
-            let (kind, ns) = if args.fanout > 0 { ("chat", CHAT_NAMESPACE) } else { ("item", NAMESPACE) };
             eprintln!(
-                "wrote {} change events to {} and {} queries to {} ({kind} workload on {ns}, seed {})",
+                "wrote {} change events ({docs} initial documents, then {} writes) to {} and {} queries to {} ({} workload, seed {})",
+                docs + args.events,
                 args.events,
                 events.display(),
                 args.queries,
                 queries.display(),
+                format!("{kind:?}").to_lowercase(),
                 args.seed
             );
             eprintln!(
@@ -38,50 +40,33 @@ pub fn run(args: &WorkloadArgs) -> ExitCode {
     }
 }
 
-fn write(args: &WorkloadArgs) -> std::io::Result<()> {
-    std::fs::create_dir_all(&args.dir)?;
-    if args.fanout > 0 {
-        return write_chat(args);
-    }
-    let mut workload = Workload::new(args.seed);
-    let mut queries = BufWriter::new(File::create(args.dir.join("queries.jsonl"))?);
-    for i in 0..args.queries {
-        let spec = workload.query();
-        let line = serde_json::json!({
-            "id": format!("q{i}"),
-            "ns": NAMESPACE,
-            "filter": livegrid_protocol::extjson::document_to_relaxed_json(&spec.filter),
-        });
-        writeln!(queries, "{line}")?;
-    }
-    queries.flush()?;
-    let mut events = BufWriter::new(File::create(args.dir.join("events.jsonl"))?);
-    for position in 1..=args.events {
-        writeln!(events, "{}", change_stream_json(&workload.event(position)))?;
-    }
-    events.flush()
+/// The kind and the number of initial documents, defaults applied.
+fn settings(args: &WorkloadArgs) -> (Kind, u64) {
+    let kind = args.kind.unwrap_or(if args.fanout > 0 { Kind::Chat } else { Kind::Items });
+    let docs = args.docs.unwrap_or(match kind {
+        Kind::Items | Kind::Chat => 0,
+        Kind::Feed | Kind::Shop | Kind::Mixed => 10_000,
+    });
+    (kind, docs)
 }
 
-/// The high-fan-out chat workload (see [`Chat`]).
-fn write_chat(args: &WorkloadArgs) -> std::io::Result<()> {
-    use livegrid_protocol::extjson::document_to_relaxed_json;
-    let mut chat = Chat::new(args.seed, args.queries, args.fanout);
+/// Writes the files: the initial documents as inserts (positions 1 to `docs`), the writes,
+/// and the queries, each registered once the initial documents are in.
+fn write(args: &WorkloadArgs, kind: Kind, docs: u64) -> std::io::Result<()> {
+    std::fs::create_dir_all(&args.dir)?;
+    let mut generator = generator(kind, args.seed, docs, args.queries, args.fanout);
+    let mut events = BufWriter::new(File::create(args.dir.join("events.jsonl"))?);
+    for i in 0..docs {
+        writeln!(events, "{}", change_stream_json(&generator.initial(i).at(i + 1)))?;
+    }
     let mut queries = BufWriter::new(File::create(args.dir.join("queries.jsonl"))?);
     for i in 0..args.queries {
-        let spec = chat.query(i);
-        let mut line = serde_json::json!({"id": format!("q{i}"), "ns": CHAT_NAMESPACE, "filter": document_to_relaxed_json(&spec.filter)});
-        if let Some(sort) = &spec.sort {
-            line["sort"] = document_to_relaxed_json(sort);
-        }
-        if let Some(limit) = spec.limit {
-            line["limit"] = limit.into();
-        }
-        writeln!(queries, "{line}")?;
+        let (ns, spec) = generator.query(i);
+        writeln!(queries, "{}", query_json(&format!("q{i}"), ns, &spec, docs))?;
     }
     queries.flush()?;
-    let mut events = BufWriter::new(File::create(args.dir.join("events.jsonl"))?);
-    for position in 1..=args.events {
-        writeln!(events, "{}", change_stream_json(&chat.event(position)))?;
+    for position in docs + 1..=docs + args.events {
+        writeln!(events, "{}", change_stream_json(&generator.write().at(position)))?;
     }
     events.flush()
 }
