@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks whose figures README.md records.
-# Usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|aggregation|cluster|all]
+# Usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|aggregation|cluster|peers|all]
 #   matcher  criterion: filter evaluation and compilation
 #   grid     events/s, write-to-delta latency and memory per query with 1k/10k/100k queries
 #            (LIVEGRID_BENCH_QUERIES, LIVEGRID_BENCH_GRID, LIVEGRID_BENCH_RATE to vary it)
@@ -29,6 +29,9 @@
 #            1x1, 1x2 on one process, 1x2 and 2x1 on two; events/s, deltas/s, p99, bytes
 #            between processes per event; a cost model fitted to them and its projection to
 #            4-64 processes (scripts/cluster_bench.py; LIVEGRID_CLUSTER_EVENTS, _QUERIES)
+#   peers    livegrid replay against brute-force matching in Node (sift, mingo) on the same
+#            mixed workload files, 1,000, 10,000 and 100,000 queries (scripts/peers_bench.py;
+#            installs the peers with npm ci; LIVEGRID_PEERS_QUERIES, LIVEGRID_PEERS_EVENTS)
 #   writes   acknowledged single-document writes/s from 64 concurrent keep-alive clients,
 #            durable (group commit) and periodic (LIVEGRID_WRITERS, LIVEGRID_WRITES_SECONDS)
 set -euo pipefail
@@ -132,6 +135,12 @@ run_cluster() {
   python3 scripts/cluster_bench.py --events "${LIVEGRID_CLUSTER_EVENTS:-200000}" \
     --queries "${LIVEGRID_CLUSTER_QUERIES:-10000}" --out "${LIVEGRID_CLUSTER_OUT:-/dev/null}"
 }
+run_peers() {
+  echo "== peers: livegrid against brute-force matching (sift, mingo) on the mixed workload"
+  cargo build --release --quiet --bin livegrid
+  python3 scripts/peers_bench.py --queries "${LIVEGRID_PEERS_QUERIES:-1000,10000,100000}" \
+    --events "${LIVEGRID_PEERS_EVENTS:-50000}" --out "${LIVEGRID_PEERS_OUT:-/dev/null}"
+}
 case "$what" in
   matcher) run_matcher ;;
   grid) run_grid ;;
@@ -145,6 +154,7 @@ case "$what" in
   acl) run_acl ;;
   aggregation) run_aggregation ;;
   cluster) run_cluster ;;
-  all) run_matcher; run_grid; run_replay; run_fanout; run_serve_fanout; run_load; run_writes; run_mongodb; run_cache; run_acl; run_aggregation; run_cluster ;;
-  *) echo "usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|aggregation|cluster|all]" >&2; exit 2 ;;
+  peers) run_peers ;;
+  all) run_matcher; run_grid; run_replay; run_fanout; run_serve_fanout; run_load; run_writes; run_mongodb; run_cache; run_acl; run_aggregation; run_cluster; run_peers ;;
+  *) echo "usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|aggregation|cluster|peers|all]" >&2; exit 2 ;;
 esac

@@ -256,7 +256,9 @@ fn every_workload_kind_replays_exactly() {
             .output()
             .unwrap();
         assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-        finish(replay(dir, "out.jsonl", &[]));
+        let said = finish(replay(dir, "out.jsonl", &[]));
+        let summary: serde_json::Value = serde_json::from_str(said.trim().lines().last().unwrap()).unwrap();
+        assert_eq!(summary["writes_only_events"], 600, "timed from the queries' registration on: {summary}");
         let state = final_state(dir);
         let live = results(&dir.join("out.jsonl"));
         let lines = std::fs::read_to_string(dir.join("queries.jsonl")).unwrap();

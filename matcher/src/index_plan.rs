@@ -221,6 +221,7 @@ fn collect_ops(path: &FieldPath, ops: &OpTree, out: &mut Vec<IndexPlan>) {
             };
             out.push(IndexPlan::Range { path: path.clone(), lower, upper });
         }
+        OpTree::Leaf(Pred::Regex(regex)) => out.extend(regex_prefix_plan(path, regex)),
         OpTree::Leaf(Pred::ElemMatchValue(inner)) => collect_ops(path, inner, out),
         OpTree::Leaf(Pred::ElemMatchDocument(expr)) => {
             let inner = IndexPlan::of(expr);
@@ -230,6 +231,56 @@ fn collect_ops(path: &FieldPath, ops: &OpTree, out: &mut Vec<IndexPlan>) {
         }
         OpTree::Leaf(_) | OpTree::Const(_) | OpTree::Not(_) => {}
     }
+}
+
+/// An anchored regular expression with a literal prefix (`^abc…`; without the `i`, `m` or `x`
+/// option and without alternation) matches only strings from the prefix up to the prefix's
+/// successor, and (as MongoDB's equality does) a stored regular expression equal to it.
+fn regex_prefix_plan(path: &FieldPath, regex: &crate::regex::MongoRegex) -> Option<IndexPlan> {
+    let (pattern, options) = (regex.pattern(), regex.options());
+    if options.contains(['i', 'm', 'x']) || pattern.contains('|') {
+        return None;
+    }
+    let rest = pattern.strip_prefix('^').or_else(|| pattern.strip_prefix("\\A"))?;
+    let mut prefix = String::new();
+    let mut chars = rest.chars().peekable();
+    while let Some(&c) = chars.peek() {
+        if ".^$*+?()[]{}|\\".contains(c) {
+            break;
+        }
+        prefix.push(c);
+        chars.next();
+    }
+    // A quantifier may drop or repeat the last literal character.
+    if matches!(chars.peek(), Some('*' | '?' | '{')) {
+        prefix.pop();
+    }
+    if prefix.is_empty() {
+        return None;
+    }
+    let upper = successor(&prefix).map(|s| Bound { value: Bson::String(s), inclusive: false });
+    let lower = Some(Bound { value: Bson::String(prefix), inclusive: true });
+    let itself = Bson::RegularExpression(bson::Regex {
+        pattern: pattern.to_string().try_into().ok()?,
+        options: options.to_string().try_into().ok()?,
+    });
+    Some(IndexPlan::Union(vec![
+        IndexPlan::Range { path: path.clone(), lower, upper },
+        IndexPlan::Equality { path: path.clone(), values: vec![itself] },
+    ]))
+}
+
+/// The smallest string above every string that starts with `prefix` (strings compare by
+/// their UTF-8 bytes, which order as code points), or `None` when there is none.
+fn successor(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        if let Some(next) = (last as u32 + 1..=char::MAX as u32).find_map(char::from_u32) {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
 }
 
 /// `null` also matches missing values, which no index key represents.
@@ -295,6 +346,41 @@ mod tests {
 
     fn path(p: &str) -> FieldPath {
         FieldPath::parse(p).unwrap()
+    }
+
+    #[test]
+    fn anchored_regexes_plan_the_range_of_their_prefix() {
+        let admits = |filter: Document, d: Document| plan(filter).admits(&d);
+        let prefix = doc! {"name": {"$regex": "^p12-"}};
+        assert!(matches!(plan(prefix.clone()), IndexPlan::Union(_)));
+        assert!(admits(prefix.clone(), doc! {"name": "p12-lamp"}));
+        assert!(admits(prefix.clone(), doc! {"name": ["x", "p12-"]}));
+        assert!(!admits(prefix.clone(), doc! {"name": "p13-lamp"}));
+        assert!(!admits(prefix.clone(), doc! {"name": "p12"}));
+        // A stored regular expression equal to the query's matches it, as in MongoDB.
+        let stored = Bson::RegularExpression(bson::Regex {
+            pattern: "^p12-".to_string().try_into().unwrap(),
+            options: String::new().try_into().unwrap(),
+        });
+        assert!(admits(prefix, doc! {"name": stored}));
+        // A quantifier after the last literal: the prefix stops before it.
+        assert!(admits(doc! {"name": {"$regex": "^abc*"}}, doc! {"name": "ab"}));
+        assert!(admits(doc! {"name": {"$regex": "^ab{0,2}"}}, doc! {"name": "a"}));
+        // The successor of a prefix ending in the largest character.
+        assert!(admits(doc! {"n": {"$regex": "^a\u{10FFFF}"}}, doc! {"n": "a\u{10FFFF}z"}));
+        assert_eq!(successor("ab"), Some("ac".into()));
+        assert_eq!(successor("a\u{10FFFF}"), Some("b".into()));
+        assert_eq!(successor("\u{D7FF}"), Some("\u{E000}".into()));
+        // Case-insensitive, multiline, alternation, unanchored: no plan.
+        for filter in [
+            doc! {"name": {"$regex": "^p12", "$options": "i"}},
+            doc! {"name": {"$regex": "^p12", "$options": "m"}},
+            doc! {"name": {"$regex": "^p1|q"}},
+            doc! {"name": {"$regex": "p12"}},
+            doc! {"name": {"$regex": "^.p"}},
+        ] {
+            assert_eq!(plan(filter.clone()), IndexPlan::Scan, "{filter}");
+        }
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //! `skipped` (events without a document change), `queries`, `results`, `deltas`, `seconds`,
 //! `events_per_sec`, `deltas_per_sec`, `p50_latency_ms`, `p99_latency_ms` (from a write entering the engine to
 //! its delta leaving it), `cluster_bytes_sent` (bytes sent to the other processes of a
-//! cluster; 0 on one process).
+//! cluster; 0 on one process), `writes_only_events` and `writes_only_events_per_sec` (the
+//! events after every query was registered and in the grid: the clock restarts there, so
+//! initial results are not counted against the writes).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -154,6 +156,8 @@ pub fn execute(args: &ReplayArgs) -> Result<String, ReplayError> {
         return Err(ReplayError::Failed("the engine did not take the queries within 10 minutes".into()));
     }
     let started = Instant::now();
+    // The writes-only phase: from when every query is registered and in the grid.
+    let mut writes_only = (next_query == queries.len()).then_some((started, 0u64));
     loop {
         // A batch ends where the next query is due, so that it sees exactly `after` events.
         let until_query = queries.get(next_query).map_or(u64::MAX, |q| q.after.saturating_sub(source.applied()));
@@ -162,6 +166,14 @@ pub fn execute(args: &ReplayArgs) -> Result<String, ReplayError> {
             Pulled::Events(events) => {
                 engine.submit(events).map_err(|e| ReplayError::Failed(e.to_string()))?;
                 register_due(source.applied(), &mut next_query, &engine)?;
+                if writes_only.is_none() && next_query == queries.len() {
+                    if !engine.settle(Duration::from_secs(600)) {
+                        return Err(ReplayError::Failed(
+                            "the engine did not take the queries within 10 minutes".into(),
+                        ));
+                    }
+                    writes_only = Some((Instant::now(), source.applied()));
+                }
             }
             Pulled::Idle => {}
             Pulled::Ended => break,
@@ -174,11 +186,13 @@ pub fn execute(args: &ReplayArgs) -> Result<String, ReplayError> {
         return Err(ReplayError::Failed("the engine did not finish within 10 minutes".into()));
     }
     let seconds = started.elapsed().as_secs_f64();
+    let writes_only = writes_only.map(|(from, applied)| (source.applied() - applied, from.elapsed().as_secs_f64()));
     engine.close();
     let sent = engine.cluster_bytes_sent();
     drop(engine);
     let stats = writer.join().map_err(|_| ReplayError::Failed("output writer panicked".into()))??;
-    Ok(summary(source.applied(), source.skipped(), queries.len(), &stats, seconds, sent))
+    let totals = Totals { events: source.applied(), skipped: source.skipped(), queries: queries.len(), seconds, sent };
+    Ok(summary(&totals, &stats, writes_only))
 }
 
 fn read_lines(path: &Path) -> Result<Vec<String>, ReplayError> {
@@ -301,11 +315,30 @@ fn write_messages(
     Ok(stats)
 }
 
-fn summary(events: u64, skipped: u64, queries: usize, stats: &OutputStats, seconds: f64, sent: u64) -> String {
+/// What a replay did, for its summary.
+struct Totals {
+    events: u64,
+    skipped: u64,
+    queries: usize,
+    seconds: f64,
+    /// Bytes sent to the other processes of a cluster.
+    sent: u64,
+}
+
+/// The summary line; `writes_only`: events and seconds after every query was registered.
+fn summary(totals: &Totals, stats: &OutputStats, writes_only: Option<(u64, f64)>) -> String {
+    let Totals { events, skipped, queries, seconds, sent } = *totals;
     let latencies = &stats.latencies;
     let percentile =
         |p: f64| -> Option<f64> { (!latencies.is_empty()).then(|| latencies.value_at_quantile(p) as f64 / 1000.0) };
+    let (writes_only_events, writes_only_seconds) = writes_only.unwrap_or((0, 0.0));
     serde_json::json!({
+        "writes_only_events": writes_only_events,
+        "writes_only_events_per_sec": if writes_only_seconds > 0.0 {
+            (writes_only_events as f64 / writes_only_seconds).round()
+        } else {
+            0.0
+        },
         "cluster_bytes_sent": sent,
         "events": events,
         "skipped": skipped,

@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""livegrid against brute-force matching peers on the very same workload files.
+
+For each number of queries, one `livegrid workload` (the mixed kind by default) is replayed by
+`livegrid replay` (release build: live results and deltas; timed from when every query is
+registered and in the grid, `writes_only_events_per_sec`) and matched by the Node peers in benches/peers (sift and mingo: every
+change tested against every subscription of its collection, before and after the write, the
+way Meteor- and Parse-style servers do; only events after registration timed). Reported:
+events/s of each, and the ratio livegrid / the faster peer.
+
+Usage: scripts/peers_bench.py [--kind mixed] [--queries 1000,10000] [--docs 10000]
+                              [--events 50000] [--peer-seconds 30] [--out FILE.json]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+BIN = os.path.join(ROOT, "target", "release", "livegrid")
+PEERS = os.path.join(ROOT, "benches", "peers")
+
+
+def last_json(text):
+    for line in reversed(text.strip().splitlines()):
+        if line.strip().startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"no summary in: {text[-2000:]}")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kind", default="mixed")
+    parser.add_argument("--queries", default="1000,10000")
+    parser.add_argument("--docs", type=int, default=10_000)
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--peer-seconds", type=float, default=30, help="time limit of one peer run")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if not os.path.isdir(os.path.join(PEERS, "node_modules")):
+        print("== installing the peers (npm ci in benches/peers)", file=sys.stderr, flush=True)
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=PEERS, check=True)
+    rows = []
+    for queries in [int(q) for q in args.queries.split(",")]:
+        work = tempfile.mkdtemp(prefix="livegrid-peers-")
+        subprocess.run(
+            [BIN, "workload", "--kind", args.kind, "--out", work, "--docs", str(args.docs),
+             "--events", str(args.events), "--queries", str(queries)],
+            check=True, stderr=subprocess.DEVNULL,
+        )
+        files = ["--events", f"{work}/events.jsonl", "--queries", f"{work}/queries.jsonl"]
+        print(f"== {args.kind}, {queries} queries: livegrid replay", file=sys.stderr, flush=True)
+        done = subprocess.run([BIN, "replay", *files, "--out", f"{work}/out.jsonl"], capture_output=True, text=True,
+                              check=True)
+        livegrid = last_json(done.stderr)
+        # The writes after every query is registered, as for the peers (which read no initial
+        # results): livegrid's clock restarts once the queries are in the grid.
+        row = {"kind": args.kind, "queries": queries, "docs": args.docs, "events": args.events,
+               "livegrid_events_per_sec": livegrid["writes_only_events_per_sec"],
+               "livegrid_events_timed": livegrid["writes_only_events"],
+               "livegrid_all_events_per_sec": livegrid["events_per_sec"], "livegrid_deltas": livegrid["deltas"]}
+        for engine in ["sift", "mingo"]:
+            print(f"== {args.kind}, {queries} queries: {engine}", file=sys.stderr, flush=True)
+            peer = subprocess.run(
+                ["node", os.path.join(PEERS, "match.mjs"), *files, "--engine", engine,
+                 "--max-seconds", str(args.peer_seconds)],
+                capture_output=True, text=True, check=True,
+            )
+            summary = last_json(peer.stdout)
+            row[f"{engine}_events_per_sec"] = summary["events_per_sec"]
+            row[f"{engine}_events_timed"] = summary["events"]
+        faster = max(row["sift_events_per_sec"], row["mingo_events_per_sec"])
+        row["ratio_to_faster_peer"] = round(row["livegrid_events_per_sec"] / max(faster, 1), 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        subprocess.run(["rm", "-rf", work])
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"rows": rows, "cpus": os.cpu_count()}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
