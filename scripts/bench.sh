@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs the benchmarks whose figures README.md records.
-# Usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|aggregation|cluster|peers|all]
+# Usage: scripts/bench.sh [--quick|matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|aggregation|cluster|peers|all]
+#   --quick  a smoke run of the peers and cluster comparisons on small workloads (after the
+#            release build, a few minutes), results in benches/results/<date>-quick-*.json
 #   matcher  criterion: filter evaluation and compilation
 #   grid     events/s, write-to-delta latency and memory per query with 1k/10k/100k queries
 #            (LIVEGRID_BENCH_QUERIES, LIVEGRID_BENCH_GRID, LIVEGRID_BENCH_RATE to vary it)
@@ -141,7 +143,19 @@ run_peers() {
   python3 scripts/peers_bench.py --queries "${LIVEGRID_PEERS_QUERIES:-1000,10000,100000}" \
     --events "${LIVEGRID_PEERS_EVENTS:-50000}" --out "${LIVEGRID_PEERS_OUT:-/dev/null}"
 }
+run_quick() {
+  echo "== quick: release build"
+  cargo build --release --quiet --bin livegrid
+  local day; day=$(date +%F)
+  echo "== quick: peers (mixed workload, 1,000 and 10,000 queries, peers stopped after 5 s)"
+  python3 scripts/peers_bench.py --queries 1000,10000 --docs 5000 --events 20000 --peer-seconds 5 \
+    --out "benches/results/$day-quick-peers.json"
+  echo "== quick: cluster (one process against two, 50,000 events, 5,000 queries, one run each)"
+  python3 scripts/cluster_bench.py --events 50000 --queries 5000 --repeat 1 \
+    --out "benches/results/$day-quick-cluster.json"
+}
 case "$what" in
+  --quick) run_quick ;;
   matcher) run_matcher ;;
   grid) run_grid ;;
   replay) run_replay ;;
@@ -156,5 +170,5 @@ case "$what" in
   cluster) run_cluster ;;
   peers) run_peers ;;
   all) run_matcher; run_grid; run_replay; run_fanout; run_serve_fanout; run_load; run_writes; run_mongodb; run_cache; run_acl; run_aggregation; run_cluster; run_peers ;;
-  *) echo "usage: scripts/bench.sh [matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|aggregation|cluster|peers|all]" >&2; exit 2 ;;
+  *) echo "usage: scripts/bench.sh [--quick|matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|aggregation|cluster|peers|all]" >&2; exit 2 ;;
 esac
