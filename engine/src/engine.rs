@@ -328,6 +328,19 @@ impl Shared {
         Ok(())
     }
 
+    /// Sends a request to the feeding process, through this process's input to the grid
+    /// (callers hold the ingest lock).
+    fn forward(&self, ingest: &Ingest, request: Forward) -> Result<(), EngineError> {
+        self.send(ingest, Command::Feed(vec![GridInput::Forward(Box::new(request))], Position::ZERO))
+    }
+
+    /// The namespace and query of a window this process re-reads, if `key` is one.
+    fn window_spec(&self, key: QueryKey) -> Option<(Arc<str>, QuerySpec)> {
+        let ingest = self.ingest.lock().expect("ingest lock");
+        let Some(Subscribed { ns, window_spec: Some(spec), .. }) = ingest.subscriptions.get(&key) else { return None };
+        Some((ns.clone(), (**spec).clone()))
+    }
+
     /// Ends a subscription in the grid; `false` when it was not registered.
     fn unregister(&self, ingest: &mut Ingest, key: QueryKey) -> Result<bool, EngineError> {
         if let Some((core, _)) = ingest.views.remove(&key) {
@@ -499,9 +512,12 @@ impl Shared {
                 self.unregister(&mut ingest, key).map(|_| ())
             }
             Forward::Reread { key, snapshot } => {
+                // Compiled outside the ingest lock; a window that ended meanwhile is let go.
+                let Some((_, spec)) = self.window_spec(key) else { return };
+                let placed = Query::compile(&spec).map(|query| place_reread(self, key, &query, snapshot.into()));
                 // Too old for the retention buffer (the read took long): read here instead,
                 // on the re-read threads (this thread must not wait on MongoDB).
-                if let Err(Placed::Stale(_)) = place_reread(self, key, snapshot.into()) {
+                if let Ok(Err(Placed::Stale(_))) = placed {
                     self.pending_rereads.fetch_add(1, Ordering::AcqRel);
                     if rereads.send(key).is_err() {
                         self.pending_rereads.fetch_sub(1, Ordering::AcqRel);
@@ -862,7 +878,7 @@ impl Engine {
     /// Sends a request to the feeding process, through this process's input to the grid.
     fn forward(&self, request: Forward) -> Result<(), EngineError> {
         let ingest = self.shared.ingest.lock().expect("ingest lock");
-        self.send(&ingest, Command::Feed(vec![GridInput::Forward(Box::new(request))], Position::ZERO))
+        self.shared.forward(&ingest, request)
     }
 
     /// Waits while the grid is more than `max_inflight` feed commands behind.
@@ -1270,11 +1286,7 @@ fn route(
 /// feed it, forwards it to the feeding process), retrying with backoff; a subscription whose
 /// re-read keeps failing ends with an error its client can act on.
 fn reread(shared: &Shared, key: QueryKey, events: &Sender<EngineEvent>) {
-    let (ns, spec) = {
-        let ingest = shared.ingest.lock().expect("ingest lock");
-        let Some(Subscribed { ns, window_spec: Some(spec), .. }) = ingest.subscriptions.get(&key) else { return };
-        (ns.clone(), (**spec).clone())
-    };
+    let Some((ns, spec)) = shared.window_spec(key) else { return };
     let mut last_error = String::new();
     let compiled = Query::compile(&spec);
     for wait in REREAD_BACKOFF {
@@ -1303,14 +1315,12 @@ fn reread(shared: &Shared, key: QueryKey, events: &Sender<EngineEvent>) {
             if !ingest.subscriptions.contains_key(&key) {
                 return;
             }
-            let request = Forward::Reread { key, snapshot: snapshot.into() };
-            if shared.send(&ingest, Command::Feed(vec![GridInput::Forward(Box::new(request))], Position::ZERO)).is_ok()
-            {
+            if shared.forward(&ingest, Forward::Reread { key, snapshot: snapshot.into() }).is_ok() {
                 shared.rereads.fetch_add(1, Ordering::AcqRel);
             }
             return;
         }
-        match place_reread(shared, key, snapshot) {
+        match place_reread(shared, key, query, snapshot) {
             Ok(()) | Err(Placed::Gone) => return,
             Err(Placed::Stale(error)) => last_error = error,
         }
@@ -1323,8 +1333,7 @@ fn reread(shared: &Shared, key: QueryKey, events: &Sender<EngineEvent>) {
             if ingest.subscriptions.remove(&key).is_none() {
                 return;
             }
-            let request = Forward::Unregister { key };
-            let _ = shared.send(&ingest, Command::Feed(vec![GridInput::Forward(Box::new(request))], Position::ZERO));
+            let _ = shared.forward(&ingest, Forward::Unregister { key });
         } else if !matches!(shared.unregister(&mut ingest, key), Ok(true)) {
             return;
         }
@@ -1343,20 +1352,19 @@ enum Placed {
 }
 
 /// Places a window's re-read against the retention buffer and feeds it (on the feeding
-/// process).
-fn place_reread(shared: &Shared, key: QueryKey, snapshot: Snapshot) -> Result<(), Placed> {
+/// process); `query` is the window's query, compiled.
+fn place_reread(shared: &Shared, key: QueryKey, query: &Query, snapshot: Snapshot) -> Result<(), Placed> {
     let ingest = shared.ingest.lock().expect("ingest lock");
     let Some(Subscribed { ns, window_spec: Some(spec), .. }) = ingest.subscriptions.get(&key) else {
         return Err(Placed::Gone);
     };
-    let Ok(query) = Query::compile(spec) else { return Err(Placed::Gone) };
     let Some(replay) = ingest.retention.since(snapshot.position) else {
         return Err(Placed::Stale(format!(
             "snapshot at position {} is older than the retention buffer",
             snapshot.position
         )));
     };
-    let records = build_registration(shared.shape, key, ns, spec, &query, snapshot, &replay, true);
+    let records = build_registration(shared.shape, key, ns, spec, query, snapshot, &replay, true);
     let position = ingest.retention.last_position();
     if shared.send(&ingest, Command::Feed(records, position)).is_ok() {
         shared.rereads.fetch_add(1, Ordering::AcqRel);
