@@ -1,0 +1,363 @@
+//! End to end over WebSockets against a live-query server running as its own process:
+//! `livegrid serve` or Parse Server's LiveQuery (`benches/peers/parse_server.mjs`, on
+//! PostgreSQL). The same clients, subscriptions and writes for both; `scripts/e2e_bench.py`
+//! starts the servers and runs this once per target and write rate.
+//!
+//! `LIVEGRID_E2E_CONNECTIONS` WebSocket connections (default 100) hold
+//! `LIVEGRID_E2E_SUBSCRIPTIONS` subscriptions (default 2,000) to `{"room": "r<k / fanout>"}`,
+//! so every `LIVEGRID_E2E_FANOUT` subscriptions (default 10) share a room, spread over as
+//! many connections. Writes insert one message each into a random room through the server's
+//! REST API (livegrid: `POST /v1/db/bench/run<N>`; Parse: `POST /parse/classes/Run<N>`), from
+//! `LIVEGRID_E2E_WRITERS` keep-alive connections (default 64), paced at `LIVEGRID_E2E_RATE`
+//! writes/s for `LIVEGRID_E2E_SECONDS` (default 10). Both servers acknowledge a write once it
+//! is durable (livegrid's group commit, PostgreSQL's commit).
+//!
+//! Each write changes exactly `fanout` subscriptions' results: the oracle. Every notification
+//! is checked against it (the subscription it names must be one of its room's), and after
+//! the writes the harness waits for the missing ones (until none arrive for
+//! `LIVEGRID_E2E_DRAIN` seconds, default 5). Latency is from sending a write (the time is in
+//! the document, `t`) to a client receiving its notification; the clients share the machine
+//! with the server, for both targets alike.
+//!
+//! Prints one JSON line: offered and achieved writes/s, notifications expected, received,
+//! lost and wrong, notifications/s, latency percentiles and the CDF (for the plots).
+//! `LIVEGRID_E2E_HOST` is the server's `host:port` (default 127.0.0.1:8080);
+//! `LIVEGRID_E2E_RUN` numbers the collection (class) so that every run starts empty.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use futures_util::{SinkExt, StreamExt};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn micros() -> u64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_micros() as u64
+}
+
+/// The server under test and how to speak to it.
+#[derive(Clone, Copy, PartialEq)]
+enum Target {
+    Livegrid,
+    Parse,
+}
+
+#[derive(Clone)]
+struct Setup {
+    target: Target,
+    host: String,
+    run: u64,
+    fanout: usize,
+    rooms: usize,
+}
+
+impl Setup {
+    fn ws_url(&self) -> String {
+        match self.target {
+            Target::Livegrid => format!("ws://{}/v1/ws", self.host),
+            Target::Parse => format!("ws://{}/parse", self.host),
+        }
+    }
+
+    fn write_path(&self) -> String {
+        match self.target {
+            Target::Livegrid => format!("/v1/db/bench/run{}", self.run),
+            Target::Parse => format!("/parse/classes/Run{}", self.run),
+        }
+    }
+
+    /// The messages that open a connection, before its subscriptions.
+    fn hello(&self) -> Option<String> {
+        (self.target == Target::Parse).then(|| json!({"op": "connect", "applicationId": "bench"}).to_string())
+    }
+
+    fn subscribe(&self, local: usize, room: usize) -> String {
+        let room = format!("r{room}");
+        match self.target {
+            Target::Livegrid => json!({"type": "subscribe", "id": format!("s{local}"), "ns": format!("bench.run{}", self.run), "filter": {"room": room}}),
+            Target::Parse => json!({"op": "subscribe", "requestId": local + 1, "query": {"className": format!("Run{}", self.run), "where": {"room": room}}}),
+        }
+        .to_string()
+    }
+}
+
+/// What one server message is, read from its text without parsing the rest (the clients share
+/// the server's cores, so they do as little as possible).
+enum Incoming {
+    /// A subscription is in place (livegrid's initial result, Parse's `subscribed`).
+    Subscribed,
+    /// A change: the connection-local subscription, the document's room and send time.
+    Notification {
+        local: usize,
+        room: Option<usize>,
+        sent: Option<u64>,
+    },
+    Other,
+}
+
+fn number_after(text: &str, key: &str) -> Option<u64> {
+    let start = text.find(key)? + key.len();
+    let digits = &text[start..];
+    let end = digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+fn classify(target: Target, text: &str) -> Incoming {
+    let room = number_after(text, r#""room":"r"#).map(|r| r as usize);
+    let sent = number_after(text, r#""t":"#);
+    match target {
+        Target::Livegrid if text.starts_with(r#"{"type":"result""#) => Incoming::Subscribed,
+        Target::Livegrid if text.starts_with(r#"{"type":"delta""#) => match number_after(text, r#""id":"s"#) {
+            Some(local) => Incoming::Notification { local: local as usize, room, sent },
+            None => Incoming::Other,
+        },
+        Target::Parse if text.starts_with(r#"{"op":"subscribed""#) => Incoming::Subscribed,
+        Target::Parse if text.starts_with(r#"{"op":"create""#) => match number_after(text, r#""requestId":"#) {
+            Some(request) => Incoming::Notification { local: request.saturating_sub(1) as usize, room, sent },
+            None => Incoming::Other,
+        },
+        _ => Incoming::Other,
+    }
+}
+
+/// What all connections count together.
+#[derive(Default)]
+struct Tally {
+    subscribed: AtomicU64,
+    received: AtomicU64,
+    /// Notifications for a subscription whose room is not the document's.
+    wrong: AtomicU64,
+    /// When the latest notification arrived (micros).
+    last: AtomicU64,
+    latencies: Mutex<Vec<u64>>,
+    /// Right notifications per subscription, by global subscription number.
+    per_subscription: Vec<AtomicU64>,
+}
+
+/// One client connection holding the subscriptions `globals` (global numbers).
+async fn client(setup: Setup, globals: Vec<usize>, tally: Arc<Tally>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(16 * 1024);
+    let (mut socket, _) = tokio_tungstenite::connect_async_with_config(setup.ws_url(), Some(config), false)
+        .await
+        .expect("websocket connect");
+    if let Some(hello) = setup.hello() {
+        socket.send(Message::Text(hello.into())).await.unwrap();
+    }
+    for (local, global) in globals.iter().enumerate() {
+        socket.send(Message::Text(setup.subscribe(local, global / setup.fanout).into())).await.unwrap();
+    }
+    let mut mine = Vec::new();
+    loop {
+        let message = tokio::select! {
+            message = socket.next() => message,
+            _ = stop.changed() => break,
+        };
+        let Some(Ok(message)) = message else { break };
+        let Message::Text(text) = message else { continue };
+        let now = micros();
+        match classify(setup.target, &text) {
+            Incoming::Subscribed => {
+                tally.subscribed.fetch_add(1, Ordering::Relaxed);
+            }
+            Incoming::Notification { local, room, sent } => {
+                match globals.get(local) {
+                    Some(global) if Some(global / setup.fanout) == room => {
+                        tally.per_subscription[*global].fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        tally.wrong.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                if let Some(sent) = sent {
+                    mine.push(now.saturating_sub(sent));
+                }
+                tally.received.fetch_add(1, Ordering::Relaxed);
+                tally.last.fetch_max(now, Ordering::Relaxed);
+                if mine.len() >= 256 {
+                    tally.latencies.lock().unwrap().append(&mut mine);
+                }
+            }
+            Incoming::Other => {}
+        }
+        if text.contains(r#""type":"error""#) || text.starts_with(r#"{"op":"error""#) {
+            eprintln!("server error: {text}");
+        }
+        if text.starts_with(r#"{"type":"bye""#) {
+            break;
+        }
+    }
+    tally.latencies.lock().unwrap().append(&mut mine);
+}
+
+/// One keep-alive writer: takes writes off the shared schedule until it is done. Returns the
+/// rooms it wrote to (for the oracle) and the time of its last acknowledgement.
+async fn writer(setup: Setup, next: Arc<AtomicU64>, total: u64, rate: u64, start: Instant) -> (Vec<usize>, Instant) {
+    let stream = tokio::net::TcpStream::connect(&setup.host).await.expect("connect for writes");
+    stream.set_nodelay(true).unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    let path = setup.write_path();
+    let mut rooms = Vec::new();
+    let mut last = Instant::now();
+    loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= total {
+            break;
+        }
+        let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
+        tokio::time::sleep_until(due.into()).await;
+        // A fixed pseudo-random room per write (the same sequence for both targets).
+        let mut x = i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        x ^= x >> 31;
+        let room = (x % setup.rooms as u64) as usize;
+        let mut doc = json!({"room": format!("r{room}"), "n": i, "text": "a short chat message", "t": micros()});
+        let mut request =
+            Request::post(path.as_str()).header("host", "localhost").header("content-type", "application/json");
+        match setup.target {
+            Target::Livegrid => doc["_id"] = json!(i),
+            Target::Parse => {
+                request =
+                    request.header("x-parse-application-id", "bench").header("x-parse-master-key", "bench-master-key");
+            }
+        }
+        let response = sender.send_request(request.body(Body::from(doc.to_string())).unwrap()).await.expect("write");
+        let status = response.status();
+        let body = axum::body::to_bytes(Body::new(response.into_body()), 1 << 20).await.unwrap();
+        assert_eq!(status, 201, "write refused: {}", String::from_utf8_lossy(&body));
+        rooms.push(room);
+        last = Instant::now();
+    }
+    (rooms, last)
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return;
+    }
+    let target = match env("LIVEGRID_E2E_TARGET", "livegrid".to_string()).as_str() {
+        "livegrid" => Target::Livegrid,
+        "parse" => Target::Parse,
+        other => panic!("LIVEGRID_E2E_TARGET must be livegrid or parse, not {other}"),
+    };
+    let subscriptions: usize = env("LIVEGRID_E2E_SUBSCRIPTIONS", 2_000);
+    let connections: usize = env("LIVEGRID_E2E_CONNECTIONS", 100).clamp(1, subscriptions.max(1));
+    let fanout: usize = env("LIVEGRID_E2E_FANOUT", 10).clamp(1, subscriptions.max(1));
+    let rate: u64 = env("LIVEGRID_E2E_RATE", 100).max(1);
+    let seconds: f64 = env("LIVEGRID_E2E_SECONDS", 10.0);
+    let writers: usize = env("LIVEGRID_E2E_WRITERS", 64).max(1);
+    let drain: u64 = env("LIVEGRID_E2E_DRAIN", 5);
+    let setup = Setup {
+        target,
+        host: env("LIVEGRID_E2E_HOST", "127.0.0.1:8080".to_string()),
+        run: env("LIVEGRID_E2E_RUN", 0),
+        fanout,
+        rooms: subscriptions.div_ceil(fanout),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async move {
+        micros();
+        let tally = Arc::new(Tally {
+            per_subscription: (0..subscriptions).map(|_| AtomicU64::new(0)).collect(),
+            ..Tally::default()
+        });
+        // Subscription k lives on connection k % connections: a room's subscriptions are on
+        // different connections.
+        let mut clients = Vec::new();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        for c in 0..connections {
+            let globals: Vec<usize> = (c..subscriptions).step_by(connections).collect();
+            clients.push(tokio::spawn(client(setup.clone(), globals, tally.clone(), stopped.clone())));
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while tally.subscribed.load(Ordering::Relaxed) < subscriptions as u64 {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {subscriptions} subscriptions confirmed",
+                tally.subscribed.load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        let total = ((rate as f64 * seconds) as u64).max(1);
+        let next = Arc::new(AtomicU64::new(0));
+        let start = Instant::now();
+        let started_micros = micros();
+        let tasks: Vec<_> =
+            (0..writers).map(|_| tokio::spawn(writer(setup.clone(), next.clone(), total, rate, start))).collect();
+        let mut rooms = vec![0u64; setup.rooms];
+        let mut last_ack = start;
+        for task in tasks {
+            let (written, last) = task.await.unwrap();
+            for room in written {
+                rooms[room] += 1;
+            }
+            last_ack = last_ack.max(last);
+        }
+        let write_seconds = (last_ack - start).as_secs_f64().max(1e-3);
+        let expected: u64 = (0..subscriptions).map(|k| rooms[k / fanout]).sum();
+        let mut seen = (tally.received.load(Ordering::Relaxed), Instant::now());
+        let hard = Instant::now() + Duration::from_secs(120);
+        while seen.0 < expected && seen.1.elapsed() < Duration::from_secs(drain) && Instant::now() < hard {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = tally.received.load(Ordering::Relaxed);
+            if now != seen.0 {
+                seen = (now, Instant::now());
+            }
+        }
+        let received = tally.received.load(Ordering::Relaxed);
+        let last = tally.last.load(Ordering::Relaxed).max(started_micros + 1);
+        let notify_seconds = (last - started_micros) as f64 / 1e6;
+        stop.send_replace(true);
+        for client in clients {
+            client.await.unwrap();
+        }
+        // The oracle: subscription k gets exactly the writes to its room; a notification more is
+        // a duplicate, one fewer a loss.
+        let got = |k: usize| tally.per_subscription[k].load(Ordering::Relaxed);
+        let lost: u64 = (0..subscriptions).map(|k| rooms[k / fanout].saturating_sub(got(k))).sum();
+        let duplicates: u64 = (0..subscriptions).map(|k| got(k).saturating_sub(rooms[k / fanout])).sum();
+        let wrong = tally.wrong.load(Ordering::Relaxed) + duplicates;
+        let mut all = std::mem::take(&mut *tally.latencies.lock().unwrap());
+        all.sort_unstable();
+        let pct = |p: f64| {
+            all.get(((all.len().saturating_sub(1)) as f64 * p).round() as usize)
+                .map_or(f64::NAN, |v| *v as f64 / 1000.0)
+        };
+        let mut quantiles: Vec<f64> = (0..=100).map(|q| q as f64 / 100.0).collect();
+        quantiles.extend([0.995, 0.999, 0.9999]);
+        quantiles.sort_by(f64::total_cmp);
+        let cdf: Vec<[f64; 2]> = quantiles.iter().map(|q| [pct(*q), *q]).collect();
+        let achieved = total as f64 / write_seconds;
+        let summary = json!({
+            "target": match target { Target::Livegrid => "livegrid", Target::Parse => "parse" },
+            "connections": connections,
+            "subscriptions": subscriptions,
+            "fanout": fanout,
+            "writers": writers,
+            "offered_writes_per_sec": rate,
+            "writes": total,
+            "achieved_writes_per_sec": achieved,
+            "expected": expected,
+            "received": received,
+            "lost": lost,
+            "wrong": wrong,
+            "notifications_per_sec": received as f64 / notify_seconds,
+            "sustained": lost == 0 && wrong == 0 && achieved >= 0.95 * rate as f64,
+            "p50_ms": pct(0.5),
+            "p90_ms": pct(0.9),
+            "p99_ms": pct(0.99),
+            "max_ms": pct(1.0),
+            "cdf_ms": cdf,
+        });
+        println!("{summary}");
+    });
+}
