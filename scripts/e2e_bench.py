@@ -94,7 +94,7 @@ def start_parse(work, postgres, classes):
     log = os.path.join(work, "parse.log")
     process = subprocess.Popen(
         ["node", os.path.join(PEERS, "parse_server.mjs"), "--port", str(port), "--database", postgres.uri,
-         "--classes", str(classes)],
+         "--classes", str(classes), "--logs", os.path.join(work, "parse-logs")],
         stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=PEERS)
     wait_for(process, lambda: "ready" in open(log).read(), "Parse Server", log)
     return process, port

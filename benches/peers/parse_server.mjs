@@ -4,7 +4,7 @@
 // REST writes at /parse, LiveQuery WebSockets on the same port. Writes are acknowledged once
 // PostgreSQL has committed them (its defaults: fsync and synchronous_commit on).
 //
-// Usage: node parse_server.mjs --port P --database postgres://... [--classes N]
+// Usage: node parse_server.mjs --port P --database postgres://... [--classes N] [--logs DIR]
 // LiveQuery is enabled for the classes Run0 .. Run<N-1> (one per benchmark run). Prints
 // "ready" on stdout once it listens.
 
@@ -17,6 +17,7 @@ for (let i = 0; i < argv.length; i += 2) {
   if (flag === '--port') args.port = Number(value);
   else if (flag === '--database') args.database = value;
   else if (flag === '--classes') args.classes = Number(value);
+  else if (flag === '--logs') args.logs = value;
   else throw new Error(`unknown flag ${flag}`);
 }
 if (!args.port || !args.database) {
@@ -35,6 +36,7 @@ await ParseServer.startApp({
   startLiveQueryServer: true,
   liveQuery: { classNames },
   logLevel: 'error',
+  logsFolder: args.logs ?? './logs',
   verifyServerUrl: false,
 });
 console.log('ready');
