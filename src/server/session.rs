@@ -64,6 +64,8 @@ const CLOSE_INVALID_DATA: u16 = 1007;
 const CLOSE_PROTOCOL: u16 = 1002;
 /// Close code for a server error (here: the server failed).
 const CLOSE_INTERNAL: u16 = 1011;
+/// Queued messages written to a connection's socket in one go, at most.
+const SEND_BATCH: usize = 64;
 
 /// Runs a session until the connection ends. `permit` keeps the connection's place under the
 /// connection cap for as long as the session lives.
@@ -133,9 +135,21 @@ pub async fn run(socket: WebSocket, state: AppState, permit: Option<ConnectionPe
                 }
             }
             Some(text) = outgoing.recv() => {
-                outbox.taken(text.len());
-                metrics::counter!("livegrid_messages_out").increment(1);
-                match tokio::time::timeout(send_timeout, sink.send(Message::Text(text.into()))).await {
+                // The messages already waiting go out with this one: one flush (one write to
+                // the socket) for the batch instead of one per message.
+                let send = async {
+                    let mut next = Some(text);
+                    let mut batch = 0;
+                    while let Some(text) = next {
+                        outbox.taken(text.len());
+                        metrics::counter!("livegrid_messages_out").increment(1);
+                        sink.feed(Message::Text(text.into())).await?;
+                        batch += 1;
+                        next = if batch < SEND_BATCH { outgoing.try_recv().ok() } else { None };
+                    }
+                    sink.flush().await
+                };
+                match tokio::time::timeout(send_timeout, send).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => break None,
                     Err(_) => {
