@@ -21,6 +21,8 @@
 //!
 //! Prints one JSON line: offered and achieved writes/s, notifications expected, received,
 //! lost and wrong, notifications/s, latency percentiles and the CDF (for the plots).
+//! Once every subscription is confirmed it prints `{"subscribed": N}` and waits
+//! `LIVEGRID_E2E_HOLD` seconds (default 0) before writing, for a memory reading.
 //! `LIVEGRID_E2E_HOST` is the server's `host:port` (default 127.0.0.1:8080);
 //! `LIVEGRID_E2E_RUN` numbers the collection (class) so that every run starts empty.
 
@@ -255,6 +257,7 @@ fn main() {
     let seconds: f64 = env("LIVEGRID_E2E_SECONDS", 10.0);
     let writers: usize = env("LIVEGRID_E2E_WRITERS", 64).max(1);
     let drain: u64 = env("LIVEGRID_E2E_DRAIN", 5);
+    let hold: f64 = env("LIVEGRID_E2E_HOLD", 0.0);
     let setup = Setup {
         target,
         host: env("LIVEGRID_E2E_HOST", "127.0.0.1:8080".to_string()),
@@ -286,6 +289,9 @@ fn main() {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // The subscriptions are in place: whoever measures the server's memory may do it now.
+        println!("{}", json!({"subscribed": subscriptions}));
+        tokio::time::sleep(Duration::from_secs_f64(hold)).await;
 
         let total = ((rate as f64 * seconds) as u64).max(1);
         let next = Arc::new(AtomicU64::new(0));

@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Runs the benchmarks whose figures README.md records.
-# Usage: scripts/bench.sh [--quick|matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|aggregation|cluster|peers|all]
-#   --quick  a smoke run of the peers and cluster comparisons on small workloads (after the
-#            release build, a few minutes), results in benches/results/<date>-quick-*.json
+# Usage: scripts/bench.sh [--quick|matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|aggregation|cluster|peers|e2e|plots|all]
+#   all      (the default) every part below in one go, with progress lines; each part's figures
+#            go to benches/results/<date>-<part>.json with the machine description, then the
+#            plots to benches/results/plots (several hours on 2 cores)
+#   --quick  a smoke run of the comparisons on small workloads: peers, Parse Server end to end,
+#            cluster, then the plots (about 3 minutes after the builds); results in
+#            benches/results/<date>-quick-*.json, plots in benches/results/plots-quick
+#            (both ignored by git)
 #   matcher  criterion: filter evaluation and compilation
 #   grid     events/s, write-to-delta latency and memory per query with 1k/10k/100k queries
-#            (LIVEGRID_BENCH_QUERIES, LIVEGRID_BENCH_GRID, LIVEGRID_BENCH_RATE to vary it)
+#            (LIVEGRID_BENCH_QUERIES, LIVEGRID_BENCH_GRID, LIVEGRID_BENCH_RATE to vary it);
+#            in `all`: 1k-1M queries on 1x1, 10k and 100k on 1x2 and 2x1
 #   replay   livegrid replay end to end on a generated workload (JSON parsing included)
 #   load     livegrid serve with 1,000 WebSocket connections and 10,000 subscriptions
 #            (LIVEGRID_LOAD_RATE, LIVEGRID_LOAD_SECONDS, LIVEGRID_DURABILITY)
@@ -34,125 +40,179 @@
 #   peers    livegrid replay against brute-force matching in Node (sift, mingo) on the same
 #            mixed workload files, 1,000, 10,000 and 100,000 queries (scripts/peers_bench.py;
 #            installs the peers with npm ci; LIVEGRID_PEERS_QUERIES, LIVEGRID_PEERS_EVENTS)
+#   e2e      livegrid serve against Parse Server LiveQuery on PostgreSQL, end to end over
+#            WebSockets: 2,000 subscriptions on 100 connections, REST writes at rising rates,
+#            notifications/s, losses against an oracle, latency CDFs (scripts/e2e_bench.py;
+#            starts PostgreSQL and Parse Server itself, installing them when missing)
+#   plots    renders the newest results to benches/results/plots (scripts/plot_results.py)
 #   writes   acknowledged single-document writes/s from 64 concurrent keep-alive clients,
 #            durable (group commit) and periodic (LIVEGRID_WRITERS, LIVEGRID_WRITES_SECONDS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 what="${1:-all}"
+day=$(date +%F)
+# One id per invocation: the parts of one run add to their results files, a new run replaces them.
+export LIVEGRID_BENCH_RUN="${LIVEGRID_BENCH_RUN:-$(date +%s)}"
+# Runs a benchmark command and records its tables and JSON lines in benches/results/<date>-<kind>.json.
+record() {
+  local kind="$1"; shift
+  python3 scripts/bench_record.py --kind "$kind" --out "benches/results/$day-$kind.json" -- "$@"
+}
+ensure_matplotlib() {
+  python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install --quiet matplotlib
+}
 run_matcher() {
   echo "== matcher: filter evaluation and compilation (criterion)"
   cargo bench -p livegrid-matcher --bench matcher
 }
 run_grid() {
   echo "== grid: throughput, latency, memory per registered query"
-  cargo bench --bench grid
+  record grid cargo bench --bench grid
 }
-# Generates a workload with the given `livegrid workload` flags and replays it on each grid.
+# The full grid sweep of `all`: 1k to 1M queries on one worker, then the other shapes.
+run_grid_sweep() {
+  echo "== grid: 1,000 to 1,000,000 queries on 1x1"
+  LIVEGRID_BENCH_QUERIES=1000,10000,100000,1000000 record grid cargo bench --bench grid
+  for grid in 1x2 2x1; do
+    echo "== grid: 10,000 and 100,000 queries on $grid"
+    LIVEGRID_BENCH_QUERIES=10000,100000 LIVEGRID_BENCH_GRID=$grid record grid cargo bench --bench grid
+  done
+}
+# Generates a workload with the given `livegrid workload` flags and replays it on each grid,
+# recording the summaries under the kind given first.
 replay_workload() {
-  local grids="$1"; shift
+  local kind="$1" grids="$2"; shift 2
   cargo build --release --quiet
   dir=$(mktemp -d)
   target/release/livegrid workload --dir "$dir" --events 200000 --queries 10000 "$@"
   for grid in $grids; do
     # Each run starts with the previous run's output on disk, not still being written back.
     rm -f "$dir/out.jsonl"; sync
-    target/release/livegrid replay --events "$dir/events.jsonl" --queries "$dir/queries.jsonl" --out "$dir/out.jsonl" --grid "$grid"
+    record "$kind" target/release/livegrid replay --events "$dir/events.jsonl" --queries "$dir/queries.jsonl" --out "$dir/out.jsonl" --grid "$grid"
   done
   rm -rf "$dir"
 }
 run_replay() {
   echo "== replay: 200,000 change events, 10,000 queries, end to end"
-  replay_workload "1x1 1x2 2x1"
+  replay_workload replay "1x1 1x2 2x1"
 }
 run_load() {
   echo "== load: livegrid serve, 1,000 connections, 10,000 subscriptions"
   for durability in durable periodic; do
-    LIVEGRID_DURABILITY=$durability cargo bench --bench load
+    LIVEGRID_DURABILITY=$durability record load cargo bench --bench load
   done
 }
 run_fanout() {
   echo "== fanout: 200,000 chat events, 10,000 queries, each write changes ~50 results"
-  replay_workload "1x2 1x1" --fanout 50
+  replay_workload fanout "1x2 1x1" --fanout 50
   echo "== fanout at a fixed rate (about half of saturation on 1x2): latency"
   cargo build --release --quiet
   dir=$(mktemp -d)
   target/release/livegrid workload --dir "$dir" --events 200000 --queries 10000 --fanout 50
   sync
-  target/release/livegrid replay --events "$dir/events.jsonl" --queries "$dir/queries.jsonl" --out "$dir/out.jsonl" --grid 1x2 --rate "${LIVEGRID_FANOUT_RATE:-21000}"
+  record fanout target/release/livegrid replay --events "$dir/events.jsonl" --queries "$dir/queries.jsonl" --out "$dir/out.jsonl" --grid 1x2 --rate "${LIVEGRID_FANOUT_RATE:-21000}"
   rm -rf "$dir"
 }
 run_serve_fanout() {
   echo "== serve-fanout: livegrid serve, 1,000 connections x 10 subscriptions, 50 per write"
   for rate in 1000 3000; do
-    LIVEGRID_LOAD_FANOUT=50 LIVEGRID_LOAD_RATE=$rate cargo bench --bench load
+    LIVEGRID_LOAD_FANOUT=50 LIVEGRID_LOAD_RATE=$rate record serve-fanout cargo bench --bench load
   done
   echo "== serve-fanout with one connection that reads nothing (it subscribes to every write)"
-  LIVEGRID_LOAD_FANOUT=50 LIVEGRID_LOAD_RATE=1000 LIVEGRID_LOAD_SECONDS=20 LIVEGRID_LOAD_SILENT=1 cargo bench --bench load
+  LIVEGRID_LOAD_FANOUT=50 LIVEGRID_LOAD_RATE=1000 LIVEGRID_LOAD_SECONDS=20 LIVEGRID_LOAD_SILENT=1 record serve-fanout cargo bench --bench load
 }
 run_mongodb() {
   echo "== mongodb: events/s through the MongoDB source (driver + fixture on loopback)"
-  cargo bench --bench mongodb
+  record mongodb cargo bench --bench mongodb
 }
 run_acl() {
   echo "== acl: 1,000 users x 10 subscriptions, with and without object ACLs (CPU, memory)"
   for acl in 0 1; do
-    sync; LIVEGRID_LOAD_ACL=$acl LIVEGRID_LOAD_SECONDS=10 cargo bench --bench load
+    sync; LIVEGRID_LOAD_ACL=$acl LIVEGRID_LOAD_SECONDS=10 record acl cargo bench --bench load
   done
   for acl in 0 1; do
-    sync; LIVEGRID_LOAD_ACL=$acl LIVEGRID_LOAD_FANOUT=10 LIVEGRID_LOAD_RATE=2000 LIVEGRID_LOAD_SECONDS=10 cargo bench --bench load
+    sync; LIVEGRID_LOAD_ACL=$acl LIVEGRID_LOAD_FANOUT=10 LIVEGRID_LOAD_RATE=2000 LIVEGRID_LOAD_SECONDS=10 record acl cargo bench --bench load
   done
 }
 run_aggregation() {
   echo "== aggregation: live pipelines through the engine, 10,000 pipelines over 1,000,000 documents"
-  cargo bench --bench pipelines
+  record aggregation cargo bench --bench pipelines
   echo "== aggregation: the same \$matches as plain queries"
-  LIVEGRID_PIPE_PLAIN=1 cargo bench --bench pipelines
+  LIVEGRID_PIPE_PLAIN=1 record aggregation cargo bench --bench pipelines
   echo "== aggregation: the same on a 1x2 grid"
-  LIVEGRID_PIPE_GRID=1x2 cargo bench --bench pipelines
+  LIVEGRID_PIPE_GRID=1x2 record aggregation cargo bench --bench pipelines
   echo "== aggregation: 100,000 subscriptions to the 10,000 pipelines"
-  LIVEGRID_PIPE_SUBSCRIPTIONS=100000 cargo bench --bench pipelines
+  LIVEGRID_PIPE_SUBSCRIPTIONS=100000 record aggregation cargo bench --bench pipelines
   echo "== aggregation: group state on differential dataflow against the live pipelines' (100 pipelines)"
   for docs in 10000 100000; do
-    LIVEGRID_AGG_DOCS=$docs cargo bench --bench aggregation
+    LIVEGRID_AGG_DOCS=$docs record aggregation cargo bench --bench aggregation
   done
   echo "== aggregation: one group of every document, 1,000 and 1,000,000 distinct values"
   for prices in 1000 1000000; do
-    LIVEGRID_AGG_GROUPS=one LIVEGRID_AGG_DOCS=100000 LIVEGRID_AGG_PRICES=$prices cargo bench --bench aggregation
+    LIVEGRID_AGG_GROUPS=one LIVEGRID_AGG_DOCS=100000 LIVEGRID_AGG_PRICES=$prices record aggregation cargo bench --bench aggregation
   done
 }
 run_cache() {
   echo "== cache: purges, adaptive TTLs, the cache sketch"
-  cargo bench --bench cache
+  record cache cargo bench --bench cache
 }
 run_writes() {
   echo "== writes: 64 concurrent keep-alive writers, each durability mode"
   for durability in durable periodic; do
-    LIVEGRID_DURABILITY=$durability cargo bench --bench writes
+    LIVEGRID_DURABILITY=$durability record writes cargo bench --bench writes
   done
 }
 run_cluster() {
   echo "== cluster: one process against two, and the projection"
   cargo build --release --quiet --bin livegrid
   python3 scripts/cluster_bench.py --events "${LIVEGRID_CLUSTER_EVENTS:-200000}" \
-    --queries "${LIVEGRID_CLUSTER_QUERIES:-10000}" --out "${LIVEGRID_CLUSTER_OUT:-/dev/null}"
+    --queries "${LIVEGRID_CLUSTER_QUERIES:-10000}" --out "${LIVEGRID_CLUSTER_OUT:-benches/results/$day-cluster.json}"
 }
 run_peers() {
   echo "== peers: livegrid against brute-force matching (sift, mingo) on the mixed workload"
   cargo build --release --quiet --bin livegrid
   python3 scripts/peers_bench.py --queries "${LIVEGRID_PEERS_QUERIES:-1000,10000,100000}" \
-    --events "${LIVEGRID_PEERS_EVENTS:-50000}" --out "${LIVEGRID_PEERS_OUT:-/dev/null}"
+    --events "${LIVEGRID_PEERS_EVENTS:-50000}" --out "${LIVEGRID_PEERS_OUT:-benches/results/$day-peers-mixed.json}"
+}
+run_e2e() {
+  echo "== e2e: livegrid serve against Parse Server LiveQuery on PostgreSQL, end to end"
+  cargo build --release --quiet --bin livegrid
+  python3 scripts/e2e_bench.py --out "${LIVEGRID_E2E_OUT:-benches/results/$day-e2e.json}"
+}
+run_plots() {
+  echo "== plots: benches/results/plots"
+  ensure_matplotlib
+  python3 scripts/plot_results.py
 }
 run_quick() {
-  echo "== quick: release build"
+  local started=$SECONDS
+  echo "== [1/5 $(date +%T)] quick: release build"
   cargo build --release --quiet --bin livegrid
-  local day; day=$(date +%F)
-  echo "== quick: peers (mixed workload, 1,000 and 10,000 queries, peers stopped after 5 s)"
+  echo "== [2/5 $(date +%T)] quick: peers (mixed workload, 1,000 and 10,000 queries, peers stopped after 5 s)"
   python3 scripts/peers_bench.py --queries 1000,10000 --docs 5000 --events 20000 --peer-seconds 5 \
     --out "benches/results/$day-quick-peers.json"
-  echo "== quick: cluster (one process against two, 50,000 events, 5,000 queries, one run each)"
+  echo "== [3/5 $(date +%T)] quick: Parse Server LiveQuery against livegrid serve (2,000 subscriptions, 3 s per rate)"
+  python3 scripts/e2e_bench.py --seconds 3 --parse-rates 50,125 --livegrid-rates 50,125,5000 \
+    --out "benches/results/$day-quick-e2e.json"
+  echo "== [4/5 $(date +%T)] quick: cluster (one process against two, 50,000 events, 5,000 queries, one run each)"
   python3 scripts/cluster_bench.py --events 50000 --queries 5000 --repeat 1 \
     --out "benches/results/$day-quick-cluster.json"
+  echo "== [5/5 $(date +%T)] quick: plots"
+  ensure_matplotlib
+  python3 scripts/plot_results.py --quick
+  echo "== quick: done in $((SECONDS - started)) s"
+}
+# Every part, numbered, with the time each starts.
+run_all() {
+  local parts=(matcher grid_sweep replay fanout serve_fanout load writes mongodb cache acl aggregation cluster peers e2e plots)
+  local i=0 started=$SECONDS
+  for part in "${parts[@]}"; do
+    i=$((i + 1))
+    echo "#### [$i/${#parts[@]} $(date +%T), $(( (SECONDS - started) / 60 )) min in] ${part//_/-}"
+    "run_$part"
+  done
+  echo "#### all done in $(( (SECONDS - started) / 60 )) min; results in benches/results/$day-*.json"
 }
 case "$what" in
   --quick) run_quick ;;
@@ -169,6 +229,8 @@ case "$what" in
   aggregation) run_aggregation ;;
   cluster) run_cluster ;;
   peers) run_peers ;;
-  all) run_matcher; run_grid; run_replay; run_fanout; run_serve_fanout; run_load; run_writes; run_mongodb; run_cache; run_acl; run_aggregation; run_cluster; run_peers ;;
-  *) echo "usage: scripts/bench.sh [--quick|matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|aggregation|cluster|peers|all]" >&2; exit 2 ;;
+  e2e) run_e2e ;;
+  plots) run_plots ;;
+  all) run_all ;;
+  *) echo "usage: scripts/bench.sh [--quick|matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|aggregation|cluster|peers|e2e|plots|all]" >&2; exit 2 ;;
 esac

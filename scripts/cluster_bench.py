@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The grid on one process against the grid over two processes (timely's cluster mode, on
 loopback), on the same generated workload with `livegrid replay`; then a cost model fitted to
-those runs, and the throughput it projects at 4-64 processes (a projection, not a measurement).
+those runs, and the throughput it projects at 1-256 workers (one per process) (a projection, not a measurement).
 
 Runs (each one replay of the same files):
   1x1  one process, one worker
@@ -30,27 +30,10 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 
-BIN = os.path.join(os.path.dirname(__file__), "..", "target", "release", "livegrid")
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def last_json(text):
-    for line in reversed(text.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            return json.loads(line)
-    raise RuntimeError(f"no summary in: {text[-2000:]}")
+from benchlib import BIN, free_port, last_json, progress, write_results
 
 
 def replay(work, grid, processes):
@@ -137,8 +120,7 @@ def main():
     for grid, processes in [("1x1", 1), ("1x2", 1), ("1x2", 2), ("2x1", 2)]:
         tries = []
         for attempt in range(args.repeat):
-            print(f"== {grid} on {processes} process(es), run {attempt + 1} of {args.repeat}", file=sys.stderr,
-                  flush=True)
+            progress(f"cluster: {grid} on {processes} process(es), run {attempt + 1} of {args.repeat}")
             started = time.time()
             leader, others = replay(work, grid, processes)
             sent = leader.get("cluster_bytes_sent", 0) + sum(o.get("cluster_bytes_sent", 0) for o in others)
@@ -176,7 +158,7 @@ def main():
     print(f"model: t(P) = {model['serial_us']:.2f} us + {model['match_us']:.2f} us / P "
           f"+ {model['byte_ns']:.3f} ns/byte x bytes(P); fitted events/s of the runs: {fitted}", flush=True)
     projection = []
-    for p in [1, 2, 4, 8, 16, 32, 64]:
+    for p in [1, 2, 4, 8, 16, 32, 64, 128, 256]:
         by_writes = serial + match_cost / p + byte_cost * b_write * 2 * (p - 1) / p
         by_queries = serial + match_cost / p + byte_cost * b_query * (p - 1)
         projection.append({
@@ -187,10 +169,8 @@ def main():
     print("projection (cost model, not measured):", flush=True)
     for row in projection:
         print(json.dumps(row), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"runs": runs, "model": model, "projection": projection, "events": args.events,
-                       "queries": args.queries, "fanout": args.fanout, "cpus": os.cpu_count()}, f, indent=1)
+    write_results(args.out, "cluster", {"runs": runs, "model": model, "projection": projection,
+                                        "events": args.events, "queries": args.queries, "fanout": args.fanout})
     subprocess.run(["rm", "-rf", work])
 
 

@@ -12,7 +12,9 @@ A rate is sustained when the writes were acknowledged at no less than 95% of the
 and every notification arrived exactly once at the right subscription. A target stops after
 two rates in a row it does not sustain. Reported per run: achieved writes/s, notifications/s,
 lost and wrong notifications, write-to-client latency p50/p90/p99/max and its CDF, the peak
-resident memory of the server process (for Parse: its Node process; PostgreSQL apart).
+resident memory of the server process (for Parse: its Node process; PostgreSQL apart). Before
+the rate runs, each fresh server's resident memory is read before and once 20,000 subscriptions
+are in place: memory per subscription.
 
 Usage: scripts/e2e_bench.py [--subscriptions 2000] [--connections 100] [--fanout 10]
           [--seconds 10] [--parse-rates 25,50,...] [--livegrid-rates 25,50,...] [--out FILE.json]
@@ -171,6 +173,36 @@ def run_target(name, pid, port, rates, args, executable, first_run):
     return runs
 
 
+def measure_memory(name, pid, port, args, executable, run):
+    """The server's resident memory before and once `--memory-subscriptions` subscriptions are
+    in place (on a fresh server, before the rate runs), per subscription."""
+    progress(f"{name}: memory with {args.memory_subscriptions} subscriptions on {args.memory_connections} connections")
+    env = {**os.environ, "LIVEGRID_E2E_TARGET": name, "LIVEGRID_E2E_HOST": f"127.0.0.1:{port}",
+           "LIVEGRID_E2E_RUN": str(run), "LIVEGRID_E2E_RATE": "10", "LIVEGRID_E2E_SECONDS": "1",
+           "LIVEGRID_E2E_SUBSCRIPTIONS": str(args.memory_subscriptions),
+           "LIVEGRID_E2E_CONNECTIONS": str(args.memory_connections), "LIVEGRID_E2E_FANOUT": str(args.fanout),
+           "LIVEGRID_E2E_HOLD": "2"}
+    before = rss_mib(pid)
+    process = subprocess.Popen([executable], env=env, stdout=subprocess.PIPE, text=True)
+    subscribed = None
+    for line in process.stdout:
+        if '"subscribed"' in line:
+            time.sleep(1.0)
+            subscribed = rss_mib(pid)
+            break
+    rest, _ = process.communicate(timeout=600)
+    if process.returncode != 0 or subscribed is None:
+        raise SystemExit(f"the memory run against {name} failed")
+    check = last_json(rest)
+    memory = {"target": name, "subscriptions": args.memory_subscriptions, "connections": args.memory_connections,
+              "rss_before_mib": round(before, 1), "rss_subscribed_mib": round(subscribed, 1),
+              "bytes_per_subscription": round((subscribed - before) * (1 << 20) / args.memory_subscriptions),
+              "lost": check["lost"], "wrong": check["wrong"]}
+    progress(f"{name}: {memory['bytes_per_subscription']} bytes per subscription "
+             f"({memory['rss_before_mib']} -> {memory['rss_subscribed_mib']} MiB)")
+    return memory
+
+
 def summarize(runs):
     best = {}
     for run in runs:
@@ -200,7 +232,9 @@ def main():
     parser.add_argument("--fanout", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--parse-rates", default="25,50,100,125,150,200")
-    parser.add_argument("--livegrid-rates", default="25,50,100,125,150,200,1000,2500,5000,7500,10000,12500,15000")
+    parser.add_argument("--livegrid-rates", default="25,50,100,125,150,200,1000,2500,5000,10000,12500,15000,17500,20000,25000")
+    parser.add_argument("--memory-subscriptions", type=int, default=20000)
+    parser.add_argument("--memory-connections", type=int, default=200)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     parse_rates = [int(r) for r in args.parse_rates.split(",") if r]
@@ -211,11 +245,12 @@ def main():
     executable = cargo_executable("e2e")
     work = tempfile.mkdtemp(prefix="livegrid-e2e-")
     postgres = parse = livegrid = None
-    runs = []
+    runs, memory = [], []
     try:
         progress("starting PostgreSQL and Parse Server (LiveQuery)")
         postgres = Postgres(work)
-        parse, parse_port = start_parse(work, postgres, len(parse_rates))
+        parse, parse_port = start_parse(work, postgres, len(parse_rates) + 1)
+        memory.append(measure_memory("parse", parse.pid, parse_port, args, executable, len(parse_rates)))
         runs += run_target("parse", parse.pid, parse_port, parse_rates, args, executable, 0)
         stop(parse)
         parse = None
@@ -223,6 +258,7 @@ def main():
         postgres = None
         progress("starting livegrid serve")
         livegrid, livegrid_port = start_livegrid(work)
+        memory.append(measure_memory("livegrid", livegrid.pid, livegrid_port, args, executable, len(livegrid_rates)))
         runs += run_target("livegrid", livegrid.pid, livegrid_port, livegrid_rates, args, executable, 0)
     finally:
         for process in (parse, livegrid):
@@ -240,6 +276,7 @@ def main():
                            "PostgreSQL from Debian with its defaults (fsync, synchronous_commit on)",
                   "livegrid": "livegrid serve, embedded store, --durability durable (group commit)"},
         "runs": runs,
+        "memory": memory,
         "summary": summary,
     })
 

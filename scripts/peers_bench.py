@@ -16,19 +16,9 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-BIN = os.path.join(ROOT, "target", "release", "livegrid")
-PEERS = os.path.join(ROOT, "benches", "peers")
-
-
-def last_json(text):
-    for line in reversed(text.strip().splitlines()):
-        if line.strip().startswith("{"):
-            return json.loads(line)
-    raise RuntimeError(f"no summary in: {text[-2000:]}")
+from benchlib import BIN, PEERS, ensure_peers, last_json, progress, write_results
 
 
 def main():
@@ -40,9 +30,7 @@ def main():
     parser.add_argument("--peer-seconds", type=float, default=30, help="time limit of one peer run")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    if not os.path.isdir(os.path.join(PEERS, "node_modules")):
-        print("== installing the peers (npm ci in benches/peers)", file=sys.stderr, flush=True)
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=PEERS, check=True)
+    ensure_peers()
     rows = []
     for queries in [int(q) for q in args.queries.split(",")]:
         work = tempfile.mkdtemp(prefix="livegrid-peers-")
@@ -52,7 +40,7 @@ def main():
             check=True, stderr=subprocess.DEVNULL,
         )
         files = ["--events", f"{work}/events.jsonl", "--queries", f"{work}/queries.jsonl"]
-        print(f"== {args.kind}, {queries} queries: livegrid replay", file=sys.stderr, flush=True)
+        progress(f"peers: {args.kind}, {queries} queries: livegrid replay")
         done = subprocess.run([BIN, "replay", *files, "--out", f"{work}/out.jsonl"], capture_output=True, text=True,
                               check=True)
         livegrid = last_json(done.stderr)
@@ -63,7 +51,7 @@ def main():
                "livegrid_events_timed": livegrid["writes_only_events"],
                "livegrid_all_events_per_sec": livegrid["events_per_sec"], "livegrid_deltas": livegrid["deltas"]}
         for engine in ["sift", "mingo"]:
-            print(f"== {args.kind}, {queries} queries: {engine}", file=sys.stderr, flush=True)
+            progress(f"peers: {args.kind}, {queries} queries: {engine}")
             peer = subprocess.run(
                 ["node", os.path.join(PEERS, "match.mjs"), *files, "--engine", engine,
                  "--max-seconds", str(args.peer_seconds)],
@@ -77,9 +65,7 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
         subprocess.run(["rm", "-rf", work])
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"rows": rows, "cpus": os.cpu_count()}, f, indent=1)
+    write_results(args.out, "peers", {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -1,19 +1,26 @@
 #!/usr/bin/env python3
-"""Renders the benchmark results in benches/results to plots (SVG and PNG) in
-benches/results/plots:
+"""Renders the benchmark results in benches/results to plots (SVG and PNG):
 
-- peers-throughput: events/s against the number of queries (log-log), livegrid against
-  each brute-force peer, from a peers results file (scripts/peers_bench.py --out);
-- cluster-projection: measured events/s of one and two processes and the cost model's
-  projection to 64 processes (labelled as a projection), from a cluster results file
-  (scripts/cluster_bench.py --out, or the combined file with several workloads).
+- peers-throughput: events/s against the number of queries (log-log), livegrid against each
+  brute-force peer (scripts/peers_bench.py);
+- e2e-throughput: notifications/s delivered against the offered write rate, livegrid serve
+  against Parse Server LiveQuery, end to end (scripts/e2e_bench.py); hollow markers are rates
+  a system did not sustain;
+- e2e-latency-cdf: write-to-client latency CDFs of both at the rates both sustain, and of
+  livegrid at its highest sustained rate;
+- scaling-projection: the measured events/s of one and two processes and the cost model's
+  projection to 1-256 workers, one per process, with write partitions (1xP) and with query
+  partitions (Px1), labelled as a projection (scripts/cluster_bench.py).
 
-Needs matplotlib (`pip install matplotlib`).
+By default each plot reads the newest results file of its kind (`<date>-<kind>.json`);
+`--quick` reads the newest `<date>-quick-<kind>.json` files and writes to plots-quick.
+Needs matplotlib (scripts/bench.sh installs it with pip when it is missing).
 
-Usage: scripts/plot_results.py [--peers FILE] [--cluster FILE] [--out DIR]
+Usage: scripts/plot_results.py [--quick] [--peers FILE] [--e2e FILE] [--cluster FILE] [--out DIR]
 """
 
 import argparse
+import glob
 import json
 import os
 
@@ -22,7 +29,22 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benches", "results")
+
+
+def newest(kind, quick):
+    """The newest results file of `kind` (dates sort by name)."""
+    pattern = f"*-quick-{kind}*.json" if quick else f"*-{kind}*.json"
+    files = sorted(f for f in glob.glob(os.path.join(RESULTS, pattern)) if quick or "-quick-" not in f)
+    return files[-1] if files else None
+
+
+def save(fig, out, name):
+    fig.tight_layout()
+    for ext in ("svg", "png"):
+        fig.savefig(os.path.join(out, f"{name}.{ext}"), dpi=110)
+    plt.close(fig)
+    print(f"wrote {name}.svg and {name}.png")
 
 
 def plot_peers(path, out):
@@ -42,47 +64,111 @@ def plot_peers(path, out):
     ax.set_title(f"{rows[0]['kind']} workload: matching throughput")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    for ext in ("svg", "png"):
-        fig.savefig(os.path.join(out, f"peers-throughput.{ext}"), dpi=110)
-    plt.close(fig)
+    save(fig, out, "peers-throughput")
 
 
-def plot_cluster(path, out):
+STYLE = {"livegrid": ("tab:blue", "o"), "parse": ("tab:red", "s")}
+LABEL = {"livegrid": "livegrid serve", "parse": "Parse Server LiveQuery (PostgreSQL)"}
+
+
+def plot_e2e(path, out):
+    data = json.load(open(path))
+    runs, setup = data["runs"], data["setup"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for target in ("parse", "livegrid"):
+        mine = [r for r in runs if r["target"] == target]
+        if not mine:
+            continue
+        color, marker = STYLE[target]
+        ax.plot([r["offered_writes_per_sec"] for r in mine], [r["notifications_per_sec"] for r in mine], "-",
+                color=color, label=LABEL[target])
+        for r in mine:
+            ax.plot(r["offered_writes_per_sec"], r["notifications_per_sec"], marker, color=color,
+                    fillstyle="full" if r["sustained"] else "none")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("offered writes/s (REST, one document each)")
+    ax.set_ylabel("notifications/s delivered")
+    ax.set_title(f"{setup['subscriptions']:,} subscriptions, {setup['connections']} connections, "
+                 f"fan-out {setup['fanout']} (hollow: not sustained)", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, out, "e2e-throughput")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sustained = {}
+    for r in runs:
+        if r["sustained"]:
+            sustained.setdefault(r["offered_writes_per_sec"], {})[r["target"]] = r
+    common = [rate for rate, both in sorted(sustained.items()) if len(both) == 2]
+    shades = {rate: 0.35 + 0.65 * i / max(len(common) - 1, 1) for i, rate in enumerate(common)}
+    for rate in common:
+        for target in ("parse", "livegrid"):
+            cdf = sustained[rate][target]["cdf_ms"]
+            ax.plot([p[0] for p in cdf], [p[1] for p in cdf], color=STYLE[target][0], alpha=shades[rate],
+                    label=f"{LABEL[target].split(' (')[0]}, {rate} writes/s")
+    top = max((r for r in runs if r["target"] == "livegrid" and r["sustained"]),
+              key=lambda r: r["offered_writes_per_sec"], default=None)
+    if top is not None and top["offered_writes_per_sec"] not in common:
+        cdf = top["cdf_ms"]
+        ax.plot([p[0] for p in cdf], [p[1] for p in cdf], "k--",
+                label=f"livegrid serve, {top['offered_writes_per_sec']:,} writes/s (highest sustained)")
+    ax.set_xscale("log")
+    ax.set_xlabel("write-to-client latency (ms)")
+    ax.set_ylabel("fraction of notifications")
+    ax.set_title("End-to-end latency CDF", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6)
+    save(fig, out, "e2e-latency-cdf")
+
+
+def plot_scaling(path, out):
     data = json.load(open(path))
     workloads = data["workloads"] if "workloads" in data else {"workload": data}
-    fig, ax = plt.subplots(figsize=(6, 4))
+    workers = [2 ** i for i in range(9)]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, w in workloads.items():
-        projection = w["projection"]
-        line = ax.plot([p["processes"] for p in projection], [p["events_per_sec_1xP"] for p in projection], "--",
-                       label=f"{name}: projection, 1xP")
-        measured = [r for r in w["runs"] if r["processes"] > 1 and r["grid"] == "1x2"]
-        single = [r for r in w["runs"] if r["processes"] == 1 and r["grid"] == "1x1"]
-        ax.plot([1] + [2 for _ in measured], [r["events_per_sec"] for r in single + measured], "o",
-                color=line[0].get_color(), label=f"{name}: measured")
+        model, runs = w["model"], w["runs"]
+        serial, match, byte = model["serial_us"] / 1e6, model["match_us"] / 1e6, model["byte_ns"] / 1e9
+        by_write = next(r for r in runs if r["processes"] == 2 and r["grid"] == "1x2")
+        by_query = next(r for r in runs if r["processes"] == 2 and r["grid"] == "2x1")
+        b_write, b_query = by_write["bytes_between_processes_per_event"], by_query["bytes_between_processes_per_event"]
+        write_line = [1 / (serial + match / p + byte * b_write * 2 * (p - 1) / p) for p in workers]
+        query_line = [1 / (serial + match / p + byte * b_query * (p - 1)) for p in workers]
+        line = ax.plot(workers, write_line, "--", label=f"{name}: projection, 1xP (write partitions)")
+        color = line[0].get_color()
+        ax.plot(workers, query_line, ":", color=color, label=f"{name}: projection, Px1 (query partitions)")
+        single = next(r for r in runs if r["processes"] == 1 and r["grid"] == "1x1")
+        ax.plot([1, 2, 2], [single["events_per_sec"], by_write["events_per_sec"], by_query["events_per_sec"]], "o",
+                color=color, label=f"{name}: measured")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("processes (one worker each)")
+    ax.set_yscale("log")
+    ax.set_xlabel("workers (one per process)")
     ax.set_ylabel("events/s")
-    ax.set_title("Cluster: measured (1-2 processes), projected (cost model)", fontsize=10)
+    ax.set_title("Scaling: measured on 1-2 processes, PROJECTED to 256 (cost model)", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    for ext in ("svg", "png"):
-        fig.savefig(os.path.join(out, f"cluster-projection.{ext}"), dpi=110)
-    plt.close(fig)
+    ax.legend(fontsize=6)
+    save(fig, out, "scaling-projection")
 
 
 def main():
     parser = argparse.ArgumentParser()
-    results = os.path.join(ROOT, "benches", "results")
-    parser.add_argument("--peers", default=os.path.join(results, "2026-12-02-peers-mixed.json"))
-    parser.add_argument("--cluster", default=os.path.join(results, "2026-12-02-cluster.json"))
-    parser.add_argument("--out", default=os.path.join(results, "plots"))
+    parser.add_argument("--quick", action="store_true", help="plot the newest --quick results")
+    parser.add_argument("--peers")
+    parser.add_argument("--e2e")
+    parser.add_argument("--cluster")
+    parser.add_argument("--out")
     args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    plot_peers(args.peers, args.out)
-    plot_cluster(args.cluster, args.out)
-    print(f"wrote peers-throughput and cluster-projection (SVG and PNG) to {args.out}")
+    out = args.out or os.path.join(RESULTS, "plots-quick" if args.quick else "plots")
+    os.makedirs(out, exist_ok=True)
+    for kind, given, plot in [("peers", args.peers, plot_peers), ("e2e", args.e2e, plot_e2e),
+                              ("cluster", args.cluster, plot_scaling)]:
+        path = given or newest(kind, args.quick)
+        if path is None:
+            print(f"no {kind} results to plot")
+            continue
+        print(f"{kind}: {os.path.relpath(path)}")
+        plot(path, out)
 
 
 if __name__ == "__main__":
