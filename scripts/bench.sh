@@ -36,7 +36,9 @@
 #   cluster  the grid on one process against two processes (timely cluster mode on loopback):
 #            1x1, 1x2 on one process, 1x2 and 2x1 on two; events/s, deltas/s, p99, bytes
 #            between processes per event; a cost model fitted to them and its projection to
-#            4-64 processes (scripts/cluster_bench.py; LIVEGRID_CLUSTER_EVENTS, _QUERIES)
+#            1-256 workers; 10,000 and 100,000 item queries and the chat workload at fan-out 50
+#            (scripts/cluster_bench.py --suite; or one workload: LIVEGRID_CLUSTER_QUERIES, _FANOUT,
+#            _EVENTS)
 #   peers    livegrid replay against brute-force matching in Node (sift, mingo) on the same
 #            mixed workload files, 1,000, 10,000 and 100,000 queries (scripts/peers_bench.py;
 #            installs the peers with npm ci; LIVEGRID_PEERS_QUERIES, LIVEGRID_PEERS_EVENTS)
@@ -60,7 +62,10 @@ record() {
   python3 scripts/bench_record.py --kind "$kind" --out "benches/results/$day-$kind.json" -- "$@"
 }
 ensure_matplotlib() {
-  python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install --quiet matplotlib
+  python3 -c "import matplotlib" 2>/dev/null && return
+  python3 -m pip install --quiet matplotlib 2>/dev/null ||
+    python3 -m pip install --quiet --break-system-packages matplotlib 2>/dev/null ||
+    { apt-get update -qq && apt-get install -y -qq python3-matplotlib; }
 }
 run_matcher() {
   echo "== matcher: filter evaluation and compilation (criterion)"
@@ -166,8 +171,13 @@ run_writes() {
 run_cluster() {
   echo "== cluster: one process against two, and the projection"
   cargo build --release --quiet --bin livegrid
-  python3 scripts/cluster_bench.py --events "${LIVEGRID_CLUSTER_EVENTS:-200000}" \
-    --queries "${LIVEGRID_CLUSTER_QUERIES:-10000}" --out "${LIVEGRID_CLUSTER_OUT:-benches/results/$day-cluster.json}"
+  if [ -n "${LIVEGRID_CLUSTER_QUERIES:-}" ]; then
+    set -- --queries "$LIVEGRID_CLUSTER_QUERIES" --fanout "${LIVEGRID_CLUSTER_FANOUT:-0}"
+  else
+    set -- --suite
+  fi
+  python3 scripts/cluster_bench.py --events "${LIVEGRID_CLUSTER_EVENTS:-200000}" "$@" \
+    --out "${LIVEGRID_CLUSTER_OUT:-benches/results/$day-cluster.json}"
 }
 run_peers() {
   echo "== peers: livegrid against brute-force matching (sift, mingo) on the mixed workload"

@@ -5,11 +5,16 @@ import datetime
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+# A benchmark stopped with SIGTERM (or Ctrl-C) unwinds like an error, so that its `finally`
+# blocks stop the servers and databases it started.
+signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 BIN = os.path.join(ROOT, "target", "release", "livegrid")
 PEERS = os.path.join(ROOT, "benches", "peers")
 RESULTS = os.path.join(ROOT, "benches", "results")

@@ -100,18 +100,13 @@ def least_squares(rows, ys):
         active = [i for i, v in zip(active, x) if v >= 0] or [0]
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--events", type=int, default=200_000)
-    parser.add_argument("--queries", type=int, default=10_000)
-    parser.add_argument("--fanout", type=int, default=0, help="the chat workload: subscriptions changed per write")
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per configuration (the median stands)")
-    args = parser.parse_args()
+def run_workload(name, events, queries, fanout, repeat):
+    """Replays one generated workload on the four layouts and fits the model to them."""
+    progress(f"cluster: workload {name} ({queries} queries, {events} events, fan-out {fanout or 1})")
     work = tempfile.mkdtemp(prefix="livegrid-cluster-")
     subprocess.run(
-        [BIN, "workload", "--dir", work, "--events", str(args.events), "--queries", str(args.queries),
-         "--fanout", str(args.fanout)],
+        [BIN, "workload", "--dir", work, "--events", str(events), "--queries", str(queries),
+         "--fanout", str(fanout)],
         check=True,
         stdout=subprocess.DEVNULL,
     )
@@ -119,8 +114,8 @@ def main():
     all_deltas = set()
     for grid, processes in [("1x1", 1), ("1x2", 1), ("1x2", 2), ("2x1", 2)]:
         tries = []
-        for attempt in range(args.repeat):
-            progress(f"cluster: {grid} on {processes} process(es), run {attempt + 1} of {args.repeat}")
+        for attempt in range(repeat):
+            progress(f"cluster: {grid} on {processes} process(es), run {attempt + 1} of {repeat}")
             started = time.time()
             leader, others = replay(work, grid, processes)
             sent = leader.get("cluster_bytes_sent", 0) + sum(o.get("cluster_bytes_sent", 0) for o in others)
@@ -169,9 +164,31 @@ def main():
     print("projection (cost model, not measured):", flush=True)
     for row in projection:
         print(json.dumps(row), flush=True)
-    write_results(args.out, "cluster", {"runs": runs, "model": model, "projection": projection,
-                                        "events": args.events, "queries": args.queries, "fanout": args.fanout})
     subprocess.run(["rm", "-rf", work])
+    return {"runs": runs, "model": model, "projection": projection, "events": events, "queries": queries,
+            "fanout": fanout}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--queries", type=int, default=10_000)
+    parser.add_argument("--fanout", type=int, default=0, help="the chat workload: subscriptions changed per write")
+    parser.add_argument("--suite", action="store_true",
+                        help="the three workloads of README: 10,000 and 100,000 item queries, and the chat "
+                             "workload with fan-out 50 (100,000 events)")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per configuration (the median stands)")
+    args = parser.parse_args()
+    if args.suite:
+        plan = [("items-10k-queries", args.events, 10_000, 0), ("items-100k-queries", args.events, 100_000, 0),
+                ("chat-fanout-50", args.events // 2, 10_000, 50)]
+    else:
+        name = f"chat-fanout-{args.fanout}" if args.fanout else f"items-{args.queries}-queries"
+        plan = [(name, args.events, args.queries, args.fanout)]
+    workloads = {name: run_workload(name, events, queries, fanout, args.repeat)
+                 for name, events, queries, fanout in plan}
+    write_results(args.out, "cluster", {"workloads": workloads})
 
 
 if __name__ == "__main__":

@@ -125,20 +125,19 @@ def plot_e2e(path, out):
 def plot_scaling(path, out):
     data = json.load(open(path))
     workloads = data["workloads"] if "workloads" in data else {"workload": data}
-    workers = [2 ** i for i in range(9)]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, w in workloads.items():
-        model, runs = w["model"], w["runs"]
-        serial, match, byte = model["serial_us"] / 1e6, model["match_us"] / 1e6, model["byte_ns"] / 1e9
+        model, runs, projection = w["model"], w["runs"], w["projection"]
+        workers = [row["processes"] for row in projection]
+        label = f"{name} (t = {model['serial_us']:.1f} us + {model['match_us']:.1f} us / P + bytes)"
+        line = ax.plot(workers, [row["events_per_sec_1xP"] for row in projection], "--",
+                       label=f"{label}: projection, 1xP (write partitions)")
+        color = line[0].get_color()
+        ax.plot(workers, [row["events_per_sec_Px1"] for row in projection], ":", color=color,
+                label=f"{name}: projection, Px1 (query partitions)")
+        single = next(r for r in runs if r["processes"] == 1 and r["grid"] == "1x1")
         by_write = next(r for r in runs if r["processes"] == 2 and r["grid"] == "1x2")
         by_query = next(r for r in runs if r["processes"] == 2 and r["grid"] == "2x1")
-        b_write, b_query = by_write["bytes_between_processes_per_event"], by_query["bytes_between_processes_per_event"]
-        write_line = [1 / (serial + match / p + byte * b_write * 2 * (p - 1) / p) for p in workers]
-        query_line = [1 / (serial + match / p + byte * b_query * (p - 1)) for p in workers]
-        line = ax.plot(workers, write_line, "--", label=f"{name}: projection, 1xP (write partitions)")
-        color = line[0].get_color()
-        ax.plot(workers, query_line, ":", color=color, label=f"{name}: projection, Px1 (query partitions)")
-        single = next(r for r in runs if r["processes"] == 1 and r["grid"] == "1x1")
         ax.plot([1, 2, 2], [single["events_per_sec"], by_write["events_per_sec"], by_query["events_per_sec"]], "o",
                 color=color, label=f"{name}: measured")
     ax.set_xscale("log", base=2)
