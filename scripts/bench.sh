@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks whose figures README.md records.
-# Usage: scripts/bench.sh [--quick|matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|aggregation|cluster|peers|e2e|plots|all]
+# Usage: scripts/bench.sh [--quick|matcher|grid|grid-sweep|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|aggregation|cluster|peers|e2e|plots|all]
 #   all      (the default) every part below in one go, with progress lines; each part's figures
 #            go to benches/results/<date>-<part>.json with the machine description, then the
 #            plots to benches/results/plots (several hours on 2 cores)
@@ -11,7 +11,8 @@
 #   matcher  criterion: filter evaluation and compilation
 #   grid     events/s, write-to-delta latency and memory per query with 1k/10k/100k queries
 #            (LIVEGRID_BENCH_QUERIES, LIVEGRID_BENCH_GRID, LIVEGRID_BENCH_RATE to vary it);
-#            in `all`: 1k-1M queries on 1x1, 10k and 100k on 1x2 and 2x1
+#   grid-sweep  (part of `all`) the grid benchmark with 1k-1M queries on 1x1, then 10k and 100k
+#            on 1x2 and 2x1
 #   replay   livegrid replay end to end on a generated workload (JSON parsing included)
 #   load     livegrid serve with 1,000 WebSocket connections and 10,000 subscriptions
 #            (LIVEGRID_LOAD_RATE, LIVEGRID_LOAD_SECONDS, LIVEGRID_DURABILITY)
@@ -196,22 +197,24 @@ run_plots() {
   python3 scripts/plot_results.py
 }
 run_quick() {
-  local started=$SECONDS
-  echo "== [1/5 $(date +%T)] quick: release build"
+  local began=$SECONDS
+  echo "== [1/5 $(date +%T)] quick: release builds (livegrid, the end-to-end harness)"
   cargo build --release --quiet --bin livegrid
+  cargo bench --quiet --bench e2e --no-run
+  local started=$SECONDS
   echo "== [2/5 $(date +%T)] quick: peers (mixed workload, 1,000 and 10,000 queries, peers stopped after 5 s)"
   python3 scripts/peers_bench.py --queries 1000,10000 --docs 5000 --events 20000 --peer-seconds 5 \
     --out "benches/results/$day-quick-peers.json"
   echo "== [3/5 $(date +%T)] quick: Parse Server LiveQuery against livegrid serve (2,000 subscriptions, 3 s per rate)"
-  python3 scripts/e2e_bench.py --seconds 3 --parse-rates 50,125 --livegrid-rates 50,125,5000 \
-    --out "benches/results/$day-quick-e2e.json"
+  python3 scripts/e2e_bench.py --seconds 3 --parse-rates 25,50 --livegrid-rates 25,50,5000 \
+    --memory-subscriptions 5000 --memory-settle 12 --out "benches/results/$day-quick-e2e.json"
   echo "== [4/5 $(date +%T)] quick: cluster (one process against two, 50,000 events, 5,000 queries, one run each)"
   python3 scripts/cluster_bench.py --events 50000 --queries 5000 --repeat 1 \
     --out "benches/results/$day-quick-cluster.json"
   echo "== [5/5 $(date +%T)] quick: plots"
   ensure_matplotlib
   python3 scripts/plot_results.py --quick
-  echo "== quick: done in $((SECONDS - started)) s"
+  echo "== quick: done in $((SECONDS - started)) s after the builds ($((SECONDS - began)) s in all)"
 }
 # Every part, numbered, with the time each starts.
 run_all() {
@@ -228,6 +231,7 @@ case "$what" in
   --quick) run_quick ;;
   matcher) run_matcher ;;
   grid) run_grid ;;
+  grid-sweep) run_grid_sweep ;;
   replay) run_replay ;;
   load) run_load ;;
   writes) run_writes ;;
@@ -242,5 +246,5 @@ case "$what" in
   e2e) run_e2e ;;
   plots) run_plots ;;
   all) run_all ;;
-  *) echo "usage: scripts/bench.sh [--quick|matcher|grid|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|aggregation|cluster|peers|e2e|plots|all]" >&2; exit 2 ;;
+  *) echo "usage: scripts/bench.sh [--quick|matcher|grid|grid-sweep|replay|load|fanout|serve-fanout|writes|mongodb|cache|acl|aggregation|cluster|peers|e2e|plots|all]" >&2; exit 2 ;;
 esac
