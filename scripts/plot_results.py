@@ -39,7 +39,17 @@ def newest(kind, quick):
     return files[-1] if files else None
 
 
-def save(fig, out, name):
+def finish(fig, ax, out, name, xlabel, ylabel, title, xbase=10, ylog=True, title_size=10, legend_size=8):
+    """Labels, log axes (x in base `xbase`; y unless `ylog` is false), grid and legend, then
+    writes the plot as `name`.svg and .png."""
+    ax.set_xscale("log", base=xbase)
+    if ylog:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=title_size)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
     for ext in ("svg", "png"):
         fig.savefig(os.path.join(out, f"{name}.{ext}"), dpi=110)
@@ -57,14 +67,8 @@ def plot_peers(path, out):
         ("mingo_events_per_sec", "mingo (brute force)", "^--"),
     ]:
         ax.plot(queries, [r[key] for r in rows], style, label=label)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("registered queries")
-    ax.set_ylabel("events/s (writes after registration)")
-    ax.set_title(f"{rows[0]['kind']} workload: matching throughput")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    save(fig, out, "peers-throughput")
+    finish(fig, ax, out, "peers-throughput", "registered queries", "events/s (writes after registration)",
+           f"{rows[0]['kind']} workload: matching throughput", title_size=12, legend_size=10)
 
 
 STYLE = {"livegrid": ("tab:blue", "o"), "parse": ("tab:red", "s")}
@@ -85,15 +89,9 @@ def plot_e2e(path, out):
         for r in mine:
             ax.plot(r["offered_writes_per_sec"], r["notifications_per_sec"], marker, color=color,
                     fillstyle="full" if r["sustained"] else "none")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("offered writes/s (REST, one document each)")
-    ax.set_ylabel("notifications/s delivered")
-    ax.set_title(f"{setup['subscriptions']:,} subscriptions, {setup['connections']} connections, "
-                 f"fan-out {setup['fanout']} (hollow: not sustained)", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    save(fig, out, "e2e-throughput")
+    finish(fig, ax, out, "e2e-throughput", "offered writes/s (REST, one document each)", "notifications/s delivered",
+           f"{setup['subscriptions']:,} subscriptions, {setup['connections']} connections, "
+           f"fan-out {setup['fanout']} (hollow: not sustained)", title_size=9)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     sustained = {}
@@ -113,13 +111,8 @@ def plot_e2e(path, out):
         cdf = top["cdf_ms"]
         ax.plot([p[0] for p in cdf], [p[1] for p in cdf], "k--",
                 label=f"livegrid serve, {top['offered_writes_per_sec']:,} writes/s (highest sustained)")
-    ax.set_xscale("log")
-    ax.set_xlabel("write-to-client latency (ms)")
-    ax.set_ylabel("fraction of notifications")
-    ax.set_title("End-to-end latency CDF", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=6)
-    save(fig, out, "e2e-latency-cdf")
+    finish(fig, ax, out, "e2e-latency-cdf", "write-to-client latency (ms)", "fraction of notifications",
+           "End-to-end latency CDF", ylog=False, legend_size=6)
 
 
 def plot_scaling(path, out):
@@ -140,14 +133,9 @@ def plot_scaling(path, out):
         by_query = next(r for r in runs if r["processes"] == 2 and r["grid"] == "2x1")
         ax.plot([1, 2, 2], [single["events_per_sec"], by_write["events_per_sec"], by_query["events_per_sec"]], "o",
                 color=color, label=f"{name}: measured")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("workers (one per process)")
-    ax.set_ylabel("events/s")
-    ax.set_title("Scaling: measured on 1-2 processes, PROJECTED to 256 (cost model)", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=6)
-    save(fig, out, "scaling-projection")
+    finish(fig, ax, out, "scaling-projection", "workers (one per process)", "events/s",
+           "Scaling: measured on 1-2 processes, PROJECTED to 256 (cost model)", xbase=2, title_size=9,
+           legend_size=6)
 
 
 def main():
