@@ -57,6 +57,9 @@ what="${1:-all}"
 day=$(date +%F)
 # One id per invocation: the parts of one run add to their results files, a new run replaces them.
 export LIVEGRID_BENCH_RUN="${LIVEGRID_BENCH_RUN:-$(date +%s)}"
+# The workload folder of the part running, removed however the script ends.
+dir=""
+trap '[ -z "$dir" ] || rm -rf "$dir"' EXIT
 # Runs a benchmark command and records its tables and JSON lines in benches/results/<date>-<kind>.json.
 record() {
   local kind="$1"; shift
@@ -64,9 +67,12 @@ record() {
 }
 ensure_matplotlib() {
   python3 -c "import matplotlib" 2>/dev/null && return
-  python3 -m pip install --quiet matplotlib 2>/dev/null ||
-    python3 -m pip install --quiet --break-system-packages matplotlib 2>/dev/null ||
-    { apt-get update -qq && apt-get install -y -qq python3-matplotlib; }
+  # Debian's package as root; otherwise pip, for this user.
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-matplotlib
+  else
+    python3 -m pip install --quiet --user matplotlib
+  fi
 }
 run_matcher() {
   echo "== matcher: filter evaluation and compilation (criterion)"
@@ -184,7 +190,7 @@ run_peers() {
   echo "== peers: livegrid against brute-force matching (sift, mingo) on the mixed workload"
   cargo build --release --quiet --bin livegrid
   python3 scripts/peers_bench.py --queries "${LIVEGRID_PEERS_QUERIES:-1000,10000,100000}" \
-    --events "${LIVEGRID_PEERS_EVENTS:-50000}" --out "${LIVEGRID_PEERS_OUT:-benches/results/$day-peers-mixed.json}"
+    --events "${LIVEGRID_PEERS_EVENTS:-50000}" --peer-seconds 10 --out "${LIVEGRID_PEERS_OUT:-benches/results/$day-peers-mixed.json}"
 }
 run_e2e() {
   echo "== e2e: livegrid serve against Parse Server LiveQuery on PostgreSQL, end to end"
@@ -219,13 +225,19 @@ run_quick() {
 # Every part, numbered, with the time each starts.
 run_all() {
   local parts=(matcher grid_sweep replay fanout serve_fanout load writes mongodb cache acl aggregation cluster peers e2e plots)
-  local i=0 started=$SECONDS
+  local i=0 started=$SECONDS failed=()
   for part in "${parts[@]}"; do
     i=$((i + 1))
     echo "#### [$i/${#parts[@]} $(date +%T), $(( (SECONDS - started) / 60 )) min in] ${part//_/-}"
-    "run_$part"
+    # Each part in its own shell (so that `set -e` holds in it): one that fails is reported
+    # at the end, and the others still run.
+    bash scripts/bench.sh "${part//_/-}" || { echo "#### ${part//_/-} FAILED"; failed+=("${part//_/-}"); }
   done
   echo "#### all done in $(( (SECONDS - started) / 60 )) min; results in benches/results/$day-*.json"
+  if [ ${#failed[@]} -gt 0 ]; then
+    echo "#### failed: ${failed[*]}" >&2
+    return 1
+  fi
 }
 case "$what" in
   --quick) run_quick ;;

@@ -55,10 +55,16 @@ def main():
     # Both streams: some tools print their summaries on stderr (livegrid replay).
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
-    for line in process.stdout:
-        sys.stdout.write(line)
-        sys.stdout.flush()
-        lines.append(line.rstrip("\n"))
+    try:
+        for line in process.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            lines.append(line.rstrip("\n"))
+    except BaseException:
+        # Stopped (SIGTERM, Ctrl-C): the benchmark stops too, and nothing is recorded.
+        process.terminate()
+        process.wait()
+        raise
     status = process.wait()
     tables, objects = parse(lines)
     run = os.environ.get("LIVEGRID_BENCH_RUN", "")

@@ -71,7 +71,8 @@ def machine():
         "os": _first_line(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
         "rustc": _first_line(["rustc", "--version"]),
         "node": _first_line(["node", "--version"]),
-        "commit": _first_line(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"]),
+        # "-dirty" when the working tree had changes the commit does not hold.
+        "commit": _first_line(["git", "-C", ROOT, "describe", "--always", "--dirty"]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -97,8 +98,11 @@ def ensure_peers():
 
 def cargo_executable(bench):
     """Builds `cargo bench --bench <bench>` and returns its executable."""
-    out = subprocess.run(["cargo", "bench", "--quiet", "--bench", bench, "--no-run", "--message-format=json"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    done = subprocess.run(["cargo", "bench", "--quiet", "--bench", bench, "--no-run", "--message-format=json"],
+                          cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"building the {bench} benchmark failed:\n{done.stderr[-4000:]}")
+    out = done.stdout
     for line in out.splitlines():
         message = json.loads(line)
         if message.get("reason") == "compiler-artifact" and message.get("executable") \

@@ -29,6 +29,7 @@ Usage: scripts/cluster_bench.py [--events N] [--queries Q] [--fanout F] [--repea
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -56,14 +57,21 @@ def replay(work, grid, processes):
         )
         for p in range(1, processes)
     ]
-    done = subprocess.run(
-        [BIN, "replay", "--grid", grid, "--hostfile", hosts, "--process", "0", *files],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        check=True,
-    )
-    others = [last_json(w.communicate(timeout=120)[1]) for w in workers]
+    try:
+        done = subprocess.run(
+            [BIN, "replay", "--grid", grid, "--hostfile", hosts, "--process", "0", *files],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=True,
+        )
+        others = [last_json(w.communicate(timeout=120)[1]) for w in workers]
+    finally:
+        # On failure the other processes would wait for process 0 for ever.
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
     return last_json(done.stderr), others
 
 
@@ -104,6 +112,13 @@ def run_workload(name, events, queries, fanout, repeat):
     """Replays one generated workload on the four layouts and fits the model to them."""
     progress(f"cluster: workload {name} ({queries} queries, {events} events, fan-out {fanout or 1})")
     work = tempfile.mkdtemp(prefix="livegrid-cluster-")
+    try:
+        return measure(work, events, queries, fanout, repeat)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(work, events, queries, fanout, repeat):
     subprocess.run(
         [BIN, "workload", "--dir", work, "--events", str(events), "--queries", str(queries),
          "--fanout", str(fanout)],
@@ -164,7 +179,6 @@ def run_workload(name, events, queries, fanout, repeat):
     print("projection (cost model, not measured):", flush=True)
     for row in projection:
         print(json.dumps(row), flush=True)
-    subprocess.run(["rm", "-rf", work])
     return {"runs": runs, "model": model, "projection": projection, "events": events, "queries": queries,
             "fanout": fanout}
 

@@ -12,12 +12,14 @@ A rate is sustained when the writes were acknowledged at no less than 95% of the
 and every notification arrived exactly once at the right subscription. A target stops after
 two rates in a row it does not sustain. Reported per run: achieved writes/s, notifications/s,
 lost and wrong notifications, write-to-client latency p50/p90/p99/max and its CDF, the peak
-resident memory of the server process (for Parse: its Node process; PostgreSQL apart). Before
-the rate runs, each fresh server's resident memory is read before and once 20,000 subscriptions
-are in place: memory per subscription.
+resident memory of the server process (for Parse: its Node process; PostgreSQL apart). After
+the rate runs, on a fresh server of each, resident memory is read before and once 20,000
+subscriptions have been in place for 20 s: memory per subscription.
 
 Usage: scripts/e2e_bench.py [--subscriptions 2000] [--connections 100] [--fanout 10]
-          [--seconds 10] [--parse-rates 25,50,...] [--livegrid-rates 25,50,...] [--out FILE.json]
+          [--seconds 10] [--parse-rates 25,50,...] [--livegrid-rates 25,50,...]
+          [--memory-subscriptions 20000] [--memory-connections 200] [--memory-settle 20]
+          [--out FILE.json]
 """
 
 import argparse
@@ -35,7 +37,12 @@ from benchlib import BIN, PEERS, cargo_executable, ensure_peers, free_port, last
 
 
 def postgres_bin():
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    def installed():
+        # Newest major version last (by number: 9.6 before 15).
+        return sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                      key=lambda path: [int(p) for p in path.split("/")[4].split(".") if p.isdigit()])
+
+    found = installed()
     if not found:
         if os.geteuid() != 0:
             raise SystemExit("PostgreSQL is not installed: apt-get install postgresql (or run as root)")
@@ -43,7 +50,7 @@ def postgres_bin():
         subprocess.run(["apt-get", "update", "-qq"], check=True)
         subprocess.run(["apt-get", "install", "-y", "-qq", "postgresql"], check=True,
                        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        found = installed()
     return os.path.dirname(found[-1])
 
 
@@ -60,16 +67,23 @@ class Postgres:
         if self.prefix:
             shutil.chown(work, "postgres")
             shutil.chown(self.data, "postgres")
-        subprocess.run([*self.prefix, f"{self.bin}/initdb", "-D", self.data, "-A", "trust", "-U", "bench"],
-                       check=True, capture_output=True)
+        self.run("initdb", "-D", self.data, "-A", "trust", "-U", "bench", "--locale=C", "-E", "UTF8")
         options = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1"
-        subprocess.run([*self.prefix, f"{self.bin}/pg_ctl", "-D", self.data, "-o", options, "-w",
-                        "-l", os.path.join(self.data, "log"), "start"], check=True, capture_output=True)
+        self.run("pg_ctl", "-D", self.data, "-o", options, "-w", "-l", os.path.join(self.data, "log"), "start")
         self.uri = f"postgres://bench@127.0.0.1:{self.port}/postgres"
 
+    def run(self, program, *args, check=True):
+        # From the cluster's folder: the postgres user may not enter the caller's (a clone in
+        # /root or in a mktemp folder), and PostgreSQL 15 changes back to it when it starts.
+        done = subprocess.run([*self.prefix, f"{self.bin}/{program}", *args], cwd=self.data, capture_output=True,
+                              text=True)
+        if check and done.returncode != 0:
+            log = os.path.join(self.data, "log")
+            tail = open(log).read()[-2000:] if os.path.exists(log) else ""
+            raise SystemExit(f"{program} failed ({done.returncode}): {done.stderr[-2000:]}{tail}")
+
     def stop(self):
-        subprocess.run([*self.prefix, f"{self.bin}/pg_ctl", "-D", self.data, "-m", "fast", "stop"],
-                       capture_output=True)
+        self.run("pg_ctl", "-D", self.data, "-m", "fast", "stop", check=False)
 
 
 def wait_for(process, ready, what, log, seconds=60):
@@ -80,6 +94,7 @@ def wait_for(process, ready, what, log, seconds=60):
         if ready():
             return
         time.sleep(0.2)
+    stop(process)
     raise SystemExit(f"{what} did not start in {seconds} s; its log: {open(log).read()[-3000:]}")
 
 
@@ -98,7 +113,7 @@ def start_parse(work, postgres, classes):
         ["node", os.path.join(PEERS, "parse_server.mjs"), "--port", str(port), "--database", postgres.uri,
          "--classes", str(classes), "--logs", os.path.join(work, "parse-logs")],
         stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=PEERS)
-    wait_for(process, lambda: "ready" in open(log).read(), "Parse Server", log)
+    wait_for(process, lambda: "ready" in open(log).read().splitlines(), "Parse Server", log)
     return process, port
 
 
@@ -224,7 +239,8 @@ def summarize(runs):
         "max_sustained_notifications_per_sec": best,
         "ratio": round(best.get("livegrid", 0) / best["parse"], 1) if best.get("parse") else None,
         "p99_ms_at_rates_both_sustain": common,
-        "livegrid_p99_below_parse_at_every_common_rate": all(p["livegrid"] < p["parse"] for p in common.values()),
+        "livegrid_p99_below_parse_at_every_common_rate":
+            all(p["livegrid"] < p["parse"] for p in common.values()) if common else None,
         "lost": sum(run["lost"] for run in runs),
         "wrong": sum(run["wrong"] for run in runs),
     }
@@ -285,7 +301,7 @@ def main():
     print(json.dumps(summary), flush=True)
     write_results(args.out, "e2e", {
         "setup": {"subscriptions": args.subscriptions, "connections": args.connections, "fanout": args.fanout,
-                  "seconds_per_rate": args.seconds, "writers": 64,
+                  "seconds_per_rate": args.seconds, "writers": int(os.environ.get("LIVEGRID_E2E_WRITERS", 64)),
                   "parse": "parse-server (benches/peers/package-lock.json) with LiveQuery in one Node process, "
                            "PostgreSQL from Debian with its defaults (fsync, synchronous_commit on)",
                   "livegrid": "livegrid serve, embedded store, --durability durable (group commit)"},

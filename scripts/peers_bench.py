@@ -15,10 +15,45 @@ Usage: scripts/peers_bench.py [--kind mixed] [--queries 1000,10000] [--docs 1000
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 
 from benchlib import BIN, PEERS, ensure_peers, last_json, progress, write_results
+
+
+def measure(args, queries, work):
+    """One workload size: livegrid replay, then each peer, on the same files."""
+    subprocess.run(
+        [BIN, "workload", "--kind", args.kind, "--out", work, "--docs", str(args.docs),
+         "--events", str(args.events), "--queries", str(queries)],
+        check=True, stderr=subprocess.DEVNULL,
+    )
+    files = ["--events", f"{work}/events.jsonl", "--queries", f"{work}/queries.jsonl"]
+    progress(f"peers: {args.kind}, {queries} queries: livegrid replay")
+    done = subprocess.run([BIN, "replay", *files, "--out", f"{work}/out.jsonl"], capture_output=True, text=True,
+                          check=True)
+    livegrid = last_json(done.stderr)
+    # The writes after every query is registered, as for the peers (which read no initial
+    # results): livegrid's clock restarts once the queries are in the grid.
+    row = {"kind": args.kind, "queries": queries, "docs": args.docs, "events": args.events,
+           "livegrid_events_per_sec": livegrid["writes_only_events_per_sec"],
+           "livegrid_events_timed": livegrid["writes_only_events"],
+           "livegrid_all_events_per_sec": livegrid["events_per_sec"], "livegrid_deltas": livegrid["deltas"]}
+    for engine in ["sift", "mingo"]:
+        progress(f"peers: {args.kind}, {queries} queries: {engine}")
+        peer = subprocess.run(
+            ["node", os.path.join(PEERS, "match.mjs"), *files, "--engine", engine,
+             "--max-seconds", str(args.peer_seconds)],
+            capture_output=True, text=True, check=True,
+        )
+        summary = last_json(peer.stdout)
+        row[f"{engine}_events_per_sec"] = summary["events_per_sec"]
+        row[f"{engine}_events_timed"] = summary["events"]
+    faster = max(row["sift_events_per_sec"], row["mingo_events_per_sec"])
+    row["ratio_to_faster_peer"] = round(row["livegrid_events_per_sec"] / max(faster, 1), 1)
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def main():
@@ -34,37 +69,10 @@ def main():
     rows = []
     for queries in [int(q) for q in args.queries.split(",")]:
         work = tempfile.mkdtemp(prefix="livegrid-peers-")
-        subprocess.run(
-            [BIN, "workload", "--kind", args.kind, "--out", work, "--docs", str(args.docs),
-             "--events", str(args.events), "--queries", str(queries)],
-            check=True, stderr=subprocess.DEVNULL,
-        )
-        files = ["--events", f"{work}/events.jsonl", "--queries", f"{work}/queries.jsonl"]
-        progress(f"peers: {args.kind}, {queries} queries: livegrid replay")
-        done = subprocess.run([BIN, "replay", *files, "--out", f"{work}/out.jsonl"], capture_output=True, text=True,
-                              check=True)
-        livegrid = last_json(done.stderr)
-        # The writes after every query is registered, as for the peers (which read no initial
-        # results): livegrid's clock restarts once the queries are in the grid.
-        row = {"kind": args.kind, "queries": queries, "docs": args.docs, "events": args.events,
-               "livegrid_events_per_sec": livegrid["writes_only_events_per_sec"],
-               "livegrid_events_timed": livegrid["writes_only_events"],
-               "livegrid_all_events_per_sec": livegrid["events_per_sec"], "livegrid_deltas": livegrid["deltas"]}
-        for engine in ["sift", "mingo"]:
-            progress(f"peers: {args.kind}, {queries} queries: {engine}")
-            peer = subprocess.run(
-                ["node", os.path.join(PEERS, "match.mjs"), *files, "--engine", engine,
-                 "--max-seconds", str(args.peer_seconds)],
-                capture_output=True, text=True, check=True,
-            )
-            summary = last_json(peer.stdout)
-            row[f"{engine}_events_per_sec"] = summary["events_per_sec"]
-            row[f"{engine}_events_timed"] = summary["events"]
-        faster = max(row["sift_events_per_sec"], row["mingo_events_per_sec"])
-        row["ratio_to_faster_peer"] = round(row["livegrid_events_per_sec"] / max(faster, 1), 1)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        subprocess.run(["rm", "-rf", work])
+        try:
+            rows.append(measure(args, queries, work))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     write_results(args.out, "peers", {"rows": rows})
 
 
