@@ -279,13 +279,13 @@ fn main() {
     if std::env::args().any(|a| a == "--list" || a == "--test") {
         return;
     }
-    if std::env::var_os("LIVEGRID_E2E_HOST").is_none() {
+    let Ok(host) = std::env::var("LIVEGRID_E2E_HOST") else {
         // Part of `cargo bench`, which starts no server: the harness needs one.
         eprintln!(
             "e2e: needs a server under test (LIVEGRID_E2E_HOST); run scripts/e2e_bench.py or scripts/bench.sh e2e"
         );
         return;
-    }
+    };
     let target = match env("LIVEGRID_E2E_TARGET", "livegrid".to_string()).as_str() {
         "livegrid" => Target::Livegrid,
         "parse" => Target::Parse,
@@ -301,7 +301,7 @@ fn main() {
     let hold: f64 = env("LIVEGRID_E2E_HOLD", 0.0);
     let setup = Setup {
         target,
-        host: env("LIVEGRID_E2E_HOST", "127.0.0.1:8080".to_string()),
+        host,
         run: env("LIVEGRID_E2E_RUN", 0),
         fanout,
         rooms: subscriptions.div_ceil(fanout),

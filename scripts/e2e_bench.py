@@ -162,14 +162,19 @@ class PeakMemory:
         return round(self.peak, 1)
 
 
+def harness_env(name, port, run, **settings):
+    """The environment of one benches/e2e.rs run against `name` on `port`, collection `run`:
+    each setting `X` becomes LIVEGRID_E2E_X."""
+    return {**os.environ, "LIVEGRID_E2E_TARGET": name, "LIVEGRID_E2E_HOST": f"127.0.0.1:{port}",
+            "LIVEGRID_E2E_RUN": str(run), **{f"LIVEGRID_E2E_{k}": str(v) for k, v in settings.items()}}
+
+
 def run_target(name, pid, port, rates, args, executable, first_run):
     runs, misses = [], 0
     for i, rate in enumerate(rates):
         progress(f"{name}: {rate} writes/s for {args.seconds} s ({i + 1} of {len(rates)} rates)")
-        env = {**os.environ, "LIVEGRID_E2E_TARGET": name, "LIVEGRID_E2E_HOST": f"127.0.0.1:{port}",
-               "LIVEGRID_E2E_RUN": str(first_run + i), "LIVEGRID_E2E_RATE": str(rate),
-               "LIVEGRID_E2E_SECONDS": str(args.seconds), "LIVEGRID_E2E_SUBSCRIPTIONS": str(args.subscriptions),
-               "LIVEGRID_E2E_CONNECTIONS": str(args.connections), "LIVEGRID_E2E_FANOUT": str(args.fanout)}
+        env = harness_env(name, port, first_run + i, RATE=rate, SECONDS=args.seconds,
+                          SUBSCRIPTIONS=args.subscriptions, CONNECTIONS=args.connections, FANOUT=args.fanout)
         memory = PeakMemory(pid)
         done = subprocess.run([executable], env=env, capture_output=True, text=True, timeout=600)
         peak = memory.stop()
@@ -195,11 +200,8 @@ def measure_memory(name, pid, port, args, executable, run):
     subscription."""
     progress(f"{name}: memory with {args.memory_subscriptions} subscriptions on {args.memory_connections} "
              f"connections, read {args.memory_settle:g} s after the last")
-    env = {**os.environ, "LIVEGRID_E2E_TARGET": name, "LIVEGRID_E2E_HOST": f"127.0.0.1:{port}",
-           "LIVEGRID_E2E_RUN": str(run), "LIVEGRID_E2E_RATE": "10", "LIVEGRID_E2E_SECONDS": "1",
-           "LIVEGRID_E2E_SUBSCRIPTIONS": str(args.memory_subscriptions),
-           "LIVEGRID_E2E_CONNECTIONS": str(args.memory_connections), "LIVEGRID_E2E_FANOUT": str(args.fanout),
-           "LIVEGRID_E2E_HOLD": str(args.memory_settle + 3)}
+    env = harness_env(name, port, run, RATE=10, SECONDS=1, SUBSCRIPTIONS=args.memory_subscriptions,
+                      CONNECTIONS=args.memory_connections, FANOUT=args.fanout, HOLD=args.memory_settle + 3)
     before = rss_mib(pid)
     peak = PeakMemory(pid)
     process = subprocess.Popen([executable], env=env, stdout=subprocess.PIPE, text=True)
